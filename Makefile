@@ -1,0 +1,34 @@
+# Two commands set up everything on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines get the CPU build that lies on disk; an importable torch (e.g. a cluster's CUDA
+# build inside an existing environment) is left alone.
+TORCH_CPU_PIN ?= torch==2.13.0
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv test train bench lint clean
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+train: venv
+	$(PY) -m launch.train_local
+
+bench: venv
+	$(PY) benchmarks/bench_moe.py
+
+lint: venv
+	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

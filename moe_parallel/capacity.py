@@ -1,0 +1,80 @@
+"""Expert capacity and the keep/drop decision per (token, choice).
+
+The result is a *plan*: the kept assignments sorted by expert, which is all the dispatcher needs.
+No ``[T, E, C]`` masks are built: one or two stable sorts over the T*k assignments do the work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from .config import DropPolicy
+
+
+def expert_capacity(
+    num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None, min_capacity: int
+) -> int | None:
+    """``max(min_capacity, ceil(num_tokens * top_k / num_experts * capacity_factor))``; None = dropless.
+
+    Exact rational arithmetic, so that e.g. ``4096 * 2 / 8 * 1.25`` is 1280 and not 1281 after rounding.
+    """
+    if capacity_factor is None:
+        return None
+    factor = Fraction(capacity_factor).limit_denominator(1_000_000)
+    return max(min_capacity, math.ceil(Fraction(num_tokens * top_k, num_experts) * factor))
+
+
+@dataclass
+class DispatchPlan:
+    """Kept assignments of this rank's tokens, sorted by (global) expert id."""
+
+    token_idx_N: Tensor  # int64 source token of each kept assignment
+    weight_N: Tensor  # float32 combine weight (differentiable)
+    tokens_per_expert_E: Tensor  # int64 kept assignments per expert (sums to N)
+    routed_per_expert_E: Tensor  # int64 assignments per expert before dropping
+    num_dropped: Tensor  # int64 scalar
+
+
+def plan_dispatch(
+    expert_TK: Tensor,
+    weight_TK: Tensor,
+    tokens_per_expert_E: Tensor,
+    capacity: int | None,
+    drop_policy: DropPolicy,
+) -> DispatchPlan:
+    """Decide which (token, choice) assignments each expert keeps, and sort the kept ones by expert.
+
+    Priorities inside an expert's queue:
+    - ``position``: all first choices (in token order) before all second choices, and so on (GShard);
+    - ``probs``: highest combine weight first (ties: the ``position`` order).
+    At most ``capacity`` assignments per expert are kept.
+    """
+    num_tokens, top_k = expert_TK.shape
+    # Assignment a = k * T + t: choice-major, so a stable sort keeps the GShard priority.
+    expert_A = expert_TK.t().reshape(-1)
+    weight_A = weight_TK.t().reshape(-1)
+    if drop_policy == "probs" and capacity is not None:
+        by_weight_A = torch.argsort(weight_A.detach(), descending=True, stable=True)
+        order_A = by_weight_A[torch.argsort(expert_A[by_weight_A], stable=True)]
+    else:
+        order_A = torch.argsort(expert_A, stable=True)
+
+    kept_per_expert_E = tokens_per_expert_E
+    if capacity is not None:
+        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+        rank_in_expert_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_A[order_A]]
+        order_A = order_A[rank_in_expert_A < capacity]
+        kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
+
+    return DispatchPlan(
+        token_idx_N=order_A % num_tokens if num_tokens > 0 else order_A,
+        weight_N=weight_A[order_A],
+        tokens_per_expert_E=kept_per_expert_E,
+        routed_per_expert_E=tokens_per_expert_E,
+        num_dropped=tokens_per_expert_E.sum() - kept_per_expert_E.sum(),
+    )

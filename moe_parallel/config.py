@@ -1,0 +1,108 @@
+"""Configuration of one MoE layer.
+
+A plain dataclass, validated on construction, so that a wrong value fails with the field's name and
+what is allowed before any process group is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+DropPolicy = Literal["position", "probs"]
+Activation = Literal["gelu", "swiglu", "relu", "silu"]
+RouterNoise = Literal["none", "jitter", "gumbel"]
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "probs")
+ACTIVATIONS = ("gelu", "swiglu", "relu", "silu")
+ROUTER_NOISES = ("none", "jitter", "gumbel")
+
+
+class MoEConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+@dataclass
+class MoEConfig:
+    """Everything that defines one MoE layer (not its parallel placement).
+
+    Capacity per expert is ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` where
+    ``tokens`` is the largest local token count in the expert-parallel group; ``capacity_factor=None``
+    means dropless routing.
+    """
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+
+    # Router
+    score_func: ScoreFunc = "softmax"
+    normalize_top_k: bool = True
+    router_noise: RouterNoise = "none"
+    router_jitter_eps: float = 1e-2
+
+    # Capacity and dropping
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    drop_policy: DropPolicy = "probs"
+
+    # Balancing
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    expert_bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
+
+    # Experts
+    activation: Activation = "gelu"
+    expert_bias: bool = False
+    shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
+    init_std: float = 0.02
+    init_seed: int = 1234
+
+    # Integration
+    attach_aux_loss: bool = True  # add the aux-loss gradient through the output (see aux_loss.py)
+    check_inputs: bool = False  # NaN/Inf checks on the input (a device sync, so off by default)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise MoEConfigError(f"moe.{name}={value!r} is invalid: {allowed}")
+
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "must be a positive integer")
+        if self.top_k > self.num_experts:
+            fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts}); lower top_k or add experts")
+        if self.score_func not in SCORE_FUNCS:
+            fail("score_func", self.score_func, f"choose one of {SCORE_FUNCS}")
+        if self.router_noise not in ROUTER_NOISES:
+            fail("router_noise", self.router_noise, f"choose one of {ROUTER_NOISES}")
+        if self.router_jitter_eps < 0 or self.router_jitter_eps >= 1:
+            fail("router_jitter_eps", self.router_jitter_eps, "must be in [0, 1)")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                fail(name, value, "must be a positive number, or None for dropless routing")
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            fail("min_capacity", self.min_capacity, "must be an integer >= 0")
+        if self.drop_policy not in DROP_POLICIES:
+            fail("drop_policy", self.drop_policy, f"choose one of {DROP_POLICIES}")
+        for name in ("aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate", "init_std"):
+            if getattr(self, name) < 0:
+                fail(name, getattr(self, name), "must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
+        if self.shared_expert_ffn_hidden_size < 0:
+            fail("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, "must be >= 0 (0 disables)")
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        return self.capacity_factor if training else self.eval_capacity_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

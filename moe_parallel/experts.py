@@ -1,0 +1,183 @@
+"""Local experts as one module with stacked weights, run as a grouped MLP over routed tokens only.
+
+Tokens arrive sorted by local expert, ``tokens_per_expert[j]`` rows each, so every expert is two
+matrix products on a contiguous slice: capacity bounds the buffers, it never adds FLOPs. The combine
+weight is folded into the hidden activation (``(w * a) @ W2 == w * (a @ W2)``, one row scale over F
+instead of D), and the activation is recomputed in backward from the pre-activation instead of
+being stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Activation
+
+aten = torch.ops.aten
+
+
+def expert_seed(init_seed: int, layer_number: int, global_expert_id: int) -> int:
+    """Seed of one expert's initialisation: depends on its *global* id, never on the EP layout."""
+    return (init_seed * 1_000_003 + layer_number * 10_007 + global_expert_id) % (2**63 - 1)
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "silu":
+        return F.silu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _activate_backward(grad_a: Tensor, h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return aten.gelu_backward(grad_a, h)
+    if activation == "relu":
+        return aten.threshold_backward(grad_a, h, 0)
+    if activation == "silu":
+        return aten.silu_backward(grad_a, h)
+    gate, up = h.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    return torch.cat([aten.silu_backward(grad_a * up, gate), grad_a * silu_gate], dim=-1)
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """out[s_j:s_j+n_j] = w ⊙ (act(x_j @ W1[j] + b1[j]) @ W2[j] + b2[j]) for each local expert j."""
+
+    @staticmethod
+    def forward(ctx, x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation):  # type: ignore[override]
+        out_ND = x_ND.new_empty(x_ND.shape[0], w2_eFD.shape[-1])
+        h_NH = x_ND.new_empty(x_ND.shape[0], w1_eDH.shape[-1])
+        scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
+        start = 0
+        for j, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            h = h_NH[rows]
+            if b1_eH is None:
+                torch.mm(x_ND[rows], w1_eDH[j], out=h)
+            else:
+                torch.addmm(b1_eH[j], x_ND[rows], w1_eDH[j], out=h)
+            a = _activate(h, activation)
+            if scale_N1 is not None:
+                a = a * scale_N1[rows]
+            if b2_eD is None:
+                torch.mm(a, w2_eFD[j], out=out_ND[rows])
+            elif scale_N1 is None:
+                torch.addmm(b2_eD[j], a, w2_eFD[j], out=out_ND[rows])
+            else:
+                torch.addmm(scale_N1[rows] * b2_eD[j], a, w2_eFD[j], out=out_ND[rows])
+            start += n
+        ctx.save_for_backward(x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, h_NH)
+        ctx.counts = counts
+        ctx.activation = activation
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_out_ND):  # type: ignore[override]
+        x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, h_NH = ctx.saved_tensors
+        activation = ctx.activation
+        grad_out_ND = grad_out_ND.contiguous()
+        grad_x_ND = torch.empty_like(x_ND)
+        grad_w1 = torch.zeros_like(w1_eDH)
+        grad_w2 = torch.zeros_like(w2_eFD)
+        grad_b1 = None if b1_eH is None else torch.zeros_like(b1_eH)
+        grad_b2 = None if b2_eD is None else torch.zeros_like(b2_eD)
+        grad_weight_N = None if weight_N is None else torch.empty_like(weight_N)
+        scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
+        start = 0
+        for j, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            g = grad_out_ND[rows]
+            h = h_NH[rows]
+            a = _activate(h, activation)
+            grad_a = g @ w2_eFD[j].t()
+            if scale_N1 is None:
+                torch.mm(a.t(), g, out=grad_w2[j])
+                if grad_b2 is not None:
+                    grad_b2[j] = g.sum(0)
+            else:
+                s = scale_N1[rows]
+                dot = (grad_a.float() * a.float()).sum(-1)
+                if b2_eD is not None:
+                    dot = dot + g.float() @ b2_eD[j].float()
+                    grad_b2[j] = (g * s).sum(0)
+                grad_weight_N[rows] = dot.to(grad_weight_N.dtype)
+                torch.mm((a * s).t(), g, out=grad_w2[j])
+                grad_a = grad_a * s
+            grad_h = _activate_backward(grad_a, h, activation)
+            torch.mm(x_ND[rows].t(), grad_h, out=grad_w1[j])
+            if grad_b1 is not None:
+                grad_b1[j] = grad_h.sum(0)
+            torch.mm(grad_h, w1_eDH[j].t(), out=grad_x_ND[rows])
+            start += n
+        return grad_x_ND, grad_weight_N, grad_w1, grad_w2, grad_b1, grad_b2, None, None
+
+
+class GroupedExperts(nn.Module):
+    """The ``num_local_experts`` experts held by this rank, weights stacked as ``[e, D, F]``.
+
+    ``first_expert_id`` is the global id of local expert 0; each expert's initialisation is seeded by
+    its global id, so the same model results from any expert-parallel layout.
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: Activation = "gelu",
+        bias: bool = False,
+        first_expert_id: int = 0,
+        init_std: float = 0.02,
+        init_seed: int = 1234,
+        layer_number: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.activation = activation
+        self.first_expert_id = first_expert_id
+        self.init_std = init_std
+        self.init_seed = init_seed
+        self.layer_number = layer_number
+        up_size = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden_size, up_size))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))
+        self.b1 = nn.Parameter(torch.empty(num_local_experts, up_size)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for j in range(self.num_local_experts):
+            gen = torch.Generator().manual_seed(
+                expert_seed(self.init_seed, self.layer_number, self.first_expert_id + j)
+            )
+            for param in (self.w1, self.w2):
+                param[j].copy_(torch.empty(param.shape[1:]).normal_(0.0, self.init_std, generator=gen))
+            for param in (self.b1, self.b2):
+                if param is not None:
+                    param[j].zero_()
+
+    def forward(self, x_ND: Tensor, tokens_per_expert: list[int], weight_N: Tensor | None = None) -> Tensor:
+        """Run each local expert on its slice of ``x_ND``; scale row i of the output by ``weight_N[i]``."""
+        if sum(tokens_per_expert) != x_ND.shape[0] or len(tokens_per_expert) != self.num_local_experts:
+            raise ValueError(
+                f"tokens_per_expert={tokens_per_expert} must have {self.num_local_experts} entries "
+                f"summing to the {x_ND.shape[0]} rows of x_ND"
+            )
+        # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
+        params = [None if p is None else p.to(x_ND.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
+        return _GroupedMLP.apply(x_ND, weight_N, *params, tokens_per_expert, self.activation)
+
+    def extra_repr(self) -> str:
+        e, d, h = self.w1.shape
+        return f"experts={e} (first global id {self.first_expert_id}), hidden={d}, up={h}, act={self.activation}"

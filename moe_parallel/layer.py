@@ -1,0 +1,177 @@
+"""The MoE layer: router -> capacity plan -> dispatcher -> grouped experts -> combine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .aux_loss import attach_aux_loss
+from .capacity import expert_capacity, plan_dispatch
+from .comm import ProcessGroup, all_reduce_max, group_rank, group_size
+from .config import MoEConfig, MoEConfigError
+from .dispatcher import AllToAllTokenDispatcher
+from .experts import GroupedExperts, expert_seed
+from .router import TopKRouter, load_balancing_loss, router_entropy, router_z_loss
+
+
+class MoEInputError(ValueError):
+    """The input of an MoE layer is malformed (raised on every rank of the EP group together)."""
+
+
+@dataclass
+class MoEStats:
+    """Statistics of the last forward of one layer, on this rank's tokens (detached)."""
+
+    balance_loss: Tensor  # scalar, unscaled (1.0 = perfectly balanced)
+    z_loss: Tensor  # scalar, unscaled
+    tokens_per_expert: Tensor  # [E] int64 routed assignments, before dropping
+    dropped_fraction: Tensor  # scalar: dropped assignments / routed assignments
+    router_entropy: Tensor  # scalar, nats
+    num_tokens: int
+    capacity: int | None
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel Mixture-of-Experts FFN.
+
+    Args:
+        config: the layer's :class:`MoEConfig`.
+        ep_group: process group over which the experts are split (None: all experts local). Every
+            rank of the group must call ``forward`` the same number of times.
+        layer_number: position of the layer in the model; seeds the initialisation, so that
+            different layers differ and any EP layout builds the same weights.
+
+    ``forward(x)`` takes ``[..., hidden_size]`` and returns the same shape. In training, the
+    weighted balance loss and z-loss are attached to the output's gradient (see ``aux_loss.py``)
+    unless ``config.attach_aux_loss`` is False; their value stays on ``self.aux_loss`` and the
+    routing statistics on ``self.last_stats``.
+    """
+
+    def __init__(self, config: MoEConfig, ep_group: ProcessGroup | None = None, layer_number: int = 0) -> None:
+        super().__init__()
+        config.validate()
+        ep_size = group_size(ep_group)
+        if config.num_experts % ep_size != 0:
+            raise MoEConfigError(
+                f"moe.num_experts={config.num_experts} is not divisible by the expert-parallel size "
+                f"{ep_size}: choose num_experts as a multiple of ep_size, or an ep_size that divides it"
+            )
+        self.config = config
+        self.ep_group = ep_group
+        self.ep_size = ep_size
+        self.layer_number = layer_number
+        self.num_local_experts = config.num_experts // ep_size
+
+        self.router = TopKRouter(config, seed=expert_seed(config.init_seed, layer_number, -1))
+        self.dispatcher = AllToAllTokenDispatcher(config.num_experts, ep_group)
+        expert_kwargs = dict(
+            hidden_size=config.hidden_size,
+            activation=config.activation,
+            bias=config.expert_bias,
+            init_std=config.init_std,
+            init_seed=config.init_seed,
+            layer_number=layer_number,
+        )
+        self.experts = GroupedExperts(
+            self.num_local_experts,
+            ffn_hidden_size=config.ffn_hidden_size,
+            first_expert_id=group_rank(ep_group) * self.num_local_experts,
+            **expert_kwargs,
+        )
+        self.shared_expert = None
+        if config.shared_expert_ffn_hidden_size > 0:
+            # One always-on expert, seeded with the id after the routed ones; replicated, not expert-parallel.
+            self.shared_expert = GroupedExperts(
+                1,
+                ffn_hidden_size=config.shared_expert_ffn_hidden_size,
+                first_expert_id=config.num_experts,
+                **expert_kwargs,
+            )
+        self.aux_loss: Tensor | None = None
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        problem = self._check_input(x)
+        num_tokens = x.numel() // x.shape[-1] if problem is None and x.dim() > 0 else 0
+        max_tokens = self._agree_across_ep(num_tokens, problem, x.device)
+
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        route = self.router(x_TD)
+        capacity = expert_capacity(
+            max_tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor_for(self.training), cfg.min_capacity
+        )
+        plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+
+        x_local, weight_local, tokens_per_local_expert, state = self.dispatcher.dispatch(x_TD, plan)
+        out_local = self.experts(x_local, tokens_per_local_expert, weight_local)
+        y_TD = self.dispatcher.combine(out_local, state)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD, [x_TD.shape[0]])
+
+        balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, cfg.top_k)
+        z_loss = router_z_loss(route.logits_TE)
+        self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
+        self.last_stats = self._stats(route, plan, balance, z_loss, capacity)
+        if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
+            y_TD = attach_aux_loss(y_TD, self.aux_loss)
+        return y_TD.view(x.shape)
+
+    def _check_input(self, x: Tensor) -> str | None:
+        hidden = self.config.hidden_size
+        if x.dim() < 1 or x.shape[-1] != hidden:
+            return f"MoE layer {self.layer_number}: input shape {tuple(x.shape)} must end in hidden_size={hidden}"
+        if not x.is_floating_point():
+            return f"MoE layer {self.layer_number}: input dtype {x.dtype} must be floating point"
+        if self.config.check_inputs and not bool(torch.isfinite(x).all()):
+            return (
+                f"MoE layer {self.layer_number}: input contains NaN or Inf "
+                "(set moe.check_inputs=False to skip this check)"
+            )
+        return None
+
+    def _agree_across_ep(self, num_tokens: int, problem: str | None, device: torch.device) -> int:
+        """Largest local token count in the EP group, and a shared verdict on bad input.
+
+        One small collective before the all-to-alls: capacity then comes from a value every rank
+        agrees on, and bad input on any rank stops every rank here instead of hanging later.
+        """
+        if self.ep_size == 1:
+            if problem is not None:
+                raise MoEInputError(problem)
+            return num_tokens
+        max_tokens, any_problem = all_reduce_max([num_tokens, int(problem is not None)], self.ep_group, device)
+        if problem is not None:
+            raise MoEInputError(problem)
+        if any_problem:
+            raise MoEInputError(
+                f"MoE layer {self.layer_number}: another rank of the expert-parallel group received bad "
+                "input (its own error names it); stopping every rank instead of hanging in the all-to-all"
+            )
+        return max_tokens
+
+    @torch.no_grad()
+    def _stats(self, route, plan, balance: Tensor, z_loss: Tensor, capacity: int | None) -> MoEStats:
+        routed = route.tokens_per_expert_E.sum().clamp_min(1)
+        return MoEStats(
+            balance_loss=balance.detach(),
+            z_loss=z_loss.detach(),
+            tokens_per_expert=route.tokens_per_expert_E,
+            dropped_fraction=plan.num_dropped.float() / routed.float(),
+            router_entropy=router_entropy(route.probs_TE.detach()),
+            num_tokens=route.expert_TK.shape[0],
+            capacity=capacity,
+        )
+
+    def update_expert_bias(self, group: ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step (no-op unless ``expert_bias_update_rate > 0``)."""
+        self.router.update_expert_bias(group)
+
+
+def update_expert_biases(model: nn.Module, group: ProcessGroup | None = None) -> None:
+    """Call once per optimizer step: updates the selection bias of every MoE layer in ``model``."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_expert_bias(group)

@@ -1,0 +1,131 @@
+"""Top-k router: a linear gate in float32, its aux losses and its routing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .comm import ProcessGroup, group_size
+from .config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    expert_TK: Tensor  # int64 expert ids, best choice first
+    weight_TK: Tensor  # float32 combine weights (differentiable)
+    probs_TE: Tensor  # float32 per-token distribution over experts (for losses and stats)
+    logits_TE: Tensor  # float32 gate logits
+    tokens_per_expert_E: Tensor  # int64 routed assignments per expert, before any dropping
+
+
+class TopKRouter(nn.Module):
+    """Chooses ``top_k`` experts per token.
+
+    The gate runs in float32 whatever the parameter dtype or autocast, so routing decisions do not
+    flip with precision. Noise (jitter on the input, or Gumbel noise on the selection logits) is
+    applied in training only; eval routing is deterministic. With ``expert_bias_update_rate > 0`` a
+    per-expert bias is added to the scores for *selection only* (aux-loss-free balancing,
+    DeepSeek-V3); :meth:`update_expert_bias` moves it once per optimizer step.
+    """
+
+    def __init__(self, config: MoEConfig, seed: int) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.uses_expert_bias = config.expert_bias_update_rate > 0
+        if self.uses_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            # Assignment counts since the last bias update; summed over data-parallel ranks there.
+            self.register_buffer("_load_since_update", torch.zeros(config.num_experts), persistent=False)
+        self._seed = seed
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        gen = torch.Generator().manual_seed(self._seed)
+        init = torch.empty(self.weight.shape).normal_(0.0, self.config.init_std, generator=gen)
+        self.weight.copy_(init)
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        cfg = self.config
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = x_TD.float()
+            if self.training and cfg.router_noise == "jitter" and cfg.router_jitter_eps > 0:
+                eps = cfg.router_jitter_eps
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+            logits_TE = F.linear(x_TD, self.weight.float())
+
+            scores_TE = self._score(logits_TE)
+            probs_TE = scores_TE
+            if cfg.score_func == "sigmoid":
+                probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+            selection_TE = scores_TE.detach()
+            if self.training and cfg.router_noise == "gumbel":
+                # Gumbel-perturbed selection (DeepSpeed's "RSample"); weights keep the clean scores.
+                gumbel_TE = -torch.empty_like(logits_TE).exponential_().log()
+                selection_TE = self._score(logits_TE.detach() + gumbel_TE)
+            if self.uses_expert_bias:
+                selection_TE = selection_TE + self.expert_bias
+            expert_TK = torch.topk(selection_TE, cfg.top_k, dim=-1, sorted=True).indices
+
+            weight_TK = scores_TE.gather(1, expert_TK)
+            if cfg.normalize_top_k and cfg.top_k > 1:
+                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=cfg.num_experts)
+        if self.training and self.uses_expert_bias:
+            self._load_since_update += tokens_per_expert_E.to(self._load_since_update.dtype)
+        return RouterOutput(expert_TK, weight_TK, probs_TE, logits_TE, tokens_per_expert_E)
+
+    def _score(self, logits_TE: Tensor) -> Tensor:
+        if self.config.score_func == "softmax":
+            return torch.softmax(logits_TE, dim=-1)
+        return torch.sigmoid(logits_TE)
+
+    @torch.no_grad()
+    def update_expert_bias(self, group: ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step: ``bias += rate * sign(mean_load - load)``.
+
+        Call once per optimizer step on every rank of ``group`` (the data-parallel group: every rank
+        that routes its own tokens), so all replicas apply the same update.
+        """
+        if not self.uses_expert_bias:
+            return
+        load_E = self._load_since_update.clone()
+        if group_size(group) > 1:
+            torch.distributed.all_reduce(load_E, group=group)
+        if load_E.sum() > 0:
+            self.expert_bias += self.config.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self._load_since_update.zero_()
+
+
+def load_balancing_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int) -> Tensor:
+    """Switch/GShard balance loss ``E * sum_e f_e * P_e``; 1.0 at perfect balance.
+
+    ``f_e`` is the fraction of the T*k assignments routed to e (before dropping) and ``P_e`` the mean
+    router probability of e.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    if num_tokens == 0:
+        return probs_TE.sum() * 0.0
+    fraction_E = tokens_per_expert_E.to(probs_TE.dtype) / (num_tokens * top_k)
+    mean_prob_E = probs_TE.mean(dim=0)
+    return num_experts * torch.dot(fraction_E, mean_prob_E)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean squared log-partition of the gate logits."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: Tensor) -> Tensor:
+    """Mean per-token entropy (nats) of the routing distribution."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
