@@ -1,0 +1,79 @@
+"""A naive per-token MoE, written for clarity only: the oracle for the fast layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_parallel import MoELayer
+from moe_parallel.capacity import expert_capacity
+
+
+def naive_keep(expert_TK: Tensor, weight_TK: Tensor, num_experts: int, capacity: int | None, policy: str) -> Tensor:
+    """Boolean [T, K]: which (token, choice) assignments an expert keeps, decided one by one."""
+    T, K = expert_TK.shape
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    for e in range(num_experts):
+        queue = [(k, t) for k in range(K) for t in range(T) if expert_TK[t, k] == e]  # GShard order
+        if policy == "probs" and capacity is not None:
+            queue.sort(key=lambda kt: -float(weight_TK[kt[1], kt[0]]))  # stable: ties keep GShard order
+        for k, t in queue if capacity is None else queue[:capacity]:
+            keep[t, k] = True
+    return keep
+
+
+def activation(h: Tensor, name: str) -> Tensor:
+    if name == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](h)
+
+
+def naive_moe(layer: MoELayer, x: Tensor, capacity_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """Output and weighted aux loss of ``layer`` (EP=1) on ``x``, token by token.
+
+    ``capacity_tokens`` overrides the token count that capacity is computed from (EP groups agree
+    on the largest local count).
+    """
+    cfg = layer.config
+    x_TD = x.reshape(-1, cfg.hidden_size)
+    T = x_TD.shape[0]
+    logits = x_TD.float() @ layer.router.weight.float().t()
+    scores = torch.softmax(logits, -1) if cfg.score_func == "softmax" else torch.sigmoid(logits)
+    selection = scores.detach()
+    if layer.router.uses_expert_bias:
+        selection = selection + layer.router.expert_bias
+    expert_TK = torch.topk(selection, cfg.top_k, dim=-1).indices
+    weight_TK = scores.gather(1, expert_TK)
+    if cfg.normalize_top_k and cfg.top_k > 1:
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+    factor = cfg.capacity_factor if layer.training else cfg.eval_capacity_factor
+    capacity = expert_capacity(
+        T if capacity_tokens is None else capacity_tokens, cfg.top_k, cfg.num_experts, factor, cfg.min_capacity
+    )
+    keep = naive_keep(expert_TK, weight_TK.detach(), cfg.num_experts, capacity, cfg.drop_policy)
+
+    ex = layer.experts
+    rows = []
+    for t in range(T):
+        y = torch.zeros_like(x_TD[t])
+        for k in range(cfg.top_k):
+            if not keep[t, k]:
+                continue
+            e = int(expert_TK[t, k])
+            h = x_TD[t] @ ex.w1[e] + (0 if ex.b1 is None else ex.b1[e])
+            out = activation(h, cfg.activation) @ ex.w2[e] + (0 if ex.b2 is None else ex.b2[e])
+            y = y + weight_TK[t, k].to(x.dtype) * out
+        if layer.shared_expert is not None:
+            sh = layer.shared_expert
+            y = y + activation(x_TD[t] @ sh.w1[0], cfg.activation) @ sh.w2[0]
+        rows.append(y)
+    y_TD = torch.stack(rows) if rows else x_TD * 0
+
+    probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+    counts = torch.bincount(expert_TK.flatten(), minlength=cfg.num_experts).float()
+    balance = cfg.num_experts * (counts / (T * cfg.top_k) * probs.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).square().mean()
+    aux = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z if T > 0 else logits.sum() * 0  # no tokens, no loss
+    return y_TD.view(x.shape), aux
