@@ -11,6 +11,7 @@ from .aux_loss import attach_aux_loss
 from .capacity import expert_capacity, plan_dispatch
 from .comm import ProcessGroup, all_reduce_max, group_rank, group_size
 from .config import MoEConfig, MoEConfigError
+from .deepspeed_base import DeepSpeedRecognizedMoE
 from .dispatcher import AllToAllTokenDispatcher
 from .experts import GroupedExperts, expert_seed
 from .router import TopKRouter, load_balancing_loss, router_entropy, router_z_loss
@@ -33,7 +34,7 @@ class MoEStats:
     capacity: int | None
 
 
-class MoELayer(nn.Module):
+class MoELayer(DeepSpeedRecognizedMoE):
     """Expert-parallel Mixture-of-Experts FFN.
 
     Args:
@@ -62,7 +63,9 @@ class MoELayer(nn.Module):
         self.ep_group = ep_group
         self.ep_size = ep_size
         self.layer_number = layer_number
+        self.num_experts = config.num_experts
         self.num_local_experts = config.num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
 
         self.router = TopKRouter(config, seed=expert_seed(config.init_seed, layer_number, -1))
         self.dispatcher = AllToAllTokenDispatcher(config.num_experts, ep_group)
@@ -89,6 +92,11 @@ class MoELayer(nn.Module):
                 first_expert_id=config.num_experts,
                 **expert_kwargs,
             )
+        # DeepSpeed reduces parameters marked this way over the expert-data-parallel group only
+        # (deepspeed.moe.utils.is_moe_param); the shared expert is replicated and reduces over DP.
+        for param in self.experts.parameters():
+            param.allreduce = False
+            param.group_name = self.expert_group_name
         self.aux_loss: Tensor | None = None
         self.last_stats: MoEStats | None = None
 

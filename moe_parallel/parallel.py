@@ -126,7 +126,8 @@ class ParallelState:
         """DeepSpeed's pipeline topology for this layout (for ``PipelineModule(topology=...)``)."""
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-        return PipeDataParallelTopology(num_pp=self.layout.pipeline_parallel_size, num_dp=self.layout.data_parallel_size)
+        layout = self.layout
+        return PipeDataParallelTopology(num_pp=layout.pipeline_parallel_size, num_dp=layout.data_parallel_size)
 
 
 def expert_group_name(ep_size: int) -> str:
