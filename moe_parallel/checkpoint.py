@@ -256,10 +256,10 @@ def save_checkpoint(
             "client_state": client_state or {},
         }
         _atomic_torch_save(trainer, staging / "trainer.pt")
-    _barrier()
+    expert_names = _gather_expert_param_names(model, names)
 
     if place.rank == 0:
-        manifest = _manifest(model, staging, step, place.world_size)
+        manifest = _manifest(staging, step, place.world_size, expert_names)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         final = save_dir / tag
         if final.exists():
@@ -272,7 +272,24 @@ def save_checkpoint(
     return save_dir / tag
 
 
-def _manifest(model: nn.Module, staging: Path, step: int, world_size: int) -> dict[str, Any]:
+def _gather_expert_param_names(model: nn.Module, names: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{layer number: {"w1": canonical name of the stacked parameter, ...}} over all stages.
+
+    Collective (all ranks); it is also the barrier after which every file is on disk.
+    """
+    local_names = {id(p): names[n] for n, p in model.named_parameters()}
+    mine = {
+        str(layer.layer_number): {short: local_names[id(p)] for short, p in layer.experts.named_parameters()}
+        for layer in moe_layers(model)
+    }
+    if not dist.is_initialized():
+        return mine
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _manifest(staging: Path, step: int, world_size: int, expert_names: dict[str, dict[str, str]]) -> dict[str, Any]:
     # Listed after every rank has written, so the manifest covers the MoE layers of every stage.
     files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*.pt"))
     return {
@@ -280,6 +297,7 @@ def _manifest(model: nn.Module, staging: Path, step: int, world_size: int) -> di
         "step": step,
         "saved_world_size": world_size,
         "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(files).items()},
+        "expert_parameters": dict(sorted(expert_names.items(), key=lambda kv: int(kv[0]))),
         "files": {f: (staging / f).stat().st_size for f in files},
     }
 
@@ -437,3 +455,66 @@ def _check_experts_listed(model: nn.Module, manifest: dict[str, Any], path: Path
                 f"({len(ids)}), the model expects {layer.num_experts}; missing "
                 f"{sorted(set(range(layer.num_experts)) - set(ids))[:8]}"
             )
+
+
+# ---------------------------------------------------------------- offline conversion (no processes, no model)
+
+
+def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Plain weights of a checkpoint as one state dict of canonical names (experts stacked by global id).
+
+    This is the state dict of the model built at PP=1, EP=1; optimizer state is left out.
+    """
+    path = Path(checkpoint)
+    manifest = read_manifest(path)
+    state: dict[str, Tensor] = {}
+    for rel in manifest["files"]:
+        if rel.startswith("dense/"):
+            for name, entry in torch.load(path / rel, map_location="cpu", weights_only=True).items():
+                state.setdefault(name, entry["param"].to(dtype))
+    for layer, ids in _expert_ids_by_layer(manifest["files"]).items():
+        per_expert = [
+            torch.load(path / "experts" / f"layer_{layer}" / f"expert_{i}.pt", map_location="cpu", weights_only=True)
+            for i in ids
+        ]
+        for short, canonical in manifest["expert_parameters"][str(layer)].items():
+            state[canonical] = torch.stack([e[short]["param"] for e in per_expert]).to(dtype)
+    return state
+
+
+def import_consolidated(
+    state: dict[str, Tensor], expert_parameters: dict[str, dict[str, str]], out_dir: str | os.PathLike, tag: str
+) -> Path:
+    """Write a consolidated state dict as a topology-free checkpoint (weights only, step 0).
+
+    ``expert_parameters``: {layer number: {"w1": canonical name, ...}} naming the stacked expert
+    parameters (the ``expert_parameters`` of any manifest of the same model).
+    """
+    out = Path(out_dir)
+    staging = out / f"{tag}.tmp-{uuid.uuid4().hex[:8]}"
+    (staging / "dense").mkdir(parents=True)
+    stacked = {canonical for names in expert_parameters.values() for canonical in names.values()}
+    missing = sorted(stacked - set(state))
+    if missing:
+        raise CheckpointError(f"the state dict lacks expert parameters {missing[:8]}")
+    _atomic_torch_save(
+        {n: {"param": t.float()} for n, t in state.items() if n not in stacked}, staging / "dense" / "stage_0.pt"
+    )
+    for layer, names in expert_parameters.items():
+        folder = staging / "experts" / f"layer_{layer}"
+        folder.mkdir(parents=True)
+        num_experts = {state[c].shape[0] for c in names.values()}
+        if len(num_experts) != 1:
+            raise CheckpointError(f"layer {layer}: stacked expert parameters disagree on the expert count")
+        for i in range(num_experts.pop()):
+            _atomic_torch_save({s: {"param": state[c][i].float()} for s, c in names.items()}, folder / f"expert_{i}.pt")
+    _atomic_torch_save(
+        {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}, staging / "trainer.pt"
+    )
+    (staging / "manifest.json").write_text(json.dumps(_manifest(staging, 0, 0, expert_parameters), indent=1))
+    final = out / tag
+    if final.exists():
+        raise CheckpointError(f"{final} exists; choose another --tag")
+    os.replace(staging, final)
+    (out / "latest").write_text(tag)
+    return final
