@@ -1,0 +1,247 @@
+"""Structured (typed) configuration of the training app; ``conf/`` holds the YAML that fills it.
+
+Hydra checks types and unknown keys against these dataclasses when it composes the config (its error
+names the key, e.g. ``moe.top_k``); :func:`validate` then checks values through the library's own
+config classes, whose errors also name the field and what is allowed. The DeepSpeed JSON is
+generated from this config by :func:`deepspeed_config`: there is one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from moe_parallel.config import MoEConfig
+from moe_parallel.data import DataConfig
+from moe_parallel.models import GPTConfig
+from moe_parallel.parallel import ParallelLayout
+
+
+class AppConfigError(ValueError):
+    """A training-app setting is out of range; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConf:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_hidden_size: int = 512
+    moe_every: int = 2  # block i is MoE iff (i + 1) % moe_every == 0; 0 = dense model
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    activation: str = "gelu"  # gelu | swiglu | relu | silu
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    init_seed: int = 1234
+
+
+@dataclass
+class MoEConf:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
+    score_func: str = "softmax"  # softmax | sigmoid
+    normalize_top_k: bool = True
+    router_noise: str = "none"  # none | jitter | gumbel
+    router_jitter_eps: float = 0.01
+    capacity_factor: float | None = 1.25  # null = dropless
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "probs"  # probs | position
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
+    shared_expert_ffn_hidden_size: int = 0
+    check_inputs: bool = False
+
+
+@dataclass
+class ParallelConf:
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert-parallel size (divides world / pp)
+    backend: str | None = None  # null: nccl on GPUs, gloo on CPUs
+    timeout_s: int = 600  # collectives that wait longer fail instead of hanging
+
+
+@dataclass
+class DeepSpeedConf:
+    zero_stage: int = 1  # 0, 1 or 2 (3 cannot hold expert-parallel layers)
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    pipeline_partition: str = "type:TransformerBlock"
+    extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+
+
+@dataclass
+class OptimConf:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+
+@dataclass
+class DataConf:
+    files: list[str] | None = None  # null: the Python standard library's sources (no download)
+    max_corpus_bytes: int = 4_000_000
+    vocab_size: int = 2048
+    tokenizer_type: str = "bpe"
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    seed: int = 1234
+    cache_dir: str = "~/.cache/moe_parallel/data"
+
+
+@dataclass
+class LoggerConf:
+    mode: str = "offline"  # offline | online | disabled (the JSONL mirror is always written)
+    project: str = "moe_parallel"
+    entity: str | None = None
+    group: str | None = None  # null: the experiment name
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    heatmap_every: int = 10  # in log calls (every train.log_every steps)
+    heatmap_window: int = 500
+    init_timeout: float = 90.0
+
+
+@dataclass
+class TrainConf:
+    steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    run_dir: str | None = None  # null: runs/<experiment>/<slurm job id or timestamp>
+    resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
+    progress: str = "auto"  # auto (a bar on a TTY, log lines otherwise) | bar | lines
+
+
+@dataclass
+class AppConf:
+    experiment: str = "default"
+    model: ModelConf = MISSING
+    moe: MoEConf = MISSING
+    parallel: ParallelConf = MISSING
+    deepspeed: DeepSpeedConf = MISSING
+    optim: OptimConf = MISSING
+    data: DataConf = MISSING
+    logger: LoggerConf = MISSING
+    train: TrainConf = field(default_factory=TrainConf)
+
+
+def register_configs() -> None:
+    """The schema ``conf/config.yaml`` starts from: every group's YAML merges into its typed node."""
+    ConfigStore.instance().store(name="app_schema", node=AppConf)
+
+
+# ---------------------------------------------------------------- checked library configs
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise AppConfigError(f"{key}={value!r} is invalid: choose one of {allowed}")
+
+
+def _positive(key: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise AppConfigError(f"{key}={value!r} is invalid: must be an integer >= {minimum}")
+
+
+def gpt_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig:
+    """The model's :class:`GPTConfig` (its errors name ``model.*`` / ``moe.*`` fields)."""
+    m, moe = cfg.model, cfg.moe
+    moe_fields = {f.name for f in fields(MoEConfig)}
+    moe_dict = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(moe)).items() if k in moe_fields}
+    moe_dict["ffn_hidden_size"] = moe.expert_ffn_hidden_size or m.ffn_hidden_size
+    return GPTConfig(
+        vocab_size=vocab_size,
+        seq_len=cfg.data.seq_len,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        moe_every=m.moe_every,
+        moe=moe_dict if m.moe_every > 0 else None,
+        norm=m.norm,
+        activation=m.activation,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+        init_std=m.init_std,
+        init_seed=m.init_seed,
+    )
+
+
+def data_config(cfg: AppConf | DictConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(
+        files=list(d.files) if d.files is not None else None,
+        max_corpus_bytes=d.max_corpus_bytes,
+        vocab_size=d.vocab_size,
+        tokenizer_type=d.tokenizer_type,
+        seq_len=d.seq_len,
+        val_fraction=d.val_fraction,
+        seed=d.seed,
+        cache_dir=d.cache_dir,
+    )
+
+
+def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
+    """Check every value before any process group or collective exists."""
+    t, ds, o = cfg.train, cfg.deepspeed, cfg.optim
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.keep_checkpoints", t.keep_checkpoints, minimum=1)
+    _choice("train.progress", t.progress, ("auto", "bar", "lines"))
+    _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
+    _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))
+    _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
+        raise AppConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
+    if o.warmup_steps < 0:
+        raise AppConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    data_config(cfg)
+    model = gpt_config(cfg, vocab_size=cfg.data.vocab_size)
+    ParallelLayout(world_size, cfg.parallel.pp, cfg.parallel.ep, model.moe.num_experts if model.moe else None)
+    if cfg.parallel.pp > cfg.model.num_layers:
+        raise AppConfigError(
+            f"parallel.pp={cfg.parallel.pp} stages for model.num_layers={cfg.model.num_layers} blocks: "
+            "use at most one stage per block"
+        )
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: AppConf | DictConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, generated from the Hydra config."""
+    ds, t = cfg.deepspeed, cfg.train
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": resolve_precision(ds.precision) == "bf16"},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    config.update(OmegaConf.to_container(OmegaConf.create(dict(ds.extra))) if ds.extra else {})
+    return config

@@ -1,0 +1,362 @@
+"""Train the reference MoE-GPT with DeepSpeed: the project's main job.
+
+    python launch/train.py                                   # one process
+    deepspeed --num_gpus 2 launch/train.py parallel.ep=2     # local launcher (--local_rank is tolerated)
+    torchrun --nproc_per_node 2 launch/train.py parallel.ep=2
+    srun python launch/train.py ...                          # under Slurm (see slurm/train.sbatch)
+    python launch/train.py -m moe.capacity_factor=1.0,1.25,2.0   # a Hydra sweep
+
+Every value comes from ``conf/`` (Hydra); the DeepSpeed JSON is generated from it. Only rank 0
+creates the run directory and writes files; the other ranks learn its path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python launch/train.py` / `deepspeed launch/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from launch import config as app_config
+from launch import env as launch_env
+from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from moe_parallel.data import DistributedBatchIterator, PackedDataset, prepare_data
+from moe_parallel.engine import build_engine
+from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
+from moe_parallel.models import GPT, gpt_pipeline, lm_loss
+from moe_parallel.parallel import ParallelState, initialize_parallel
+from moe_parallel.wandb_logger import WandbSettings, make_run_logger
+
+app_config.register_configs()
+
+
+# ---------------------------------------------------------------- run directory and preemption
+
+
+def resolve_run_dir(cfg: DictConfig, launch: launch_env.LaunchEnv) -> Path:
+    """Rank 0 picks (and creates) the run directory; every rank returns the same path.
+
+    Stable across a Slurm requeue (named after the job id), so a requeued job finds its checkpoints.
+    """
+    if launch.rank == 0:
+        if cfg.train.run_dir:
+            path = Path(cfg.train.run_dir)
+        else:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+            if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+                job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            stamp = f"slurm-{job}" if job else time.strftime("%Y%m%d-%H%M%S")
+            path = Path("runs") / cfg.experiment / stamp
+        path = path.resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        name = [str(path)]
+    else:
+        name = [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+class Preemption:
+    """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, or a requeue) into a flag.
+
+    The flag is agreed on by all ranks at a step boundary (:meth:`requested`), so every rank saves
+    the same checkpoint and stops together.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([0 if self.signal is None else 1])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- model, schedule, engine
+
+
+def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
+    gpt_cfg = app_config.gpt_config(cfg, vocab_size)
+    if cfg.parallel.pp == 1:
+        return GPT(gpt_cfg, ep_group=state.ep_group), gpt_cfg
+    interval = 1 if cfg.deepspeed.activation_checkpointing else 0
+    model = gpt_pipeline(
+        gpt_cfg,
+        ep_group=state.ep_group,
+        topology=state.deepspeed_topology(),
+        activation_checkpoint_interval=interval,
+    )
+    return model, gpt_cfg
+
+
+def lr_lambda(cfg: DictConfig):
+    o, steps = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return (o.min_lr + (o.lr - o.min_lr) * shape) / o.lr
+
+    return factor
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass
+class Trainer:
+    cfg: DictConfig
+    engine: Any
+    state: ParallelState
+    train_iter: DistributedBatchIterator
+    val_data: PackedDataset
+    tracker: MoEMetricsTracker
+
+    @property
+    def pipelined(self) -> bool:
+        return self.cfg.parallel.pp > 1
+
+    def train_step(self) -> float:
+        """One optimizer step (all micro-batches); the loss averaged over micro-batches and DP ranks."""
+        if self.pipelined:
+            return float(self.engine.train_batch(data_iter=self.train_iter))
+        total = torch.zeros(())
+        for _ in range(self.cfg.train.grad_accum):
+            tokens_BS, targets_BS = next(self.train_iter)
+            loss = lm_loss(self.engine(tokens_BS.to(self.engine.device)), targets_BS.to(self.engine.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float().cpu()
+        return self._mean_over_dp(total.item() / self.cfg.train.grad_accum)
+
+    def _mean_over_dp(self, value: float) -> float:
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.state.dp_group)
+        return t.item() / dist.get_world_size(self.state.dp_group)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``train.eval_batches`` fixed batches (the same every time)."""
+        t, dp, dp_rank = self.cfg.train, self.state.layout.data_parallel_size, self.state.dp_rank
+        micro = t.micro_batch_size
+        num_windows = len(self.val_data)
+        losses = []
+        for b in range(t.eval_batches):
+            start = (b * dp + dp_rank) * micro
+            idx = np.arange(start, start + micro) % num_windows
+            tokens_BS, targets_BS = self.val_data.get_batch(idx)
+            if self.pipelined:
+                batch_iter = iter([(tokens_BS, targets_BS)] * self.engine.micro_batches)
+                losses.append(float(self.engine.eval_batch(batch_iter)))
+            else:
+                self.engine.module.eval()
+                logits = self.engine(tokens_BS.to(self.engine.device))
+                losses.append(self._mean_over_dp(lm_loss(logits, targets_BS.to(self.engine.device)).item()))
+                self.engine.module.train()
+        return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob("*.tmp-*"):  # staging dirs of saves that crashed
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
+    launch = launch_env.detect()
+    app_config.validate(cfg, launch.world_size)  # before any collective
+    if not dist.is_initialized():
+        launch_env.init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
+    rank = dist.get_rank()
+    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
+    run_dir = resolve_run_dir(cfg, launch)
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(cfg.train.seed)
+
+    data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
+    vocab_size = int(data.meta["vocab_size"])
+    model, gpt_cfg = build_model(cfg, state, vocab_size)
+    ds_config = app_config.deepspeed_config(cfg)
+    if rank == 0:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR  # built once the optimizer exists (below)
+    engine, optimizer, _ = build_engine(
+        model,
+        ds_config,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        lr_scheduler=lambda opt: scheduler(opt, lr_lambda(cfg)),
+    )
+    train_iter = DistributedBatchIterator(
+        PackedDataset(data.train_tokens, cfg.data.seq_len, "train"),
+        cfg.train.micro_batch_size,
+        dp_rank=state.dp_rank,
+        dp_size=state.layout.data_parallel_size,
+        grad_accum_steps=cfg.train.grad_accum,
+        seed=cfg.train.seed,
+    )
+    val_data = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
+
+    resume_from = None if cfg.train.resume == "never" else (ckpt_dir if cfg.train.resume == "auto" else cfg.train.resume)
+    client = load_checkpoint(engine, resume_from) if resume_from and resolve_checkpoint(resume_from) else None
+    if client:
+        train_iter.load_state_dict(client["data"])
+        _say(rank, f"resumed from {resolve_checkpoint(resume_from)} at step {engine.global_steps}")
+
+    settings = WandbSettings(
+        **{**OmegaConf.to_container(cfg.logger, resolve=True), "group": cfg.logger.group or cfg.experiment}
+    )
+    logger = make_run_logger(
+        run_dir, settings, config=OmegaConf.to_container(cfg, resolve=True),
+        resume_id=client.get("wandb_run_id") if client else None, rank=rank,
+    )
+    tracker = MoEMetricsTracker(engine.module)
+    trainer = Trainer(cfg, engine, state, train_iter, val_data, tracker)
+    preemption = Preemption()
+    run_id = _broadcast(getattr(logger, "run_id", None))
+
+    def checkpoint() -> None:
+        client_state = {"data": train_iter.state_dict(), "wandb_run_id": run_id, "experiment": cfg.experiment}
+        save_checkpoint(engine, ckpt_dir, client_state=client_state)
+        if rank == 0:
+            _prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * state.layout.data_parallel_size * cfg.data.seq_len
+    progress = _progress(rank, t, start=engine.global_steps)
+    _say(rank, f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
+               f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
+               f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
+               f"params on rank 0")
+    val_loss = float("nan")
+    first_loss = None
+    last_log = time.perf_counter()
+    tokens_since_log = 0
+    while engine.global_steps < t.steps:
+        loss = trainer.train_step()
+        first_loss = loss if first_loss is None else first_loss
+        step = engine.global_steps
+        tokens_since_log += tokens_per_step
+        moe_metrics = tracker.reduce(state)  # every step: the tracker counts one step's micro-batches
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.perf_counter()
+            scalars, expert_load = split_expert_load(moe_metrics)
+            scalars.update({
+                "train/loss": loss,
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/tokens_per_s": tokens_since_log / (now - last_log),
+            })
+            logger.log(step, scalars, expert_load)
+            progress(step, loss, scalars)
+            last_log, tokens_since_log = now, 0
+        if step % t.eval_every == 0 or step == t.steps:
+            val_loss = trainer.evaluate()
+            logger.log(step, {"eval/loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50))})
+            _say(rank, f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+        if step % t.ckpt_every == 0 or step == t.steps:
+            checkpoint()
+        if preemption.requested():
+            _say(rank, f"step {step}: signal {preemption.signal} received: checkpointing and stopping")
+            if step % t.ckpt_every and step != t.steps:
+                checkpoint()
+            logger.finish()
+            return val_loss
+    summary = {"final/train_loss": loss if first_loss is not None else float("nan"),
+               "final/eval_loss": val_loss, "final/eval_ppl": math.exp(min(val_loss, 50)), "final/step": t.steps}
+    logger.summary(summary)
+    logger.finish()
+    _say(rank, "done: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in summary.items()))
+    return val_loss
+
+
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _progress(rank: int, t: DictConfig, start: int):
+    """A tqdm bar on an interactive rank 0, plain log lines otherwise."""
+    if rank != 0:
+        return lambda *a: None
+    use_bar = t.progress == "bar" or (t.progress == "auto" and launch_env.is_interactive())
+    if use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+
+        def update(step: int, loss: float, scalars: dict[str, Any]) -> None:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+
+        return update
+
+    def line(step: int, loss: float, scalars: dict[str, Any]) -> None:
+        balance = [v for k, v in scalars.items() if k.endswith("/balance_loss")]
+        dropped = [v for k, v in scalars.items() if k.endswith("/dropped_fraction")]
+        extra = f" | balance {np.mean(balance):.3f} | dropped {np.mean(dropped):.3f}" if balance else ""
+        print(f"step {step:>5}/{t.steps} | loss {loss:.4f} | lr {scalars['train/lr']:.2e} | "
+              f"{scalars['train/tokens_per_s']:,.0f} tok/s{extra}", flush=True)
+
+    return line
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.argv = launch_env.strip_launcher_args(sys.argv)
+    main()
