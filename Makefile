@@ -21,8 +21,12 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# The reference MoE-GPT on 2 local processes (CPU: gloo; GPUs: NCCL), experts split over both.
+# Extra Hydra overrides: make train ARGS="train.steps=1000 moe.capacity_factor=2.0"
+NPROC  ?= 2
+PORT   ?= 29531
 train: venv
-	$(PY) -m launch.train_local
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) launch/train.py +experiment=cpu_demo $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/bench_moe.py

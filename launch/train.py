@@ -246,7 +246,8 @@ def run(cfg: DictConfig) -> float:
     )
     val_data = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
 
-    resume_from = None if cfg.train.resume == "never" else (ckpt_dir if cfg.train.resume == "auto" else cfg.train.resume)
+    resume = cfg.train.resume
+    resume_from = None if resume == "never" else (ckpt_dir if resume == "auto" else Path(resume))
     client = load_checkpoint(engine, resume_from) if resume_from and resolve_checkpoint(resume_from) else None
     if client:
         train_iter.load_state_dict(client["data"])

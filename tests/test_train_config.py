@@ -1,0 +1,103 @@
+"""The training app's configuration: composition, validation messages, DeepSpeed JSON generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from launch import config as app_config
+from launch.env import LaunchEnv, detect, first_slurm_node, slurm_port, strip_launcher_args
+from moe_parallel.config import MoEConfigError
+from moe_parallel.engine import validate_deepspeed_config
+from moe_parallel.models import GPT, GPTConfigError
+from moe_parallel.parallel import ParallelConfigError
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+app_config.register_configs()
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_and_experiment_compose():
+    cfg = make()
+    assert cfg.moe.capacity_factor == 1.25 and cfg.parallel.ep == 1
+    demo = make("+experiment=cpu_demo")
+    assert demo.experiment == "cpu_demo" and demo.parallel.ep == 2 and demo.train.steps == 300
+    swapped = make("model=small", "moe=dropless", "parallel=pp2_ep2", "deepspeed=zero2")
+    assert swapped.model.num_layers == 8 and swapped.moe.capacity_factor is None
+    assert swapped.parallel.pp == 2 and swapped.deepspeed.zero_stage == 2
+
+
+def test_every_named_config_validates():
+    for group, names in {
+        "model": ["tiny", "small", "medium"],
+        "moe": ["default", "dropless", "fine_grained"],
+        "deepspeed": ["zero0", "zero1", "zero2", "bf16"],
+    }.items():
+        for name in names:
+            app_config.validate(make(f"{group}={name}"), world_size=1)
+
+
+@pytest.mark.parametrize(
+    "override,world,error,message",
+    [
+        ("moe.top_k=20", 1, MoEConfigError, r"moe.top_k=20 is invalid: must be <= num_experts \(8\)"),
+        ("moe.drop_policy=random", 1, MoEConfigError, "moe.drop_policy='random'"),
+        ("model.num_heads=5", 1, GPTConfigError, "model.num_heads=5 is invalid: must divide hidden_size=128"),
+        ("parallel.ep=3", 2, ParallelConfigError, r"parallel.ep=3: choose ep among \[1, 2\]"),
+        ("parallel.pp=2", 3, ParallelConfigError, "world size 3 is not divisible by pipeline stages parallel.pp=2"),
+        ("deepspeed.zero_stage=3", 1, app_config.AppConfigError, r"zero_stage=3 is invalid: choose one of \(0, 1, 2\)"),
+        ("optim.min_lr=1.0", 1, app_config.AppConfigError, "need lr > 0 and 0 <= min_lr <= lr"),
+        ("train.progress=fancy", 1, app_config.AppConfigError, "train.progress='fancy'"),
+    ],
+)
+def test_bad_values_name_the_field(override, world, error, message):
+    with pytest.raises(error, match=message):
+        app_config.validate(make(override), world_size=world)
+
+
+def test_wrong_types_and_unknown_keys_fail_at_composition():
+    with pytest.raises(ConfigCompositionException) as err:
+        make("train.steps=many")
+    assert "train.steps" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as err:
+        make("moe.capacity=2")
+    assert "capacity" in str(err.value.__cause__)
+
+
+def test_deepspeed_json_comes_from_the_config():
+    cfg = make("deepspeed=zero2", "train.micro_batch_size=4", "train.grad_accum=3",
+               "+deepspeed.extra={communication_data_type: fp32}")
+    ds = app_config.deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": False}
+    assert ds["communication_data_type"] == "fp32" and ds["gradient_clipping"] == 1.0
+    model = GPT(app_config.gpt_config(cfg, vocab_size=cfg.data.vocab_size))
+    validate_deepspeed_config(ds, model)
+
+
+def test_model_config_inherits_and_overrides_expert_width():
+    cfg = make("moe=fine_grained")
+    gpt = app_config.gpt_config(cfg, vocab_size=512)
+    assert gpt.moe.ffn_hidden_size == 128 and gpt.moe.num_experts == 64 and gpt.moe.top_k == 8
+    assert gpt.moe.hidden_size == cfg.model.hidden_size and gpt.vocab_size == 512
+
+
+def test_launcher_environments():
+    assert strip_launcher_args(["train.py", "--local_rank=1", "a=1", "--local_rank", "0", "b=2"]) == [
+        "train.py", "a=1", "b=2"]
+    torch_env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                        "MASTER_PORT": "1234"})
+    assert torch_env == LaunchEnv(3, 4, 1, 4, "10.0.0.1", 1234, "torch")
+    slurm = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                    "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_TASKS_PER_NODE": "4(x2)"})
+    assert slurm == LaunchEnv(5, 8, 1, 4, "gpu07", slurm_port("4242"), "slurm")
+    assert first_slurm_node("n1,n2") == "n1" and first_slurm_node("node-[3,5]") == "node-3"
+    single = detect({})
+    assert single.world_size == 1 and single.launcher == "single"
