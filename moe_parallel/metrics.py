@@ -1,0 +1,343 @@
+"""Per-step MoE routing metrics: collected per micro-batch, reduced over DP and gathered over PP.
+
+:class:`MoEMetricsTracker` reads ``MoELayer.last_stats`` of every MoE layer after each micro-batch
+forward, accumulates over the micro-batches of one optimizer step, and :meth:`~MoEMetricsTracker.reduce`
+turns that into one flat dict for the logger, identical on every rank::
+
+    tracker = MoEMetricsTracker(model)          # forward hooks on every MoELayer of `model`
+    for micro_batch in step_batches:            # or engine.train_batch() (DeepSpeed pipeline)
+        loss = model(micro_batch); loss.backward()
+    metrics = tracker.reduce(parallel_state)    # every rank of the DP and PP groups calls it
+    if rank == 0:
+        scalars, expert_load = split_expert_load(metrics)
+        run_logger.log(step, scalars, expert_load)
+
+Keys (``n`` is the layer's global ``layer_number``)::
+
+    moe/layer_{n}/balance_loss       mean over micro-batches and DP ranks (1.0 = balanced)
+    moe/layer_{n}/z_loss             mean
+    moe/layer_{n}/dropped_fraction   mean of the per-micro-batch dropped fraction
+    moe/layer_{n}/router_entropy     mean, nats
+    moe/layer_{n}/tokens_per_expert  np.ndarray [E], int64: SUM over micro-batches and DP ranks
+                                     (routed assignments, before dropping)
+    moe/layer_{n}/max_load_ratio     max / mean of tokens_per_expert (1.0 = balanced)
+    moe/layer_{n}/min_load_ratio     min / mean (0.0 = an expert received nothing)
+    moe/layer_{n}/num_tokens         tokens routed by the layer in the step (sum)
+    moe/balance_loss, moe/z_loss, moe/dropped_fraction, moe/router_entropy
+                                     mean over layers (one line per run in W&B comparisons)
+    moe/max_load_ratio               max over layers
+
+Activation checkpointing runs a layer's forward twice (the recomputation happens inside backward).
+The forward hook therefore skips any forward that runs while the autograd engine is executing a
+backward pass (``torch._C._current_graph_task_id() != -1``). That is exactly where every
+checkpointing flavour recomputes: ``torch.utils.checkpoint`` reentrant and non-reentrant (whose
+early stop may even cut the recomputed forward short), and DeepSpeed's activation checkpointing.
+Comparing ``torch.is_grad_enabled()`` would only catch the reentrant flavour, whose first pass runs
+under ``no_grad``; the non-reentrant one runs both passes with grad enabled. A per-micro-batch
+counter would need the trainer to tell the tracker where micro-batches start, which a DeepSpeed
+pipeline engine (``train_batch`` runs the whole schedule) does not let it do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .layer import MoELayer, MoEStats
+from .parallel import ParallelState
+
+ProcessGroup = dist.ProcessGroup
+
+SCALAR_STATS = ("balance_loss", "z_loss", "dropped_fraction", "router_entropy")
+"""Per-layer statistics averaged over micro-batches and data-parallel ranks."""
+
+PREFIX = "moe"
+
+
+class MoEMetricsError(ValueError):
+    """The model's MoE layers cannot be tracked as they are (the message names the fix)."""
+
+
+def layer_key(layer_number: int, name: str) -> str:
+    """The metric key of statistic ``name`` of global layer ``layer_number``: ``moe/layer_{n}/{name}``."""
+    return f"{PREFIX}/layer_{layer_number}/{name}"
+
+
+def in_backward_pass() -> bool:
+    """Whether the autograd engine is executing a backward pass on this thread.
+
+    A forward that runs then is an activation-checkpointing recomputation. Returns False when this
+    torch build lacks the probe (the tracker then counts recomputations too).
+    """
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return probe is not None and probe() != -1
+
+
+@dataclass
+class _LayerAccumulator:
+    """Sums over the micro-batches of one step for one layer (tensors stay on the layer's device)."""
+
+    num_experts: int
+    count: int = 0
+    num_tokens: int = 0
+    scalars: Tensor | None = None  # [len(SCALAR_STATS)] float64 sums
+    tokens_per_expert: Tensor | None = None  # [E] float64 sums (exact up to 2**53)
+
+    def add(self, stats: MoEStats) -> None:
+        with torch.no_grad():
+            values = torch.stack([getattr(stats, name).detach().reshape(()).double() for name in SCALAR_STATS])
+            tokens = stats.tokens_per_expert.detach().double()
+            if tokens.numel() != self.num_experts:
+                raise MoEMetricsError(
+                    f"MoE stats carry {tokens.numel()} expert counts, the layer has {self.num_experts} experts"
+                )
+            if self.scalars is None or self.tokens_per_expert is None:
+                self.scalars, self.tokens_per_expert = values, tokens.clone()
+            else:
+                self.scalars += values
+                self.tokens_per_expert += tokens
+        self.count += 1
+        self.num_tokens += int(stats.num_tokens)
+
+
+class MoEMetricsTracker:
+    """Accumulates the routing statistics of a model's MoE layers over one optimizer step.
+
+    Args:
+        model: the model (or pipeline stage) whose :class:`MoELayer` modules are tracked. Layers are
+            named by their *global* ``layer_number``, which must be unique in the model.
+        hooks: True (default) records every layer after each of its training forwards through a
+            forward hook, counting activation-checkpointing recomputations once (see the module
+            docstring). False: the trainer calls :meth:`record` once after each micro-batch forward.
+        track_eval: also record forwards in eval mode (``module.training`` False). Off by default so
+            that evaluation in the middle of a step does not mix into the training statistics.
+
+    Every rank of the data-parallel and pipeline groups must call :meth:`reduce` once per step.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, hooks: bool = True, track_eval: bool = False) -> None:
+        self.use_hooks = hooks
+        self.track_eval = track_eval
+        self._layers: dict[int, MoELayer] = {}
+        self._acc: dict[int, _LayerAccumulator] = {}
+        self._handles: list[Any] = []
+        if model is not None:
+            self.attach(model)
+
+    @property
+    def layer_numbers(self) -> list[int]:
+        """Global layer numbers of the tracked MoE layers of this rank, sorted."""
+        return sorted(self._layers)
+
+    def attach(self, model: nn.Module) -> None:
+        """Track every :class:`MoELayer` in ``model`` (and, with ``hooks``, register the forward hooks)."""
+        found = [m for m in model.modules() if isinstance(m, MoELayer)]
+        for layer in found:
+            number = int(layer.layer_number)
+            other = self._layers.get(number)
+            if other is layer:
+                continue
+            if other is not None:
+                raise MoEMetricsError(
+                    f"two MoE layers have layer_number={number}: metrics are keyed by the global layer "
+                    "number, so give every MoE layer a distinct one (MoELayer(..., layer_number=i), or set "
+                    "`layer.layer_number = i` on moe_parallel.compat.MoE layers)"
+                )
+            self._layers[number] = layer
+            self._acc[number] = _LayerAccumulator(num_experts=layer.num_experts)
+            if self.use_hooks:
+                self._handles.append(layer.register_forward_hook(self._make_hook(number)))
+
+    def detach(self) -> None:
+        """Remove the forward hooks (the tracker keeps its layers and can still :meth:`record`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.use_hooks = False
+
+    def _make_hook(self, number: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if in_backward_pass() or not (module.training or self.track_eval):
+                return
+            stats = module.last_stats
+            if stats is not None:
+                self._acc[number].add(stats)
+
+        return hook
+
+    def record(self, model: nn.Module | None = None) -> None:
+        """Record ``last_stats`` of every tracked layer once (explicit mode: call after each micro-batch forward).
+
+        ``model`` attaches layers not seen yet. Raises when forward hooks are attached: they already
+        record, and recording twice would count each micro-batch twice.
+        """
+        if self._handles:
+            raise RuntimeError(
+                "MoEMetricsTracker.record(): forward hooks already record every micro-batch; build the "
+                "tracker with hooks=False to record explicitly"
+            )
+        if model is not None:
+            self.attach(model)
+        for number, layer in self._layers.items():
+            if layer.last_stats is not None:
+                self._acc[number].add(layer.last_stats)
+
+    def micro_batches(self, layer_number: int) -> int:
+        """Micro-batches recorded for ``layer_number`` since the last :meth:`reduce` / :meth:`reset` (this rank)."""
+        return self._acc[layer_number].count
+
+    def reset(self) -> None:
+        """Forget what was recorded since the last :meth:`reduce`."""
+        for number, layer in self._layers.items():
+            self._acc[number] = _LayerAccumulator(num_experts=layer.num_experts)
+
+    def reduce(
+        self,
+        state: ParallelState | None = None,
+        *,
+        dp_group: ProcessGroup | None = None,
+        pp_group: ProcessGroup | None = None,
+        reset: bool = True,
+    ) -> dict[str, Any]:
+        """Reduce the step's statistics and return them for every layer of the model (see the module docstring).
+
+        Statistics are summed over ``dp_group`` (``state.dp_group``) with one all-reduce: the ranks of a
+        DP group hold the same layers. The per-stage results are then exchanged over ``pp_group``
+        (``state.pp_group``) with ``all_gather_object``, so every rank, the logging rank 0 included,
+        returns every layer. A stage without MoE layers takes part in the gather with an empty dict.
+        Without groups (or without ``torch.distributed``) the local values are returned.
+        ``reset`` clears the accumulators for the next step.
+        """
+        if state is not None:
+            dp_group = dp_group if dp_group is not None else state.dp_group
+            pp_group = pp_group if pp_group is not None else state.pp_group
+        numbers = self.layer_numbers
+        stage_metrics: dict[str, Any] = {}
+        if numbers:
+            flat = self._pack(numbers, _collective_device(dp_group))
+            if _group_size(dp_group) > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=dp_group)
+            stage_metrics = self._unpack(numbers, flat.cpu().numpy())
+        if _group_size(pp_group) > 1:
+            gathered: list[Any] = [None] * _group_size(pp_group)
+            dist.all_gather_object(gathered, stage_metrics, group=pp_group)
+            metrics = _merge_stages(gathered)
+        else:
+            metrics = stage_metrics
+        if reset:
+            self.reset()
+        return _with_layer_summaries(metrics)
+
+    def _pack(self, numbers: list[int], device: torch.device) -> Tensor:
+        """[count, num_tokens, *scalar sums, *tokens_per_expert] per layer, concatenated (float64)."""
+        parts = []
+        for number in numbers:
+            acc = self._acc[number]
+            head = torch.tensor([acc.count, acc.num_tokens], dtype=torch.float64, device=device)
+            if acc.scalars is None or acc.tokens_per_expert is None:
+                body = torch.zeros(len(SCALAR_STATS) + acc.num_experts, dtype=torch.float64, device=device)
+            else:
+                body = torch.cat([acc.scalars.to(device), acc.tokens_per_expert.to(device)])
+            parts += [head, body]
+        return torch.cat(parts)
+
+    def _unpack(self, numbers: list[int], flat: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        offset = 0
+        for number in numbers:
+            num_experts = self._acc[number].num_experts
+            size = 2 + len(SCALAR_STATS) + num_experts
+            row = flat[offset : offset + size]
+            offset += size
+            count = row[0]
+            if count <= 0:  # no rank of the DP group ran this layer in the step
+                continue
+            for i, name in enumerate(SCALAR_STATS):
+                out[layer_key(number, name)] = float(row[2 + i] / count)
+            out[layer_key(number, "num_tokens")] = float(row[1])
+            out[layer_key(number, "tokens_per_expert")] = np.rint(row[2 + len(SCALAR_STATS) :]).astype(np.int64)
+        return out
+
+
+def _group_size(group: ProcessGroup | None) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _collective_device(group: ProcessGroup | None) -> torch.device:
+    """Where the flat statistics are reduced: CUDA for NCCL groups, else the CPU (gloo, or no group)."""
+    if _group_size(group) > 1 and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _merge_stages(per_stage: list[Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for stage, metrics in enumerate(per_stage):
+        for key, value in (metrics or {}).items():
+            if key in merged:
+                raise MoEMetricsError(
+                    f"metric {key!r} comes from two pipeline stages (the second is stage {stage}): MoE layers "
+                    "on different stages need distinct global layer_number values"
+                )
+            merged[key] = value
+    return merged
+
+
+def _layer_of(key: str) -> tuple[int, str] | None:
+    """``moe/layer_3/balance_loss`` -> (3, "balance_loss"); None for other keys."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != PREFIX or not parts[1].startswith("layer_"):
+        return None
+    try:
+        return int(parts[1][len("layer_") :]), parts[2]
+    except ValueError:
+        return None
+
+
+def _with_layer_summaries(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Add load ratios per layer and the across-layer means, ordered by layer number."""
+    layers = sorted({parsed[0] for key in metrics if (parsed := _layer_of(key)) is not None})
+    out: dict[str, Any] = {}
+    for number in layers:
+        for name in (*SCALAR_STATS, "num_tokens", "tokens_per_expert"):
+            key = layer_key(number, name)
+            if key in metrics:
+                out[key] = metrics[key]
+        tokens = metrics.get(layer_key(number, "tokens_per_expert"))
+        if tokens is not None and len(tokens) and tokens.sum() > 0:
+            mean = float(tokens.mean())
+            out[layer_key(number, "max_load_ratio")] = float(tokens.max()) / mean
+            out[layer_key(number, "min_load_ratio")] = float(tokens.min()) / mean
+    for name in SCALAR_STATS:
+        values = [out[k] for n in layers if (k := layer_key(n, name)) in out]
+        if values:
+            out[f"{PREFIX}/{name}"] = float(math.fsum(values) / len(values))
+    ratios = [out[k] for n in layers if (k := layer_key(n, "max_load_ratio")) in out]
+    if ratios:
+        out[f"{PREFIX}/max_load_ratio"] = max(ratios)
+    return out
+
+
+def split_expert_load(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[int, np.ndarray]]:
+    """Split :meth:`MoEMetricsTracker.reduce`'s dict into scalars and ``{layer_number: tokens_per_expert}``.
+
+    The two halves are what :meth:`moe_parallel.wandb_logger.RunLogger.log` takes.
+    """
+    scalars: dict[str, float] = {}
+    loads: dict[int, np.ndarray] = {}
+    for key, value in metrics.items():
+        parsed = _layer_of(key)
+        if parsed is not None and parsed[1] == "tokens_per_expert":
+            loads[parsed[0]] = np.asarray(value)
+        else:
+            scalars[key] = float(value)
+    return scalars, loads
