@@ -21,6 +21,8 @@ setup(
         "wandb>=0.17",
         "sentencepiece>=0.2",
         "numpy",
+        "matplotlib>=3.5",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

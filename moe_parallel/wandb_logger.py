@@ -53,7 +53,7 @@ class RunLoggerConfigError(ValueError):
 
 @dataclass
 class WandbSettings:
-    """How a run is logged (the ``logging`` config group).
+    """How a run is logged (the ``logger`` config group).
 
     Attributes:
         mode: ``offline`` (default: files only, no network, no API key), ``online`` or ``disabled``
@@ -82,20 +82,20 @@ class WandbSettings:
     init_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.tags, str):  # logging.tags=a,b on the command line
+        if isinstance(self.tags, str):  # logger.tags=a,b on the command line
             self.tags = [t.strip() for t in self.tags.split(",") if t.strip()]
         self.tags = [str(t) for t in self.tags or []]
         self.init_kwargs = dict(self.init_kwargs or {})
         if self.mode not in WANDB_MODES:
-            raise RunLoggerConfigError(f"logging.mode={self.mode!r} must be one of {', '.join(WANDB_MODES)}")
+            raise RunLoggerConfigError(f"logger.mode={self.mode!r} must be one of {', '.join(WANDB_MODES)}")
         for name in ("heatmap_every", "heatmap_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "heatmap_every" else 1):
                 raise RunLoggerConfigError(
-                    f"logging.{name}={value!r} must be an integer >= {int(name != 'heatmap_every')}"
+                    f"logger.{name}={value!r} must be an integer >= {int(name != 'heatmap_every')}"
                 )
         if not self.init_timeout > 0:
-            raise RunLoggerConfigError(f"logging.init_timeout={self.init_timeout!r} must be > 0 seconds")
+            raise RunLoggerConfigError(f"logger.init_timeout={self.init_timeout!r} must be > 0 seconds")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> WandbSettings:

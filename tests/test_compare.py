@@ -255,7 +255,7 @@ def test_disabled_mode_rank_gating_and_bad_settings(tmp_path):
     other.finish()
     assert not (tmp_path / "rank1").exists()
 
-    with pytest.raises(RunLoggerConfigError, match="logging.mode='offlin'"):
+    with pytest.raises(RunLoggerConfigError, match="logger.mode='offlin'"):
         make_run_logger(tmp_path / "x", {"mode": "offlin"}, rank=1)  # refused on every rank
     with pytest.raises(RunLoggerConfigError, match="unknown logging setting"):
         WandbSettings.from_mapping({"projekt": "p"})
