@@ -1,0 +1,541 @@
+"""Forward+backward of moe_parallel.MoELayer vs DeepSpeed's MoE vs the expert-GEMM floor (CPU, fp32).
+
+For every config, three implementations run on the same input:
+
+- ``ours``: :class:`moe_parallel.MoELayer` (GELU experts, no bias, ``drop_policy="position"``);
+- ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same sizes, gate weights and expert weights;
+- ``floor``: the expert GEMMs alone on the rows our router keeps for that input, pre-gathered into
+  one contiguous tensor per expert: a plain autograd loop ``y_e = gelu(x_e @ W1[e]) @ W2[e]``.
+
+Times are medians over interleaved repetitions in one process (the order rotates every repetition,
+so background load hits all implementations alike). Peak memory is measured in a fresh subprocess
+per implementation: see ``BENCHMARKS.md`` for the method. ``--ep2`` adds expert parallelism over two
+gloo processes (each rank half the tokens of config ``c1``).
+
+    .venv/bin/python benchmarks/bench_moe.py                 # everything, writes BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_moe.py --quick         # small smoke run, writes nothing
+    .venv/bin/python benchmarks/bench_moe.py --configs c2 --reps 9 --no-memory --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moe_parallel import MoEConfig, MoELayer, expert_capacity, plan_dispatch  # noqa: E402
+
+IMPLS = ("ours", "deepspeed", "floor")
+AUX_LOSS_COEFF = 0.01
+# Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
+# follows the live tensors instead of glibc's cached free lists (see measure_peak_memory).
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    capacity_factor: float
+    ep_size: int = 1
+
+    def label(self) -> str:
+        ep = f", EP={self.ep_size}" if self.ep_size > 1 else ""
+        return (
+            f"T={self.tokens} D={self.hidden} F={self.ffn} E={self.experts} "
+            f"k={self.top_k} cf={self.capacity_factor}{ep}"
+        )
+
+
+CONFIGS = {
+    "c1": BenchConfig("c1", 4096, 512, 2048, 8, 2, 1.25),
+    "c2": BenchConfig("c2", 4096, 512, 256, 64, 8, 1.25),
+    "c3": BenchConfig("c3", 16384, 256, 512, 16, 2, 1.25),
+}
+QUICK_CONFIGS = {
+    "c1": BenchConfig("c1", 256, 64, 128, 8, 2, 1.25),
+    "c2": BenchConfig("c2", 256, 64, 32, 64, 8, 1.25),
+    "c3": BenchConfig("c3", 512, 32, 64, 16, 2, 1.25),
+}
+EP_BASE = "c1"  # EP=2 runs config c1's global batch, half of its tokens on each rank
+
+
+# --------------------------------------------------------------------------- process groups
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(rank: int, world_size: int, port: int) -> None:
+    """A gloo group on 127.0.0.1, also registered with deepspeed.comm (its MoE layer needs it)."""
+    import deepspeed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    with contextlib.redirect_stdout(io.StringIO()):  # "... built successfully" banners
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def quiet_deepspeed() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+@dataclass
+class Problem:
+    """One config's shared pieces: our layer (it defines all weights), the input and output grad."""
+
+    cfg: BenchConfig
+    layer: MoELayer
+    x_TD: Tensor
+    grad_TD: Tensor
+
+
+def make_problem(cfg: BenchConfig, ep_group: dist.ProcessGroup | None = None, rank: int = 0) -> Problem:
+    config = MoEConfig(
+        hidden_size=cfg.hidden,
+        ffn_hidden_size=cfg.ffn,
+        num_experts=cfg.experts,
+        top_k=cfg.top_k,
+        capacity_factor=cfg.capacity_factor,
+        min_capacity=4,
+        drop_policy="position",
+        aux_loss_coeff=AUX_LOSS_COEFF,
+        activation="gelu",
+        expert_bias=False,
+    )
+    layer = MoELayer(config, ep_group=ep_group).train()
+    local_tokens = cfg.tokens // cfg.ep_size
+    gen = torch.Generator().manual_seed(1000 + rank)
+    x_TD = torch.randn(local_tokens, cfg.hidden, generator=gen)
+    grad_TD = torch.randn(local_tokens, cfg.hidden, generator=gen)
+    return Problem(cfg, layer, x_TD, grad_TD)
+
+
+Step = Callable[[], None]
+
+
+def build_ours(problem: Problem) -> Step:
+    layer, grad_TD = problem.layer, problem.grad_TD
+    x_TD = problem.x_TD.clone().requires_grad_()
+    params = [x_TD, *layer.parameters()]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        y_TD = layer(x_TD)  # the aux loss (coefficient included) reaches the gradient through y
+        y_TD.backward(grad_TD)
+
+    return step
+
+
+def build_deepspeed(problem: Problem) -> Step:
+    """DeepSpeed's MoE layer with our gate and expert weights (so it routes exactly as we do for k=2)."""
+    from deepspeed.moe.layer import MoE
+
+    cfg, ours = problem.cfg, problem.layer
+    expert = nn.Sequential(
+        nn.Linear(cfg.hidden, cfg.ffn, bias=False), nn.GELU(), nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+    )
+    moe = MoE(
+        hidden_size=cfg.hidden,
+        expert=expert,
+        num_experts=cfg.experts,
+        ep_size=cfg.ep_size,
+        k=cfg.top_k,
+        capacity_factor=cfg.capacity_factor,
+        eval_capacity_factor=cfg.capacity_factor,
+        min_capacity=4,
+        noisy_gate_policy=None,
+        drop_tokens=True,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,  # deterministic top-2, as ours
+    ).train()
+    with contextlib.redirect_stdout(io.StringIO()):  # "No existing process group found, creating ..."
+        moe.set_deepspeed_parallelism()
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+        for j, local in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            local[0].weight.copy_(ours.experts.w1[j].t())
+            local[2].weight.copy_(ours.experts.w2[j].t())
+    x_TD = problem.x_TD.clone().requires_grad_()
+    params = [x_TD, *moe.parameters()]
+    grads = [problem.grad_TD, torch.tensor(AUX_LOSS_COEFF)]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        y_TD, l_aux, _ = moe(x_TD)
+        torch.autograd.backward([y_TD, l_aux], grads)
+
+    return step
+
+
+def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
+    """The rows our local experts receive for this input (kept assignments only), and rows per expert."""
+    layer, x_TD = problem.layer, problem.x_TD
+    cfg = layer.config
+    with torch.no_grad():
+        route = layer.router(x_TD)
+        capacity = expert_capacity(x_TD.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
+        plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+        if layer.ep_size == 1:
+            return x_TD.index_select(0, plan.token_idx_N), plan.tokens_per_expert_E.tolist()
+        x_local, _, counts, _ = layer.dispatcher.dispatch(x_TD, plan)
+        return x_local, counts
+
+
+def build_floor(problem: Problem) -> Step:
+    """The expert GEMMs alone: per-expert contiguous inputs and weights, plain autograd, no routing."""
+    rows_ND, counts = routed_rows(problem)
+    experts = problem.layer.experts
+    x_list = [chunk.clone().requires_grad_() for chunk in rows_ND.split(counts)]
+    w1_list = [w.detach().clone().requires_grad_() for w in experts.w1]
+    w2_list = [w.detach().clone().requires_grad_() for w in experts.w2]
+    gen = torch.Generator().manual_seed(7)
+    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen) for n in counts]
+    leaves = [*x_list, *w1_list, *w2_list]
+
+    def step() -> None:
+        for p in leaves:
+            p.grad = None
+        outs = []
+        for x_e, w1, w2 in zip(x_list, w1_list, w2_list):
+            h = x_e @ w1
+            a = F.gelu(h)
+            outs.append(a @ w2)
+        torch.autograd.backward(outs, grad_list)
+
+    return step
+
+
+BUILDERS: dict[str, Callable[[Problem], Step]] = {
+    "ours": build_ours,
+    "deepspeed": build_deepspeed,
+    "floor": build_floor,
+}
+
+
+def kept_rows(problem: Problem) -> int:
+    return sum(routed_rows(problem)[1])
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_interleaved(
+    steps: dict[str, Step], warmup: int, reps: int, barrier: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds per step of each implementation; the order rotates every repetition."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            barrier()
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            barrier()
+            start = time.perf_counter()
+            steps[name]()
+            barrier()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> dict[str, float]:
+    if threads:
+        torch.set_num_threads(threads)
+    problem = make_problem(cfg)
+    steps = {name: BUILDERS[name](problem) for name in IMPLS}
+    times = time_interleaved(steps, warmup, reps)
+    result = {name: statistics.median(ts) for name, ts in times.items()}
+    result["kept_rows"] = kept_rows(problem)
+    return result
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def measure_step_peak_mib(step: Step) -> float:
+    """Peak RSS growth of one step over the RSS just before it (MiB).
+
+    After a warm-up step (lazy init, kernel caches) and with the gradients freed, the kernel's
+    high-water mark is reset (``/proc/self/clear_refs`` = 5), one step runs, and its peak VmHWM is
+    compared with the VmRSS before it: the extra memory the step needed at its worst moment
+    (activations, saved tensors, temporaries, gradients of weights and input).
+    """
+    step()
+    gc.collect()
+    base = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    step()
+    peak = _proc_status_kib("VmHWM")
+    return (peak - base) / 1024
+
+
+def memory_child(cfg: BenchConfig, impl: str, threads: int | None) -> None:
+    """Entry of the fresh subprocess that measures one implementation (EP=1)."""
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_deepspeed()
+    init_distributed(0, 1, free_port())
+    step = BUILDERS[impl](make_problem(cfg))
+    print(json.dumps({"peak_mib": measure_step_peak_mib(step)}))
+
+
+def run_memory(cfg: BenchConfig, impl: str, quick: bool, threads: int | None) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", impl, "--configs", cfg.name]
+    cmd += ["--quick"] if quick else []
+    cmd += ["--threads", str(threads)] if threads else []
+    env = {**os.environ, **MEMORY_CHILD_ENV}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {impl} {cfg.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+# --------------------------------------------------------------------------- EP=2
+
+
+def ep_worker(rank: int, cfg: BenchConfig, port: int, task: str, warmup: int, reps: int, out_path: str) -> None:
+    """One rank of the EP=2 run: ``task`` is "time" or one implementation's name (memory)."""
+    torch.set_num_threads(1)  # two ranks share the two cores
+    quiet_deepspeed()
+    init_distributed(rank, cfg.ep_size, port)
+    problem = make_problem(cfg, ep_group=dist.group.WORLD, rank=rank)
+    if task == "time":
+        steps = {name: BUILDERS[name](problem) for name in IMPLS}
+        times = time_interleaved(steps, warmup, reps, barrier=dist.barrier)
+        result: dict[str, float] = {name: statistics.median(ts) for name, ts in times.items()}
+        result["kept_rows"] = kept_rows(problem)
+    else:
+        result = {"peak_mib": measure_step_peak_mib(BUILDERS[task](problem))}
+    gathered: list[dict[str, float] | None] = [None] * cfg.ep_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn_ep(cfg: BenchConfig, task: str, warmup: int, reps: int) -> list[dict[str, float]]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "result.json")
+        mp.spawn(ep_worker, args=(cfg, free_port(), task, warmup, reps, out_path), nprocs=cfg.ep_size)
+        return json.loads(Path(out_path).read_text())
+
+
+def run_ep_timing(cfg: BenchConfig, warmup: int, reps: int) -> dict[str, float]:
+    """Per implementation, the slower rank's median (the step ends when both ranks are done)."""
+    per_rank = spawn_ep(cfg, "time", warmup, reps)
+    result = {name: max(r[name] for r in per_rank) for name in IMPLS}
+    result["kept_rows"] = sum(r["kept_rows"] for r in per_rank)
+    return result
+
+
+def run_ep_memory(cfg: BenchConfig, impl: str) -> float:
+    """Largest per-rank peak (each rank is its own process), measured in freshly spawned ranks."""
+    saved = {k: os.environ.get(k) for k in MEMORY_CHILD_ENV}
+    os.environ.update(MEMORY_CHILD_ENV)  # inherited by the spawned ranks
+    try:
+        return max(r["peak_mib"] for r in spawn_ep(cfg, impl, 0, 0))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    cfg: BenchConfig
+    seconds: dict[str, float]
+    kept_rows: int
+    peak_mib: dict[str, float] | None
+
+
+def ds_buffer_rows(cfg: BenchConfig) -> int:
+    """Rows DeepSpeed's experts compute on: E x capacity (padded), summed over ranks."""
+    local_tokens = cfg.tokens // cfg.ep_size
+    return cfg.ep_size * cfg.experts * expert_capacity(local_tokens, cfg.top_k, cfg.experts, cfg.capacity_factor, 4)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = (
+        "| config | kept rows (ours / DS buffer) | ours ms | DeepSpeed ms | floor ms "
+        "| ours/floor | DS/floor | DS/ours | peak MiB ours | peak MiB DS | peak MiB floor |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        s = {k: v * 1e3 for k, v in row.seconds.items()}
+        mem = row.peak_mib or {}
+        mem_cells = [f"{mem[i]:.0f}" if i in mem else "-" for i in IMPLS]
+        lines.append(
+            f"| {row.cfg.name}: {row.cfg.label()} | {row.kept_rows} / {ds_buffer_rows(row.cfg)} "
+            f"| {s['ours']:.1f} | {s['deepspeed']:.1f} | {s['floor']:.1f} "
+            f"| {s['ours'] / s['floor']:.2f} | {s['deepspeed'] / s['floor']:.2f} | {s['deepspeed'] / s['ours']:.2f} "
+            f"| {' | '.join(mem_cells)} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    import deepspeed
+
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu}), fp32, torch {torch.__version__} ({threads} threads), "
+        f"deepspeed {deepspeed.__version__}, Python {platform.python_version()}"
+    )
+
+
+RESULTS_BEGIN = "<!-- bench_moe results begin -->"
+RESULTS_END = "<!-- bench_moe results end -->"
+
+
+def write_results(path: Path, command: str, machine: str, table: str) -> None:
+    """Replace the results block of BENCHMARKS.md (the rest of the page is hand-written)."""
+    block = "\n".join(
+        [
+            RESULTS_BEGIN,
+            f"Command: `{command}`  ",
+            f"Machine: {machine}  ",
+            f"Date: {datetime.date.today().isoformat()}",
+            "",
+            table,
+            RESULTS_END,
+        ]
+    )
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    if RESULTS_BEGIN not in text:
+        text += f"\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    before, rest = text.split(RESULTS_BEGIN, 1)
+    after = rest.split(RESULTS_END, 1)[1]
+    path.write_text(before + block + after)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="c1,c2,c3", help="comma-separated subset of c1,c2,c3 (default: all)")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, no BENCHMARKS.md update")
+    parser.add_argument("--ep2", action="store_true", help=f"also run EP=2 on 2 gloo processes ({EP_BASE})")
+    parser.add_argument("--only-ep2", action="store_true", help="run only the EP=2 row")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--memory-child", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup, args.no_write = min(args.reps, 3), 1, True
+    return args
+
+
+def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
+    table = QUICK_CONFIGS if args.quick else CONFIGS
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(table)}")
+    configs = [] if args.only_ep2 else [table[n] for n in names]
+    if args.ep2 or args.only_ep2:
+        base = table[EP_BASE]
+        configs.append(dataclasses.replace(base, name=base.name + "-ep2", ep_size=2))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    quiet_deepspeed()
+    if args.memory_child:
+        cfg = selected_configs(args)[-1]
+        memory_child(cfg, args.memory_child, args.threads)
+        return
+
+    init_distributed(0, 1, free_port())  # world size 1 for the EP=1 configs
+    rows = []
+    for cfg in selected_configs(args):
+        print(f"== {cfg.name}: {cfg.label()}", flush=True)
+        if cfg.ep_size > 1:
+            seconds = run_ep_timing(cfg, args.warmup, args.reps)
+        else:
+            seconds = run_timing(cfg, args.warmup, args.reps, args.threads)
+        kept = int(seconds.pop("kept_rows"))
+        peak = None
+        if not args.no_memory:
+            if cfg.ep_size > 1:
+                peak = {impl: run_ep_memory(cfg, impl) for impl in IMPLS}
+            else:
+                peak = {impl: run_memory(cfg, impl, args.quick, args.threads) for impl in IMPLS}
+        rows.append(Row(cfg, seconds, kept, peak))
+        print(markdown_table(rows[-1:]), flush=True)
+
+    table = markdown_table(rows)
+    print("\n" + table)
+    if not args.no_write:
+        command = ".venv/bin/python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results(args.output, command.strip(), machine_line(torch.get_num_threads()), table)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
