@@ -126,6 +126,7 @@ class TrainConf:
     seed: int = 0
     run_dir: str | None = None  # null: runs/<experiment>/<slurm job id or timestamp>
     resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
+    exit_after_steps: int | None = None  # checkpoint and stop after this many steps of this job
     progress: str = "auto"  # auto (a bar on a TTY, log lines otherwise) | bar | lines
 
 
@@ -204,6 +205,8 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.keep_checkpoints", t.keep_checkpoints, minimum=1)
+    if t.exit_after_steps is not None:
+        _positive("train.exit_after_steps", t.exit_after_steps)
     _choice("train.progress", t.progress, ("auto", "bar", "lines"))
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))

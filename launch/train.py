@@ -273,7 +273,8 @@ def run(cfg: DictConfig) -> float:
 
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * state.layout.data_parallel_size * cfg.data.seq_len
-    progress = _progress(rank, t, start=engine.global_steps)
+    start_step = engine.global_steps
+    progress = _progress(rank, t, start=start_step)
     _say(rank, f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
                f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
                f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
@@ -306,8 +307,11 @@ def run(cfg: DictConfig) -> float:
             _say(rank, f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
         if step % t.ckpt_every == 0 or step == t.steps:
             checkpoint()
-        if preemption.requested():
-            _say(rank, f"step {step}: signal {preemption.signal} received: checkpointing and stopping")
+        steps_this_job = step - start_step
+        exit_now = t.exit_after_steps is not None and steps_this_job >= t.exit_after_steps
+        if preemption.requested() or exit_now:
+            why = f"signal {preemption.signal} received" if preemption.signal else f"{steps_this_job} steps done"
+            _say(rank, f"step {step}: {why}: checkpointing and stopping")
             if step % t.ckpt_every and step != t.steps:
                 checkpoint()
             logger.finish()

@@ -424,6 +424,10 @@ def load_checkpoint(
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
+        # load_state_dict restores the schedule's position, not the rate the optimizer uses next.
+        if hasattr(scheduler, "get_last_lr"):
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
     engine.global_steps = trainer["step"]
     engine.global_samples = trainer["global_samples"]
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -23,7 +23,9 @@ def _engine(ep: int, zero: int = 1, capacity_factor=1.0):
     state = initialize_parallel(expert_parallel_size=ep, num_experts=E)
     model = ToyMoELM(ep_group=state.ep_group, capacity_factor=capacity_factor)
     config = {**DS_CONFIG, "zero_optimization": {"stage": zero}}
-    engine, _, _ = build_engine(model, config, lr=1e-2, weight_decay=0.0)
+    # A warm-up schedule, so that a resume must also restore the rate the optimizer uses next.
+    warmup = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))  # noqa: E731
+    engine, _, _ = build_engine(model, config, lr=1e-2, weight_decay=0.0, lr_scheduler=warmup)
     return engine, state
 
 

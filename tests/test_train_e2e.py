@@ -1,0 +1,91 @@
+"""The training app end to end under the real `deepspeed` launcher: 2 CPU processes, EP=2.
+
+The W&B offline run files are read back (not just found) for the balance loss of every MoE layer,
+and a resumed job continues the same W&B run with exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.compare import read_wandb_history, read_wandb_run_info, wandb_files
+from tests.dist_utils import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+MOE_LAYERS = (0, 1)
+
+
+def train(run_dir: Path, cache: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+        "+experiment=cpu_demo",
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.ffn_hidden_size=128",
+        "model.moe_every=1", "moe.num_experts=4",
+        "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=32", f"data.cache_dir={cache}",
+        f"train.steps={steps}", "train.micro_batch_size=4", "train.log_every=2", "train.eval_every=4",
+        "train.eval_batches=2", "train.ckpt_every=4", f"train.run_dir={run_dir}", "train.progress=lines",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def jsonl_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cache = tmp / "cache"
+    straight = tmp / "straight"
+    train(straight, cache, 12)
+    stopped = tmp / "stopped"
+    first = train(stopped, cache, 12, "train.exit_after_steps=8")
+    resumed = train(stopped, cache, 12)
+    return straight, stopped, first, resumed
+
+
+def test_wandb_offline_files_hold_every_layers_balance_loss(runs):
+    straight, _, _, _ = runs
+    files = wandb_files(straight)
+    assert len(files) == 1
+    history = read_wandb_history(files[0])
+    logged = [row for row in history if "train/loss" in row]
+    assert [row["_step"] for row in logged] == [2, 4, 6, 8, 10, 12]
+    for row in logged:
+        for layer in MOE_LAYERS:
+            balance = row[f"moe/layer_{layer}/balance_loss"]
+            assert math.isfinite(balance) and 0.5 < balance < 4.0  # 1.0 is perfect balance
+            assert 0.0 <= row[f"moe/layer_{layer}/dropped_fraction"] < 1.0
+    info = read_wandb_run_info(files[0])
+    assert info["group"] == "cpu_demo" and info["project"] == "moe_parallel"
+    assert any("eval/ppl" in row for row in history)
+    losses = [row["train/loss"] for row in logged]
+    assert losses[-1] < losses[0]  # it learns
+
+
+def test_resume_continues_the_same_run_and_loss(runs):
+    straight, stopped, first, resumed = runs
+    assert "step 8: 8 steps done: checkpointing and stopping" in first.stdout
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    files = wandb_files(stopped)
+    assert len(files) == 2  # one offline run directory per job, same run id: `wandb sync` joins them
+    ids = {read_wandb_run_info(f)["run_id"] for f in files}
+    assert len(ids) == 1
+    want, got = jsonl_losses(straight), jsonl_losses(stopped)
+    assert sorted(got) == sorted(want)
+    for step in (10, 12):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    second_job = read_wandb_history(files[1])
+    assert [row["_step"] for row in second_job if "train/loss" in row] == [10, 12]
+    assert (stopped / "checkpoints" / "latest").read_text() == "step_00000012"
