@@ -584,4 +584,12 @@ def gpt_pipeline(
     )
     if [int(p) for p in module.parts] != parts:  # a DeepSpeed change would silently move layers
         raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {parts}")
+    # Checkpoints store parameters under the plain model's names, whatever the stage layout.
+    module.canonical_parameter_names = lambda: pipeline_canonical_names(module, config)
     return module
+
+
+def pipeline_canonical_names(module: nn.Module, config: GPTConfig) -> dict[str, str]:
+    """This stage's parameter names -> the plain :class:`GPT`'s names (what checkpoints store)."""
+    local = [name for name, _ in module.named_parameters()]
+    return dict(zip(local, pipeline_to_plain_state_dict(dict.fromkeys(local), config)))
