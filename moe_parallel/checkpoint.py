@@ -69,7 +69,16 @@ def _placement(engine) -> _Placement:
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+    """The model's MoE layers; their ``layer_number`` names their experts' files, so it must be unique."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    numbers = [layer.layer_number for layer in layers]
+    duplicates = sorted({n for n in numbers if numbers.count(n) > 1})
+    if duplicates:
+        raise CheckpointError(
+            f"several MoE layers share layer_number {duplicates}: give each MoELayer its own "
+            "layer_number (its position in the model), which names its experts in checkpoints"
+        )
+    return layers
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:

@@ -67,10 +67,10 @@ def _resume_is_exact(rank, world, tmp):
 
     engine, _ = _engine(ep=2, zero=2)
     first = _train(engine, 3)
-    save_checkpoint(engine, tmp, client_state={"data_position": 3})
+    engine.save_checkpoint(tmp, client_state={"data_position": 3})
     engine, _ = _engine(ep=2, zero=2)
-    client = load_checkpoint(engine, tmp)
-    assert client == {"data_position": 3} and engine.global_steps == 3
+    path, client = engine.load_checkpoint(tmp)  # DeepSpeed's method, routed to ours by build_engine
+    assert path.endswith("step_00000003") and client == {"data_position": 3} and engine.global_steps == 3
     resumed = _train(engine, 3, start=3)
     torch.testing.assert_close(torch.tensor(first + resumed), torch.tensor(straight), rtol=1e-6, atol=1e-6)
 
@@ -198,3 +198,12 @@ def _export_import_round_trip(rank, world, tmp):
 
 def test_export_and_import_consolidated_weights(tmp_path):
     run_distributed(_export_import_round_trip, 2, str(tmp_path), timeout=300)
+
+
+def test_duplicate_layer_numbers_are_refused():
+    from moe_parallel import MoEConfig, MoELayer
+
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, top_k=1)
+    model = torch.nn.Sequential(MoELayer(cfg), MoELayer(cfg))
+    with pytest.raises(CheckpointError, match=r"share layer_number \[0\]: give each MoELayer its own"):
+        ckpt.moe_layers(model)
