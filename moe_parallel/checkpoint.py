@@ -105,36 +105,68 @@ def _optimizer(engine):
     return getattr(engine, "optimizer", None)
 
 
+def _inner_state(engine) -> dict:
+    """State of the torch optimizer inside DeepSpeed's wrappers (keyed by the tensors it updates)."""
+    opt = _optimizer(engine)
+    return getattr(getattr(opt, "optimizer", opt), "state", {})
+
+
+def _optimizer_step_count(engine) -> int | None:
+    steps = [s["step"] for s in _inner_state(engine).values() if "step" in s]
+    return int(max(float(v) for v in steps)) if steps else None
+
+
+def _masters(engine) -> dict[int, Tensor]:
+    """Model parameter id -> the fp32 copy the optimizer updates, for DeepSpeed's per-parameter
+    mixed-precision wrapper (bf16 without ZeRO); empty where parameters are updated in place or
+    through ZeRO's fragment mappings."""
+    opt = _optimizer(engine)
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if low is None:
+        return {}
+    if high is None:
+        raise CheckpointError(
+            f"{type(opt).__name__} keeps flat fp32 master weights that checkpoints cannot address per "
+            "parameter: use deepspeed.zero_optimization.stage 1 or 2"
+        )
+    return {id(p): m for lows, highs in zip(low, high) for p, m in zip(lows, highs)}
+
+
 def _is_zero_mapped(param: Tensor) -> bool:
+    # Set (possibly to None, for a parameter outside this rank's partition) on every parameter that
+    # ZeRO or the bf16 optimizer partitions; the safe_* accessors are collectives over its group.
     return hasattr(param, "_hp_mapping")
 
 
-def _full_param(param: Tensor) -> Tensor:
+def _full_param(param: Tensor, master: Tensor | None) -> Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    value = safe_get_full_fp32_param(param) if _is_zero_mapped(param) else None
-    return (param.detach() if value is None else value).float().cpu().clone()
+    if _is_zero_mapped(param):
+        return safe_get_full_fp32_param(param).float().cpu().clone()
+    return (param if master is None else master).detach().float().cpu().clone()
 
 
-def _full_optim_state(engine, param: Tensor) -> dict[str, Tensor]:
+def _full_optim_state(engine, param: Tensor, master: Tensor | None) -> dict[str, Tensor]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if _is_zero_mapped(param):
         return {k: safe_get_full_optimizer_state(param, k).float().cpu().clone() for k in OPTIM_KEYS}
-    state = getattr(_optimizer(engine), "state", {}).get(param, {})
+    state = _inner_state(engine).get(param if master is None else master, {})
     return {k: state[k].float().cpu().clone() for k in OPTIM_KEYS if k in state}
 
 
-def _set_param(param: Tensor, value: Tensor) -> None:
+def _set_param(param: Tensor, value: Tensor, master: Tensor | None) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
 
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
+        if master is not None:
+            master.copy_(value.to(master.dtype))
     if _is_zero_mapped(param):
         safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
 
 
-def _set_optim_state(engine, param: Tensor, state: dict[str, Tensor], step: int) -> None:
+def _set_optim_state(engine, param: Tensor, state: dict[str, Tensor], step: int, master: Tensor | None) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     if not state:
@@ -143,10 +175,10 @@ def _set_optim_state(engine, param: Tensor, state: dict[str, Tensor], step: int)
         for k in OPTIM_KEYS:
             safe_set_full_optimizer_state(param, state[k].to(param.device, torch.float32), k)
         return
-    opt = _optimizer(engine)
-    slot = opt.state[param]
+    target = param if master is None else master
+    slot = _inner_state(engine)[target]
     for k in OPTIM_KEYS:
-        slot[k] = state[k].to(param.device, param.dtype).clone()
+        slot[k] = state[k].to(target.device, target.dtype).clone()
     slot["step"] = torch.tensor(float(step))
 
 
@@ -182,9 +214,7 @@ def _link_flat_optimizer_states(engine, create_at_step: int | None = None) -> No
 
 def _set_optimizer_step(engine, step: int) -> None:
     """Adam's bias correction uses ``step``; ZeRO keeps it on its flat partitions."""
-    opt = _optimizer(engine)
-    inner = getattr(opt, "optimizer", opt)
-    for group_state in getattr(inner, "state", {}).values():
+    for group_state in _inner_state(engine).values():
         if "step" in group_state:
             old = group_state["step"]
             group_state["step"] = torch.full_like(old, float(step)) if isinstance(old, Tensor) else step
@@ -234,11 +264,13 @@ def save_checkpoint(
     _link_flat_optimizer_states(engine)
     names = canonical_names(model)
     experts = _expert_params(model)
+    masters = _masters(engine)
     dense: dict[str, dict[str, Tensor]] = {}
     expert_files: dict[tuple[int, int], dict[str, dict[str, Tensor]]] = {}
     # Every rank walks its parameters in the same order: the gathers below are collectives.
     for local_name, param in model.named_parameters():
-        entry = {"param": _full_param(param), **_full_optim_state(engine, param)}
+        master = masters.get(id(param))
+        entry = {"param": _full_param(param, master), **_full_optim_state(engine, param, master)}
         if id(param) in experts:
             layer, named = experts[id(param)]
             short = next(n for n, p in named.items() if p is param)
@@ -261,6 +293,7 @@ def save_checkpoint(
         trainer = {
             "step": step,
             "global_samples": int(getattr(engine, "global_samples", 0)),
+            "optimizer_step": _optimizer_step_count(engine),  # may differ from `step` (warm-up steps)
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "client_state": client_state or {},
         }
@@ -402,8 +435,11 @@ def load_checkpoint(
             f", unexpected {extra[:10]}{'...' if len(extra) > 10 else ''}"
         )
 
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    optimizer_step = trainer.get("optimizer_step") or step
+    masters = _masters(engine)
     if load_optimizer:
-        _link_flat_optimizer_states(engine, create_at_step=step)
+        _link_flat_optimizer_states(engine, create_at_step=optimizer_step)
     expert_cache: dict[tuple[int, int], dict] = {}
     for local_name, param in model.named_parameters():
         if id(param) in experts:
@@ -423,13 +459,14 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{local_name}: checkpoint shape {tuple(entry['param'].shape)} != model shape {tuple(param.shape)}"
             )
-        _set_param(param, entry["param"])
+        master = masters.get(id(param))
+        _set_param(param, entry["param"], master)
         if load_optimizer:
-            _set_optim_state(engine, param, {k: entry[k] for k in OPTIM_KEYS if k in entry}, step)
+            optim_state = {k: entry[k] for k in OPTIM_KEYS if k in entry}
+            _set_optim_state(engine, param, optim_state, optimizer_step, master)
     if load_optimizer:
-        _set_optimizer_step(engine, step)
+        _set_optimizer_step(engine, optimizer_step)
 
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])

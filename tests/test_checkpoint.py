@@ -19,10 +19,10 @@ from tests.test_engine import VOCAB, E, ToyMoELM, loss_fn
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
 
 
-def _engine(ep: int, zero: int = 1, capacity_factor=1.0):
+def _engine(ep: int, zero: int = 1, capacity_factor=1.0, bf16: bool = False):
     state = initialize_parallel(expert_parallel_size=ep, num_experts=E)
     model = ToyMoELM(ep_group=state.ep_group, capacity_factor=capacity_factor)
-    config = {**DS_CONFIG, "zero_optimization": {"stage": zero}}
+    config = {**DS_CONFIG, "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16}}
     # A warm-up schedule, so that a resume must also restore the rate the optimizer uses next.
     warmup = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))  # noqa: E731
     engine, _, _ = build_engine(model, config, lr=1e-2, weight_decay=0.0, lr_scheduler=warmup)
@@ -55,28 +55,35 @@ def _outputs(engine) -> torch.Tensor:
 def _expert_optim_state(engine, state) -> torch.Tensor:
     """exp_avg of every global expert's w1, gathered over the EP group: [E, D, F]."""
     param = engine.module.moe.experts.w1
-    local = ckpt._full_optim_state(engine, param)["exp_avg"]
+    local = ckpt._full_optim_state(engine, param, ckpt._masters(engine).get(id(param)))["exp_avg"]
     parts = [torch.empty_like(local) for _ in range(state.layout.expert_parallel_size)]
     dist.all_gather(parts, local, group=state.ep_group)
     return torch.cat(parts)
 
 
-def _resume_is_exact(rank, world, tmp):
-    engine, _ = _engine(ep=2, zero=2)
+def _resume_is_exact(rank, world, tmp, zero, bf16):
+    engine, _ = _engine(ep=2, zero=zero, bf16=bf16)
     straight = _train(engine, 6)
 
-    engine, _ = _engine(ep=2, zero=2)
+    engine, _ = _engine(ep=2, zero=zero, bf16=bf16)
     first = _train(engine, 3)
     engine.save_checkpoint(tmp, client_state={"data_position": 3})
-    engine, _ = _engine(ep=2, zero=2)
+    engine, _ = _engine(ep=2, zero=zero, bf16=bf16)
     path, client = engine.load_checkpoint(tmp)  # DeepSpeed's method, routed to ours by build_engine
     assert path.endswith("step_00000003") and client == {"data_position": 3} and engine.global_steps == 3
     resumed = _train(engine, 3, start=3)
     torch.testing.assert_close(torch.tensor(first + resumed), torch.tensor(straight), rtol=1e-6, atol=1e-6)
+    if bf16:  # the model computes in bf16, the router in fp32, the optimizer keeps fp32 masters
+        assert engine.module.moe.experts.w1.dtype == torch.bfloat16
+        logits = engine.module.moe.router(torch.randn(3, engine.module.moe.config.hidden_size).bfloat16()).logits_TE
+        assert logits.dtype == torch.float32
 
 
-def test_resume_continues_the_loss_curve_exactly(tmp_path):
-    run_distributed(_resume_is_exact, 2, str(tmp_path), timeout=300)
+@pytest.mark.parametrize(
+    "zero,bf16", [(2, False), (0, True), (1, True)], ids=["zero2-fp32", "zero0-bf16", "zero1-bf16"]
+)
+def test_resume_continues_the_loss_curve_exactly(tmp_path, zero, bf16):
+    run_distributed(_resume_is_exact, 2, str(tmp_path), zero, bf16, timeout=300)
 
 
 def _load_at_other_ep_sizes(rank, world, tmp):
