@@ -62,6 +62,9 @@ def resolve_run_dir(cfg: DictConfig, launch: launch_env.LaunchEnv) -> Path:
             if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
                 job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
             stamp = f"slurm-{job}" if job else time.strftime("%Y%m%d-%H%M%S")
+            sweep_job = _sweep_job()
+            if sweep_job is not None:  # jobs of one sweep start within the same second
+                stamp += f"-job{sweep_job[0]}"
             path = Path("runs") / cfg.experiment / stamp
         path = path.resolve()
         path.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,17 @@ def resolve_run_dir(cfg: DictConfig, launch: launch_env.LaunchEnv) -> Path:
     if dist.is_initialized():
         dist.broadcast_object_list(name, src=0)
     return Path(name[0])
+
+
+def _sweep_job() -> tuple[int, str] | None:
+    """(job number, its overrides as a name) inside a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    return job.num, job.override_dirname
 
 
 class Preemption:
@@ -253,9 +267,12 @@ def run(cfg: DictConfig) -> float:
         train_iter.load_state_dict(client["data"])
         _say(rank, f"resumed from {resolve_checkpoint(resume_from)} at step {engine.global_steps}")
 
-    settings = WandbSettings(
-        **{**OmegaConf.to_container(cfg.logger, resolve=True), "group": cfg.logger.group or cfg.experiment}
-    )
+    sweep_job = _sweep_job()
+    settings = WandbSettings(**{
+        **OmegaConf.to_container(cfg.logger, resolve=True),
+        "group": cfg.logger.group or cfg.experiment,  # W&B groups a sweep's runs for comparison
+        "name": cfg.logger.name or (sweep_job[1] if sweep_job else None),
+    })
     logger = make_run_logger(
         run_dir, settings, config=OmegaConf.to_container(cfg, resolve=True),
         resume_id=client.get("wandb_run_id") if client else None, rank=rank,
