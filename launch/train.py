@@ -77,14 +77,22 @@ def resolve_run_dir(cfg: DictConfig, launch: launch_env.LaunchEnv) -> Path:
 
 
 def _sweep_job() -> tuple[int, str] | None:
-    """(job number, its overrides as a name) inside a Hydra multirun, else None."""
+    """(job number, its swept values as a name, e.g. ``moe.capacity_factor=1.25``) inside a Hydra
+    multirun, else None. Swept keys are those given several values on the command line."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    job = HydraConfig.get().job
-    return job.num, job.override_dirname
+    hydra_cfg = HydraConfig.get()
+    sweep_syntax = ("range(", "choice(", "interval(", "glob(")
+    swept = {
+        key.lstrip("+~")
+        for key, _, value in (arg.partition("=") for arg in sys.argv[1:])
+        if "," in value or value.startswith(sweep_syntax)
+    }
+    values = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    return hydra_cfg.job.num, ",".join(values) or hydra_cfg.job.override_dirname
 
 
 class Preemption:

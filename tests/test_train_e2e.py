@@ -89,3 +89,33 @@ def test_resume_continues_the_same_run_and_loss(runs):
     second_job = read_wandb_history(files[1])
     assert [row["_step"] for row in second_job if "train/loss" in row] == [10, 12]
     assert (stopped / "checkpoints" / "latest").read_text() == "step_00000012"
+
+
+def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
+    """`-m moe.capacity_factor=0.5,2.0`: two runs, grouped in W&B by experiment, compared by launch.compare."""
+    cmd = [
+        sys.executable, str(REPO / "launch" / "train.py"), "-m", "+experiment=cf_sweep", "moe.capacity_factor=0.5,2.0",
+        "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.ckpt_every=3",
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.ffn_hidden_size=128",
+        "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "cf_sweep").iterdir())
+    assert len(runs) == 2
+    infos = [read_wandb_run_info(wandb_files(run)[0]) for run in runs]
+    assert {info["group"] for info in infos} == {"cf_sweep"}
+    assert [info["display_name"] for info in infos] == ["moe.capacity_factor=0.5", "moe.capacity_factor=2.0"]
+    dropped = [
+        [row["moe/dropped_fraction"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+         if "moe/dropped_fraction" in row]
+        for run in runs
+    ]
+    assert min(dropped[0]) > max(dropped[1])  # a smaller capacity factor drops more
+    compare = subprocess.run(
+        [sys.executable, "-m", "launch.compare", *map(str, runs), "--out", str(tmp_path / "cmp.png")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "train/loss" in compare.stdout and (tmp_path / "cmp.png").stat().st_size > 1000
