@@ -124,3 +124,27 @@ def test_zero3_and_fp16_are_refused_with_the_fix():
         validate_deepspeed_config({"fp16": {"enabled": True}}, model)
     with pytest.raises(DeepSpeedConfigError, match="train_micro_batch_size_per_gpu=0"):
         validate_deepspeed_config({"train_micro_batch_size_per_gpu": 0}, model)
+
+
+def test_fused_adam_from_apex_when_a_cuda_build_is_importable(monkeypatch):
+    """The torch fallback runs here; a CUDA machine with NVIDIA Apex gets its FusedAdam."""
+    import sys
+    import types
+
+    from moe_parallel.engine import make_optimizer
+
+    params = [{"params": [nn.Parameter(torch.zeros(2))]}]
+    assert type(make_optimizer(params, lr=1e-3)) is torch.optim.AdamW
+
+    class FusedAdam:
+        def __init__(self, groups, **kwargs):
+            self.kwargs = kwargs
+
+    fake_apex = types.ModuleType("apex")
+    fake_apex.optimizers = types.ModuleType("apex.optimizers")
+    fake_apex.optimizers.FusedAdam = FusedAdam
+    monkeypatch.setitem(sys.modules, "apex", fake_apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake_apex.optimizers)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fused = make_optimizer(params, lr=1e-3)
+    assert isinstance(fused, FusedAdam) and fused.kwargs["adam_w_mode"] is True
