@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import config as app_config
 from launch import env as launch_env
+from launch import preflight
 from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moe_parallel.data import DistributedBatchIterator, PackedDataset, prepare_data
 from moe_parallel.engine import build_engine
@@ -99,8 +100,13 @@ class Preemption:
     """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, or a requeue) into a flag.
 
     The flag is agreed on by all ranks at a step boundary (:meth:`requested`), so every rank saves
-    the same checkpoint and stops together.
+    the same checkpoint and stops together. Installed first thing in :func:`run`, so a signal that
+    arrives while the data and model are being built is not fatal: the job stops after its first step.
+    A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED`.
     """
+
+    # EX_TEMPFAIL: "try again later". slurm/*.sbatch requeue the job when the trainer exits with it.
+    EXIT_PREEMPTED = 75
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -111,10 +117,18 @@ class Preemption:
         self.signal = signum
 
     def requested(self) -> bool:
-        flag = torch.tensor([0 if self.signal is None else 1])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = 0 if self.signal is None else 1
+        if not dist.is_initialized():
+            return bool(flag)
+        # NCCL process groups only reduce CUDA tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag_t = torch.tensor([flag], device=device)
+        dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
+        return bool(flag_t.item())
+
+
+# The process exit code `python launch/train.py` ends with: 0, or Preemption.EXIT_PREEMPTED.
+exit_code = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -231,10 +245,14 @@ def _say(rank: int, message: str) -> None:
 
 def run(cfg: DictConfig) -> float:
     """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
+    global exit_code
+    preemption = Preemption()  # first: a signal during start-up must not kill the process
     launch = launch_env.detect()
     app_config.validate(cfg, launch.world_size)  # before any collective
     if not dist.is_initialized():
         launch_env.init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
+    # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
+    preflight.check(preflight.default_timeout(cfg.parallel.timeout_s))
     rank = dist.get_rank()
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
     run_dir = resolve_run_dir(cfg, launch)
@@ -287,7 +305,6 @@ def run(cfg: DictConfig) -> float:
     )
     tracker = MoEMetricsTracker(engine.module)
     trainer = Trainer(cfg, engine, state, train_iter, val_data, tracker)
-    preemption = Preemption()
     run_id = _broadcast(getattr(logger, "run_id", None))
 
     def checkpoint() -> None:
@@ -340,6 +357,8 @@ def run(cfg: DictConfig) -> float:
             if step % t.ckpt_every and step != t.steps:
                 checkpoint()
             logger.finish()
+            if preemption.signal is not None and step < t.steps:
+                exit_code = Preemption.EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
             return val_loss
     summary = {"final/train_loss": loss if first_loss is not None else float("nan"),
                "final/eval_loss": val_loss, "final/eval_ppl": math.exp(min(val_loss, 50)), "final/step": t.steps}
@@ -390,3 +409,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     sys.argv = launch_env.strip_launcher_args(sys.argv)
     main()
+    sys.exit(exit_code)
