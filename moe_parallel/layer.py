@@ -45,9 +45,10 @@ class MoELayer(DeepSpeedRecognizedMoE):
             different layers differ and any EP layout builds the same weights.
 
     ``forward(x)`` takes ``[..., hidden_size]`` and returns the same shape. In training, the
-    weighted balance loss and z-loss are attached to the output's gradient (see ``aux_loss.py``)
-    unless ``config.attach_aux_loss`` is False; their value stays on ``self.aux_loss`` and the
-    routing statistics on ``self.last_stats``.
+    weighted balance loss and z-loss are attached to the output's gradient (see ``aux_loss.py``):
+    do not add ``self.aux_loss`` to your loss as well, unless you built the layer with
+    ``config.attach_aux_loss=False`` (then adding it is how it reaches the gradient, as with
+    DeepSpeed's layer). The routing statistics of the last forward are on ``self.last_stats``.
     """
 
     def __init__(self, config: MoEConfig, ep_group: ProcessGroup | None = None, layer_number: int = 0) -> None:
