@@ -359,6 +359,8 @@ def run(cfg: DictConfig) -> float:
             logger.finish()
             if preemption.signal is not None and step < t.steps:
                 exit_code = Preemption.EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
+                if dist.is_initialized():
+                    dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
             return val_loss
     summary = {"final/train_loss": loss if first_loss is not None else float("nan"),
                "final/eval_loss": val_loss, "final/eval_ppl": math.exp(min(val_loss, 50)), "final/step": t.steps}
@@ -409,4 +411,10 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     sys.argv = launch_env.strip_launcher_args(sys.argv)
     main()
-    sys.exit(exit_code)
+    if exit_code:
+        # Leave at once, all ranks alike: `srun --kill-on-bad-exit` terminates the other ranks as soon as
+        # one exits non-zero, and a rank still tearing down (Python has restored SIGTERM's default
+        # action by then) would die of it and hide the exit code the sbatch script requeues on.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
