@@ -201,7 +201,7 @@ class Trainer:
     def _mean_over_dp(self, value: float) -> float:
         if not dist.is_initialized():
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)  # NCCL: CUDA tensors only
         dist.all_reduce(t, group=self.state.dp_group)
         return t.item() / dist.get_world_size(self.state.dp_group)
 
