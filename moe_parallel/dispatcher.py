@@ -29,7 +29,8 @@ class CombineState:
     num_tokens: int
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
-    ungroup_idx: Tensor | None = None  # local order [expert][source] -> received order [source][expert]
+    group_idx: Tensor | None = None  # received order [source][expert] -> local order [expert][source]
+    ungroup_idx: Tensor | None = None  # its inverse
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -47,6 +48,28 @@ def regroup_index(recv_counts_Re: Tensor) -> Tensor:
     return torch.repeat_interleave(shift_S, lengths_S, output_size=total) + torch.arange(
         total, device=recv_counts_Re.device
     )
+
+
+class _Permute(torch.autograd.Function):
+    """``x[perm]`` for a permutation whose inverse is known: backward is one gather with the inverse.
+
+    (Plain ``x[perm]`` would back-propagate through a zero-filled buffer and an accumulating scatter.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    """Rows of ``x`` in the order ``perm`` (``inverse`` must be its inverse permutation)."""
+    return _Permute.apply(x, perm, inverse)
 
 
 class AllToAllTokenDispatcher:
@@ -78,16 +101,19 @@ class AllToAllTokenDispatcher:
         if e == 1:
             return x_recv, weight_recv, tokens_per_local_expert, state
         group_idx = regroup_index(recv_counts_Re)
+        state.group_idx = group_idx
         state.ungroup_idx = torch.empty_like(group_idx)
         state.ungroup_idx[group_idx] = torch.arange(group_idx.numel(), device=group_idx.device)
-        return x_recv[group_idx], weight_recv[group_idx], tokens_per_local_expert, state
+        x_local = permute_rows(x_recv, group_idx, state.ungroup_idx)
+        weight_local = permute_rows(weight_recv, group_idx, state.ungroup_idx)
+        return x_local, weight_local, tokens_per_local_expert, state
 
     def combine(self, out_local: Tensor, state: CombineState) -> Tensor:
         """Inverse of :meth:`dispatch`: returns ``y_TD``, the sum over each token's kept experts."""
         out_ND = out_local
         if self.ep_size > 1:
             if state.ungroup_idx is not None:
-                out_ND = out_ND[state.ungroup_idx]
+                out_ND = permute_rows(out_ND, state.ungroup_idx, state.group_idx)
             out_ND = all_to_all(out_ND, self.ep_group, state.send_splits, state.recv_splits)
         y_TD = out_ND.new_zeros(state.num_tokens, out_ND.shape[-1])
-        return y_TD.index_add(0, state.token_idx_N, out_ND)
+        return y_TD.index_add_(0, state.token_idx_N, out_ND)  # in place: no copy of the zeros

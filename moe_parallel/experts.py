@@ -2,9 +2,9 @@
 
 Tokens arrive sorted by local expert, ``tokens_per_expert[j]`` rows each, so every expert is two
 matrix products on a contiguous slice: capacity bounds the buffers, it never adds FLOPs. The combine
-weight is folded into the hidden activation (``(w * a) @ W2 == w * (a @ W2)``, one row scale over F
-instead of D), and the activation is recomputed in backward from the pre-activation instead of
-being stored.
+weight is folded into the expert (``(w * a) @ W2 == w * (a @ W2)``, one row scale over min(D, F)
+columns), and the activation is recomputed in backward from the pre-activation instead of being
+stored.
 """
 
 from __future__ import annotations
@@ -46,79 +46,129 @@ def _activate_backward(grad_a: Tensor, h: Tensor, activation: str) -> Tensor:
     return torch.cat([aten.silu_backward(grad_a * up, gate), grad_a * silu_gate], dim=-1)
 
 
+def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
+    """(local expert, its rows) for every expert that received at least one row."""
+    slices, start = [], 0
+    for j, n in enumerate(counts):
+        if n > 0:
+            slices.append((j, slice(start, start + n)))
+        start += n
+    return slices
+
+
+def _empty_grad(param: Tensor | None, slices: list[tuple[int, slice]]) -> Tensor | None:
+    """Uninitialised gradient of a stacked ``[e, ...]`` parameter; experts without rows get zeros."""
+    if param is None:
+        return None
+    grad = torch.empty_like(param)
+    filled = {j for j, _ in slices}
+    for j in range(param.shape[0]):
+        if j not in filled:
+            grad[j].zero_()
+    return grad
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    if bias is None:
+        return torch.mm(x, weight, out=out)
+    return torch.addmm(bias, x, weight, out=out)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products, accumulated in float32."""
+    return (a.float() * b.float()).sum(-1)
+
+
 class _GroupedMLP(torch.autograd.Function):
-    """out[s_j:s_j+n_j] = w ⊙ (act(x_j @ W1[j] + b1[j]) @ W2[j] + b2[j]) for each local expert j."""
+    """out[s_j:s_j+n_j] = w ⊙ (act(x_j @ W1[j] + b1[j]) @ W2[j] + b2[j]) for each local expert j.
+
+    The row scale ``w`` goes on the narrower side of the second product. When D <= F it scales the
+    ``[n, D]`` output, and the unscaled output ``o`` is kept for backward: ``dL/dw = <g, o>`` is then
+    a dot over D, and ``w ⊙ g`` feeds both weight-gradient products, so no ``[n, F]`` pass is spent
+    on the scale. When D > F it scales the ``[n, F]`` activation in place. Tensors are saved per
+    expert (not as one ``[N, F]`` buffer): the allocator then reuses warm memory from step to step
+    instead of mapping (and page-faulting) a fresh buffer of hundreds of MiB each time.
+    """
 
     @staticmethod
     def forward(ctx, x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation):  # type: ignore[override]
+        # The caller already cast everything to the activations' dtype; autocast must not recast
+        # the products (it would also clash with the preallocated ``out=`` buffers).
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return _GroupedMLP._forward(ctx, x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation)
+
+    @staticmethod
+    def _forward(ctx, x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation):
         out_ND = x_ND.new_empty(x_ND.shape[0], w2_eFD.shape[-1])
-        h_NH = x_ND.new_empty(x_ND.shape[0], w1_eDH.shape[-1])
         scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
-        start = 0
-        for j, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            h = h_NH[rows]
-            if b1_eH is None:
-                torch.mm(x_ND[rows], w1_eDH[j], out=h)
-            else:
-                torch.addmm(b1_eH[j], x_ND[rows], w1_eDH[j], out=h)
+        scale_output = scale_N1 is not None and w2_eFD.shape[-1] <= w2_eFD.shape[-2]
+        slices = _expert_slices(counts)
+        h_list, o_list = [], []
+        for j, rows in slices:
+            h = _linear(x_ND[rows], w1_eDH[j], None if b1_eH is None else b1_eH[j])
+            h_list.append(h)
             a = _activate(h, activation)
-            if scale_N1 is not None:
-                a = a * scale_N1[rows]
-            if b2_eD is None:
-                torch.mm(a, w2_eFD[j], out=out_ND[rows])
-            elif scale_N1 is None:
-                torch.addmm(b2_eD[j], a, w2_eFD[j], out=out_ND[rows])
+            b2 = None if b2_eD is None else b2_eD[j]
+            if scale_N1 is None:
+                _linear(a, w2_eFD[j], b2, out=out_ND[rows])
+            elif scale_output:
+                o = _linear(a, w2_eFD[j], b2)
+                o_list.append(o)
+                torch.mul(o, scale_N1[rows], out=out_ND[rows])
             else:
-                torch.addmm(scale_N1[rows] * b2_eD[j], a, w2_eFD[j], out=out_ND[rows])
-            start += n
-        ctx.save_for_backward(x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, h_NH)
-        ctx.counts = counts
+                s = scale_N1[rows]
+                _linear(a.mul_(s), w2_eFD[j], None if b2 is None else s * b2, out=out_ND[rows])
+        ctx.save_for_backward(x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *h_list, *o_list)
+        ctx.slices = slices
         ctx.activation = activation
         return out_ND
 
     @staticmethod
     def backward(ctx, grad_out_ND):  # type: ignore[override]
-        x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, h_NH = ctx.saved_tensors
-        activation = ctx.activation
+        with torch.autocast(grad_out_ND.device.type, enabled=False):
+            return _GroupedMLP._backward(ctx, grad_out_ND)
+
+    @staticmethod
+    def _backward(ctx, grad_out_ND):
+        x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
+        activation, slices = ctx.activation, ctx.slices
+        h_list, o_list = saved[: len(slices)], saved[len(slices) :]
         grad_out_ND = grad_out_ND.contiguous()
         grad_x_ND = torch.empty_like(x_ND)
-        grad_w1 = torch.zeros_like(w1_eDH)
-        grad_w2 = torch.zeros_like(w2_eFD)
-        grad_b1 = None if b1_eH is None else torch.zeros_like(b1_eH)
-        grad_b2 = None if b2_eD is None else torch.zeros_like(b2_eD)
+        grad_w1, grad_w2 = _empty_grad(w1_eDH, slices), _empty_grad(w2_eFD, slices)
+        grad_b1, grad_b2 = _empty_grad(b1_eH, slices), _empty_grad(b2_eD, slices)
         grad_weight_N = None if weight_N is None else torch.empty_like(weight_N)
         scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
-        start = 0
-        for j, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            g = grad_out_ND[rows]
-            h = h_NH[rows]
+        for i, (j, rows) in enumerate(slices):
+            h, g = h_list[i], grad_out_ND[rows]
             a = _activate(h, activation)
-            grad_a = g @ w2_eFD[j].t()
             if scale_N1 is None:
+                g_b2 = g  # gradient of the second product's output (and of b2)
+                grad_a = g @ w2_eFD[j].t()
                 torch.mm(a.t(), g, out=grad_w2[j])
-                if grad_b2 is not None:
-                    grad_b2[j] = g.sum(0)
-            else:
+            elif o_list:  # the scale is on the output: o = a @ W2 + b2 was kept
+                dot = _row_dot(g, o_list[i])
+                g_b2 = g * scale_N1[rows]
+                grad_a = g_b2 @ w2_eFD[j].t()
+                torch.mm(a.t(), g_b2, out=grad_w2[j])
+            else:  # the scale is on the activation: out = (s * a) @ W2 + s * b2
                 s = scale_N1[rows]
-                dot = (grad_a.float() * a.float()).sum(-1)
+                grad_a = g @ w2_eFD[j].t()
+                dot = _row_dot(grad_a, a)
                 if b2_eD is not None:
                     dot = dot + g.float() @ b2_eD[j].float()
-                    grad_b2[j] = (g * s).sum(0)
+                g_b2 = None if b2_eD is None else g * s
+                torch.mm(a.mul_(s).t(), g, out=grad_w2[j])
+                grad_a.mul_(s)
+            if scale_N1 is not None:
                 grad_weight_N[rows] = dot.to(grad_weight_N.dtype)
-                torch.mm((a * s).t(), g, out=grad_w2[j])
-                grad_a = grad_a * s
+            if grad_b2 is not None:
+                grad_b2[j] = g_b2.sum(0)
             grad_h = _activate_backward(grad_a, h, activation)
             torch.mm(x_ND[rows].t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
                 grad_b1[j] = grad_h.sum(0)
             torch.mm(grad_h, w1_eDH[j].t(), out=grad_x_ND[rows])
-            start += n
         return grad_x_ND, grad_weight_N, grad_w1, grad_w2, grad_b1, grad_b2, None, None
 
 
