@@ -109,7 +109,8 @@ class Preemption:
     EXIT_PREEMPTED = 75
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.signal: int | None = None  # received by this rank
+        self.agreed: int | None = None  # received by some rank, as of the last requested()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -117,14 +118,17 @@ class Preemption:
         self.signal = signum
 
     def requested(self) -> bool:
-        flag = 0 if self.signal is None else 1
-        if not dist.is_initialized():
-            return bool(flag)
-        # NCCL process groups only reduce CUDA tensors.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag_t = torch.tensor([flag], device=device)
-        dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
-        return bool(flag_t.item())
+        """Whether any rank has received a signal: the same answer on every rank (srun delivers the
+        signal to the ranks one by one, so some may not have it yet)."""
+        signum = self.signal or 0
+        if dist.is_initialized():
+            # NCCL process groups only reduce CUDA tensors.
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            signum_t = torch.tensor([signum], device=device)
+            dist.all_reduce(signum_t, op=dist.ReduceOp.MAX)
+            signum = int(signum_t.item())
+        self.agreed = signum or None
+        return self.agreed is not None
 
 
 # The process exit code `python launch/train.py` ends with: 0, or Preemption.EXIT_PREEMPTED.
@@ -352,12 +356,13 @@ def run(cfg: DictConfig) -> float:
         steps_this_job = step - start_step
         exit_now = t.exit_after_steps is not None and steps_this_job >= t.exit_after_steps
         if preemption.requested() or exit_now:
-            why = f"signal {preemption.signal} received" if preemption.signal else f"{steps_this_job} steps done"
+            why = (f"{signal.Signals(preemption.agreed).name} received" if preemption.agreed
+                   else f"{steps_this_job} steps done")
             _say(rank, f"step {step}: {why}: checkpointing and stopping")
             if step % t.ckpt_every and step != t.steps:
                 checkpoint()
             logger.finish()
-            if preemption.signal is not None and step < t.steps:
+            if preemption.agreed and step < t.steps:
                 exit_code = Preemption.EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
                 if dist.is_initialized():
                     dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
