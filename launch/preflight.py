@@ -87,7 +87,7 @@ def local_info() -> dict[str, Any]:
         "moe_parallel": _version("moe_parallel"),
         "git_commit": _git_commit(),
         "python": platform.python_version(),
-        "host": socket.gethostname(),
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),  # Slurm may run several nodes on one host
         "device": device,
     }
 
