@@ -9,12 +9,13 @@ For every config, three implementations run on the same input:
 
 Times are medians over interleaved repetitions in one process (the order rotates every repetition,
 so background load hits all implementations alike). Peak memory is measured in a fresh subprocess
-per implementation: see ``BENCHMARKS.md`` for the method. ``--ep2`` adds expert parallelism over two
-gloo processes (each rank half the tokens of config ``c1``).
+per implementation: see ``BENCHMARKS.md`` for the method. Config ``ep2`` is expert parallelism over
+two gloo processes: the global batch of ``c1``, half of its tokens on each rank.
 
-    .venv/bin/python benchmarks/bench_moe.py                 # everything, writes BENCHMARKS.md
-    .venv/bin/python benchmarks/bench_moe.py --quick         # small smoke run, writes nothing
-    .venv/bin/python benchmarks/bench_moe.py --configs c2 --reps 9 --no-memory --no-write
+    .venv/bin/python benchmarks/bench_moe.py                  # everything, writes BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_moe.py --quick          # small smoke run, writes nothing
+    .venv/bin/python benchmarks/bench_moe.py --configs c2 --reps 15 --no-memory --no-write
+    .venv/bin/python benchmarks/bench_moe.py --tuned-malloc   # same, glibc keeps freed memory
 """
 
 from __future__ import annotations
@@ -77,17 +78,28 @@ class BenchConfig:
         )
 
 
-CONFIGS = {
-    "c1": BenchConfig("c1", 4096, 512, 2048, 8, 2, 1.25),
-    "c2": BenchConfig("c2", 4096, 512, 256, 64, 8, 1.25),
-    "c3": BenchConfig("c3", 16384, 256, 512, 16, 2, 1.25),
-}
-QUICK_CONFIGS = {
-    "c1": BenchConfig("c1", 256, 64, 128, 8, 2, 1.25),
-    "c2": BenchConfig("c2", 256, 64, 32, 64, 8, 1.25),
-    "c3": BenchConfig("c3", 512, 32, 64, 16, 2, 1.25),
-}
-EP_BASE = "c1"  # EP=2 runs config c1's global batch, half of its tokens on each rank
+def _with_ep2(configs: dict[str, BenchConfig]) -> dict[str, BenchConfig]:
+    """Adds ``ep2``: the global batch of ``c1`` on two gloo processes, half of its tokens on each."""
+    return {**configs, "ep2": dataclasses.replace(configs["c1"], name="ep2", ep_size=2)}
+
+
+CONFIGS = _with_ep2(
+    {
+        "c1": BenchConfig("c1", 4096, 512, 2048, 8, 2, 1.25),
+        "c2": BenchConfig("c2", 4096, 512, 256, 64, 8, 1.25),
+        "c3": BenchConfig("c3", 16384, 256, 512, 16, 2, 1.25),
+    }
+)
+QUICK_CONFIGS = _with_ep2(
+    {
+        "c1": BenchConfig("c1", 256, 64, 128, 8, 2, 1.25),
+        "c2": BenchConfig("c2", 256, 64, 32, 64, 8, 1.25),
+        "c3": BenchConfig("c3", 512, 32, 64, 16, 2, 1.25),
+    }
+)
+# Optional (--tuned-malloc): glibc serves every allocation from its heap and keeps freed memory,
+# instead of mapping each buffer above 32 MiB afresh (and page-faulting it in) on every step.
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
 # --------------------------------------------------------------------------- process groups
@@ -148,21 +160,31 @@ def make_problem(cfg: BenchConfig, ep_group: dist.ProcessGroup | None = None, ra
     return Problem(cfg, layer, x_TD, grad_TD)
 
 
-Step = Callable[[], None]
+@dataclass
+class Step:
+    """One forward+backward of an implementation; the gradients of ``leaves`` start from None."""
+
+    run: Callable[[], None]
+    leaves: list[Tensor]
+
+    def clear_grads(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+
+    def __call__(self) -> None:
+        self.clear_grads()
+        self.run()
 
 
 def build_ours(problem: Problem) -> Step:
     layer, grad_TD = problem.layer, problem.grad_TD
     x_TD = problem.x_TD.clone().requires_grad_()
-    params = [x_TD, *layer.parameters()]
 
-    def step() -> None:
-        for p in params:
-            p.grad = None
+    def run() -> None:
         y_TD = layer(x_TD)  # the aux loss (coefficient included) reaches the gradient through y
         y_TD.backward(grad_TD)
 
-    return step
+    return Step(run, [x_TD, *layer.parameters()])
 
 
 def build_deepspeed(problem: Problem) -> Step:
@@ -195,16 +217,13 @@ def build_deepspeed(problem: Problem) -> Step:
             local[0].weight.copy_(ours.experts.w1[j].t())
             local[2].weight.copy_(ours.experts.w2[j].t())
     x_TD = problem.x_TD.clone().requires_grad_()
-    params = [x_TD, *moe.parameters()]
     grads = [problem.grad_TD, torch.tensor(AUX_LOSS_COEFF)]
 
-    def step() -> None:
-        for p in params:
-            p.grad = None
+    def run() -> None:
         y_TD, l_aux, _ = moe(x_TD)
         torch.autograd.backward([y_TD, l_aux], grads)
 
-    return step
+    return Step(run, [x_TD, *moe.parameters()])
 
 
 def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
@@ -230,11 +249,8 @@ def build_floor(problem: Problem) -> Step:
     w2_list = [w.detach().clone().requires_grad_() for w in experts.w2]
     gen = torch.Generator().manual_seed(7)
     grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen) for n in counts]
-    leaves = [*x_list, *w1_list, *w2_list]
 
-    def step() -> None:
-        for p in leaves:
-            p.grad = None
+    def run() -> None:
         outs = []
         for x_e, w1, w2 in zip(x_list, w1_list, w2_list):
             h = x_e @ w1
@@ -242,7 +258,7 @@ def build_floor(problem: Problem) -> Step:
             outs.append(a @ w2)
         torch.autograd.backward(outs, grad_list)
 
-    return step
+    return Step(run, [*x_list, *w1_list, *w2_list])
 
 
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
@@ -281,15 +297,27 @@ def time_interleaved(
     return times
 
 
-def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> dict[str, float]:
+@dataclass
+class Timing:
+    """Seconds per step of each implementation, one entry per round (rounds are aligned)."""
+
+    rounds: dict[str, list[float]]
+    kept_rows: int
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(self.rounds[name]) * 1e3
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median over rounds of the per-round ratio: load that drifts between rounds cancels out."""
+        return statistics.median(a / b for a, b in zip(self.rounds[num], self.rounds[den]))
+
+
+def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> Timing:
     if threads:
         torch.set_num_threads(threads)
     problem = make_problem(cfg)
     steps = {name: BUILDERS[name](problem) for name in IMPLS}
-    times = time_interleaved(steps, warmup, reps)
-    result = {name: statistics.median(ts) for name, ts in times.items()}
-    result["kept_rows"] = kept_rows(problem)
-    return result
+    return Timing(time_interleaved(steps, warmup, reps), kept_rows(problem))
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -303,12 +331,13 @@ def _proc_status_kib(field: str) -> int:
 def measure_step_peak_mib(step: Step) -> float:
     """Peak RSS growth of one step over the RSS just before it (MiB).
 
-    After a warm-up step (lazy init, kernel caches) and with the gradients freed, the kernel's
+    After a warm-up step (lazy init, kernel caches) and with its gradients freed, the kernel's
     high-water mark is reset (``/proc/self/clear_refs`` = 5), one step runs, and its peak VmHWM is
     compared with the VmRSS before it: the extra memory the step needed at its worst moment
     (activations, saved tensors, temporaries, gradients of weights and input).
     """
     step()
+    step.clear_grads()
     gc.collect()
     base = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
@@ -349,8 +378,7 @@ def ep_worker(rank: int, cfg: BenchConfig, port: int, task: str, warmup: int, re
     problem = make_problem(cfg, ep_group=dist.group.WORLD, rank=rank)
     if task == "time":
         steps = {name: BUILDERS[name](problem) for name in IMPLS}
-        times = time_interleaved(steps, warmup, reps, barrier=dist.barrier)
-        result: dict[str, float] = {name: statistics.median(ts) for name, ts in times.items()}
+        result: dict = {"rounds": time_interleaved(steps, warmup, reps, barrier=dist.barrier)}
         result["kept_rows"] = kept_rows(problem)
     else:
         result = {"peak_mib": measure_step_peak_mib(BUILDERS[task](problem))}
@@ -362,7 +390,7 @@ def ep_worker(rank: int, cfg: BenchConfig, port: int, task: str, warmup: int, re
     dist.destroy_process_group()
 
 
-def spawn_ep(cfg: BenchConfig, task: str, warmup: int, reps: int) -> list[dict[str, float]]:
+def spawn_ep(cfg: BenchConfig, task: str, warmup: int, reps: int) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -371,12 +399,11 @@ def spawn_ep(cfg: BenchConfig, task: str, warmup: int, reps: int) -> list[dict[s
         return json.loads(Path(out_path).read_text())
 
 
-def run_ep_timing(cfg: BenchConfig, warmup: int, reps: int) -> dict[str, float]:
-    """Per implementation, the slower rank's median (the step ends when both ranks are done)."""
+def run_ep_timing(cfg: BenchConfig, warmup: int, reps: int) -> Timing:
+    """Per round, the slower rank's time: the step ends when every rank is done."""
     per_rank = spawn_ep(cfg, "time", warmup, reps)
-    result = {name: max(r[name] for r in per_rank) for name in IMPLS}
-    result["kept_rows"] = sum(r["kept_rows"] for r in per_rank)
-    return result
+    rounds = {name: [max(ts) for ts in zip(*(r["rounds"][name] for r in per_rank))] for name in IMPLS}
+    return Timing(rounds, sum(r["kept_rows"] for r in per_rank))
 
 
 def run_ep_memory(cfg: BenchConfig, impl: str) -> float:
@@ -399,8 +426,7 @@ def run_ep_memory(cfg: BenchConfig, impl: str) -> float:
 @dataclass
 class Row:
     cfg: BenchConfig
-    seconds: dict[str, float]
-    kept_rows: int
+    timing: Timing
     peak_mib: dict[str, float] | None
 
 
@@ -410,6 +436,10 @@ def ds_buffer_rows(cfg: BenchConfig) -> int:
     return cfg.ep_size * cfg.experts * expert_capacity(local_tokens, cfg.top_k, cfg.experts, cfg.capacity_factor, 4)
 
 
+def _mib(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
+
+
 def markdown_table(rows: list[Row]) -> str:
     head = (
         "| config | kept rows (ours / DS buffer) | ours ms | DeepSpeed ms | floor ms "
@@ -417,13 +447,14 @@ def markdown_table(rows: list[Row]) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        s = {k: v * 1e3 for k, v in row.seconds.items()}
+        t = row.timing
         mem = row.peak_mib or {}
-        mem_cells = [f"{mem[i]:.0f}" if i in mem else "-" for i in IMPLS]
+        mem_cells = [_mib(mem[i]) if i in mem else "-" for i in IMPLS]
         lines.append(
-            f"| {row.cfg.name}: {row.cfg.label()} | {row.kept_rows} / {ds_buffer_rows(row.cfg)} "
-            f"| {s['ours']:.1f} | {s['deepspeed']:.1f} | {s['floor']:.1f} "
-            f"| {s['ours'] / s['floor']:.2f} | {s['deepspeed'] / s['floor']:.2f} | {s['deepspeed'] / s['ours']:.2f} "
+            f"| {row.cfg.name}: {row.cfg.label()} | {t.kept_rows} / {ds_buffer_rows(row.cfg)} "
+            f"| {t.median_ms('ours'):.1f} | {t.median_ms('deepspeed'):.1f} | {t.median_ms('floor'):.1f} "
+            f"| {t.ratio('ours', 'floor'):.2f} | {t.ratio('deepspeed', 'floor'):.2f} "
+            f"| {t.ratio('deepspeed', 'ours'):.2f} "
             f"| {' | '.join(mem_cells)} |"
         )
     return "\n".join(lines)
@@ -443,29 +474,25 @@ def machine_line(threads: int) -> str:
     )
 
 
-RESULTS_BEGIN = "<!-- bench_moe results begin -->"
-RESULTS_END = "<!-- bench_moe results end -->"
-
-
-def write_results(path: Path, command: str, machine: str, table: str) -> None:
-    """Replace the results block of BENCHMARKS.md (the rest of the page is hand-written)."""
-    block = "\n".join(
-        [
-            RESULTS_BEGIN,
-            f"Command: `{command}`  ",
-            f"Machine: {machine}  ",
-            f"Date: {datetime.date.today().isoformat()}",
-            "",
-            table,
-            RESULTS_END,
-        ]
-    )
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
-    if RESULTS_BEGIN not in text:
-        text += f"\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
-    before, rest = text.split(RESULTS_BEGIN, 1)
-    after = rest.split(RESULTS_END, 1)[1]
-    path.write_text(before + block + after)
+def write_results(path: Path, block: str, command: str, machine: str, table: str) -> None:
+    """Replace one results block of BENCHMARKS.md (the rest of the page is hand-written)."""
+    begin, end = f"<!-- bench_moe {block} begin -->", f"<!-- bench_moe {block} end -->"
+    malloc = " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items()) if block == "tuned-malloc" else ""
+    lines = [
+        begin,
+        f"Command: `{command}`" + (f" (re-executes itself under `{malloc}`)" if malloc else "") + "  ",
+        f"Machine: {machine}  ",
+        f"Date: {datetime.date.today().isoformat()}",
+        "",
+        table,
+        end,
+    ]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(before + "\n".join(lines) + after)
 
 
 # --------------------------------------------------------------------------- main
@@ -473,15 +500,18 @@ def write_results(path: Path, command: str, machine: str, table: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="c1,c2,c3", help="comma-separated subset of c1,c2,c3 (default: all)")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per implementation")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, no BENCHMARKS.md update")
-    parser.add_argument("--ep2", action="store_true", help=f"also run EP=2 on 2 gloo processes ({EP_BASE})")
-    parser.add_argument("--only-ep2", action="store_true", help="run only the EP=2 row")
+    parser.add_argument(
+        "--configs", default="c1,c2,c3,ep2", help="comma-separated subset of c1,c2,c3,ep2 (default: all)"
+    )
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions per implementation (default 9)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for EP=1 (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, BENCHMARKS.md left alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
+    )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--memory-child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -496,45 +526,46 @@ def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(table)}")
-    configs = [] if args.only_ep2 else [table[n] for n in names]
-    if args.ep2 or args.only_ep2:
-        base = table[EP_BASE]
-        configs.append(dataclasses.replace(base, name=base.name + "-ep2", ep_size=2))
-    return configs
+    return [table[n] for n in names]
+
+
+def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
+    print(f"== {cfg.name}: {cfg.label()}", flush=True)
+    if cfg.ep_size > 1:
+        timing = run_ep_timing(cfg, args.warmup, args.reps)
+    else:
+        timing = run_timing(cfg, args.warmup, args.reps, args.threads)
+    peak = None
+    if not args.no_memory:
+        if cfg.ep_size > 1:
+            peak = {impl: run_ep_memory(cfg, impl) for impl in IMPLS}
+        else:
+            peak = {impl: run_memory(cfg, impl, args.quick, args.threads) for impl in IMPLS}
+    row = Row(cfg, timing, peak)
+    print(markdown_table([row]), flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
+        # glibc reads these at start-up: run again in a process that has them from the beginning.
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
     quiet_deepspeed()
     if args.memory_child:
-        cfg = selected_configs(args)[-1]
-        memory_child(cfg, args.memory_child, args.threads)
+        memory_child(selected_configs(args)[-1], args.memory_child, args.threads)
         return
 
     init_distributed(0, 1, free_port())  # world size 1 for the EP=1 configs
-    rows = []
-    for cfg in selected_configs(args):
-        print(f"== {cfg.name}: {cfg.label()}", flush=True)
-        if cfg.ep_size > 1:
-            seconds = run_ep_timing(cfg, args.warmup, args.reps)
-        else:
-            seconds = run_timing(cfg, args.warmup, args.reps, args.threads)
-        kept = int(seconds.pop("kept_rows"))
-        peak = None
-        if not args.no_memory:
-            if cfg.ep_size > 1:
-                peak = {impl: run_ep_memory(cfg, impl) for impl in IMPLS}
-            else:
-                peak = {impl: run_memory(cfg, impl, args.quick, args.threads) for impl in IMPLS}
-        rows.append(Row(cfg, seconds, kept, peak))
-        print(markdown_table(rows[-1:]), flush=True)
-
+    rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
     print("\n" + table)
     if not args.no_write:
-        command = ".venv/bin/python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results(args.output, command.strip(), machine_line(torch.get_num_threads()), table)
-        print(f"wrote {args.output}")
+        command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
+        block = "tuned-malloc" if args.tuned_malloc else "default"
+        write_results(args.output, block, command, machine_line(torch.get_num_threads()), table)
+        print(f"wrote the {block} block of {args.output}")
 
 
 if __name__ == "__main__":
