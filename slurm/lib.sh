@@ -30,6 +30,8 @@ moe_die() {
 # Locate the repository and the interpreter, and cd into the working directory.
 moe_setup() {
     [ -n "${SLURM_JOB_ID:-}" ] || moe_die "not inside a Slurm job: submit with sbatch (see slurm/README.md)"
+    # From here on SIGUSR1 is ours: its default action would kill this shell before the step starts.
+    trap _moe_on_usr1 USR1
     MOE_REPO="${MOE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
     [ -f "$MOE_REPO/launch/train.py" ] ||
         moe_die "no launch/train.py under $MOE_REPO: run sbatch from the repository root or set MOE_REPO"
@@ -124,10 +126,27 @@ _moe_on_usr1() {
     fi
 }
 
+# Requeue this job (it restarts from the top of the script with the same id) and end the script;
+# or exit with status $1 when it was requeued too often already.
+_moe_requeue() {
+    local rc="$1" restarts="${SLURM_RESTART_COUNT:-0}" max="${MOE_MAX_REQUEUES:-50}"
+    if [ "$restarts" -ge "$max" ]; then
+        moe_log "not requeueing: the job was already requeued $restarts times (MOE_MAX_REQUEUES=$max)"
+        exit "$rc"
+    fi
+    moe_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from its latest checkpoint"
+    # Slurm holds a requeued job ~2 minutes (BeginTime) so the nodes can clean up first.
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+
 # Run "$@" as the job step, forward SIGUSR1 to it, wait for it, requeue if it was preempted.
 # Ends the batch script: exits with the step's status, or 0 after a requeue.
 moe_run_step() {
     trap _moe_on_usr1 USR1
+    if [ "$MOE_CAUGHT_SIGNAL" = 1 ]; then  # told to stop before training started
+        _moe_requeue 1
+    fi
     moe_log "running: $*"
     "$@" &
     MOE_STEP_PID=$!
@@ -138,22 +157,12 @@ moe_run_step() {
         if [ "$rc" -gt 128 ] && kill -0 "$MOE_STEP_PID" 2>/dev/null; then continue; fi
         break
     done
-    trap - USR1
     moe_log "job step exited with status $rc"
     # Requeue when the trainer says it stopped early with a checkpoint, or when it died after we
     # were told to stop (e.g. the signal arrived before the trainer installed its handler): in both
     # cases the latest checkpoint is intact and the requeued job resumes from it.
     if [ "$rc" -eq "$MOE_EXIT_PREEMPTED" ] || { [ "$MOE_CAUGHT_SIGNAL" = 1 ] && [ "$rc" -ne 0 ]; }; then
-        local restarts="${SLURM_RESTART_COUNT:-0}" max="${MOE_MAX_REQUEUES:-50}"
-        if [ "$restarts" -ge "$max" ]; then
-            moe_log "not requeueing: the job was already requeued $restarts times (MOE_MAX_REQUEUES=$max)"
-            exit "$rc"
-        fi
-        moe_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from its latest checkpoint"
-        # The job restarts from the top of the script, same job id; Slurm holds it ~2 minutes first
-        # (BeginTime) so the nodes can clean up.
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        _moe_requeue "$rc"
     fi
     exit "$rc"
 }
