@@ -70,6 +70,13 @@ def job_log(tmp: Path, name: str, job_id: int) -> str:
     return (tmp / f"{name}-{job_id}.out").read_text(errors="replace")
 
 
+def _tail_log(tmp: Path, name: str, job_id: int, chars: int = 4000) -> str:
+    try:
+        return job_log(tmp, name, job_id)[-chars:]
+    except OSError:
+        return "(no log)"
+
+
 def assert_completed(cluster: SlurmCluster, info: dict[str, str], log: str) -> None:
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
         f"job {info.get('JobId')} ended {info.get('JobState')} {info.get('ExitCode')}\n"
@@ -192,6 +199,8 @@ def test_preflight_verdict_messages():
 def train_jobs(slurm_cluster: SlurmCluster, tmp_path_factory):
     """An uninterrupted job and one preempted mid-run, same config, submitted together (they share
     the two nodes: each node has 2 CPUs and each job one task per node)."""
+    from tests.slurm_cluster import SlurmClusterError  # loaded as a plugin by now
+
     cluster = slurm_cluster
     tmp = tmp_path_factory.mktemp("train")
     common = ["+experiment=cpu_demo", f"train.steps={STEPS}", "train.eval_every=20", "train.ckpt_every=20"]
@@ -199,14 +208,19 @@ def train_jobs(slurm_cluster: SlurmCluster, tmp_path_factory):
     preempted = submit(cluster, tmp, "train.sbatch", *common)
     run_dir = tmp / "work" / "runs" / "cpu_demo" / f"slurm-{preempted}"
 
-    # Signal the preempted job once it has logged a few steps: the batch shell gets SIGUSR1 (as from
-    # --signal=B:USR1@...), forwards it to srun, and the trainer stops at the next step boundary.
-    cluster.wait_job(preempted, lambda i: any(s >= 6 for s in logged_steps(run_dir)) or
-                     i.get("JobState") not in ("PENDING", "RUNNING"), JOB_TIMEOUT, what="at step 6")
-    cluster.command("scancel", "--signal=USR1", "--batch", str(preempted))
-    cluster.release_requeued(preempted)
-    preempted_info = cluster.wait_finished(preempted, JOB_TIMEOUT, restarts=1)
-    straight_info = cluster.wait_finished(straight, JOB_TIMEOUT)
+    try:
+        # Signal the preempted job once it has logged a few steps: the batch shell gets SIGUSR1 (as from
+        # --signal=B:USR1@...), forwards it to srun, and the trainer stops at the next step boundary.
+        info = cluster.wait_job(preempted, lambda i: any(s >= 6 for s in logged_steps(run_dir)) or
+                                i.get("JobState") not in ("PENDING", "RUNNING"), JOB_TIMEOUT, what="at step 6")
+        assert info.get("JobState") == "RUNNING", f"job {preempted} ended before it could be preempted: {info}"
+        cluster.command("scancel", "--signal=USR1", "--batch", str(preempted))
+        cluster.release_requeued(preempted)
+        preempted_info = cluster.wait_finished(preempted, JOB_TIMEOUT, restarts=1)
+        straight_info = cluster.wait_finished(straight, JOB_TIMEOUT)
+    except (AssertionError, SlurmClusterError) as exc:
+        logs = "\n".join(f"--- job {j} log (tail)\n{_tail_log(tmp, 'moe-train', j)}" for j in (straight, preempted))
+        raise AssertionError(f"{exc}\n{logs}") from None
     return {
         "cluster": cluster, "tmp": tmp,
         "straight": (straight, straight_info, tmp / "work" / "runs" / "cpu_demo" / f"slurm-{straight}"),
