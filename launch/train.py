@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from moe_parallel.parallel import ParallelState, initialize_parallel
 from moe_parallel.wandb_logger import WandbSettings, make_run_logger
 
 app_config.register_configs()
+# DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step: not the user's concern.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- run directory and preemption
