@@ -23,7 +23,8 @@ def expert_seed(init_seed: int, layer_number: int, global_expert_id: int) -> int
     return (init_seed * 1_000_003 + layer_number * 10_007 + global_expert_id) % (2**63 - 1)
 
 
-def _activate(h: Tensor, activation: str) -> Tensor:
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The experts' activation; ``swiglu`` splits ``h`` into (gate, up) halves."""
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
@@ -107,7 +108,7 @@ class _GroupedMLP(torch.autograd.Function):
         for j, rows in slices:
             h = _linear(x_ND[rows], w1_eDH[j], None if b1_eH is None else b1_eH[j])
             h_list.append(h)
-            a = _activate(h, activation)
+            a = activate(h, activation)
             b2 = None if b2_eD is None else b2_eD[j]
             if scale_N1 is None:
                 _linear(a, w2_eFD[j], b2, out=out_ND[rows])
@@ -141,7 +142,7 @@ class _GroupedMLP(torch.autograd.Function):
         scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
         for i, (j, rows) in enumerate(slices):
             h, g = h_list[i], grad_out_ND[rows]
-            a = _activate(h, activation)
+            a = activate(h, activation)
             if scale_N1 is None:
                 g_b2 = g  # gradient of the second product's output (and of b2)
                 grad_a = g @ w2_eFD[j].t()

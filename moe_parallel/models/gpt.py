@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..comm import ProcessGroup
 from ..config import ACTIVATIONS, Activation, MoEConfig
+from ..experts import activate
 from ..layer import MoELayer
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and GPT does not need it
@@ -305,17 +306,6 @@ def _residual_std(config: GPTConfig) -> float:
     return config.init_std / math.sqrt(2 * config.num_layers)
 
 
-def _activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "silu":
-        return F.silu(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 class DenseFFN(nn.Module):
     """The FFN of a non-MoE block: ``fc2(act(fc1(x)))`` (fc1 is twice as wide for swiglu)."""
 
@@ -334,7 +324,7 @@ class DenseFFN(nn.Module):
         _normal_(self.fc2.weight, _residual_std(cfg), cfg.init_seed, f"{prefix}.fc2.weight")
 
     def forward(self, x_BSD: Tensor) -> Tensor:
-        return self.fc2(_activate(self.fc1(x_BSD), self.config.activation))
+        return self.fc2(activate(self.fc1(x_BSD), self.config.activation))
 
 
 class TransformerBlock(nn.Module):
