@@ -26,16 +26,13 @@ import dataclasses
 import datetime
 import gc
 import io
-import json
 import logging
 import os
 import platform
 import re
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -55,8 +52,8 @@ from moe_parallel import MoEConfig, MoELayer, expert_capacity, plan_dispatch  # 
 IMPLS = ("ours", "deepspeed", "floor")
 AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
-# follows the live tensors instead of glibc's cached free lists (see measure_peak_memory).
-MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# follows the live tensors instead of glibc's cached free lists (see measure_step_peak_mib).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 @dataclass(frozen=True)
@@ -272,55 +269,7 @@ def kept_rows(problem: Problem) -> int:
     return sum(routed_rows(problem)[1])
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def time_interleaved(
-    steps: dict[str, Step], warmup: int, reps: int, barrier: Callable[[], None] = lambda: None
-) -> dict[str, list[float]]:
-    """Seconds per step of each implementation; the order rotates every repetition."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            barrier()
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            barrier()
-            start = time.perf_counter()
-            steps[name]()
-            barrier()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-@dataclass
-class Timing:
-    """Seconds per step of each implementation, one entry per round (rounds are aligned)."""
-
-    rounds: dict[str, list[float]]
-    kept_rows: int
-
-    def median_ms(self, name: str) -> float:
-        return statistics.median(self.rounds[name]) * 1e3
-
-    def ratio(self, num: str, den: str) -> float:
-        """Median over rounds of the per-round ratio: load that drifts between rounds cancels out."""
-        return statistics.median(a / b for a, b in zip(self.rounds[num], self.rounds[den]))
-
-
-def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> Timing:
-    if threads:
-        torch.set_num_threads(threads)
-    problem = make_problem(cfg)
-    steps = {name: BUILDERS[name](problem) for name in IMPLS}
-    return Timing(time_interleaved(steps, warmup, reps), kept_rows(problem))
-
-
-# --------------------------------------------------------------------------- peak memory
+# --------------------------------------------------------------------------- worker processes
 
 
 def _proc_status_kib(field: str) -> int:
@@ -342,82 +291,142 @@ def measure_step_peak_mib(step: Step) -> float:
     base = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     step()
-    peak = _proc_status_kib("VmHWM")
-    return (peak - base) / 1024
+    return (_proc_status_kib("VmHWM") - base) / 1024
 
 
-def memory_child(cfg: BenchConfig, impl: str, threads: int | None) -> None:
-    """Entry of the fresh subprocess that measures one implementation (EP=1)."""
+def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: int | None) -> None:
+    """One rank of one implementation; runs the parent's commands until "stop".
+
+    Every implementation lives in processes of its own: glibc's heap state (its dynamic mmap and
+    trim thresholds, its free lists) then depends only on that implementation's own allocations, not
+    on which implementation happened to run before it in the same process.
+    """
     if threads:
         torch.set_num_threads(threads)
     quiet_deepspeed()
-    init_distributed(0, 1, free_port())
-    step = BUILDERS[impl](make_problem(cfg))
-    print(json.dumps({"peak_mib": measure_step_peak_mib(step)}))
+    distributed = cfg.ep_size > 1 or impl == "deepspeed"
+    if distributed:
+        init_distributed(rank, cfg.ep_size, port)
+    fence = dist.barrier if cfg.ep_size > 1 else (lambda: None)
+    problem = make_problem(cfg, ep_group=dist.group.WORLD if cfg.ep_size > 1 else None, rank=rank)
+    step = BUILDERS[impl](problem)
+    conn.send(kept_rows(problem))
+    while (command := conn.recv()) != "stop":
+        if command == "step":
+            gc.collect()
+            fence()
+            start = time.perf_counter()
+            step()
+            fence()
+            conn.send(time.perf_counter() - start)
+        elif command == "peak":
+            conn.send(measure_step_peak_mib(step))
+    if distributed:
+        dist.destroy_process_group()
 
 
-def run_memory(cfg: BenchConfig, impl: str, quick: bool, threads: int | None) -> float:
-    cmd = [sys.executable, __file__, "--memory-child", impl, "--configs", cfg.name]
-    cmd += ["--quick"] if quick else []
-    cmd += ["--threads", str(threads)] if threads else []
-    env = {**os.environ, **MEMORY_CHILD_ENV}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child {impl} {cfg.name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+class Implementation:
+    """The process(es) of one implementation on one config: one per EP rank."""
+
+    def __init__(self, cfg: BenchConfig, impl: str, threads: int | None, env: dict[str, str] | None = None) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        saved = dict(os.environ)
+        os.environ.update(env or {})  # a spawned child starts with the parent's environment
+        try:
+            self.conns, self.procs = [], []
+            for rank in range(cfg.ep_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(child, cfg, impl, rank, port, threads), daemon=True)
+                proc.start()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.kept_rows = sum(self._recv_all())  # every rank has built its model
+
+    def _recv_all(self) -> list:
+        results = []
+        for conn, proc in zip(self.conns, self.procs):
+            while not conn.poll(1.0):
+                if not proc.is_alive():
+                    raise RuntimeError(f"a benchmark worker died (exit code {proc.exitcode}); see its stderr above")
+            results.append(conn.recv())
+        return results
+
+    def request(self, command: str) -> list:
+        for conn in self.conns:
+            conn.send(command)
+        return self._recv_all()
+
+    def step(self) -> float:
+        """Seconds of one forward+backward: the slowest rank's (the step ends when all are done)."""
+        return max(self.request("step"))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        for proc in self.procs:
+            proc.join(timeout=60)
 
 
-# --------------------------------------------------------------------------- EP=2
+# --------------------------------------------------------------------------- timing and memory
 
 
-def ep_worker(rank: int, cfg: BenchConfig, port: int, task: str, warmup: int, reps: int, out_path: str) -> None:
-    """One rank of the EP=2 run: ``task`` is "time" or one implementation's name (memory)."""
-    torch.set_num_threads(1)  # two ranks share the two cores
-    quiet_deepspeed()
-    init_distributed(rank, cfg.ep_size, port)
-    problem = make_problem(cfg, ep_group=dist.group.WORLD, rank=rank)
-    if task == "time":
-        steps = {name: BUILDERS[name](problem) for name in IMPLS}
-        result: dict = {"rounds": time_interleaved(steps, warmup, reps, barrier=dist.barrier)}
-        result["kept_rows"] = kept_rows(problem)
-    else:
-        result = {"peak_mib": measure_step_peak_mib(BUILDERS[task](problem))}
-    gathered: list[dict[str, float] | None] = [None] * cfg.ep_size
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
+@dataclass
+class Timing:
+    """Seconds per step of each implementation, one entry per round (rounds are aligned)."""
+
+    rounds: dict[str, list[float]]
+    kept_rows: int
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(self.rounds[name]) * 1e3
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median over rounds of the per-round ratio: load that drifts between rounds cancels out."""
+        return statistics.median(a / b for a, b in zip(self.rounds[num], self.rounds[den]))
 
 
-def spawn_ep(cfg: BenchConfig, task: str, warmup: int, reps: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "result.json")
-        mp.spawn(ep_worker, args=(cfg, free_port(), task, warmup, reps, out_path), nprocs=cfg.ep_size)
-        return json.loads(Path(out_path).read_text())
-
-
-def run_ep_timing(cfg: BenchConfig, warmup: int, reps: int) -> Timing:
-    """Per round, the slower rank's time: the step ends when every rank is done."""
-    per_rank = spawn_ep(cfg, "time", warmup, reps)
-    rounds = {name: [max(ts) for ts in zip(*(r["rounds"][name] for r in per_rank))] for name in IMPLS}
-    return Timing(rounds, sum(r["kept_rows"] for r in per_rank))
+def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step of each implementation; the order rotates every round."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            rounds[name].append(steps[name]())
+    return rounds
 
 
-def run_ep_memory(cfg: BenchConfig, impl: str) -> float:
-    """Largest per-rank peak (each rank is its own process), measured in freshly spawned ranks."""
-    saved = {k: os.environ.get(k) for k in MEMORY_CHILD_ENV}
-    os.environ.update(MEMORY_CHILD_ENV)  # inherited by the spawned ranks
+def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> Timing:
+    """Interleaved rounds over one live process (group) per implementation."""
+    if cfg.ep_size > 1:
+        threads = 1  # the ranks share the machine's cores
+    impls = {name: Implementation(cfg, name, threads) for name in IMPLS}
     try:
-        return max(r["peak_mib"] for r in spawn_ep(cfg, impl, 0, 0))
+        rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
+        return Timing(rounds, impls["ours"].kept_rows)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for impl in impls.values():
+            impl.close()
+
+
+def run_memory(cfg: BenchConfig, impl: str, threads: int | None) -> float:
+    """Peak MiB of one step in fresh processes under MEMORY_ENV (the larger rank's, at EP > 1)."""
+    if cfg.ep_size > 1:
+        threads = 1
+    procs = Implementation(cfg, impl, threads, env=MEMORY_ENV)
+    try:
+        return max(procs.request("peak"))
+    finally:
+        procs.close()
 
 
 # --------------------------------------------------------------------------- report
@@ -466,11 +475,11 @@ def machine_line(threads: int) -> str:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         pass
-    import deepspeed
+    from importlib.metadata import version
 
     return (
-        f"{os.cpu_count()}-core CPU ({cpu}), fp32, torch {torch.__version__} ({threads} threads), "
-        f"deepspeed {deepspeed.__version__}, Python {platform.python_version()}"
+        f"{os.cpu_count()}-core CPU ({cpu}), fp32, torch {torch.__version__} ({threads} threads at EP=1, "
+        f"1 per rank at EP=2), deepspeed {version('deepspeed')}, Python {platform.python_version()}"
     )
 
 
@@ -513,7 +522,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
     )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--memory-child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.warmup, args.no_write = min(args.reps, 3), 1, True
@@ -531,16 +539,8 @@ def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
 
 def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     print(f"== {cfg.name}: {cfg.label()}", flush=True)
-    if cfg.ep_size > 1:
-        timing = run_ep_timing(cfg, args.warmup, args.reps)
-    else:
-        timing = run_timing(cfg, args.warmup, args.reps, args.threads)
-    peak = None
-    if not args.no_memory:
-        if cfg.ep_size > 1:
-            peak = {impl: run_ep_memory(cfg, impl) for impl in IMPLS}
-        else:
-            peak = {impl: run_memory(cfg, impl, args.quick, args.threads) for impl in IMPLS}
+    timing = run_timing(cfg, args.warmup, args.reps, args.threads)
+    peak = None if args.no_memory else {impl: run_memory(cfg, impl, args.threads) for impl in IMPLS}
     row = Row(cfg, timing, peak)
     print(markdown_table([row]), flush=True)
     return row
@@ -550,21 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
-        # glibc reads these at start-up: run again in a process that has them from the beginning.
+        # glibc reads these at start-up; the workers inherit them from this process.
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
-    quiet_deepspeed()
-    if args.memory_child:
-        memory_child(selected_configs(args)[-1], args.memory_child, args.threads)
-        return
-
-    init_distributed(0, 1, free_port())  # world size 1 for the EP=1 configs
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
     print("\n" + table)
     if not args.no_write:
         command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
         block = "tuned-malloc" if args.tuned_malloc else "default"
-        write_results(args.output, block, command, machine_line(torch.get_num_threads()), table)
+        write_results(args.output, block, command, machine_line(args.threads or torch.get_num_threads()), table)
         print(f"wrote the {block} block of {args.output}")
 
 
