@@ -294,6 +294,77 @@ def measure_step_peak_mib(step: Step) -> float:
     return (_proc_status_kib("VmHWM") - base) / 1024
 
 
+# torch.profiler op names per cost category, for --profile (everything else: "other").
+PROFILE_CATEGORIES = {
+    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "activation": ("aten::gelu", "aten::gelu_backward"),
+    "row scale and its gradient": ("aten::mul", "aten::mul_", "aten::sum"),
+    "gather / scatter-add / fill": (
+        "aten::index_select",
+        "aten::scatter_add_",
+        "aten::index_add_",
+        "aten::fill_",
+        "aten::zero_",
+        "aten::index",
+        "aten::_index_put_impl_",
+        "aten::copy_",
+        "aten::cat",
+    ),
+    "routing (gate, top-k, plan, aux loss)": (
+        "aten::topk",
+        "aten::sort",
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::bincount",
+        "aten::cumsum",
+        "aten::logsumexp",
+        "aten::exp",
+        "aten::exp_",
+        "aten::log",
+        "aten::log_",
+        "aten::amax",
+        "aten::div",
+        "aten::sub",
+        "aten::add",
+        "aten::add_",
+        "aten::clamp_min",
+        "aten::mean",
+        "aten::remainder",
+        "aten::lt",
+        "aten::arange",
+        "aten::dot",
+        "aten::one_hot",
+        "aten::scatter_",
+        "aten::scatter",
+        "aten::gather",
+        "aten::where",
+        "aten::maximum",
+        "aten::ceil",
+    ),
+    "all-to-all": ("c10d::alltoall_base_", "_AllToAll", "_AllToAllBackward"),
+}
+
+
+def profile_step(step: Step, reps: int = 3) -> dict[str, float]:
+    """Self CPU ms of one step per category (median of ``reps`` profiled steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    samples = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        cats = {
+            name: sum(e.self_cpu_time_total for e in events if e.key in ops) / 1e3
+            for name, ops in PROFILE_CATEGORIES.items()
+        }
+        cats["other (Python, autograd, small ops)"] = total - sum(cats.values())
+        cats["total (profiled)"] = total
+        samples.append(cats)
+    return {name: statistics.median(c[name] for c in samples) for name in samples[0]}
+
+
 def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: int | None) -> None:
     """One rank of one implementation; runs the parent's commands until "stop".
 
@@ -321,6 +392,9 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: in
             conn.send(time.perf_counter() - start)
         elif command == "peak":
             conn.send(measure_step_peak_mib(step))
+        elif command == "profile":
+            step()
+            conn.send(profile_step(step))
     if distributed:
         dist.destroy_process_group()
 
@@ -416,6 +490,23 @@ def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) ->
     finally:
         for impl in impls.values():
             impl.close()
+
+
+def run_profile(cfg: BenchConfig, threads: int | None) -> str:
+    """Markdown table: where each implementation's step goes (rank 0 at EP > 1)."""
+    if cfg.ep_size > 1:
+        threads = 1
+    columns = {}
+    for name in IMPLS:
+        procs = Implementation(cfg, name, threads)
+        try:
+            columns[name] = procs.request("profile")[0]
+        finally:
+            procs.close()
+    lines = [f"| {cfg.name}: self CPU ms per step | " + " | ".join(IMPLS) + " |", "|---" * (len(IMPLS) + 1) + "|"]
+    for cat in columns["ours"]:
+        lines.append(f"| {cat} | " + " | ".join(f"{columns[n][cat]:.1f}" for n in IMPLS) + " |")
+    return "\n".join(lines)
 
 
 def run_memory(cfg: BenchConfig, impl: str, threads: int | None) -> float:
@@ -521,6 +612,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler breakdown per config instead of timing"
+    )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.quick:
@@ -552,6 +646,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
         # glibc reads these at start-up; the workers inherit them from this process.
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
+    if args.profile:
+        for cfg in selected_configs(args):
+            print(run_profile(cfg, args.threads) + "\n", flush=True)
+        return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
     print("\n" + table)
