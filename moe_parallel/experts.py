@@ -118,6 +118,7 @@ class _GroupedMLP(torch.autograd.Function):
                 torch.mul(o, scale_N1[rows], out=out_ND[rows])
             else:
                 s = scale_N1[rows]
+                # activate() returns a new tensor: scaling it in place leaves the saved h intact.
                 _linear(a.mul_(s), w2_eFD[j], None if b2 is None else s * b2, out=out_ND[rows])
         ctx.save_for_backward(x_ND, weight_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *h_list, *o_list)
         ctx.slices = slices
