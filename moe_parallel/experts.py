@@ -174,6 +174,84 @@ class _GroupedMLP(torch.autograd.Function):
         return grad_x_ND, grad_weight_N, grad_w1, grad_w2, grad_b1, grad_b2, None, None
 
 
+class _RoutedGroupedMLP(torch.autograd.Function):
+    """y_TD = sum over kept assignments i of w_i * expert_{e(i)}(x_TD[t(i)]), one expert at a time.
+
+    The single-rank path: each expert gathers its own rows from ``x_TD`` into a small buffer and
+    scatter-adds its weighted output straight into ``y_TD`` (backward likewise), so no ``[N, D]``
+    routed buffer is ever built. Each expert's rows stay in cache between the gather, the two
+    products and the scatter-add, where a whole-batch gather and scatter would stream ``N x D``
+    through memory four times. The row scale goes on the narrower side, as in :class:`_GroupedMLP`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation):  # type: ignore[override]
+        with torch.autocast(x_TD.device.type, enabled=False):
+            y_TD = torch.zeros_like(x_TD, memory_format=torch.contiguous_format)
+            scale_N1 = weight_N.to(x_TD.dtype).unsqueeze(-1)
+            keep_output = w2_eFD.shape[-1] <= w2_eFD.shape[-2]  # D <= F: scale the [n, D] output
+            slices = _expert_slices(counts)
+            saved: list[Tensor] = []
+            for j, rows in slices:
+                idx, s = token_idx_N[rows], scale_N1[rows]
+                h = _linear(x_TD.index_select(0, idx), w1_eDH[j], None if b1_eH is None else b1_eH[j])
+                a = activate(h, activation)  # a fresh tensor: scaling it in place keeps h intact
+                b2 = None if b2_eD is None else b2_eD[j]
+                if keep_output:
+                    o = _linear(a, w2_eFD[j], b2)
+                    saved += [h, o]
+                    y_TD.index_add_(0, idx, o * s)
+                else:
+                    saved.append(h)
+                    y_TD.index_add_(0, idx, _linear(a.mul_(s), w2_eFD[j], None if b2 is None else s * b2))
+        ctx.save_for_backward(x_TD, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
+        ctx.slices, ctx.activation, ctx.keep_output = slices, activation, keep_output
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_y_TD):  # type: ignore[override]
+        with torch.autocast(grad_y_TD.device.type, enabled=False):
+            return _RoutedGroupedMLP._backward(ctx, grad_y_TD.contiguous())
+
+    @staticmethod
+    def _backward(ctx, grad_y_TD):
+        x_TD, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
+        slices, activation, keep_output = ctx.slices, ctx.activation, ctx.keep_output
+        per_expert = 2 if keep_output else 1
+        grad_x_TD = torch.zeros_like(x_TD)
+        grad_w1, grad_w2 = _empty_grad(w1_eDH, slices), _empty_grad(w2_eFD, slices)
+        grad_b1, grad_b2 = _empty_grad(b1_eH, slices), _empty_grad(b2_eD, slices)
+        grad_weight_N = torch.empty_like(weight_N)
+        scale_N1 = weight_N.to(x_TD.dtype).unsqueeze(-1)
+        for i, (j, rows) in enumerate(slices):
+            idx, s = token_idx_N[rows], scale_N1[rows]
+            h = saved[per_expert * i]
+            g = grad_y_TD.index_select(0, idx)
+            a = activate(h, activation)
+            if keep_output:  # out = s * o: dL/dw = <g, o>; s * g feeds both weight gradients
+                grad_weight_N[rows] = _row_dot(g, saved[per_expert * i + 1]).to(grad_weight_N.dtype)
+                g_scaled = g * s
+                torch.mm(a.t(), g_scaled, out=grad_w2[j])
+                if grad_b2 is not None:
+                    grad_b2[j] = g_scaled.sum(0)
+                grad_a = g_scaled @ w2_eFD[j].t()
+            else:  # out = (s * a) @ W2 + s * b2
+                grad_a_unscaled = g @ w2_eFD[j].t()
+                dot = _row_dot(grad_a_unscaled, a)
+                if b2_eD is not None:
+                    dot = dot + g.float() @ b2_eD[j].float()
+                    grad_b2[j] = (g * s).sum(0)
+                grad_weight_N[rows] = dot.to(grad_weight_N.dtype)
+                torch.mm((a * s).t(), g, out=grad_w2[j])
+                grad_a = grad_a_unscaled.mul_(s)
+            grad_h = _activate_backward(grad_a, h, activation)
+            torch.mm(x_TD.index_select(0, idx).t(), grad_h, out=grad_w1[j])
+            if grad_b1 is not None:
+                grad_b1[j] = grad_h.sum(0)
+            grad_x_TD.index_add_(0, idx, grad_h @ w1_eDH[j].t())
+        return grad_x_TD, grad_weight_N, None, grad_w1, grad_w2, grad_b1, grad_b2, None, None
+
+
 class GroupedExperts(nn.Module):
     """The ``num_local_experts`` experts held by this rank, weights stacked as ``[e, D, F]``.
 
@@ -229,6 +307,25 @@ class GroupedExperts(nn.Module):
         # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
         params = [None if p is None else p.to(x_ND.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
         return _GroupedMLP.apply(x_ND, weight_N, *params, tokens_per_expert, self.activation)
+
+    def forward_routed(
+        self, x_TD: Tensor, token_idx_N: Tensor, tokens_per_expert: list[int], weight_N: Tensor
+    ) -> Tensor:
+        """All experts local: ``y_TD = sum_i weight_N[i] * expert(x_TD[token_idx_N[i]])``.
+
+        ``token_idx_N`` lists the kept assignments sorted by expert, ``tokens_per_expert[j]`` rows
+        each (a :class:`~moe_parallel.capacity.DispatchPlan`). Same result as gathering the rows,
+        :meth:`forward` and scatter-adding, without the ``[N, D]`` buffers in between.
+        """
+        if sum(tokens_per_expert) != token_idx_N.shape[0] or len(tokens_per_expert) != self.num_local_experts:
+            raise ValueError(
+                f"tokens_per_expert={tokens_per_expert} must have {self.num_local_experts} entries "
+                f"summing to the {token_idx_N.shape[0]} routed rows"
+            )
+        params = [None if p is None else p.to(x_TD.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
+        return _RoutedGroupedMLP.apply(
+            x_TD.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation
+        )
 
     def extra_repr(self) -> str:
         e, d, h = self.w1.shape

@@ -114,9 +114,14 @@ class MoELayer(DeepSpeedRecognizedMoE):
         )
         plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
 
-        x_local, weight_local, tokens_per_local_expert, state = self.dispatcher.dispatch(x_TD, plan)
-        out_local = self.experts(x_local, tokens_per_local_expert, weight_local)
-        y_TD = self.dispatcher.combine(out_local, state)
+        if self.ep_size == 1:  # every expert is here: gather, compute and scatter-add per expert
+            y_TD = self.experts.forward_routed(
+                x_TD, plan.token_idx_N, plan.tokens_per_expert_E.tolist(), plan.weight_N
+            )
+        else:
+            x_local, weight_local, tokens_per_local_expert, state = self.dispatcher.dispatch(x_TD, plan)
+            out_local = self.experts(x_local, tokens_per_local_expert, weight_local)
+            y_TD = self.dispatcher.combine(out_local, state)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD, [x_TD.shape[0]])
 

@@ -109,6 +109,8 @@ def test_plan_matches_naive_keep(policy, k, capacity):
         dict(score_func="sigmoid", activation="swiglu", z_loss_coeff=1e-3),
         dict(activation="relu", expert_bias=True, normalize_top_k=False),
         dict(shared_expert_ffn_hidden_size=6, activation="silu"),
+        dict(ffn_hidden_size=4, expert_bias=True),  # D > F: the row scale moves to the activation
+        dict(ffn_hidden_size=3, activation="swiglu", capacity_factor=0.5, drop_policy="position"),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
 )
@@ -154,6 +156,29 @@ def test_grouped_mlp_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: _GroupedMLP.apply(*a, counts, "swiglu"), (x, w, w1, w2, b1, b2))
     w1g = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: _GroupedMLP.apply(*a, None, None, counts, "gelu"), (x, None, w1g, w2))
+
+
+@pytest.mark.parametrize("ffn", [3, 6], ids=["D>F", "D<=F"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_routed_grouped_mlp_gradcheck(ffn, bias):
+    from moe_parallel.experts import _RoutedGroupedMLP
+
+    torch.manual_seed(2)
+    T, D, counts = 5, 4, [3, 0, 4]
+    token_idx = torch.tensor([0, 2, 4, 1, 2, 3, 4])  # a token may appear under several experts
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, D, 2 * ffn, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, ffn, D, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(3, 2 * ffn, dtype=torch.float64, requires_grad=True) if bias else None
+    b2 = torch.randn(3, D, dtype=torch.float64, requires_grad=True) if bias else None
+
+    def fn(x, w, w1, w2, *b):
+        b1_, b2_ = b if b else (None, None)
+        return _RoutedGroupedMLP.apply(x, w, token_idx, w1, w2, b1_, b2_, counts, "swiglu")
+
+    inputs = (x, w, w1, w2, *((b1, b2) if bias else ()))
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_eval_is_deterministic_and_uses_eval_capacity():
