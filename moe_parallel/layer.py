@@ -115,9 +115,7 @@ class MoELayer(DeepSpeedRecognizedMoE):
         plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
 
         if self.ep_size == 1:  # every expert is here: gather, compute and scatter-add per expert
-            y_TD = self.experts.forward_routed(
-                x_TD, plan.token_idx_N, plan.tokens_per_expert_E.tolist(), plan.weight_N
-            )
+            y_TD = self.experts(x_TD, plan.tokens_per_expert_E.tolist(), plan.weight_N, plan.token_idx_N)
         else:
             x_local, weight_local, tokens_per_local_expert, state = self.dispatcher.dispatch(x_TD, plan)
             out_local = self.experts(x_local, tokens_per_local_expert, weight_local)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoEConfigError, MoEInputError, MoELayer, expert_capacity, plan_dispatch
-from moe_parallel.experts import _GroupedMLP
+from moe_parallel.experts import _ExpertMLP
 from tests.reference import naive_keep, naive_moe
 
 
@@ -153,16 +153,17 @@ def test_grouped_mlp_gradcheck():
     w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
     b1 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _GroupedMLP.apply(*a, counts, "swiglu"), (x, w, w1, w2, b1, b2))
+    def grouped(x, w, w1, w2, b1=None, b2=None, activation="swiglu"):  # rows arrive grouped: no index
+        return _ExpertMLP.apply(x, w, None, w1, w2, b1, b2, counts, activation)
+
+    assert torch.autograd.gradcheck(grouped, (x, w, w1, w2, b1, b2))
     w1g = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _GroupedMLP.apply(*a, None, None, counts, "gelu"), (x, None, w1g, w2))
+    assert torch.autograd.gradcheck(lambda x, w1, w2: grouped(x, None, w1, w2, activation="gelu"), (x, w1g, w2))
 
 
 @pytest.mark.parametrize("ffn", [3, 6], ids=["D>F", "D<=F"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_routed_grouped_mlp_gradcheck(ffn, bias):
-    from moe_parallel.experts import _RoutedGroupedMLP
-
     torch.manual_seed(2)
     T, D, counts = 5, 4, [3, 0, 4]
     token_idx = torch.tensor([0, 2, 4, 1, 2, 3, 4])  # a token may appear under several experts
@@ -175,7 +176,7 @@ def test_routed_grouped_mlp_gradcheck(ffn, bias):
 
     def fn(x, w, w1, w2, *b):
         b1_, b2_ = b if b else (None, None)
-        return _RoutedGroupedMLP.apply(x, w, token_idx, w1, w2, b1_, b2_, counts, "swiglu")
+        return _ExpertMLP.apply(x, w, token_idx, w1, w2, b1_, b2_, counts, "swiglu")
 
     inputs = (x, w, w1, w2, *((b1, b2) if bias else ()))
     assert torch.autograd.gradcheck(fn, inputs)
