@@ -124,7 +124,8 @@ class MoELayer(DeepSpeedRecognizedMoE):
             y_TD = y_TD + self.shared_expert(x_TD, [x_TD.shape[0]])
 
         balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, cfg.top_k)
-        z_loss = router_z_loss(route.logits_TE)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.z_loss_coeff > 0):  # else a statistic only
+            z_loss = router_z_loss(route.logits_TE)
         self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
         self.last_stats = self._stats(route, plan, balance, z_loss, capacity)
         if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
