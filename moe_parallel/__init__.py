@@ -4,7 +4,7 @@ from .aux_loss import attach_aux_loss, set_aux_loss_grad_scale
 from .capacity import DispatchPlan, expert_capacity, plan_dispatch
 from .config import MoEConfig, MoEConfigError
 from .experts import GroupedExperts
-from .layer import MoEInputError, MoELayer, MoEStats, update_expert_biases
+from .layer import MoEInputError, MoELayer, MoEStats, moe_layers, update_expert_biases
 from .router import TopKRouter
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TopKRouter",
     "attach_aux_loss",
     "expert_capacity",
+    "moe_layers",
     "plan_dispatch",
     "set_aux_loss_grad_scale",
     "update_expert_biases",

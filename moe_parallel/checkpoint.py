@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layer import MoELayer
+from .layer import MoELayer, moe_layers
 
 FORMAT_VERSION = 1
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -63,14 +63,14 @@ def _placement(engine) -> _Placement:
         return _Placement(rank, world, stage_id, True, True)
     mpu = getattr(engine, "mpu", None)
     dp_rank = mpu.get_data_parallel_rank() if mpu is not None else dist.get_rank(groups._get_data_parallel_group())
-    layers = moe_layers(engine.module)
+    layers = numbered_moe_layers(engine.module)
     edp_rank = groups._get_expert_data_parallel_rank(layers[0].expert_group_name) if layers else dp_rank
     return _Placement(rank, world, stage_id, dp_rank == 0, edp_rank == 0)
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
+def numbered_moe_layers(model: nn.Module) -> list[MoELayer]:
     """The model's MoE layers; their ``layer_number`` names their experts' files, so it must be unique."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = moe_layers(model)
     numbers = [layer.layer_number for layer in layers]
     duplicates = sorted({n for n in numbers if numbers.count(n) > 1})
     if duplicates:
@@ -91,7 +91,7 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
 def _expert_params(model: nn.Module) -> dict[int, tuple[MoELayer, dict[str, nn.Parameter]]]:
     """id(param) -> (layer, {short name: param}) for the routed-expert parameters."""
     owned = {}
-    for layer in moe_layers(model):
+    for layer in numbered_moe_layers(model):
         named = {n: p for n, p in layer.experts.named_parameters()}
         for p in named.values():
             owned[id(p)] = (layer, named)
@@ -322,7 +322,7 @@ def _gather_expert_param_names(model: nn.Module, names: dict[str, str]) -> dict[
     local_names = {id(p): names[n] for n, p in model.named_parameters()}
     mine = {
         str(layer.layer_number): {short: local_names[id(p)] for short, p in layer.experts.named_parameters()}
-        for layer in moe_layers(model)
+        for layer in numbered_moe_layers(model)
     }
     if not dist.is_initialized():
         return mine
@@ -495,7 +495,7 @@ def _all_dense_names_across_stages(local: set[str]) -> set[str]:
 
 def _check_experts_listed(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:
     saved = _expert_ids_by_layer(manifest["files"])
-    for layer in moe_layers(model):
+    for layer in numbered_moe_layers(model):
         ids = saved.get(layer.layer_number)
         if ids is None:
             raise CheckpointError(f"checkpoint {path} has no experts for MoE layer {layer.layer_number}")

@@ -16,15 +16,11 @@ import torch
 from torch import nn
 
 from .aux_loss import set_aux_loss_grad_scale
-from .layer import MoELayer
+from .layer import moe_layers
 
 
 class DeepSpeedConfigError(ValueError):
     """The DeepSpeed config does not fit the model; the message names the key and the fix."""
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> None:

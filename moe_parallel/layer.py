@@ -183,8 +183,12 @@ class MoELayer(DeepSpeedRecognizedMoE):
         self.router.update_expert_bias(group)
 
 
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` (or of one pipeline stage), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
 def update_expert_biases(model: nn.Module, group: ProcessGroup | None = None) -> None:
     """Call once per optimizer step: updates the selection bias of every MoE layer in ``model``."""
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.update_expert_bias(group)
+    for layer in moe_layers(model):
+        layer.update_expert_bias(group)

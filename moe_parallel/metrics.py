@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layer import MoELayer, MoEStats
+from .layer import MoELayer, MoEStats, moe_layers
 from .parallel import ParallelState
 
 ProcessGroup = dist.ProcessGroup
@@ -138,8 +138,7 @@ class MoEMetricsTracker:
 
     def attach(self, model: nn.Module) -> None:
         """Track every :class:`MoELayer` in ``model`` (and, with ``hooks``, register the forward hooks)."""
-        found = [m for m in model.modules() if isinstance(m, MoELayer)]
-        for layer in found:
+        for layer in moe_layers(model):
             number = int(layer.layer_number)
             other = self._layers.get(number)
             if other is layer:

@@ -213,4 +213,4 @@ def test_duplicate_layer_numbers_are_refused():
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, top_k=1)
     model = torch.nn.Sequential(MoELayer(cfg), MoELayer(cfg))
     with pytest.raises(CheckpointError, match=r"share layer_number \[0\]: give each MoELayer its own"):
-        ckpt.moe_layers(model)
+        ckpt.numbered_moe_layers(model)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..comm import ProcessGroup
 from ..config import ACTIVATIONS, Activation, MoEConfig
 from ..experts import activate
-from ..layer import MoELayer
+from ..layer import MoELayer, moe_layers  # noqa: F401 (moe_layers is re-exported by models)
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and GPT does not need it
     from deepspeed.pipe import PipelineModule, ProcessTopology
@@ -424,11 +424,6 @@ class GPT(nn.Module):
     def loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
         """Mean cross entropy (see :func:`lm_loss`); the MoE aux losses are already in the gradient."""
         return lm_loss(logits_BSV, targets_BS)
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoE layers of a :class:`GPT` or of this stage of a :func:`gpt_pipeline`, in layer order."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 # ---------------------------------------------------------------------------------------- pipeline
