@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity, plan_dispatch  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor")
@@ -100,12 +100,6 @@ TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHO
 
 
 # --------------------------------------------------------------------------- process groups
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(rank: int, world_size: int, port: int) -> None:

@@ -88,10 +88,11 @@ def detect(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT") or slurm_port(job_id)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -38,6 +38,7 @@ from launch import config as app_config
 from launch import env as launch_env
 from launch import preflight
 from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from moe_parallel.comm import broadcast_from_rank0
 from moe_parallel.data import DistributedBatchIterator, PackedDataset, prepare_data
 from moe_parallel.engine import build_engine
 from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
@@ -312,7 +313,7 @@ def run(cfg: DictConfig) -> float:
     )
     tracker = MoEMetricsTracker(engine.module)
     trainer = Trainer(cfg, engine, state, train_iter, val_data, tracker)
-    run_id = _broadcast(getattr(logger, "run_id", None))
+    run_id = broadcast_from_rank0(getattr(logger, "run_id", None))
 
     def checkpoint() -> None:
         client_state = {"data": train_iter.state_dict(), "wandb_run_id": run_id, "experiment": cfg.experiment}
@@ -376,13 +377,6 @@ def run(cfg: DictConfig) -> float:
     logger.finish()
     _say(rank, "done: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in summary.items()))
     return val_loss
-
-
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _progress(rank: int, t: DictConfig, start: int):

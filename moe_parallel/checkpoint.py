@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .comm import broadcast_from_rank0
 from .layer import MoELayer, moe_layers
 
 FORMAT_VERSION = 1
@@ -234,14 +235,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(value: str) -> str:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_checkpoint(
     engine, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict[str, Any] | None = None
 ) -> Path:
@@ -253,7 +246,7 @@ def save_checkpoint(
     step = int(getattr(engine, "global_steps", 0))
     tag = tag or f"step_{step:08d}"
     place = _placement(engine)
-    staging = save_dir / _broadcast_str(f"{tag}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = save_dir / broadcast_from_rank0(f"{tag}.tmp-{uuid.uuid4().hex[:8]}")
     if place.rank == 0:
         (staging / "dense").mkdir(parents=True, exist_ok=True)
         (staging / "experts").mkdir(exist_ok=True)

@@ -6,6 +6,8 @@ skipping a collective on one rank hangs the others.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -18,6 +20,15 @@ def group_size(group: ProcessGroup | None) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object); the value itself without distribution."""
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def group_rank(group: ProcessGroup | None) -> int:

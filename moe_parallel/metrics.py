@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .comm import group_size
 from .layer import MoELayer, MoEStats, moe_layers
 from .parallel import ParallelState
 
@@ -221,11 +222,11 @@ class MoEMetricsTracker:
         stage_metrics: dict[str, Any] = {}
         if numbers:
             flat = self._pack(numbers, _collective_device(dp_group))
-            if _group_size(dp_group) > 1:
+            if group_size(dp_group) > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=dp_group)
             stage_metrics = self._unpack(numbers, flat.cpu().numpy())
-        if _group_size(pp_group) > 1:
-            gathered: list[Any] = [None] * _group_size(pp_group)
+        if group_size(pp_group) > 1:
+            gathered: list[Any] = [None] * group_size(pp_group)
             dist.all_gather_object(gathered, stage_metrics, group=pp_group)
             metrics = _merge_stages(gathered)
         else:
@@ -265,15 +266,9 @@ class MoEMetricsTracker:
         return out
 
 
-def _group_size(group: ProcessGroup | None) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
 def _collective_device(group: ProcessGroup | None) -> torch.device:
     """Where the flat statistics are reduced: CUDA for NCCL groups, else the CPU (gloo, or no group)."""
-    if _group_size(group) > 1 and dist.get_backend(group) == "nccl":
+    if group_size(group) > 1 and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -13,7 +13,6 @@ import inspect
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 import warnings
@@ -27,6 +26,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
+from launch.env import free_port
 from moe_parallel.compat import DS_EXPERTS_PREFIX, DS_GATE_KEY, MoE, MoECompatError, UnsupportedExpertError
 
 HIDDEN, FFN, NUM_EXPERTS = 8, 16, 4
@@ -438,12 +438,6 @@ def ds_config(zero_stage: int) -> dict[str, Any]:
         "bf16": {"enabled": False},
         "steps_per_print": 10_000,
     }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker_entry(
