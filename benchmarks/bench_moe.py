@@ -5,7 +5,12 @@ For every config, three implementations run on the same input:
 - ``ours``: :class:`moe_parallel.MoELayer` (GELU experts, no bias, ``drop_policy="position"``);
 - ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same sizes, gate weights and expert weights;
 - ``floor``: the expert GEMMs alone on the rows our router keeps for that input, pre-gathered into
-  one contiguous tensor per expert: a plain autograd loop ``y_e = gelu(x_e @ W1[e]) @ W2[e]``.
+  one contiguous tensor per expert: a plain autograd loop ``y_e = gelu(x_e @ W1[e]) @ W2[e]``;
+- ``moved``: the floor's GEMMs plus the token movement that any routed layer adds on top of them,
+  with the routing fixed in advance: every step gathers each expert's rows from ``x`` and
+  scatter-adds its output into ``y`` (and the reverse in backward); at EP=2 the two all-to-alls
+  too. No router, no capacity plan, no combine weight: what is left between ``moved`` and ``ours``
+  is the routing itself.
 
 Times are medians over interleaved repetitions in one process (the order rotates every repetition,
 so background load hits all implementations alike). Peak memory is measured in a fresh subprocess
@@ -48,8 +53,10 @@ sys.path.insert(0, str(REPO))
 
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity, plan_dispatch  # noqa: E402
+from moe_parallel.capacity import DispatchPlan  # noqa: E402
 
-IMPLS = ("ours", "deepspeed", "floor")
+IMPLS = ("ours", "deepspeed", "floor", "moved")
+MEMORY_IMPLS = ("ours", "deepspeed", "floor")
 AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
 # follows the live tensors instead of glibc's cached free lists (see measure_step_peak_mib).
@@ -217,14 +224,21 @@ def build_deepspeed(problem: Problem) -> Step:
     return Step(run, [x_TD, *moe.parameters()])
 
 
-def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
-    """The rows our local experts receive for this input (kept assignments only), and rows per expert."""
+def routing_plan(problem: Problem) -> DispatchPlan:
+    """Our router's capacity plan for this input (what a training step would compute)."""
     layer, x_TD = problem.layer, problem.x_TD
     cfg = layer.config
     with torch.no_grad():
         route = layer.router(x_TD)
         capacity = expert_capacity(x_TD.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
-        plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+        return plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+
+
+def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
+    """The rows our local experts receive for this input (kept assignments only), and rows per expert."""
+    layer, x_TD = problem.layer, problem.x_TD
+    plan = routing_plan(problem)
+    with torch.no_grad():
         if layer.ep_size == 1:
             return x_TD.index_select(0, plan.token_idx_N), plan.tokens_per_expert_E.tolist()
         x_local, _, counts, _ = layer.dispatcher.dispatch(x_TD, plan)
@@ -252,10 +266,28 @@ def build_floor(problem: Problem) -> Step:
     return Step(run, [*x_list, *w1_list, *w2_list])
 
 
+def build_moved(problem: Problem) -> Step:
+    """The floor's GEMMs plus token movement: our experts and dispatcher on a plan fixed in advance."""
+    layer, grad_TD = problem.layer, problem.grad_TD
+    plan = routing_plan(problem)
+    x_TD = problem.x_TD.clone().requires_grad_()
+
+    def run() -> None:
+        if layer.ep_size == 1:
+            y_TD = layer.experts(x_TD, plan.tokens_per_expert_E.tolist(), None, plan.token_idx_N)
+        else:
+            x_local, _, counts, state = layer.dispatcher.dispatch(x_TD, plan)
+            y_TD = layer.dispatcher.combine(layer.experts(x_local, counts), state)
+        y_TD.backward(grad_TD)
+
+    return Step(run, [x_TD, *layer.experts.parameters()])
+
+
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
     "ours": build_ours,
     "deepspeed": build_deepspeed,
     "floor": build_floor,
+    "moved": build_moved,
 }
 
 
@@ -536,19 +568,21 @@ def _mib(value: float) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     head = (
-        "| config | kept rows (ours / DS buffer) | ours ms | DeepSpeed ms | floor ms "
-        "| ours/floor | DS/floor | DS/ours | peak MiB ours | peak MiB DS | peak MiB floor |"
+        "| config | kept rows (ours / DS buffer) | ours ms | DeepSpeed ms | floor ms | moved ms "
+        "| ours/floor | DS/floor | DS/ours | moved/floor | ours/moved "
+        "| peak MiB ours | peak MiB DS | peak MiB floor |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         t = row.timing
         mem = row.peak_mib or {}
-        mem_cells = [_mib(mem[i]) if i in mem else "-" for i in IMPLS]
+        mem_cells = [_mib(mem[i]) if i in mem else "-" for i in MEMORY_IMPLS]
         lines.append(
             f"| {row.cfg.name}: {row.cfg.label()} | {t.kept_rows} / {ds_buffer_rows(row.cfg)} "
             f"| {t.median_ms('ours'):.1f} | {t.median_ms('deepspeed'):.1f} | {t.median_ms('floor'):.1f} "
+            f"| {t.median_ms('moved'):.1f} "
             f"| {t.ratio('ours', 'floor'):.2f} | {t.ratio('deepspeed', 'floor'):.2f} "
-            f"| {t.ratio('deepspeed', 'ours'):.2f} "
+            f"| {t.ratio('deepspeed', 'ours'):.2f} | {t.ratio('moved', 'floor'):.2f} | {t.ratio('ours', 'moved'):.2f} "
             f"| {' | '.join(mem_cells)} |"
         )
     return "\n".join(lines)
@@ -628,7 +662,7 @@ def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
 def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     print(f"== {cfg.name}: {cfg.label()}", flush=True)
     timing = run_timing(cfg, args.warmup, args.reps, args.threads)
-    peak = None if args.no_memory else {impl: run_memory(cfg, impl, args.threads) for impl in IMPLS}
+    peak = None if args.no_memory else {impl: run_memory(cfg, impl, args.threads) for impl in MEMORY_IMPLS}
     row = Row(cfg, timing, peak)
     print(markdown_table([row]), flush=True)
     return row

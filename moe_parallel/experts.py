@@ -47,26 +47,13 @@ def _activate_backward(grad_a: Tensor, h: Tensor, activation: str) -> Tensor:
     return torch.cat([aten.silu_backward(grad_a * up, gate), grad_a * silu_gate], dim=-1)
 
 
-def _expert_slices(counts: list[int]) -> list[tuple[int, slice]]:
-    """(local expert, its rows) for every expert that received at least one row."""
-    slices, start = [], 0
-    for j, n in enumerate(counts):
-        if n > 0:
-            slices.append((j, slice(start, start + n)))
+def _row_blocks(counts: list[int]) -> list[slice]:
+    """Each expert's block of rows (possibly empty), in expert order."""
+    blocks, start = [], 0
+    for n in counts:
+        blocks.append(slice(start, start + n))
         start += n
-    return slices
-
-
-def _empty_grad(param: Tensor | None, slices: list[tuple[int, slice]]) -> Tensor | None:
-    """Uninitialised gradient of a stacked ``[e, ...]`` parameter; experts without rows get zeros."""
-    if param is None:
-        return None
-    grad = torch.empty_like(param)
-    filled = {j for j, _ in slices}
-    for j in range(param.shape[0]):
-        if j not in filled:
-            grad[j].zero_()
-    return grad
+    return blocks
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
@@ -80,17 +67,8 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() * b.float()).sum(-1)
 
 
-def _expert_rows(x: Tensor, token_idx_N: Tensor | None, rows: slice) -> Tensor:
-    """An expert's input rows: a slice of ``x`` when its rows are contiguous, else a gather."""
-    return x[rows] if token_idx_N is None else x.index_select(0, token_idx_N[rows])
-
-
-def _put_rows(y: Tensor, token_idx_N: Tensor | None, rows: slice, value: Tensor) -> None:
-    """Write an expert's output rows: a copy into its slice, or a scatter-add onto its tokens."""
-    if token_idx_N is None:
-        y[rows].copy_(value)
-    else:
-        y.index_add_(0, token_idx_N[rows], value)
+def _unbind(param: Tensor | None) -> tuple[Tensor, ...] | None:
+    return None if param is None else param.unbind(0)
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -104,9 +82,13 @@ class _ExpertMLP(torch.autograd.Function):
     The row scale ``w`` goes on the narrower side of the second product. When D <= F it scales the
     ``[n, D]`` output and the unscaled output ``o`` is kept: ``dL/dw = <g, o>`` is a dot over D and
     ``w * g`` feeds both weight gradients, so no ``[n, F]`` pass is spent on the scale. When D > F it
-    scales the ``[n, F]`` activation in place. The activation is recomputed in backward from the
-    saved pre-activation. Tensors are saved per expert: the allocator then reuses warm memory from
-    step to step instead of mapping (and page-faulting) one fresh buffer of hundreds of MiB.
+    scales the ``[n, F]`` activation in place.
+
+    Only the pre-activation (and ``o``) is saved, per expert; backward gathers the input rows again
+    and recomputes the activation. Measured on CPU, saving the gathered rows and the activation as
+    autograd would was slower, not faster: the extra live memory costs more in page faults and cold
+    reads than the gather and the activation cost to redo. Per-expert tensors (rather than one
+    ``[N, F]`` buffer) let the allocator reuse warm memory from step to step.
     """
 
     @staticmethod
@@ -115,27 +97,35 @@ class _ExpertMLP(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             scaled = weight_N is not None
             keep_output = scaled and w2_eFD.shape[-1] <= w2_eFD.shape[-2]  # D <= F: scale [n, D]
-            slices = _expert_slices(counts)
-            y = torch.empty_like(x) if token_idx_N is None else torch.zeros_like(x)
-            scale_N1 = weight_N.to(x.dtype).unsqueeze(-1) if scaled else None
+            gather = token_idx_N is not None
+            rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
+            scales = weight_N.to(x.dtype).unsqueeze(-1).split(counts) if scaled else None
+            w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
+            y = torch.zeros_like(x) if gather else torch.empty_like(x)
             saved: list[Tensor] = []
-            for j, rows in slices:
-                h = _linear(_expert_rows(x, token_idx_N, rows), w1_eDH[j], None if b1_eH is None else b1_eH[j])
+            for j, n in enumerate(counts):
+                if n == 0:
+                    continue
+                x_e = x.index_select(0, rows[j]) if gather else x[rows[j]]
+                h = _linear(x_e, w1[j], None if b1 is None else b1[j])
+                a = activate(h, activation)  # a fresh tensor; h is saved, a is recomputed in backward
                 saved.append(h)
-                a = activate(h, activation)  # a fresh tensor: scaling it in place keeps h intact
-                b2 = None if b2_eD is None else b2_eD[j]
+                b2_j = None if b2 is None else b2[j]
                 if not scaled:
-                    out = _linear(a, w2_eFD[j], b2)
+                    out = _linear(a, w2[j], b2_j)
                 elif keep_output:
-                    o = _linear(a, w2_eFD[j], b2)
+                    o = _linear(a, w2[j], b2_j)
                     saved.append(o)
-                    out = o * scale_N1[rows]
+                    out = o * scales[j]
                 else:
-                    s = scale_N1[rows]
-                    out = _linear(a.mul_(s), w2_eFD[j], None if b2 is None else s * b2)
-                _put_rows(y, token_idx_N, rows, out)
+                    s = scales[j]
+                    out = _linear(a.mul_(s), w2[j], None if b2_j is None else s * b2_j)
+                if gather:
+                    y.index_add_(0, rows[j], out)
+                else:
+                    y[rows[j]] = out
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
-        ctx.slices, ctx.activation, ctx.keep_output = slices, activation, keep_output
+        ctx.counts, ctx.activation, ctx.keep_output = counts, activation, keep_output
         return y
 
     @staticmethod
@@ -146,47 +136,56 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y):
         x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
-        slices, activation, keep_output = ctx.slices, ctx.activation, ctx.keep_output
-        per_expert = 2 if keep_output else 1
-        grad_x = torch.empty_like(x) if token_idx_N is None else torch.zeros_like(x)
-        grad_w1, grad_w2 = _empty_grad(w1_eDH, slices), _empty_grad(w2_eFD, slices)
-        grad_b1, grad_b2 = _empty_grad(b1_eH, slices), _empty_grad(b2_eD, slices)
-        scaled = weight_N is not None
-        grad_weight_N = torch.empty_like(weight_N) if scaled else None
-        scale_N1 = weight_N.to(x.dtype).unsqueeze(-1) if scaled else None
-        for i, (j, rows) in enumerate(slices):
-            h = saved[per_expert * i]
-            g = _expert_rows(grad_y, token_idx_N, rows)
+        counts, activation, keep_output = ctx.counts, ctx.activation, ctx.keep_output
+        scaled, gather = weight_N is not None, token_idx_N is not None
+        rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
+        grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
+        grads = [None if p is None else torch.empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
+        grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
+        w1, w2, b2 = w1_eDH.unbind(0), w2_eFD.unbind(0), _unbind(b2_eD)
+        if scaled:
+            scales = weight_N.to(grad_y.dtype).unsqueeze(-1).split(counts)
+            grad_weight_N = torch.empty_like(weight_N)
+            grad_weights = grad_weight_N.split(counts)
+        saved_rows = iter(saved)
+        for j, n in enumerate(counts):
+            if n == 0:  # no rows: zero gradients
+                for grad in (grad_w1, grad_w2, grad_b1, grad_b2):
+                    if grad is not None:
+                        grad[j].zero_()
+                continue
+            h = next(saved_rows)
             a = activate(h, activation)
-            if not scaled:
+            g = grad_y.index_select(0, rows[j]) if gather else grad_y[rows[j]]
+            if scaled and keep_output:  # out = s * o: dL/ds = <g, o>, then s * g feeds everything
+                grad_weights[j].copy_(_row_dot(g, next(saved_rows)))
+                g = g.mul_(scales[j]) if gather else g * scales[j]  # a gathered g is ours to scale
+            if not scaled or keep_output:
                 torch.mm(a.t(), g, out=grad_w2[j])
                 if grad_b2 is not None:
-                    grad_b2[j] = g.sum(0)
-                grad_a = g @ w2_eFD[j].t()
-            elif keep_output:  # out = s * o
-                s = scale_N1[rows]
-                grad_weight_N[rows] = _row_dot(g, saved[per_expert * i + 1]).to(grad_weight_N.dtype)
-                g_scaled = g * s
-                torch.mm(a.t(), g_scaled, out=grad_w2[j])
-                if grad_b2 is not None:
-                    grad_b2[j] = g_scaled.sum(0)
-                grad_a = g_scaled @ w2_eFD[j].t()
+                    torch.sum(g, 0, out=grad_b2[j])
+                grad_a = torch.mm(g, w2[j].t())
             else:  # out = (s * a) @ W2 + s * b2
-                s = scale_N1[rows]
-                grad_a = g @ w2_eFD[j].t()
+                s = scales[j]
+                grad_a = torch.mm(g, w2[j].t())
                 dot = _row_dot(grad_a, a)
-                if b2_eD is not None:
-                    dot = dot + g.float() @ b2_eD[j].float()
-                    grad_b2[j] = (g * s).sum(0)
-                grad_weight_N[rows] = dot.to(grad_weight_N.dtype)
+                if b2 is not None:
+                    dot += g.float() @ b2[j].float()
+                    torch.sum(g * s, 0, out=grad_b2[j])
+                grad_weights[j].copy_(dot)
                 torch.mm((a * s).t(), g, out=grad_w2[j])
                 grad_a.mul_(s)
             grad_h = _activate_backward(grad_a, h, activation)
-            torch.mm(_expert_rows(x, token_idx_N, rows).t(), grad_h, out=grad_w1[j])
+            x_e = x.index_select(0, rows[j]) if gather else x[rows[j]]
+            torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
-                grad_b1[j] = grad_h.sum(0)
-            _put_rows(grad_x, token_idx_N, rows, grad_h @ w1_eDH[j].t())
-        return grad_x, grad_weight_N, None, grad_w1, grad_w2, grad_b1, grad_b2, None, None
+                torch.sum(grad_h, 0, out=grad_b1[j])
+            grad_x_e = torch.mm(grad_h, w1[j].t())
+            if gather:
+                grad_x.index_add_(0, rows[j], grad_x_e)
+            else:
+                grad_x[rows[j]] = grad_x_e
+        return grad_x, grad_weight_N if scaled else None, None, *grads, None, None
 
 
 class GroupedExperts(nn.Module):
