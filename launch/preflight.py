@@ -59,9 +59,7 @@ def default_timeout(collective_timeout_s: float, cap_s: float = 120.0) -> float:
 
 def _git_commit(repo: Path = _REPO) -> str:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -134,8 +132,7 @@ def verdict(infos: dict[int, dict[str, Any]], world_size: int, timeout_s: float)
             parts = []
             for value, ranks in groups.items():
                 hosts = sorted({infos[r]["host"] for r in ranks})
-                parts.append(f"{value} on {_who(ranks)} ({', '.join(hosts[:4])}"
-                             f"{', ...' if len(hosts) > 4 else ''})")
+                parts.append(f"{value} on {_who(ranks)} ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''})")
             problems.append(f"  {field}: " + "; ".join(parts))
     devices: dict[tuple[str, str], list[int]] = {}
     for rank, info in infos.items():
@@ -143,11 +140,16 @@ def verdict(infos: dict[int, dict[str, Any]], world_size: int, timeout_s: float)
             devices.setdefault((info["host"], info["device"]), []).append(rank)
     for (host, device), ranks in sorted(devices.items()):
         if len(ranks) > 1:
-            problems.append(f"  {_who(ranks)} all use {device} on {host}: run one task per GPU "
-                            f"(sbatch --ntasks-per-node equal to --gpus-per-node)")
+            problems.append(
+                f"  {_who(ranks)} all use {device} on {host}: run one task per GPU "
+                f"(sbatch --ntasks-per-node equal to --gpus-per-node)"
+            )
     if problems:
-        return ("ranks disagree:\n" + "\n".join(problems) +
-                "\nRun every rank from the same environment (venv or container) and the same git commit.")
+        return (
+            "ranks disagree:\n"
+            + "\n".join(problems)
+            + "\nRun every rank from the same environment (venv or container) and the same git commit."
+        )
     return None
 
 
@@ -160,8 +162,14 @@ def _default_store() -> Any | None:
         return None
 
 
-def _roll_call(store: Any, rank: int, world_size: int, info: dict[str, Any], timeout_s: float, gen: int,
-               ) -> dict[int, dict[str, Any]]:
+def _roll_call(
+    store: Any,
+    rank: int,
+    world_size: int,
+    info: dict[str, Any],
+    timeout_s: float,
+    gen: int,
+) -> dict[int, dict[str, Any]]:
     """Phase 1 over the store: rank 0 collects every rank's info and posts the verdict."""
     prefix = f"moe_preflight/{gen}"
     store.set(f"{prefix}/rank/{rank}", json.dumps(info))
@@ -232,8 +240,11 @@ def _collectives(rank: int, world_size: int, backend: str) -> None:
         )
 
 
-def check(timeout_s: float = 60.0, info: dict[str, Any] | None = None, verbose: bool = True,
-          ) -> dict[int, dict[str, Any]]:
+def check(
+    timeout_s: float = 60.0,
+    info: dict[str, Any] | None = None,
+    verbose: bool = True,
+) -> dict[int, dict[str, Any]]:
     """Check that all ranks are here, run the same code, and can exchange data; returns every rank's info.
 
     Raises :class:`PreflightError` on every rank (same message) when a rank is missing or versions
@@ -252,25 +263,35 @@ def check(timeout_s: float = 60.0, info: dict[str, Any] | None = None, verbose: 
         infos = _roll_call(store, rank, world_size, info, timeout_s, _calls)
     else:  # no store to ask: the backend's all_gather, under the watchdog
         gathered: list[Any] = [None] * world_size
-        with _Watchdog(timeout_s, f"all_gather over {backend} did not complete within {timeout_s:.0f} s "
-                                  f"on rank {rank}: a rank is missing or stuck."):
+        with _Watchdog(
+            timeout_s,
+            f"all_gather over {backend} did not complete within {timeout_s:.0f} s "
+            f"on rank {rank}: a rank is missing or stuck.",
+        ):
             dist.all_gather_object(gathered, info)
         infos = dict(enumerate(gathered))
         message = verdict(infos, world_size, timeout_s)
         if message:
             raise PreflightError(f"pre-flight check failed: {message}")
-    hint = (" Check NCCL_SOCKET_IFNAME (the interface the nodes reach each other on), NCCL_IB_HCA / "
-            "NCCL_IB_DISABLE, and set NCCL_DEBUG=INFO to see where it stops."
-            if backend == "nccl" else " Check GLOO_SOCKET_IFNAME and that the nodes can open TCP ports to "
-            "each other.")
-    with _Watchdog(timeout_s, f"all ranks answered, but a tiny all_to_all over {backend} did not complete "
-                              f"within {timeout_s:.0f} s on rank {rank}.{hint}"):
+    hint = (
+        " Check NCCL_SOCKET_IFNAME (the interface the nodes reach each other on), NCCL_IB_HCA / "
+        "NCCL_IB_DISABLE, and set NCCL_DEBUG=INFO to see where it stops."
+        if backend == "nccl"
+        else " Check GLOO_SOCKET_IFNAME and that the nodes can open TCP ports to each other."
+    )
+    with _Watchdog(
+        timeout_s,
+        f"all ranks answered, but a tiny all_to_all over {backend} did not complete "
+        f"within {timeout_s:.0f} s on rank {rank}.{hint}",
+    ):
         _collectives(rank, world_size, backend)
     if verbose and rank == 0:
         hosts = sorted({i["host"] for i in infos.values()})
         mine = infos[0]
-        print(f"pre-flight ok in {time.perf_counter() - start:.1f} s: {_plural(world_size, 'rank')} on "
-              f"{_plural(len(hosts), 'host')}, all_to_all over {backend}; torch {mine['torch']}, "
-              f"deepspeed {mine['deepspeed']}, moe_parallel {mine['moe_parallel']} @ {mine['git_commit'][:12]}",
-              flush=True)
+        print(
+            f"pre-flight ok in {time.perf_counter() - start:.1f} s: {_plural(world_size, 'rank')} on "
+            f"{_plural(len(hosts), 'host')}, all_to_all over {backend}; torch {mine['torch']}, "
+            f"deepspeed {mine['deepspeed']}, moe_parallel {mine['moe_parallel']} @ {mine['git_commit'][:12]}",
+            flush=True,
+        )
     return infos

@@ -302,14 +302,19 @@ def run(cfg: DictConfig) -> float:
         _say(rank, f"resumed from {resolve_checkpoint(resume_from)} at step {engine.global_steps}")
 
     sweep_job = _sweep_job()
-    settings = WandbSettings(**{
-        **OmegaConf.to_container(cfg.logger, resolve=True),
-        "group": cfg.logger.group or cfg.experiment,  # W&B groups a sweep's runs for comparison
-        "name": cfg.logger.name or (sweep_job[1] if sweep_job else None),
-    })
+    settings = WandbSettings(
+        **{
+            **OmegaConf.to_container(cfg.logger, resolve=True),
+            "group": cfg.logger.group or cfg.experiment,  # W&B groups a sweep's runs for comparison
+            "name": cfg.logger.name or (sweep_job[1] if sweep_job else None),
+        }
+    )
     logger = make_run_logger(
-        run_dir, settings, config=OmegaConf.to_container(cfg, resolve=True),
-        resume_id=client.get("wandb_run_id") if client else None, rank=rank,
+        run_dir,
+        settings,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        resume_id=client.get("wandb_run_id") if client else None,
+        rank=rank,
     )
     tracker = MoEMetricsTracker(engine.module)
     trainer = Trainer(cfg, engine, state, train_iter, val_data, tracker)
@@ -325,10 +330,13 @@ def run(cfg: DictConfig) -> float:
     tokens_per_step = t.micro_batch_size * t.grad_accum * state.layout.data_parallel_size * cfg.data.seq_len
     start_step = engine.global_steps
     progress = _progress(rank, t, start=start_step)
-    _say(rank, f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
-               f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
-               f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
-               f"params on rank 0")
+    _say(
+        rank,
+        f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
+        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
+        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
+        f"params on rank 0",
+    )
     val_loss = float("nan")
     first_loss = None
     last_log = time.perf_counter()
@@ -342,12 +350,14 @@ def run(cfg: DictConfig) -> float:
         if step % t.log_every == 0 or step == t.steps:
             now = time.perf_counter()
             scalars, expert_load = split_expert_load(moe_metrics)
-            scalars.update({
-                "train/loss": loss,
-                "train/lr": engine.get_lr()[0],
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/tokens_per_s": tokens_since_log / (now - last_log),
-            })
+            scalars.update(
+                {
+                    "train/loss": loss,
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/tokens_per_s": tokens_since_log / (now - last_log),
+                }
+            )
             logger.log(step, scalars, expert_load)
             progress(step, loss, scalars)
             last_log, tokens_since_log = now, 0
@@ -360,8 +370,11 @@ def run(cfg: DictConfig) -> float:
         steps_this_job = step - start_step
         exit_now = t.exit_after_steps is not None and steps_this_job >= t.exit_after_steps
         if preemption.requested() or exit_now:
-            why = (f"{signal.Signals(preemption.agreed).name} received" if preemption.agreed
-                   else f"{steps_this_job} steps done")
+            why = (
+                f"{signal.Signals(preemption.agreed).name} received"
+                if preemption.agreed
+                else f"{steps_this_job} steps done"
+            )
             _say(rank, f"step {step}: {why}: checkpointing and stopping")
             if step % t.ckpt_every and step != t.steps:
                 checkpoint()
@@ -371,8 +384,12 @@ def run(cfg: DictConfig) -> float:
                 if dist.is_initialized():
                     dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
             return val_loss
-    summary = {"final/train_loss": loss if first_loss is not None else float("nan"),
-               "final/eval_loss": val_loss, "final/eval_ppl": math.exp(min(val_loss, 50)), "final/step": t.steps}
+    summary = {
+        "final/train_loss": loss if first_loss is not None else float("nan"),
+        "final/eval_loss": val_loss,
+        "final/eval_ppl": math.exp(min(val_loss, 50)),
+        "final/step": t.steps,
+    }
     logger.summary(summary)
     logger.finish()
     _say(rank, "done: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in summary.items()))
@@ -399,8 +416,11 @@ def _progress(rank: int, t: DictConfig, start: int):
         balance = [v for k, v in scalars.items() if k.endswith("/balance_loss")]
         dropped = [v for k, v in scalars.items() if k.endswith("/dropped_fraction")]
         extra = f" | balance {np.mean(balance):.3f} | dropped {np.mean(dropped):.3f}" if balance else ""
-        print(f"step {step:>5}/{t.steps} | loss {loss:.4f} | lr {scalars['train/lr']:.2e} | "
-              f"{scalars['train/tokens_per_s']:,.0f} tok/s{extra}", flush=True)
+        print(
+            f"step {step:>5}/{t.steps} | loss {loss:.4f} | lr {scalars['train/lr']:.2e} | "
+            f"{scalars['train/tokens_per_s']:,.0f} tok/s{extra}",
+            flush=True,
+        )
 
     return line
 

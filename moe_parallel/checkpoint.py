@@ -551,9 +551,7 @@ def import_consolidated(
             raise CheckpointError(f"layer {layer}: stacked expert parameters disagree on the expert count")
         for i in range(num_experts.pop()):
             _atomic_torch_save({s: {"param": state[c][i].float()} for s, c in names.items()}, folder / f"expert_{i}.pt")
-    _atomic_torch_save(
-        {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}, staging / "trainer.pt"
-    )
+    _atomic_torch_save({"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}, staging / "trainer.pt")
     (staging / "manifest.json").write_text(json.dumps(_manifest(staging, 0, 0, expert_parameters), indent=1))
     final = out / tag
     if final.exists():

@@ -118,8 +118,9 @@ class DataConfig:
         if not is_int(self.max_corpus_bytes) or self.max_corpus_bytes < 1:
             fail("max_corpus_bytes", "must be a positive integer number of bytes, e.g. 8000000")
         if not is_int(self.vocab_size) or not _MIN_VOCAB <= self.vocab_size < 2**31:
-            fail("vocab_size", f"must be an integer >= {_MIN_VOCAB} (256 byte pieces + specials + characters), "
-                 "e.g. 8192")
+            fail(
+                "vocab_size", f"must be an integer >= {_MIN_VOCAB} (256 byte pieces + specials + characters), e.g. 8192"
+            )
         if self.tokenizer_type not in TOKENIZER_TYPES:
             fail("tokenizer_type", f"choose one of {TOKENIZER_TYPES}")
         if not isinstance(self.character_coverage, (int, float)) or not 0 < self.character_coverage <= 1:
@@ -236,7 +237,7 @@ def read_documents(source: CorpusFile | str | os.PathLike[str]) -> Iterator[str]
                 ) from None
             if not isinstance(record, dict) or "text" not in record:
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{where}: no 'text' field (found {found}); each line needs {{\"text\": \"...\"}}")
+                raise DataError(f'{where}: no \'text\' field (found {found}); each line needs {{"text": "..."}}')
             text = record["text"]
             if not isinstance(text, str):
                 raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
@@ -341,8 +342,9 @@ def _trainer_options(cfg: DataConfig) -> dict[str, Any]:
 
 def _tokenizer_key(cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str]) -> str:
     corpus = [(s.kind, d) for s, d in zip(sources, digests)]
-    return _key("tokenizer", FORMAT_VERSION, spm.__version__, corpus, _trainer_options(cfg),
-                cfg.tokenizer_sample_sentences)
+    return _key(
+        "tokenizer", FORMAT_VERSION, spm.__version__, corpus, _trainer_options(cfg), cfg.tokenizer_sample_sentences
+    )
 
 
 def _sample_sentences(sources: Sequence[CorpusFile], k: int) -> tuple[list[str], int]:
@@ -373,8 +375,11 @@ def _train_sentencepiece(sentences: list[str], cfg: DataConfig) -> bytes:
     spm.set_random_generator_seed(_SAMPLE_SEED)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, num_threads=_num_threads(cfg),
-            minloglevel=2, **_trainer_options(cfg),
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            num_threads=_num_threads(cfg),
+            minloglevel=2,
+            **_trainer_options(cfg),
         )
     except RuntimeError as exc:
         raise DataError(
@@ -402,14 +407,27 @@ def _ensure_tokenizer(cfg: DataConfig, sources: Sequence[CorpusFile], digests: S
         model = _train_sentencepiece(sentences, cfg)
         with _building(final) as tmp:
             (tmp / "tokenizer.model").write_bytes(model)
-            _write_json_atomic(tmp / "tokenizer.json", {
-                "key": tok_key, "options": _trainer_options(cfg), "sentencepiece": spm.__version__,
-                "sample_sentences": len(sentences), "corpus_lines": n_lines,
-                "sources": [{"path": str(s.path), "sha256": d} for s, d in zip(sources, digests)],
-                "seconds": round(time.perf_counter() - t0, 3),
-            })
-        log.info("trained a %s tokenizer (vocab %d) on %d of %d lines in %.1fs -> %s", cfg.tokenizer_type,
-                 cfg.vocab_size, len(sentences), n_lines, time.perf_counter() - t0, model_path)
+            _write_json_atomic(
+                tmp / "tokenizer.json",
+                {
+                    "key": tok_key,
+                    "options": _trainer_options(cfg),
+                    "sentencepiece": spm.__version__,
+                    "sample_sentences": len(sentences),
+                    "corpus_lines": n_lines,
+                    "sources": [{"path": str(s.path), "sha256": d} for s, d in zip(sources, digests)],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                },
+            )
+        log.info(
+            "trained a %s tokenizer (vocab %d) on %d of %d lines in %.1fs -> %s",
+            cfg.tokenizer_type,
+            cfg.vocab_size,
+            len(sentences),
+            n_lines,
+            time.perf_counter() - t0,
+            model_path,
+        )
     return model_path
 
 
@@ -477,8 +495,10 @@ class PreparedData:
 
 def _open_memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if path.stat().st_size != count * dtype.itemsize:
-        raise DataError(f"{path} holds {path.stat().st_size} bytes, meta.json says {count} tokens of {dtype}; "
-                        f"the cache is damaged: delete {path.parent} and run again")
+        raise DataError(
+            f"{path} holds {path.stat().st_size} bytes, meta.json says {count} tokens of {dtype}; "
+            f"the cache is damaged: delete {path.parent} and run again"
+        )
     if count == 0:
         return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
@@ -497,8 +517,9 @@ def open_prepared(directory: str | os.PathLike[str]) -> PreparedData:
     )
 
 
-def _encode_batches(sources: Sequence[CorpusFile], sp: spm.SentencePieceProcessor,
-                    threads: int) -> Iterator[tuple[int, list[list[int]]]]:
+def _encode_batches(
+    sources: Sequence[CorpusFile], sp: spm.SentencePieceProcessor, threads: int
+) -> Iterator[tuple[int, list[list[int]]]]:
     """Yield (source index, token ids per document) in corpus order, encoding a few MB at a time."""
     for i, source in enumerate(sources):
         batch: list[str] = []
@@ -532,8 +553,9 @@ def _choose_val_docs(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray
     return is_val
 
 
-def _build_dataset(cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], tok_model: Path,
-                   data_key: str, out: Path) -> None:
+def _build_dataset(
+    cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], tok_model: Path, data_key: str, out: Path
+) -> None:
     """Tokenize the corpus once into ``out``/{train,val}.bin (EOS after each document) and write meta.json."""
     t0 = time.perf_counter()
     shutil.copyfile(tok_model, out / "tokenizer.model")
@@ -569,30 +591,41 @@ def _build_dataset(cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequ
             split = "val" if is_val[a] else "train"
             dst = fval if split == "val" else ftrain
             for start in range(int(offsets[a]), int(offsets[b]), _COPY_CHUNK_TOKENS):
-                chunk = stream[start: min(start + _COPY_CHUNK_TOKENS, int(offsets[b]))]
+                chunk = stream[start : min(start + _COPY_CHUNK_TOKENS, int(offsets[b]))]
                 dst.write(chunk.tobytes())
                 counts[split] += len(chunk)
     del stream
     all_path.unlink()
 
-    _write_json_atomic(out / "meta.json", {
-        "format": FORMAT_VERSION,
-        "key": data_key,
-        "dtype": dtype.name,
-        "vocab_size": vocab,
-        "eos_id": eos,
-        "tokenizer_type": cfg.tokenizer_type,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "train_documents": int((~is_val).sum()),
-        "val_documents": int(is_val.sum()),
-        "val_fraction": cfg.val_fraction,
-        "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.size, "sha256": d, "documents": n}
-                    for s, d, n in zip(sources, digests, docs_per_source)],
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
-    log.info("tokenized %d documents into %d train + %d val tokens in %.1fs (dataset %s)", len(lengths),
-             counts["train"], counts["val"], time.perf_counter() - t0, data_key)
+    _write_json_atomic(
+        out / "meta.json",
+        {
+            "format": FORMAT_VERSION,
+            "key": data_key,
+            "dtype": dtype.name,
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "tokenizer_type": cfg.tokenizer_type,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_documents": int((~is_val).sum()),
+            "val_documents": int(is_val.sum()),
+            "val_fraction": cfg.val_fraction,
+            "sources": [
+                {"path": str(s.path), "kind": s.kind, "bytes": s.size, "sha256": d, "documents": n}
+                for s, d, n in zip(sources, digests, docs_per_source)
+            ],
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+    log.info(
+        "tokenized %d documents into %d train + %d val tokens in %.1fs (dataset %s)",
+        len(lengths),
+        counts["train"],
+        counts["val"],
+        time.perf_counter() - t0,
+        data_key,
+    )
 
 
 def _stat_key(cfg: DataConfig, sources: Sequence[CorpusFile]) -> str:
@@ -607,8 +640,9 @@ def _prepare_here(cfg: DataConfig) -> PreparedData:
     sources = resolve_corpus(cfg)
     digests = [_file_sha256(s.path) for s in sources]
     tok_key = _tokenizer_key(cfg, sources, digests)
-    data_key = _key("data", FORMAT_VERSION, tok_key, [(s.kind, d) for s, d in zip(sources, digests)],
-                    float(cfg.val_fraction))
+    data_key = _key(
+        "data", FORMAT_VERSION, tok_key, [(s.kind, d) for s, d in zip(sources, digests)], float(cfg.val_fraction)
+    )
     root = cfg.cache_path / "datasets"
     final = root / data_key
     if not (final / "meta.json").exists():
@@ -638,8 +672,10 @@ def prepare_data(cfg: DataConfig, rank: int = 0, barrier: Callable[[], Any] | No
         except Exception as exc:
             with contextlib.suppress(Exception):  # tell the waiting ranks why, if we got as far as the files
                 sources = resolve_corpus(cfg)
-                _write_json_atomic(cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json",
-                                   {"error": f"{type(exc).__name__}: {exc}"})
+                _write_json_atomic(
+                    cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json",
+                    {"error": f"{type(exc).__name__}: {exc}"},
+                )
             if barrier is not None:
                 barrier()  # release the waiting ranks instead of leaving them in the barrier until a timeout
             raise
@@ -716,10 +752,21 @@ class DistributedBatchIterator:
     be loaded at another DP size and continues with the same global sample.
     """
 
-    def __init__(self, dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 grad_accum_steps: int = 1, seed: int = 0) -> None:
-        for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
-                                 ("grad_accum_steps", grad_accum_steps, 1), ("seed", seed, 0)):
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+    ) -> None:
+        for name, value, low in (
+            ("micro_batch_size", micro_batch_size, 1),
+            ("dp_size", dp_size, 1),
+            ("grad_accum_steps", grad_accum_steps, 1),
+            ("seed", seed, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataConfigError(f"{name}={value!r} is invalid: must be an integer >= {low}")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
@@ -759,14 +806,13 @@ class DistributedBatchIterator:
             pos = start + filled
             epoch, offset = divmod(pos, self.num_samples)
             take = min(count - filled, self.num_samples - offset)
-            out[filled: filled + take] = self._permutation(epoch)[offset: offset + take]
+            out[filled : filled + take] = self._permutation(epoch)[offset : offset + take]
             filled += take
         return out
 
     def next_indices(self) -> np.ndarray:
         """This rank's window indices for the next micro-batch ``[micro_batch_size]``; advances the position."""
-        idx_B = self.stream_indices(self.consumed_samples + self.dp_rank * self.micro_batch_size,
-                                    self.micro_batch_size)
+        idx_B = self.stream_indices(self.consumed_samples + self.dp_rank * self.micro_batch_size, self.micro_batch_size)
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return idx_B
 
@@ -780,8 +826,14 @@ class DistributedBatchIterator:
     def state_dict(self) -> dict[str, int]:
         """The position to save in a checkpoint (``consumed_samples`` is global, so DP size may change)."""
         epoch, index = divmod(self.consumed_samples, self.num_samples)
-        return {"consumed_samples": self.consumed_samples, "epoch": epoch, "index": index, "seed": self.seed,
-                "num_samples": self.num_samples, "global_batch_size": self.global_batch_size}
+        return {
+            "consumed_samples": self.consumed_samples,
+            "epoch": epoch,
+            "index": index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; the next micro-step starts at its ``consumed_samples``."""
@@ -795,13 +847,16 @@ class DistributedBatchIterator:
                 "restore the data settings of the saved run or start the data from the beginning"
             )
         if state.get("seed") != self.seed:
-            raise DataError(f"data position was saved with data.seed={state.get('seed')}, this run has "
-                            f"data.seed={self.seed}; set data.seed={state.get('seed')} to continue it")
+            raise DataError(
+                f"data position was saved with data.seed={state.get('seed')}, this run has "
+                f"data.seed={self.seed}; set data.seed={state.get('seed')} to continue it"
+            )
         self.consumed_samples = consumed
 
 
-def iter_eval_batches(dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(
+    dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One in-order pass for evaluation: ``(inputs_BS, targets_BS)`` micro-batches of this DP rank.
 
     Every rank yields the same number of batches (only full rounds of ``micro_batch_size * dp_size``

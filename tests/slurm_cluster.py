@@ -40,8 +40,10 @@ NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
 CPUS_PER_NODE = 2
 SBIN = ("/usr/sbin", "/sbin")
 # Variables of an enclosing job or launcher that must not leak into the test cluster's jobs.
-_LEAKY = re.compile(r"^(SLURM_|SBATCH_|SRUN_|SALLOC_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|"
-                    r"MASTER_ADDR|MASTER_PORT|MOE_MASTER_ADDR|MOE_MASTER_PORT)$")
+_LEAKY = re.compile(
+    r"^(SLURM_|SBATCH_|SRUN_|SALLOC_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|"
+    r"MASTER_ADDR|MASTER_PORT|MOE_MASTER_ADDR|MOE_MASTER_PORT)$"
+)
 
 
 class SlurmClusterError(RuntimeError):
@@ -121,8 +123,9 @@ class SlurmCluster:
 
     def command(self, *args: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster."""
-        proc = subprocess.run(list(args), env=kw.pop("env", self.env), capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        proc = subprocess.run(
+            list(args), env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and proc.returncode != 0:
             raise SlurmClusterError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
@@ -133,11 +136,18 @@ class SlurmCluster:
         env.update(extra or {})
         return env
 
-    def sbatch(self, script: Path | str, *args: str, sbatch_args: Iterable[str] = (),
-               env: dict[str, str] | None = None, cwd: Path = REPO) -> int:
+    def sbatch(
+        self,
+        script: Path | str,
+        *args: str,
+        sbatch_args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> int:
         """Submit ``script`` with ``sbatch_args`` before it and ``args`` after it; returns the job id."""
-        out = self.command("sbatch", "--parsable", *sbatch_args, str(script), *args,
-                           env=self.job_env(env), cwd=cwd).stdout.strip()
+        out = self.command(
+            "sbatch", "--parsable", *sbatch_args, str(script), *args, env=self.job_env(env), cwd=cwd
+        ).stdout.strip()
         return int(out.split(";")[0])
 
     def job(self, job_id: int | str) -> dict[str, str]:
@@ -145,8 +155,14 @@ class SlurmCluster:
         out = self.command("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
 
-    def wait_job(self, job_id: int | str, until, timeout: float, what: str = "", poll: float = 0.2,
-                 ) -> dict[str, str]:
+    def wait_job(
+        self,
+        job_id: int | str,
+        until,
+        timeout: float,
+        what: str = "",
+        poll: float = 0.2,
+    ) -> dict[str, str]:
         """Poll the job until ``until(info)`` is true; a clear failure (with the job and logs) on timeout."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
@@ -155,16 +171,29 @@ class SlurmCluster:
             if until(info):
                 return info
             time.sleep(poll)
-        raise SlurmClusterError(f"job {job_id}: not {what or 'done'} within {timeout:.0f} s; last state "
-                                f"{info.get('JobState')} reason {info.get('Reason')}\n{self.describe()}")
+        raise SlurmClusterError(
+            f"job {job_id}: not {what or 'done'} within {timeout:.0f} s; last state "
+            f"{info.get('JobState')} reason {info.get('Reason')}\n{self.describe()}"
+        )
 
     def wait_finished(self, job_id: int | str, timeout: float, restarts: int = 0) -> dict[str, str]:
         """Wait for the job's run number ``restarts`` to end; returns its ``scontrol show job`` fields."""
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED"}
+        final = {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        }
         return self.wait_job(
-            job_id, lambda i: i.get("JobState") in final and int(i.get("Restarts", 0)) >= restarts,
-            timeout, what="finished",
+            job_id,
+            lambda i: i.get("JobState") in final and int(i.get("Restarts", 0)) >= restarts,
+            timeout,
+            what="finished",
         )
 
     def release_requeued(self, job_id: int | str, restarts: int = 1, timeout: float = 120) -> dict[str, str]:
@@ -175,8 +204,10 @@ class SlurmCluster:
         times in whole seconds), so we wait a few seconds, not two minutes.
         """
         info = self.wait_job(
-            job_id, lambda i: int(i.get("Restarts", 0)) >= restarts and i.get("JobState") == "PENDING",
-            timeout, what="requeued",
+            job_id,
+            lambda i: int(i.get("Restarts", 0)) >= restarts and i.get("JobState") == "PENDING",
+            timeout,
+            what="requeued",
         )
         time.sleep(3)
         self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
@@ -244,9 +275,15 @@ def _first_job_id(jobs: int = 32) -> int:
 
 def _slurm_conf(root: Path, auth: str, munge_socket: Path | None) -> str:
     ctld_port, *node_ports = _free_ports(1 + len(NODES))
-    auth_lines = ["AuthType=auth/none", "CredType=cred/none"] if auth == "none" else [
-        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
-    ]
+    auth_lines = (
+        ["AuthType=auth/none", "CredType=cred/none"]
+        if auth == "none"
+        else [
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket}",
+        ]
+    )
     lines = [
         f"ClusterName=moetest{ctld_port}",
         "SlurmctldHost=localhost(127.0.0.1)",
@@ -282,8 +319,7 @@ def _slurm_conf(root: Path, auth: str, munge_socket: Path | None) -> str:
         "InactiveLimit=0",
     ]
     for (name, addr), port in zip(NODES.items(), node_ports):
-        lines.append(f"NodeName={name} NodeAddr={addr} Port={port} CPUs={CPUS_PER_NODE} RealMemory=1000 "
-                     f"State=UNKNOWN")
+        lines.append(f"NodeName={name} NodeAddr={addr} Port={port} CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN")
     lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
 
@@ -325,21 +361,51 @@ def start_cluster(root: Path, auth: str | None = None, timeout: float = 30) -> S
             cluster.scratch.append(munge_dir)
             munge_socket = munge_dir / "munge.socket"
             key = munge_dir / "munge.key"
-            subprocess.run([_which("mungekey") or "mungekey", "--create", f"--keyfile={key}"], check=True,
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                [_which("mungekey") or "mungekey", "--create", f"--keyfile={key}"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
             munge_log = munge_dir / "munged.log"
-            daemons.append(_start("munged", [
-                _which("munged") or "munged", "--foreground", f"--socket={munge_socket}", f"--key-file={key}",
-                f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_log}",
-                f"--seed-file={munge_dir / 'munged.seed'}",
-            ], root, env, [munge_log]))
+            daemons.append(
+                _start(
+                    "munged",
+                    [
+                        _which("munged") or "munged",
+                        "--foreground",
+                        f"--socket={munge_socket}",
+                        f"--key-file={key}",
+                        f"--pid-file={munge_dir / 'munged.pid'}",
+                        f"--log-file={munge_log}",
+                        f"--seed-file={munge_dir / 'munged.seed'}",
+                    ],
+                    root,
+                    env,
+                    [munge_log],
+                )
+            )
             _wait_for(lambda: munge_socket.exists(), 10, "munged socket", cluster)
         conf.write_text(_slurm_conf(root, auth, munge_socket))
-        daemons.append(_start("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(conf)], root, env,
-                              [root / "log" / "slurmctld.log"]))
+        daemons.append(
+            _start(
+                "slurmctld",
+                [_which("slurmctld"), "-D", "-i", "-f", str(conf)],
+                root,
+                env,
+                [root / "log" / "slurmctld.log"],
+            )
+        )
         for name in NODES:
-            daemons.append(_start(f"slurmd-{name}", [_which("slurmd"), "-D", "-N", name, "-f", str(conf)], root,
-                                  env, [root / "log" / f"slurmd-{name}.log"]))
+            daemons.append(
+                _start(
+                    f"slurmd-{name}",
+                    [_which("slurmd"), "-D", "-N", name, "-f", str(conf)],
+                    root,
+                    env,
+                    [root / "log" / f"slurmd-{name}.log"],
+                )
+            )
 
         def idle() -> bool:
             proc = cluster.command("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10)
@@ -374,8 +440,10 @@ def install_packages() -> str | None:
     except subprocess.TimeoutExpired:
         return f"{INSTALL_SCRIPT.name} did not finish within 900 s"
     if proc.returncode != 0:
-        return (f"Slurm packages cannot be installed here ({INSTALL_SCRIPT.name} exit {proc.returncode}): "
-                f"{(proc.stdout + proc.stderr).strip()[-1500:]}")
+        return (
+            f"Slurm packages cannot be installed here ({INSTALL_SCRIPT.name} exit {proc.returncode}): "
+            f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
+        )
     return None
 
 

@@ -76,8 +76,15 @@ def digest(array: np.ndarray) -> str:
 
 
 def test_config_errors_name_the_field():
-    for field, value in [("vocab_size", 100), ("tokenizer_type", "wordpiece"), ("val_fraction", 1.0),
-                         ("seq_len", 0), ("max_corpus_bytes", 0), ("files", []), ("seed", -1)]:
+    for field, value in [
+        ("vocab_size", 100),
+        ("tokenizer_type", "wordpiece"),
+        ("val_fraction", 1.0),
+        ("seq_len", 0),
+        ("max_corpus_bytes", 0),
+        ("files", []),
+        ("seed", -1),
+    ]:
         with pytest.raises(DataConfigError, match=rf"data\.{field}="):
             DataConfig(**{field: value})
     assert DataConfig(files="a.txt").files == ["a.txt"]  # a single path from the command line
@@ -354,8 +361,11 @@ def test_dp_shards_are_disjoint_and_cover_the_global_batch():
     assert G == mb * ga * dp
     for step in range(5):
         per_rank = [np.concatenate(take(it, ga)) for it in ranks]
-        positions = [set(range(step * G + r * mb + m * mb * dp, step * G + (r + 1) * mb + m * mb * dp))
-                     for r in range(dp) for m in range(ga)]
+        positions = [
+            set(range(step * G + r * mb + m * mb * dp, step * G + (r + 1) * mb + m * mb * dp))
+            for r in range(dp)
+            for m in range(ga)
+        ]
         assert len(set().union(*positions)) == G  # disjoint stream positions
         glob_idx = np.sort(np.concatenate(per_rank))
         assert np.array_equal(glob_idx, np.sort(ref.stream_indices(step * G, G)))

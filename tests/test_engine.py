@@ -28,8 +28,17 @@ class ToyMoELM(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, D)
-        cfg = MoEConfig(hidden_size=D, ffn_hidden_size=24, num_experts=E, top_k=2, capacity_factor=capacity_factor,
-                        min_capacity=1, aux_loss_coeff=0.1, z_loss_coeff=0.01, init_std=0.2)
+        cfg = MoEConfig(
+            hidden_size=D,
+            ffn_hidden_size=24,
+            num_experts=E,
+            top_k=2,
+            capacity_factor=capacity_factor,
+            min_capacity=1,
+            aux_loss_coeff=0.1,
+            z_loss_coeff=0.01,
+            init_std=0.2,
+        )
         self.moe = MoELayer(cfg, ep_group=ep_group)
         self.head = nn.Linear(D, VOCAB)
 

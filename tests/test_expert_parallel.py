@@ -88,8 +88,15 @@ CASES = {
     "ep4-probs": (4, dict(num_experts=8, top_k=2, capacity_factor=1.25, drop_policy="probs"), [12] * 4, []),
     "ep4-one-expert-per-rank-swiglu-shared": (
         4,
-        dict(num_experts=4, top_k=2, score_func="sigmoid", activation="swiglu", z_loss_coeff=1e-2,
-             shared_expert_ffn_hidden_size=4, capacity_factor=0.8),
+        dict(
+            num_experts=4,
+            top_k=2,
+            score_func="sigmoid",
+            activation="swiglu",
+            z_loss_coeff=1e-2,
+            shared_expert_ffn_hidden_size=4,
+            capacity_factor=0.8,
+        ),
         [10] * 4,
         [],
     ),

@@ -153,6 +153,7 @@ def test_grouped_mlp_gradcheck():
     w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
     b1 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
     def grouped(x, w, w1, w2, b1=None, b2=None, activation="swiglu"):  # rows arrive grouped: no index
         return _ExpertMLP.apply(x, w, None, w1, w2, b1, b2, counts, activation)
 

@@ -22,9 +22,17 @@ from moe_parallel.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 
 STEPS, MICRO, MICRO_BATCHES = 8, 2, 2
-CONFIG = dict(vocab_size=64, seq_len=16, num_layers=4, hidden_size=32, num_heads=2, ffn_hidden_size=64,
-              moe_every=2, tie_embeddings=True,
-              moe=dict(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1, z_loss_coeff=1e-3))
+CONFIG = dict(
+    vocab_size=64,
+    seq_len=16,
+    num_layers=4,
+    hidden_size=32,
+    num_heads=2,
+    ffn_hidden_size=64,
+    moe_every=2,
+    tie_embeddings=True,
+    moe=dict(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1, z_loss_coeff=1e-3),
+)
 
 
 def micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +52,12 @@ def build(pp: int, ep: int):
         model = GPT(cfg, ep_group=state.ep_group)
     else:
         model = gpt_pipeline(cfg, ep_group=state.ep_group, topology=state.deepspeed_topology())
-    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": MICRO_BATCHES // dp,
-          "steps_per_print": 10**9, "zero_optimization": {"stage": 1}}
+    ds = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": MICRO_BATCHES // dp,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 1},
+    }
     engine, _, _ = build_engine(model, ds, lr=3e-3, weight_decay=0.0)
     return engine, state
 
@@ -114,7 +126,10 @@ def test_loss_trajectory_is_the_same_at_every_layout(trained):
     for layout in LAYOUTS[1:]:
         got = _result(trained, *layout)
         torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5,
+            torch.tensor(got["losses"]),
+            torch.tensor(reference["losses"]),
+            rtol=1e-4,
+            atol=1e-5,
             msg=f"(PP, EP, world) = {layout}",
         )
         assert got["eval"] == pytest.approx(reference["eval"], rel=1e-4)

@@ -38,10 +38,19 @@ REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
 STEPS = 40
 TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.ffn_hidden_size=128",
-    "model.moe_every=1", "moe.num_experts=4",
-    "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=32",
-    "train.micro_batch_size=4", "train.log_every=2", "train.eval_batches=2", "train.progress=lines",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=128",
+    "model.moe_every=1",
+    "moe.num_experts=4",
+    "data.max_corpus_bytes=300000",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.log_every=2",
+    "train.eval_batches=2",
+    "train.progress=lines",
 ]
 # Two nodes, one task each, no GPUs: the #SBATCH defaults ask for 8 GPUs per node.
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
@@ -51,8 +60,14 @@ JOB_TIMEOUT = 240  # seconds; a job takes ~15 s here, more on a busy machine
 # ---------------------------------------------------------------- helpers
 
 
-def submit(cluster: SlurmCluster, tmp: Path, script: str, *overrides: str, sbatch_args=CPU_JOB,
-           env: dict[str, str] | None = None) -> int:
+def submit(
+    cluster: SlurmCluster,
+    tmp: Path,
+    script: str,
+    *overrides: str,
+    sbatch_args=CPU_JOB,
+    env: dict[str, str] | None = None,
+) -> int:
     """Submit a slurm/ script as a user would, from the repo root; the job runs in ``tmp/work``."""
     job_env = {
         "PYTHON": sys.executable,  # the venv's interpreter, whatever PATH the job gets
@@ -61,8 +76,12 @@ def submit(cluster: SlurmCluster, tmp: Path, script: str, *overrides: str, sbatc
         **(env or {}),
     }
     return cluster.sbatch(
-        SLURM / script, *TINY, f"data.cache_dir={tmp / 'cache'}", *overrides,
-        sbatch_args=[*sbatch_args, f"--output={tmp}/%x-%j.out"], env=job_env,
+        SLURM / script,
+        *TINY,
+        f"data.cache_dir={tmp / 'cache'}",
+        *overrides,
+        sbatch_args=[*sbatch_args, f"--output={tmp}/%x-%j.out"],
+        env=job_env,
     )
 
 
@@ -164,8 +183,15 @@ def test_preflight_watchdog_ends_a_hung_all_to_all_with_a_message():
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", _HUNG_COLLECTIVE.format(repo=str(REPO))], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _HUNG_COLLECTIVE.format(repo=str(REPO))],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     start = time.monotonic()
     try:
         stdout, stderr = procs[0].communicate(timeout=90)
@@ -179,8 +205,15 @@ def test_preflight_watchdog_ends_a_hung_all_to_all_with_a_message():
 
 
 def test_preflight_verdict_messages():
-    info = {"torch": "2.4", "deepspeed": "0.16", "moe_parallel": "0.1.0", "git_commit": "abc", "python": "3.11",
-            "host": "n1", "device": "cpu"}
+    info = {
+        "torch": "2.4",
+        "deepspeed": "0.16",
+        "moe_parallel": "0.1.0",
+        "git_commit": "abc",
+        "python": "3.11",
+        "host": "n1",
+        "device": "cpu",
+    }
     infos = {r: dict(info, host=f"n{r // 4}") for r in range(8)}
     assert preflight.verdict(infos, 8, 10) is None
     missing = {r: i for r, i in infos.items() if r not in (3, 5, 6)}
@@ -211,8 +244,12 @@ def train_jobs(slurm_cluster: SlurmCluster, tmp_path_factory):
     try:
         # Signal the preempted job once it has logged a few steps: the batch shell gets SIGUSR1 (as from
         # --signal=B:USR1@...), forwards it to srun, and the trainer stops at the next step boundary.
-        info = cluster.wait_job(preempted, lambda i: any(s >= 6 for s in logged_steps(run_dir)) or
-                                i.get("JobState") not in ("PENDING", "RUNNING"), JOB_TIMEOUT, what="at step 6")
+        info = cluster.wait_job(
+            preempted,
+            lambda i: any(s >= 6 for s in logged_steps(run_dir)) or i.get("JobState") not in ("PENDING", "RUNNING"),
+            JOB_TIMEOUT,
+            what="at step 6",
+        )
         assert info.get("JobState") == "RUNNING", f"job {preempted} ended before it could be preempted: {info}"
         cluster.command("scancel", "--signal=USR1", "--batch", str(preempted))
         cluster.release_requeued(preempted)
@@ -222,7 +259,8 @@ def train_jobs(slurm_cluster: SlurmCluster, tmp_path_factory):
         logs = "\n".join(f"--- job {j} log (tail)\n{_tail_log(tmp, 'moe-train', j)}" for j in (straight, preempted))
         raise AssertionError(f"{exc}\n{logs}") from None
     return {
-        "cluster": cluster, "tmp": tmp,
+        "cluster": cluster,
+        "tmp": tmp,
         "straight": (straight, straight_info, tmp / "work" / "runs" / "cpu_demo" / f"slurm-{straight}"),
         "preempted": (preempted, preempted_info, run_dir),
     }
@@ -268,12 +306,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(train_jobs)
     stop_step = int(stopped.group(1))
     assert 6 <= stop_step < STEPS
     # The protocol, in order: signal to the batch shell, trainer exits 75, requeue, restart, resume.
-    for line in ("SIGUSR1 received", f"step {stop_step}: SIGUSR1 received: checkpointing",
-                 "job step exited with status 75", f"requeueing job {job_id} (restart 1)", f"job {job_id}, restart 1",
-                 f"resumed from {run_dir}/checkpoints/step_{stop_step:08d} at step {stop_step}",
-                 "job step exited with status 0"):
+    for line in (
+        "SIGUSR1 received",
+        f"step {stop_step}: SIGUSR1 received: checkpointing",
+        "job step exited with status 75",
+        f"requeueing job {job_id} (restart 1)",
+        f"job {job_id}, restart 1",
+        f"resumed from {run_dir}/checkpoints/step_{stop_step:08d} at step {stop_step}",
+        "job step exited with status 0",
+    ):
         assert line in log, f"missing {line!r} in\n{log[-6000:]}"
-        log = log[log.index(line):]
+        log = log[log.index(line) :]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
     # Same losses as the uninterrupted job at every logged step, on both sides of the stop.
@@ -292,8 +335,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(train_jobs)
 
 
 def test_deepspeed_launcher_variant_trains_through_srun(slurm_cluster: SlurmCluster, tmp_path):
-    job_id = submit(slurm_cluster, tmp_path, "train_deepspeed.sbatch", "+experiment=cpu_demo", "train.steps=4",
-                    "train.eval_every=4", "train.ckpt_every=4")
+    job_id = submit(
+        slurm_cluster,
+        tmp_path,
+        "train_deepspeed.sbatch",
+        "+experiment=cpu_demo",
+        "train.steps=4",
+        "train.eval_every=4",
+        "train.ckpt_every=4",
+    )
     info = slurm_cluster.wait_finished(job_id, JOB_TIMEOUT)
     log = job_log(tmp_path, "moe-train-ds", job_id)
     assert_completed(slurm_cluster, info, log)
@@ -304,10 +354,24 @@ def test_deepspeed_launcher_variant_trains_through_srun(slurm_cluster: SlurmClus
 
 def test_sweep_array_runs_each_value_in_one_wandb_group(slurm_cluster: SlurmCluster, tmp_path):
     # One single-process job per value (the EP=2 path is covered above): the array is what is tested.
-    sbatch_args = ["--array=0-1", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                   "--time=15"]
-    array_id = submit(slurm_cluster, tmp_path, "sweep.sbatch", "train.steps=4", "train.eval_every=4",
-                      "train.ckpt_every=4", sbatch_args=sbatch_args, env={"SWEEP_VALUES": "1.0 2.0"})
+    sbatch_args = [
+        "--array=0-1",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=15",
+    ]
+    array_id = submit(
+        slurm_cluster,
+        tmp_path,
+        "sweep.sbatch",
+        "train.steps=4",
+        "train.eval_every=4",
+        "train.ckpt_every=4",
+        sbatch_args=sbatch_args,
+        env={"SWEEP_VALUES": "1.0 2.0"},
+    )
     runs = tmp_path / "work" / "runs" / "cf_sweep"
     for task, value in enumerate(("1.0", "2.0")):
         info = slurm_cluster.wait_finished(f"{array_id}_{task}", JOB_TIMEOUT)

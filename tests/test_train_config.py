@@ -72,8 +72,12 @@ def test_wrong_types_and_unknown_keys_fail_at_composition():
 
 
 def test_deepspeed_json_comes_from_the_config():
-    cfg = make("deepspeed=zero2", "train.micro_batch_size=4", "train.grad_accum=3",
-               "+deepspeed.extra={communication_data_type: fp32}")
+    cfg = make(
+        "deepspeed=zero2",
+        "train.micro_batch_size=4",
+        "train.grad_accum=3",
+        "+deepspeed.extra={communication_data_type: fp32}",
+    )
     ds = app_config.deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": False}
@@ -91,12 +95,24 @@ def test_model_config_inherits_and_overrides_expert_width():
 
 def test_launcher_environments():
     assert strip_launcher_args(["train.py", "--local_rank=1", "a=1", "--local_rank", "0", "b=2"]) == [
-        "train.py", "a=1", "b=2"]
-    torch_env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-                        "MASTER_PORT": "1234"})
+        "train.py",
+        "a=1",
+        "b=2",
+    ]
+    torch_env = detect(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    )
     assert torch_env == LaunchEnv(3, 4, 1, 4, "10.0.0.1", 1234, "torch")
-    slurm = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-                    "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_TASKS_PER_NODE": "4(x2)"})
+    slurm = detect(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "gpu[07-09,12]",
+            "SLURM_TASKS_PER_NODE": "4(x2)",
+        }
+    )
     assert slurm == LaunchEnv(5, 8, 1, 4, "gpu07", slurm_port("4242"), "slurm")
     assert first_slurm_node("n1,n2") == "n1" and first_slurm_node("node-[3,5]") == "node-3"
     single = detect({})

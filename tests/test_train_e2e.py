@@ -24,13 +24,31 @@ MOE_LAYERS = (0, 1)
 
 def train(run_dir: Path, cache: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+        str(DEEPSPEED),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
         "+experiment=cpu_demo",
-        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.ffn_hidden_size=128",
-        "model.moe_every=1", "moe.num_experts=4",
-        "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=32", f"data.cache_dir={cache}",
-        f"train.steps={steps}", "train.micro_batch_size=4", "train.log_every=2", "train.eval_every=4",
-        "train.eval_batches=2", "train.ckpt_every=4", f"train.run_dir={run_dir}", "train.progress=lines",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_heads=2",
+        "model.ffn_hidden_size=128",
+        "model.moe_every=1",
+        "moe.num_experts=4",
+        "data.max_corpus_bytes=300000",
+        "data.vocab_size=512",
+        "data.seq_len=32",
+        f"data.cache_dir={cache}",
+        f"train.steps={steps}",
+        "train.micro_batch_size=4",
+        "train.log_every=2",
+        "train.eval_every=4",
+        "train.eval_batches=2",
+        "train.ckpt_every=4",
+        f"train.run_dir={run_dir}",
+        "train.progress=lines",
         *extra,
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
@@ -94,10 +112,23 @@ def test_resume_continues_the_same_run_and_loss(runs):
 def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     """`-m moe.capacity_factor=0.5,2.0`: two runs, grouped in W&B by experiment, compared by launch.compare."""
     cmd = [
-        sys.executable, str(REPO / "launch" / "train.py"), "-m", "+experiment=cf_sweep", "moe.capacity_factor=0.5,2.0",
-        "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.ckpt_every=3",
-        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.ffn_hidden_size=128",
-        "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=32",
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "-m",
+        "+experiment=cf_sweep",
+        "moe.capacity_factor=0.5,2.0",
+        "train.steps=3",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_batches=1",
+        "train.ckpt_every=3",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_heads=2",
+        "model.ffn_hidden_size=128",
+        "data.max_corpus_bytes=300000",
+        "data.vocab_size=512",
+        "data.seq_len=32",
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -108,14 +139,20 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     assert {info["group"] for info in infos} == {"cf_sweep"}
     assert [info["display_name"] for info in infos] == ["moe.capacity_factor=0.5", "moe.capacity_factor=2.0"]
     dropped = [
-        [row["moe/dropped_fraction"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-         if "moe/dropped_fraction" in row]
+        [
+            row["moe/dropped_fraction"]
+            for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "moe/dropped_fraction" in row
+        ]
         for run in runs
     ]
     assert min(dropped[0]) > max(dropped[1])  # a smaller capacity factor drops more
     compare = subprocess.run(
         [sys.executable, "-m", "launch.compare", *map(str, runs), "--out", str(tmp_path / "cmp.png")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert compare.returncode == 0, compare.stderr
     assert "train/loss" in compare.stdout and (tmp_path / "cmp.png").stat().st_size > 1000
