@@ -60,6 +60,7 @@ class MoEConfig:
     expert_bias: bool = False
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
     init_std: float = 0.02
+    output_init_std: float | None = None  # std of the experts' second weight; None: init_std
     init_seed: int = 1234
 
     # Integration
@@ -96,6 +97,8 @@ class MoEConfig:
         for name in ("aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate", "init_std"):
             if getattr(self, name) < 0:
                 fail(name, getattr(self, name), "must be >= 0")
+        if self.output_init_std is not None and not self.output_init_std >= 0:
+            fail("output_init_std", self.output_init_std, "must be >= 0, or None to use init_std")
         if self.activation not in ACTIVATIONS:
             fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
         if self.shared_expert_ffn_hidden_size < 0:

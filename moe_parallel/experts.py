@@ -192,7 +192,9 @@ class GroupedExperts(nn.Module):
     """The ``num_local_experts`` experts held by this rank, weights stacked as ``[e, D, F]``.
 
     ``first_expert_id`` is the global id of local expert 0; each expert's initialisation is seeded by
-    its global id, so the same model results from any expert-parallel layout.
+    its global id, so the same model results from any expert-parallel layout. ``w1`` is drawn with
+    ``init_std``, ``w2`` (the projection back into the residual stream) with ``output_init_std``
+    (default ``init_std``; Megatron scales it by ``1/sqrt(2 * num_layers)``).
     """
 
     def __init__(
@@ -206,12 +208,14 @@ class GroupedExperts(nn.Module):
         init_std: float = 0.02,
         init_seed: int = 1234,
         layer_number: int = 0,
+        output_init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
         self.activation = activation
         self.first_expert_id = first_expert_id
         self.init_std = init_std
+        self.output_init_std = init_std if output_init_std is None else output_init_std
         self.init_seed = init_seed
         self.layer_number = layer_number
         up_size = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
@@ -227,8 +231,8 @@ class GroupedExperts(nn.Module):
             gen = torch.Generator().manual_seed(
                 expert_seed(self.init_seed, self.layer_number, self.first_expert_id + j)
             )
-            for param in (self.w1, self.w2):
-                param[j].copy_(torch.empty(param.shape[1:]).normal_(0.0, self.init_std, generator=gen))
+            for param, std in ((self.w1, self.init_std), (self.w2, self.output_init_std)):
+                param[j].copy_(torch.empty(param.shape[1:]).normal_(0.0, std, generator=gen))
             for param in (self.b1, self.b2):
                 if param is not None:
                     param[j].zero_()

@@ -75,6 +75,7 @@ class MoELayer(DeepSpeedRecognizedMoE):
             activation=config.activation,
             bias=config.expert_bias,
             init_std=config.init_std,
+            output_init_std=config.output_init_std,
             init_seed=config.init_seed,
             layer_number=layer_number,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -259,6 +260,20 @@ def test_moe_config_inherits_and_round_trips():
     assert GPTConfig(**cfg.to_dict()) == cfg  # a plain dict (e.g. from Hydra) rebuilds it
     explicit = make_config(moe=cfg.moe)
     assert explicit.moe is cfg.moe
+
+
+def test_expert_output_weights_get_the_residual_init():
+    """Experts' fc2 is drawn like the dense fc2: init_std / sqrt(2 * num_layers) (Megatron's output init)."""
+    cfg = make_config(num_layers=4, moe_every=2, ffn_hidden_size=256, moe={"num_experts": 4})
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    assert cfg.moe.output_init_std == pytest.approx(residual_std)
+    model = GPT(cfg)
+    moe, dense = model.blocks[1].ffn, model.blocks[0].ffn
+    assert moe.experts.w1.std().item() == pytest.approx(cfg.init_std, rel=0.05)
+    assert moe.experts.w2.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert dense.fc2.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    with pytest.raises(MoEConfigError, match=r"moe\.output_init_std=-1"):
+        make_config(moe={"num_experts": 4, "output_init_std": -1})
 
 
 def test_bad_input():

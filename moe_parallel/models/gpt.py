@@ -57,8 +57,9 @@ class GPTConfig:
     ``moe_every=1`` makes every block MoE, ``moe_every=2`` blocks 1, 3, 5, ... and ``moe_every=0``
     none (a dense model). ``moe`` is an :class:`MoEConfig` or a dict of its fields (e.g. from Hydra);
     from a dict, ``hidden_size``, ``ffn_hidden_size``, ``activation``, ``init_std`` and ``init_seed``
-    default to this config's values. After construction ``moe`` is always an ``MoEConfig`` (or None
-    when ``moe_every == 0`` and none was given).
+    default to this config's values, and the experts' output weights get the dense blocks' residual
+    init (``output_init_std = init_std / sqrt(2 * num_layers)``). After construction ``moe`` is
+    always an ``MoEConfig`` (or None when ``moe_every == 0`` and none was given).
     """
 
     vocab_size: int
@@ -148,6 +149,7 @@ class GPTConfig:
             "ffn_hidden_size": self.ffn_hidden_size,
             "activation": self.activation,
             "init_std": self.init_std,
+            "output_init_std": _residual_std(self),  # experts' fc2, as the dense fc2
             "init_seed": self.init_seed,
         }
         return MoEConfig(**{**inherited, **moe})  # MoEConfigError names the bad moe.* field
