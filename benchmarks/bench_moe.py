@@ -1,6 +1,9 @@
-"""Forward+backward of moe_parallel.MoELayer vs DeepSpeed's MoE vs the expert-GEMM floor (CPU, fp32).
+"""Forward+backward of moe_parallel.MoELayer vs DeepSpeed's MoE vs the expert-GEMM floor.
 
-For every config, three implementations run on the same input:
+CPU in fp32 by default; ``--device cuda`` runs the same comparison on a GPU in bf16 (NCCL for EP=2,
+which needs a GPU per rank), with peak memory from the CUDA allocator's statistics.
+
+For every config, four implementations run on the same input:
 
 - ``ours``: :class:`moe_parallel.MoELayer` (GELU experts, no bias, ``drop_policy="position"``);
 - ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same sizes, gate weights and expert weights;
@@ -15,12 +18,13 @@ For every config, three implementations run on the same input:
 Times are medians over interleaved repetitions in one process (the order rotates every repetition,
 so background load hits all implementations alike). Peak memory is measured in a fresh subprocess
 per implementation: see ``BENCHMARKS.md`` for the method. Config ``ep2`` is expert parallelism over
-two gloo processes: the global batch of ``c1``, half of its tokens on each rank.
+two processes (gloo on CPU, NCCL on GPU): the global batch of ``c1``, half of its tokens on each rank.
 
     .venv/bin/python benchmarks/bench_moe.py                  # everything, writes BENCHMARKS.md
     .venv/bin/python benchmarks/bench_moe.py --quick          # small smoke run, writes nothing
     .venv/bin/python benchmarks/bench_moe.py --configs c2 --reps 15 --no-memory --no-write
     .venv/bin/python benchmarks/bench_moe.py --tuned-malloc   # same, glibc keeps freed memory
+    .venv/bin/python benchmarks/bench_moe.py --device cuda    # GPU, bf16: its own BENCHMARKS.md block
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
 # follows the live tensors instead of glibc's cached free lists (see measure_step_peak_mib).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and in what precision every implementation runs: the same for all of them."""
+
+    device: str = "cpu"  # "cpu" or "cuda" (rank r of an EP run uses cuda:r)
+    dtype: str = "float32"  # parameters, activations and gradients; our router still computes in fp32
+    threads: int | None = None  # torch CPU threads at EP=1 (EP>1 ranks get one each)
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def device_for(self, rank: int) -> torch.device:
+        return torch.device(f"cuda:{rank}") if self.device == "cuda" else torch.device("cpu")
+
+    def for_config(self, cfg: BenchConfig) -> Target:
+        return dataclasses.replace(self, threads=1) if cfg.ep_size > 1 and self.device == "cpu" else self
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -109,17 +135,21 @@ TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHO
 # --------------------------------------------------------------------------- process groups
 
 
-def init_distributed(rank: int, world_size: int, port: int) -> None:
-    """A gloo group on 127.0.0.1, also registered with deepspeed.comm (its MoE layer needs it)."""
+def init_distributed(rank: int, world_size: int, port: int, target: Target) -> None:
+    """A gloo (CPU) or NCCL (GPU) group on 127.0.0.1, also registered with deepspeed.comm (its MoE needs it)."""
     import deepspeed
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    backend = "nccl" if target.device == "cuda" else "gloo"
+    if target.device == "cuda":
+        torch.cuda.set_device(target.device_for(rank))
+    init = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world_size)
     with contextlib.redirect_stdout(io.StringIO()):  # "... built successfully" banners
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
-def quiet_deepspeed() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def quiet_deepspeed(target: Target) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", target.device)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
@@ -137,7 +167,9 @@ class Problem:
     grad_TD: Tensor
 
 
-def make_problem(cfg: BenchConfig, ep_group: dist.ProcessGroup | None = None, rank: int = 0) -> Problem:
+def make_problem(
+    cfg: BenchConfig, ep_group: dist.ProcessGroup | None = None, rank: int = 0, target: Target = Target()
+) -> Problem:
     config = MoEConfig(
         hidden_size=cfg.hidden,
         ffn_hidden_size=cfg.ffn,
@@ -150,11 +182,12 @@ def make_problem(cfg: BenchConfig, ep_group: dist.ProcessGroup | None = None, ra
         activation="gelu",
         expert_bias=False,
     )
-    layer = MoELayer(config, ep_group=ep_group).train()
+    device, dtype = target.device_for(rank), target.torch_dtype()
+    layer = MoELayer(config, ep_group=ep_group).to(device=device, dtype=dtype).train()
     local_tokens = cfg.tokens // cfg.ep_size
     gen = torch.Generator().manual_seed(1000 + rank)
-    x_TD = torch.randn(local_tokens, cfg.hidden, generator=gen)
-    grad_TD = torch.randn(local_tokens, cfg.hidden, generator=gen)
+    x_TD = torch.randn(local_tokens, cfg.hidden, generator=gen).to(device=device, dtype=dtype)
+    grad_TD = torch.randn(local_tokens, cfg.hidden, generator=gen).to(device=device, dtype=dtype)
     return Problem(cfg, layer, x_TD, grad_TD)
 
 
@@ -207,6 +240,8 @@ def build_deepspeed(problem: Problem) -> Step:
         use_rts=False,
         top2_2nd_expert_sampling=False,  # deterministic top-2, as ours
     ).train()
+    moe.to(device=problem.x_TD.device, dtype=problem.x_TD.dtype)
+    moe.deepspeed_moe.gate.wg.float()  # DeepSpeed's gate multiplies an fp32 copy of the input
     with contextlib.redirect_stdout(io.StringIO()):  # "No existing process group found, creating ..."
         moe.set_deepspeed_parallelism()
     with torch.no_grad():
@@ -215,11 +250,10 @@ def build_deepspeed(problem: Problem) -> Step:
             local[0].weight.copy_(ours.experts.w1[j].t())
             local[2].weight.copy_(ours.experts.w2[j].t())
     x_TD = problem.x_TD.clone().requires_grad_()
-    grads = [problem.grad_TD, torch.tensor(AUX_LOSS_COEFF)]
 
     def run() -> None:
         y_TD, l_aux, _ = moe(x_TD)
-        torch.autograd.backward([y_TD, l_aux], grads)
+        torch.autograd.backward([y_TD, l_aux], [problem.grad_TD, torch.full_like(l_aux, AUX_LOSS_COEFF)])
 
     return Step(run, [x_TD, *moe.parameters()])
 
@@ -253,7 +287,7 @@ def build_floor(problem: Problem) -> Step:
     w1_list = [w.detach().clone().requires_grad_() for w in experts.w1]
     w2_list = [w.detach().clone().requires_grad_() for w in experts.w2]
     gen = torch.Generator().manual_seed(7)
-    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen) for n in counts]
+    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
 
     def run() -> None:
         outs = []
@@ -318,6 +352,19 @@ def measure_step_peak_mib(step: Step) -> float:
     Path("/proc/self/clear_refs").write_text("5")
     step()
     return (_proc_status_kib("VmHWM") - base) / 1024
+
+
+def measure_step_peak_mib_cuda(step: Step) -> float:
+    """GPU: peak allocated memory of one step over the memory allocated just before it (MiB)."""
+    step()
+    step.clear_grads()
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # torch.profiler op names per cost category, for --profile (everything else: "other").
@@ -391,21 +438,28 @@ def profile_step(step: Step, reps: int = 3) -> dict[str, float]:
     return {name: statistics.median(c[name] for c in samples) for name in samples[0]}
 
 
-def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: int | None) -> None:
+def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Target) -> None:
     """One rank of one implementation; runs the parent's commands until "stop".
 
     Every implementation lives in processes of its own: glibc's heap state (its dynamic mmap and
     trim thresholds, its free lists) then depends only on that implementation's own allocations, not
     on which implementation happened to run before it in the same process.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    quiet_deepspeed()
+    if target.threads:
+        torch.set_num_threads(target.threads)
+    quiet_deepspeed(target)
     distributed = cfg.ep_size > 1 or impl == "deepspeed"
     if distributed:
-        init_distributed(rank, cfg.ep_size, port)
-    fence = dist.barrier if cfg.ep_size > 1 else (lambda: None)
-    problem = make_problem(cfg, ep_group=dist.group.WORLD if cfg.ep_size > 1 else None, rank=rank)
+        init_distributed(rank, cfg.ep_size, port, target)
+    elif target.device == "cuda":
+        torch.cuda.set_device(target.device_for(rank))
+
+    def fence() -> None:
+        target.sync()
+        if cfg.ep_size > 1:
+            dist.barrier()
+
+    problem = make_problem(cfg, ep_group=dist.group.WORLD if cfg.ep_size > 1 else None, rank=rank, target=target)
     step = BUILDERS[impl](problem)
     conn.send(kept_rows(problem))
     while (command := conn.recv()) != "stop":
@@ -417,7 +471,8 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: in
             fence()
             conn.send(time.perf_counter() - start)
         elif command == "peak":
-            conn.send(measure_step_peak_mib(step))
+            measure = measure_step_peak_mib_cuda if target.device == "cuda" else measure_step_peak_mib
+            conn.send(measure(step))
         elif command == "profile":
             step()
             conn.send(profile_step(step))
@@ -428,7 +483,7 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, threads: in
 class Implementation:
     """The process(es) of one implementation on one config: one per EP rank."""
 
-    def __init__(self, cfg: BenchConfig, impl: str, threads: int | None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: BenchConfig, impl: str, target: Target, env: dict[str, str] | None = None) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -439,7 +494,7 @@ class Implementation:
             self.conns, self.procs = [], []
             for rank in range(cfg.ep_size):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, cfg, impl, rank, port, threads), daemon=True)
+                proc = ctx.Process(target=_worker, args=(child, cfg, impl, rank, port, target), daemon=True)
                 proc.start()
                 self.conns.append(parent)
                 self.procs.append(proc)
@@ -505,11 +560,9 @@ def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, reps: i
     return rounds
 
 
-def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) -> Timing:
+def run_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) -> Timing:
     """Interleaved rounds over one live process (group) per implementation."""
-    if cfg.ep_size > 1:
-        threads = 1  # the ranks share the machine's cores
-    impls = {name: Implementation(cfg, name, threads) for name in IMPLS}
+    impls = {name: Implementation(cfg, name, target.for_config(cfg)) for name in IMPLS}
     try:
         rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
         return Timing(rounds, impls["ours"].kept_rows)
@@ -518,13 +571,11 @@ def run_timing(cfg: BenchConfig, warmup: int, reps: int, threads: int | None) ->
             impl.close()
 
 
-def run_profile(cfg: BenchConfig, threads: int | None) -> str:
+def run_profile(cfg: BenchConfig, target: Target) -> str:
     """Markdown table: where each implementation's step goes (rank 0 at EP > 1)."""
-    if cfg.ep_size > 1:
-        threads = 1
     columns = {}
     for name in IMPLS:
-        procs = Implementation(cfg, name, threads)
+        procs = Implementation(cfg, name, target.for_config(cfg))
         try:
             columns[name] = procs.request("profile")[0]
         finally:
@@ -535,11 +586,9 @@ def run_profile(cfg: BenchConfig, threads: int | None) -> str:
     return "\n".join(lines)
 
 
-def run_memory(cfg: BenchConfig, impl: str, threads: int | None) -> float:
-    """Peak MiB of one step in fresh processes under MEMORY_ENV (the larger rank's, at EP > 1)."""
-    if cfg.ep_size > 1:
-        threads = 1
-    procs = Implementation(cfg, impl, threads, env=MEMORY_ENV)
+def run_memory(cfg: BenchConfig, impl: str, target: Target) -> float:
+    """Peak MiB of one step in fresh processes (the larger rank's, at EP > 1); on CPU under MEMORY_ENV."""
+    procs = Implementation(cfg, impl, target.for_config(cfg), env=MEMORY_ENV if target.device == "cpu" else None)
     try:
         return max(procs.request("peak"))
     finally:
@@ -588,17 +637,21 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine_line(threads: int) -> str:
+def machine_line(target: Target) -> str:
+    from importlib.metadata import version
+
+    versions = f"torch {torch.__version__}, deepspeed {version('deepspeed')}, Python {platform.python_version()}"
+    if target.device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, {target.dtype}, {versions}"
+    threads = target.threads or torch.get_num_threads()
     cpu = platform.processor() or "cpu"
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         pass
-    from importlib.metadata import version
-
     return (
-        f"{os.cpu_count()}-core CPU ({cpu}), fp32, torch {torch.__version__} ({threads} threads at EP=1, "
-        f"1 per rank at EP=2), deepspeed {version('deepspeed')}, Python {platform.python_version()}"
+        f"{os.cpu_count()}-core CPU ({cpu}), {target.dtype}, {threads} torch threads at EP=1 and 1 per rank "
+        f"at EP=2, {versions}"
     )
 
 
@@ -634,6 +687,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per implementation (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for EP=1 (default: torch's choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32 on CPU, bfloat16 on GPU"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, BENCHMARKS.md left alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -645,9 +702,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.device == "cuda" and (args.profile or args.tuned_malloc):
+        parser.error("--profile and --tuned-malloc are CPU measurements; drop them with --device cuda")
     if args.quick:
         args.reps, args.warmup, args.no_write = min(args.reps, 3), 1, True
     return args
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    return Target(device=args.device, dtype=args.dtype, threads=args.threads)
 
 
 def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
@@ -656,13 +721,29 @@ def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(table)}")
-    return [table[n] for n in names]
+    configs = [table[n] for n in names]
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        too_wide = [c.name for c in configs if c.ep_size > torch.cuda.device_count()]
+        if too_wide:  # NCCL needs one GPU per rank
+            print(f"skipping {too_wide}: {torch.cuda.device_count()} GPU(s) visible, one per EP rank needed")
+            configs = [c for c in configs if c.name not in too_wide]
+    return configs
+
+
+def results_block(args: argparse.Namespace) -> str:
+    """Which results block of BENCHMARKS.md a run writes: one per device and dtype (and allocator)."""
+    if args.tuned_malloc:
+        return "tuned-malloc"
+    return "default" if (args.device, args.dtype) == ("cpu", "float32") else f"{args.device}-{args.dtype}"
 
 
 def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     print(f"== {cfg.name}: {cfg.label()}", flush=True)
-    timing = run_timing(cfg, args.warmup, args.reps, args.threads)
-    peak = None if args.no_memory else {impl: run_memory(cfg, impl, args.threads) for impl in MEMORY_IMPLS}
+    target = target_of(args)
+    timing = run_timing(cfg, args.warmup, args.reps, target)
+    peak = None if args.no_memory else {impl: run_memory(cfg, impl, target) for impl in MEMORY_IMPLS}
     row = Row(cfg, timing, peak)
     print(markdown_table([row]), flush=True)
     return row
@@ -676,15 +757,15 @@ def main(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
     if args.profile:
         for cfg in selected_configs(args):
-            print(run_profile(cfg, args.threads) + "\n", flush=True)
+            print(run_profile(cfg, target_of(args)) + "\n", flush=True)
         return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
     print("\n" + table)
     if not args.no_write:
         command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
-        block = "tuned-malloc" if args.tuned_malloc else "default"
-        write_results(args.output, block, command, machine_line(args.threads or torch.get_num_threads()), table)
+        block = results_block(args)
+        write_results(args.output, block, command, machine_line(target_of(args)), table)
         print(f"wrote the {block} block of {args.output}")
 
 
