@@ -111,19 +111,18 @@ class _ExpertMLP(torch.autograd.Function):
                 a = activate(h, activation)  # a fresh tensor; h is saved, a is recomputed in backward
                 saved.append(h)
                 b2_j = None if b2 is None else b2[j]
+                dest = None if gather else y[rows[j]]  # grouped rows: write the output in place
                 if not scaled:
-                    out = _linear(a, w2[j], b2_j)
+                    out = _linear(a, w2[j], b2_j, out=dest)
                 elif keep_output:
                     o = _linear(a, w2[j], b2_j)
                     saved.append(o)
-                    out = o * scales[j]
+                    out = torch.mul(o, scales[j], out=dest)
                 else:
                     s = scales[j]
-                    out = _linear(a.mul_(s), w2[j], None if b2_j is None else s * b2_j)
+                    out = _linear(a.mul_(s), w2[j], None if b2_j is None else s * b2_j, out=dest)
                 if gather:
                     y.index_add_(0, rows[j], out)
-                else:
-                    y[rows[j]] = out
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
         ctx.counts, ctx.activation, ctx.keep_output = counts, activation, keep_output
         return y
@@ -180,11 +179,10 @@ class _ExpertMLP(torch.autograd.Function):
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
                 torch.sum(grad_h, 0, out=grad_b1[j])
-            grad_x_e = torch.mm(grad_h, w1[j].t())
             if gather:
-                grad_x.index_add_(0, rows[j], grad_x_e)
+                grad_x.index_add_(0, rows[j], torch.mm(grad_h, w1[j].t()))
             else:
-                grad_x[rows[j]] = grad_x_e
+                torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
         return grad_x, grad_weight_N if scaled else None, None, *grads, None, None
 
 
