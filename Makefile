@@ -28,8 +28,10 @@ PORT   ?= 29531
 train: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) launch/train.py +experiment=cpu_demo $(ARGS)
 
+# Our MoE vs DeepSpeed's vs the GEMM floor (BENCHMARKS.md). Options: make bench BENCH_ARGS="--configs c2 --reps 15";
+# on a GPU: BENCH_ARGS="--device cuda" (bf16).
 bench: venv
-	$(PY) benchmarks/bench_moe.py
+	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks
