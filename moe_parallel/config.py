@@ -13,11 +13,13 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["position", "probs"]
 Activation = Literal["gelu", "swiglu", "relu", "silu"]
 RouterNoise = Literal["none", "jitter", "gumbel"]
+ExpertGemm = Literal["auto", "grouped", "loop"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("gelu", "swiglu", "relu", "silu")
 ROUTER_NOISES = ("none", "jitter", "gumbel")
+EXPERT_GEMMS = ("auto", "grouped", "loop")
 
 
 class MoEConfigError(ValueError):
@@ -59,6 +61,10 @@ class MoEConfig:
     activation: Activation = "gelu"
     expert_bias: bool = False
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
+    # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
+    # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows,
+    # fastest on CPU), "auto" (grouped on CUDA in bf16 on SM >= 80, loop elsewhere).
+    expert_gemm: ExpertGemm = "auto"
     init_std: float = 0.02
     output_init_std: float | None = None  # std of the experts' second weight; None: init_std
     init_seed: int = 1234
@@ -101,6 +107,8 @@ class MoEConfig:
             fail("output_init_std", self.output_init_std, "must be >= 0, or None to use init_std")
         if self.activation not in ACTIVATIONS:
             fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            fail("expert_gemm", self.expert_gemm, f"choose one of {EXPERT_GEMMS}")
         if self.shared_expert_ffn_hidden_size < 0:
             fail("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, "must be >= 0 (0 disables)")
 

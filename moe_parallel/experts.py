@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Activation
+from .config import Activation, ExpertGemm
 
 aten = torch.ops.aten
 
@@ -186,6 +186,56 @@ class _ExpertMLP(torch.autograd.Function):
         return grad_x, grad_weight_N if scaled else None, None, *grads, None, None
 
 
+def _grouped_mlp(
+    x_ND: Tensor,
+    weight_N: Tensor | None,
+    counts: list[int],
+    w1_eDH: Tensor,
+    w2_eFD: Tensor,
+    b1_eH: Tensor | None,
+    b2_eD: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """The same MLP as :class:`_ExpertMLP` on grouped rows, as two grouped GEMMs over all experts.
+
+    A fixed number of kernels whatever the number of experts (a GPU would otherwise spend its time
+    launching ~20 small kernels per expert); plain autograd does the backward, whose weight
+    gradients are grouped GEMMs too.
+    """
+    counts_e = torch.tensor(counts, device=x_ND.device)
+    offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
+    h_NH = F.grouped_mm(x_ND, w1_eDH, offs=offs_e)
+    if b1_eH is not None:
+        h_NH = h_NH + b1_eH.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
+    a_NF = activate(h_NH, activation)
+    scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
+    scale_first = scale_N1 is not None and w2_eFD.shape[-1] > w2_eFD.shape[-2]  # D > F: scale [N, F]
+    if scale_first:
+        a_NF = a_NF * scale_N1
+    out_ND = F.grouped_mm(a_NF, w2_eFD, offs=offs_e)
+    if b2_eD is not None:
+        b2_ND = b2_eD.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
+        out_ND = out_ND + (b2_ND * scale_N1 if scale_first else b2_ND)
+    if scale_N1 is not None and not scale_first:
+        out_ND = out_ND * scale_N1
+    return out_ND
+
+
+def grouped_gemm_supported(x: Tensor, hidden_size: int, up_size: int) -> bool:
+    """Whether ``expert_gemm="auto"`` picks the grouped GEMM for these activations.
+
+    torch's grouped GEMM kernels want bf16 on CUDA with compute capability >= 8.0 and rows whose
+    byte strides are multiples of 16 (sizes that are multiples of 8).
+    """
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and hidden_size % 8 == 0
+        and up_size % 8 == 0
+    )
+
+
 class GroupedExperts(nn.Module):
     """The ``num_local_experts`` experts held by this rank, weights stacked as ``[e, D, F]``.
 
@@ -207,10 +257,12 @@ class GroupedExperts(nn.Module):
         init_seed: int = 1234,
         layer_number: int = 0,
         output_init_std: float | None = None,
+        expert_gemm: ExpertGemm = "auto",
     ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
         self.activation = activation
+        self.expert_gemm = expert_gemm
         self.first_expert_id = first_expert_id
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
@@ -257,8 +309,24 @@ class GroupedExperts(nn.Module):
             )
         # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
         params = [None if p is None else p.to(x.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
-        return _ExpertMLP.apply(x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation)
+        if not self.uses_grouped_gemm(x):
+            return _ExpertMLP.apply(x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation)
+        with torch.autocast(x.device.type, enabled=False):
+            x_ND = x if token_idx_N is None else x.index_select(0, token_idx_N)
+            out_ND = _grouped_mlp(x_ND, weight_N, tokens_per_expert, *params, self.activation)
+            if token_idx_N is None:
+                return out_ND
+            return torch.zeros_like(x).index_add_(0, token_idx_N, out_ND)
+
+    def uses_grouped_gemm(self, x: Tensor) -> bool:
+        """Whether a forward on ``x`` runs the grouped GEMM path (see ``MoEConfig.expert_gemm``)."""
+        if self.expert_gemm == "auto":
+            return grouped_gemm_supported(x, self.w1.shape[1], self.w1.shape[2])
+        return self.expert_gemm == "grouped"
 
     def extra_repr(self) -> str:
         e, d, h = self.w1.shape
-        return f"experts={e} (first global id {self.first_expert_id}), hidden={d}, up={h}, act={self.activation}"
+        return (
+            f"experts={e} (first global id {self.first_expert_id}), hidden={d}, up={h}, act={self.activation}, "
+            f"gemm={self.expert_gemm}"
+        )

@@ -76,6 +76,7 @@ class MoELayer(DeepSpeedRecognizedMoE):
             bias=config.expert_bias,
             init_std=config.init_std,
             output_init_std=config.output_init_std,
+            expert_gemm=config.expert_gemm,
             init_seed=config.init_seed,
             layer_number=layer_number,
         )
