@@ -56,6 +56,7 @@ class MoEConf:
     z_loss_coeff: float = 0.001
     expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
     shared_expert_ffn_hidden_size: int = 0
+    expert_gemm: str = "auto"  # auto (grouped GEMM on CUDA bf16, per-expert loop elsewhere) | grouped | loop
     check_inputs: bool = False
 
 
