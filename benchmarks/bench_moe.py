@@ -74,6 +74,7 @@ class Target:
     device: str = "cpu"  # "cpu" or "cuda" (rank r of an EP run uses cuda:r)
     dtype: str = "float32"  # parameters, activations and gradients; our router still computes in fp32
     threads: int | None = None  # torch CPU threads at EP=1 (EP>1 ranks get one each)
+    expert_gemm: str = "auto"  # our experts' path: MoEConfig.expert_gemm
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -181,6 +182,7 @@ def make_problem(
         aux_loss_coeff=AUX_LOSS_COEFF,
         activation="gelu",
         expert_bias=False,
+        expert_gemm=target.expert_gemm,
     )
     device, dtype = target.device_for(rank), target.torch_dtype()
     layer = MoELayer(config, ep_group=ep_group).to(device=device, dtype=dtype).train()
@@ -689,6 +691,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for EP=1 (default: torch's choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument(
+        "--expert-gemm", choices=("auto", "grouped", "loop"), default="auto", help="our experts' path (default auto)"
+    )
+    parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32 on CPU, bfloat16 on GPU"
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, BENCHMARKS.md left alone")
@@ -712,7 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def target_of(args: argparse.Namespace) -> Target:
-    return Target(device=args.device, dtype=args.dtype, threads=args.threads)
+    return Target(device=args.device, dtype=args.dtype, threads=args.threads, expert_gemm=args.expert_gemm)
 
 
 def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
@@ -736,7 +741,8 @@ def results_block(args: argparse.Namespace) -> str:
     """Which results block of BENCHMARKS.md a run writes: one per device and dtype (and allocator)."""
     if args.tuned_malloc:
         return "tuned-malloc"
-    return "default" if (args.device, args.dtype) == ("cpu", "float32") else f"{args.device}-{args.dtype}"
+    block = "default" if (args.device, args.dtype) == ("cpu", "float32") else f"{args.device}-{args.dtype}"
+    return block if args.expert_gemm == "auto" else f"{block}-{args.expert_gemm}"
 
 
 def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:

@@ -56,6 +56,7 @@ def test_device_and_dtype_pick_their_own_results_block() -> None:
     assert bench.results_block(bench.parse_args(["--dtype", "bfloat16"])) == "cpu-bfloat16"
     cuda = bench.parse_args(["--device", "cuda"])
     assert (cuda.dtype, bench.results_block(cuda)) == ("bfloat16", "cuda-bfloat16")
+    assert bench.results_block(bench.parse_args(["--expert-gemm", "grouped"])) == "default-grouped"
 
 
 def test_gpu_run_refuses_cpu_only_options_and_a_missing_gpu(capsys) -> None:
