@@ -221,19 +221,26 @@ def _grouped_mlp(
     return out_ND
 
 
-def grouped_gemm_supported(x: Tensor, hidden_size: int, up_size: int) -> bool:
-    """Whether ``expert_gemm="auto"`` picks the grouped GEMM for these activations.
+def grouped_gemm_problem(x: Tensor, sizes: tuple[int, ...]) -> str | None:
+    """Why torch's grouped GEMM cannot run the experts on activations like ``x``; None if it can.
 
-    torch's grouped GEMM kernels want bf16 on CUDA with compute capability >= 8.0 and rows whose
-    byte strides are multiples of 16 (sizes that are multiples of 8).
+    Its kernels want rows whose byte strides are multiples of 16 for every matrix size in ``sizes``
+    (hidden, up-projection and FFN widths) and, on CUDA, bf16 on compute capability >= 8.0.
     """
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-        and hidden_size % 8 == 0
-        and up_size % 8 == 0
-    )
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16:
+            return f"on CUDA it takes bfloat16 activations, not {x.dtype}"
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return f"on CUDA it needs compute capability >= 8.0, not {torch.cuda.get_device_capability(x.device)}"
+    misaligned = [n for n in sizes if n * x.element_size() % 16]
+    if misaligned:
+        return f"rows of {misaligned} {x.dtype} elements are not multiples of 16 bytes"
+    return None
+
+
+def grouped_gemm_supported(x: Tensor, sizes: tuple[int, ...]) -> bool:
+    """Whether ``expert_gemm="auto"`` picks the grouped GEMM: on a CUDA GPU where it can run."""
+    return x.is_cuda and grouped_gemm_problem(x, sizes) is None
 
 
 class GroupedExperts(nn.Module):
@@ -320,9 +327,18 @@ class GroupedExperts(nn.Module):
 
     def uses_grouped_gemm(self, x: Tensor) -> bool:
         """Whether a forward on ``x`` runs the grouped GEMM path (see ``MoEConfig.expert_gemm``)."""
+        sizes = (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1])
         if self.expert_gemm == "auto":
-            return grouped_gemm_supported(x, self.w1.shape[1], self.w1.shape[2])
-        return self.expert_gemm == "grouped"
+            return grouped_gemm_supported(x, sizes)
+        if self.expert_gemm == "loop":
+            return False
+        problem = grouped_gemm_problem(x, sizes)
+        if problem is not None:
+            raise ValueError(
+                f"moe.expert_gemm='grouped' cannot run here: torch's grouped GEMM {problem}; "
+                "use expert_gemm='auto' (it falls back to the per-expert loop) or 'loop'"
+            )
+        return True
 
     def extra_repr(self) -> str:
         e, d, h = self.w1.shape

@@ -106,7 +106,11 @@ def test_auto_picks_the_loop_off_gpu_and_bad_values_name_the_field():
     experts = GroupedExperts(2, hidden_size=8, ffn_hidden_size=16)
     x = torch.randn(4, 8)
     assert experts.expert_gemm == "auto"
-    assert not grouped_gemm_supported(x, 8, 16) and not experts.uses_grouped_gemm(x)
+    assert not grouped_gemm_supported(x, (8, 16, 16)) and not experts.uses_grouped_gemm(x)
     assert GroupedExperts(2, 8, 16, expert_gemm="grouped").uses_grouped_gemm(x)
+    # bf16 rows of 12 elements (24 bytes) cannot go through torch's kernels: say so, name the option
+    odd = GroupedExperts(2, hidden_size=8, ffn_hidden_size=12, expert_gemm="grouped").to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"expert_gemm='grouped' cannot run here.*\[12, 12\].*'loop'"):
+        odd(x.bfloat16(), [2, 2])
     with pytest.raises(MoEConfigError, match=r"moe\.expert_gemm='fast'.*auto"):
         MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=2, expert_gemm="fast")
