@@ -200,10 +200,27 @@ def _grouped_mlp(
 
     A fixed number of kernels whatever the number of experts (a GPU would otherwise spend its time
     launching ~20 small kernels per expert); plain autograd does the backward, whose weight
-    gradients are grouped GEMMs too.
+    gradients are grouped GEMMs too. Each expert's block of rows starts on a 16-byte boundary (as
+    torchtitan pads token groups): the weight-gradient GEMMs are grouped along the rows, and the
+    kernels need aligned group offsets there. Padding rows are zero and their outputs are dropped.
     """
-    counts_e = torch.tensor(counts, device=x_ND.device)
+    num_rows = x_ND.shape[0]
+    align = max(1, 16 // x_ND.element_size())
+    padded = [-(-n // align) * align for n in counts]
+    pos_N = None
+    if padded != counts:
+        starts = torch.tensor([0, *padded[:-1]], device=x_ND.device).cumsum(0)
+        firsts = torch.tensor([0, *counts[:-1]], device=x_ND.device).cumsum(0)
+        counts_e = torch.tensor(counts, device=x_ND.device)
+        pos_N = torch.arange(num_rows, device=x_ND.device) + torch.repeat_interleave(
+            starts - firsts, counts_e, output_size=num_rows
+        )
+        x_ND = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, pos_N, x_ND)
+        if weight_N is not None:
+            weight_N = weight_N.new_zeros(sum(padded)).index_copy(0, pos_N, weight_N)
+    counts_e = torch.tensor(padded, device=x_ND.device)
     offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
+
     h_NH = F.grouped_mm(x_ND, w1_eDH, offs=offs_e)
     if b1_eH is not None:
         h_NH = h_NH + b1_eH.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
@@ -218,7 +235,7 @@ def _grouped_mlp(
         out_ND = out_ND + (b2_ND * scale_N1 if scale_first else b2_ND)
     if scale_N1 is not None and not scale_first:
         out_ND = out_ND * scale_N1
-    return out_ND
+    return out_ND if pos_N is None else out_ND.index_select(0, pos_N)
 
 
 def grouped_gemm_problem(x: Tensor, sizes: tuple[int, ...]) -> str | None:

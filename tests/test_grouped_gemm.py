@@ -114,3 +114,18 @@ def test_auto_picks_the_loop_off_gpu_and_bad_values_name_the_field():
         odd(x.bfloat16(), [2, 2])
     with pytest.raises(MoEConfigError, match=r"moe\.expert_gemm='fast'.*auto"):
         MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=2, expert_gemm="fast")
+
+
+@pytest.mark.parametrize("counts", [[4, 0, 8], [1, 2, 3]], ids=["aligned-groups", "padded-groups"])
+def test_grouped_gemm_with_and_without_group_padding(counts):
+    """Expert blocks start on 16-byte boundaries: padded when a count is not a multiple of 4 fp32 rows."""
+    torch.manual_seed(5)
+    loop, grouped = _pair(12, True, "gelu")
+    x = torch.randn(sum(counts), 8)
+    weight, grad = torch.rand(sum(counts)), torch.randn(sum(counts), 8)
+    want = _run(loop, x, counts, weight, None, grad)
+    got = _run(grouped, x, counts, weight, None, grad)
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-4, atol=1e-5, msg=name)
