@@ -208,13 +208,14 @@ def _grouped_mlp(
     align = max(1, 16 // x_ND.element_size())
     padded = [-(-n // align) * align for n in counts]
     pos_N = None
-    if padded != counts:
-        starts = torch.tensor([0, *padded[:-1]], device=x_ND.device).cumsum(0)
-        firsts = torch.tensor([0, *counts[:-1]], device=x_ND.device).cumsum(0)
-        counts_e = torch.tensor(counts, device=x_ND.device)
-        pos_N = torch.arange(num_rows, device=x_ND.device) + torch.repeat_interleave(
-            starts - firsts, counts_e, output_size=num_rows
+    if padded != counts:  # row i of expert j moves by (padded start of j) - (start of j)
+        device = x_ND.device
+        padded_starts_e = torch.tensor([0, *padded[:-1]], device=device).cumsum(0)
+        starts_e = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)
+        shift_N = torch.repeat_interleave(
+            padded_starts_e - starts_e, torch.tensor(counts, device=device), output_size=num_rows
         )
+        pos_N = torch.arange(num_rows, device=device) + shift_N
         x_ND = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, pos_N, x_ND)
         if weight_N is not None:
             weight_N = weight_N.new_zeros(sum(padded)).index_copy(0, pos_N, weight_N)
