@@ -9,6 +9,8 @@ stored.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,6 +73,11 @@ def _unbind(param: Tensor | None) -> tuple[Tensor, ...] | None:
     return None if param is None else param.unbind(0)
 
 
+def _scale_output(w2_eFD: Tensor) -> bool:
+    """Where the combine weight goes: on the ``[n, D]`` output when D <= F, else on the ``[n, F]`` activation."""
+    return w2_eFD.shape[-1] <= w2_eFD.shape[-2]
+
+
 class _ExpertMLP(torch.autograd.Function):
     """y[t(i)] += w_i * (act(x[t(i)] @ W1[j] + b1[j]) @ W2[j] + b2[j]) for every row i of expert j.
 
@@ -96,7 +103,7 @@ class _ExpertMLP(torch.autograd.Function):
         # The caller cast everything to the activations' dtype; autocast must not recast the products.
         with torch.autocast(x.device.type, enabled=False):
             scaled = weight_N is not None
-            keep_output = scaled and w2_eFD.shape[-1] <= w2_eFD.shape[-2]  # D <= F: scale [n, D]
+            keep_output = scaled and _scale_output(w2_eFD)
             gather = token_idx_N is not None
             rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
             scales = weight_N.to(x.dtype).unsqueeze(-1).split(counts) if scaled else None
@@ -208,12 +215,11 @@ def _grouped_mlp(
     align = max(1, 16 // x_ND.element_size())
     padded = [-(-n // align) * align for n in counts]
     pos_N = None
-    if padded != counts:  # row i of expert j moves by (padded start of j) - (start of j)
+    if padded != counts:  # the rows of expert j move by (padded start of j) - (start of j)
         device = x_ND.device
-        padded_starts_e = torch.tensor([0, *padded[:-1]], device=device).cumsum(0)
-        starts_e = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)
+        shift_e = [p - s for p, s in zip(accumulate(padded, initial=0), accumulate(counts, initial=0))][:-1]
         shift_N = torch.repeat_interleave(
-            padded_starts_e - starts_e, torch.tensor(counts, device=device), output_size=num_rows
+            torch.tensor(shift_e, device=device), torch.tensor(counts, device=device), output_size=num_rows
         )
         pos_N = torch.arange(num_rows, device=device) + shift_N
         x_ND = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, pos_N, x_ND)
@@ -227,7 +233,7 @@ def _grouped_mlp(
         h_NH = h_NH + b1_eH.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
     a_NF = activate(h_NH, activation)
     scale_N1 = None if weight_N is None else weight_N.to(x_ND.dtype).unsqueeze(-1)
-    scale_first = scale_N1 is not None and w2_eFD.shape[-1] > w2_eFD.shape[-2]  # D > F: scale [N, F]
+    scale_first = scale_N1 is not None and not _scale_output(w2_eFD)
     if scale_first:
         a_NF = a_NF * scale_N1
     out_ND = F.grouped_mm(a_NF, w2_eFD, offs=offs_e)
