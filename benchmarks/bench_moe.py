@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch.env import free_port  # noqa: E402
-from moe_parallel import MoEConfig, MoELayer, expert_capacity, plan_dispatch  # noqa: E402
+from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
@@ -261,13 +261,9 @@ def build_deepspeed(problem: Problem) -> Step:
 
 
 def routing_plan(problem: Problem) -> DispatchPlan:
-    """Our router's capacity plan for this input (what a training step would compute)."""
-    layer, x_TD = problem.layer, problem.x_TD
-    cfg = layer.config
+    """Our layer's capacity plan for this input (what a training step computes)."""
     with torch.no_grad():
-        route = layer.router(x_TD)
-        capacity = expert_capacity(x_TD.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.min_capacity)
-        return plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+        return problem.layer.route_and_plan(problem.x_TD)[2]
 
 
 def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .aux_loss import attach_aux_loss
-from .capacity import expert_capacity, plan_dispatch
+from .capacity import DispatchPlan, expert_capacity, plan_dispatch
 from .comm import ProcessGroup, all_reduce_max, group_rank, group_size
 from .config import MoEConfig, MoEConfigError
 from .deepspeed_base import DeepSpeedRecognizedMoE
 from .dispatcher import AllToAllTokenDispatcher
 from .experts import GroupedExperts, expert_seed
-from .router import TopKRouter, load_balancing_loss, router_entropy, router_z_loss
+from .router import RouterOutput, TopKRouter, load_balancing_loss, router_entropy, router_z_loss
 
 
 class MoEInputError(ValueError):
@@ -110,11 +110,7 @@ class MoELayer(DeepSpeedRecognizedMoE):
         max_tokens = self._agree_across_ep(num_tokens, problem, x.device)
 
         x_TD = x.reshape(-1, cfg.hidden_size)
-        route = self.router(x_TD)
-        capacity = expert_capacity(
-            max_tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor_for(self.training), cfg.min_capacity
-        )
-        plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+        route, capacity, plan = self.route_and_plan(x_TD, max_tokens)
 
         if self.ep_size == 1:  # every expert is here: gather, compute and scatter-add per expert
             y_TD = self.experts(x_TD, plan.tokens_per_expert_E.tolist(), plan.weight_N, plan.token_idx_N)
@@ -133,6 +129,27 @@ class MoELayer(DeepSpeedRecognizedMoE):
         if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
             y_TD = attach_aux_loss(y_TD, self.aux_loss)
         return y_TD.view(x.shape)
+
+    def route_and_plan(
+        self, x_TD: Tensor, max_tokens: int | None = None
+    ) -> tuple[RouterOutput, int | None, DispatchPlan]:
+        """Route ``x_TD`` and decide which assignments each expert keeps; no communication.
+
+        Capacity comes from ``max_tokens``, the largest token count in the expert-parallel group
+        (``forward`` agrees on it first); the default is this rank's own count. Returns the router's
+        output, the capacity (None when dropless) and the dispatch plan.
+        """
+        cfg = self.config
+        route = self.router(x_TD)
+        capacity = expert_capacity(
+            x_TD.shape[0] if max_tokens is None else max_tokens,
+            cfg.top_k,
+            cfg.num_experts,
+            cfg.capacity_factor_for(self.training),
+            cfg.min_capacity,
+        )
+        plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
+        return route, capacity, plan
 
     def _check_input(self, x: Tensor) -> str | None:
         hidden = self.config.hidden_size
