@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .deepspeed_integration import expert_group_name, register_expert_groups
+
 ProcessGroup = dist.ProcessGroup
 
 
@@ -130,11 +132,6 @@ class ParallelState:
         return PipeDataParallelTopology(num_pp=layout.pipeline_parallel_size, num_dp=layout.data_parallel_size)
 
 
-def expert_group_name(ep_size: int) -> str:
-    """The name DeepSpeed files expert groups under (``param.group_name`` of expert parameters)."""
-    return f"ep_size_{ep_size}"
-
-
 def _new_groups(all_ranks: list[list[int]], rank: int) -> ProcessGroup:
     """Create every group (all ranks must call ``new_group`` for each) and return the one holding ``rank``."""
     mine = None
@@ -171,13 +168,7 @@ def initialize_parallel(
 
 def _register_with_deepspeed(state: ParallelState) -> None:
     """File our EP and expert-DP groups in ``deepspeed.utils.groups`` so DeepSpeed reduces experts right."""
-    from deepspeed.utils import groups
-
-    name = state.expert_group_name
     layout = state.layout
     ep_ranks = next(r for r in layout.expert_parallel_groups() if state.rank in r)
     edp_ranks = next(r for r in layout.expert_data_parallel_groups() if state.rank in r)
-    groups._EXPERT_PARALLEL_GROUP[name] = state.ep_group
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = state.expert_dp_group
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
+    register_expert_groups(layout.expert_parallel_size, state.ep_group, ep_ranks, state.expert_dp_group, edp_ranks)
