@@ -16,6 +16,7 @@ checkpoints and state dicts move between this layer and ``deepspeed.moe.layer.Mo
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +41,10 @@ JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
 
 class MoECompatError(MoEConfigError):
     """A DeepSpeed MoE argument is invalid or cannot be honoured; the message names it and the fix."""
+
+
+class OptimizerLayoutWarning(UserWarning):
+    """Expert weights were loaded from a layout whose optimizer state does not fit this layer's."""
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -383,6 +388,34 @@ class MoE(MoELayer):
 # -- state dict in DeepSpeed's layout ----------------------------------------------------------------
 
 _TRANSPOSED = ("w1", "w2")  # stacked [e, in, out]; DeepSpeed's Linear weights are [out, in]
+_LAYOUT_KEY = "moe_parallel"
+
+
+def _layout_of(module: MoE) -> str:
+    # DeepSpeed's own layer keeps module copies: its optimizer layout is ModuleExperts'.
+    return "module" if isinstance(module.experts, ModuleExperts) else "stacked"
+
+
+def _warn_if_optimizer_state_cannot_fit(module: MoE, written: dict[str, Any] | None, prefix: str) -> None:
+    """Weights load exactly from any layout and EP size; optimizer state (ZeRO's flat partitions, Adam's
+    moments) only fits the layout and EP size that wrote it, and DeepSpeed would map it silently."""
+    written_layout = "module" if written is None else written.get("experts")  # None: DeepSpeed's own layer
+    written_ep = None if written is None else written.get("ep_size")
+    problems = []
+    if written_layout != _layout_of(module):
+        source = "deepspeed.moe.layer.MoE (or module-copy experts)" if written_layout == "module" else "stacked experts"
+        problems.append(f"the expert weights were written by {source}, this layer holds {_layout_of(module)} experts")
+    if written_ep is not None and written_ep != module.ep_size:
+        problems.append(f"they were written at ep_size={written_ep}, this layer has ep_size={module.ep_size}")
+    if problems:
+        warnings.warn(
+            f"MoE layer {prefix.rstrip('.') or '<root>'}: {'; '.join(problems)}. The weights load exactly, but "
+            "an optimizer state saved with them does not fit this layer: resume a DeepSpeed engine checkpoint "
+            "with engine.load_checkpoint(..., load_module_only=True) (a fresh optimizer state), or keep the "
+            "expert form and ep_size of the run that wrote it",
+            OptimizerLayoutWarning,
+            stacklevel=3,
+        )
 
 
 def _state_dict_to_deepspeed_layout(
@@ -394,6 +427,8 @@ def _state_dict_to_deepspeed_layout(
     if gate_key in state_dict:
         state_dict[prefix + DS_GATE_KEY] = state_dict.pop(gate_key)
     experts = module.experts
+    # Which parameter layout wrote this (saved with the checkpoint): decides whether optimizer state fits.
+    local_metadata[_LAYOUT_KEY] = {"experts": _layout_of(module), "ep_size": module.ep_size}
     if isinstance(experts, ModuleExperts):
         ours, theirs = f"{prefix}experts.deepspeed_experts.", f"{prefix}{DS_EXPERTS_PREFIX}."
         for key in [key for key in state_dict if key.startswith(ours)]:
@@ -427,6 +462,8 @@ def _state_dict_from_deepspeed_layout(
     gate_key = prefix + DS_GATE_KEY
     if gate_key in state_dict:
         state_dict[f"{prefix}router.weight"] = state_dict.pop(gate_key)
+    if any(key.startswith(f"{prefix}{DS_EXPERTS_PREFIX}.") for key in state_dict):
+        _warn_if_optimizer_state_cannot_fit(module, local_metadata.get(_LAYOUT_KEY), prefix)
     experts = module.experts
     if isinstance(experts, ModuleExperts):
         theirs, ours = f"{prefix}{DS_EXPERTS_PREFIX}.", f"{prefix}experts.deepspeed_experts."
