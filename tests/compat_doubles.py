@@ -207,7 +207,10 @@ def expert_zoo(hidden: int, ffn: int) -> dict[str, tuple[nn.Module, str | None]]
             nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, hidden)),
             "gelu_tanh",
         ),
-        "seq_mixed_bias": (nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden, bias=False)), "gelu"),
+        "seq_mixed_bias": (
+            nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden, bias=False)),
+            "gelu",
+        ),
         "two_linears": (nn.Sequential(nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)), "identity"),
         "one_linear": (nn.Linear(hidden, hidden), "identity"),
         "one_linear_nobias": (nn.Linear(hidden, hidden, bias=False), "identity"),
@@ -218,7 +221,10 @@ def expert_zoo(hidden: int, ffn: int) -> dict[str, tuple[nn.Module, str | None]]
         "squared_relu": (SquaredReluExpert(hidden, ffn, None), "squared_relu"),
         # fallback
         "seq_tanh": (nn.Sequential(nn.Linear(hidden, ffn), nn.Tanh(), nn.Linear(ffn, hidden)), None),
-        "seq_dropout": (nn.Sequential(nn.Linear(hidden, ffn), nn.ReLU(), nn.Dropout(0.1), nn.Linear(ffn, hidden)), None),
+        "seq_dropout": (
+            nn.Sequential(nn.Linear(hidden, ffn), nn.ReLU(), nn.Dropout(0.1), nn.Linear(ffn, hidden)),
+            None,
+        ),
         "seq_layernorm": (nn.Sequential(nn.Linear(hidden, hidden), nn.LayerNorm(hidden)), None),
         "scaled": (ScaledExpert(hidden, ffn, None), None),
         "branching": (BranchingExpert(hidden, ffn, None), None),
