@@ -23,7 +23,6 @@ from torch import nn
 
 from moe_parallel.compat import (
     DS_EXPERTS_PREFIX,
-    DS_GATE_KEY,
     MoE,
     MoECompatError,
     OptimizerLayoutWarning,

@@ -95,7 +95,7 @@ def test_stacked_forms_equal_the_users_module(seed: int) -> None:
         for what, ours, theirs in zip(("output", "input grad", "weight grad"), *results):
             # the grouped kernels accumulate the combine weight's gradient in float32 (row dot products)
             tol = 1e-6 if what == "weight grad" else 1e-9
-            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=lambda m: f"{name} {what}: {m}")
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=lambda m, n=name, w=what: f"{n} {w}: {m}")
         for param_name, module_name in stacked.deepspeed_names().items():
             grads = [dict(e.named_parameters())[module_name].grad for e in copies.deepspeed_experts]
             ours = getattr(stacked, param_name).grad
