@@ -74,7 +74,6 @@ class DeepSpeedConf:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
-    pipeline_partition: str = "type:TransformerBlock"
     extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
 
 
