@@ -60,6 +60,7 @@ from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
+COMPAT_IMPLS = ("deepspeed", "compat_module", "compat_parallel_mlp")  # the DeepSpeed drop-in's rows
 MEMORY_IMPLS = ("ours", "deepspeed", "floor")
 AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
@@ -260,6 +261,51 @@ def build_deepspeed(problem: Problem) -> Step:
     return Step(run, [x_TD, *moe.parameters()])
 
 
+def build_compat(problem: Problem, expert: nn.Module) -> Step:
+    """The DeepSpeed drop-in (``moe_parallel.compat.MoE``) with ``expert``, DeepSpeed's deterministic
+    gate settings as in :func:`build_deepspeed` and our gate weights."""
+    from moe_parallel.compat import MoE
+
+    cfg = problem.cfg
+    moe = MoE(
+        cfg.hidden,
+        expert,
+        num_experts=cfg.experts,
+        ep_size=cfg.ep_size,
+        k=cfg.top_k,
+        capacity_factor=cfg.capacity_factor,
+        eval_capacity_factor=cfg.capacity_factor,
+        min_capacity=4,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    ).train()
+    moe.to(device=problem.x_TD.device, dtype=problem.x_TD.dtype)
+    with torch.no_grad():
+        moe.router.weight.copy_(problem.layer.router.weight)
+    x_TD = problem.x_TD.clone().requires_grad_()
+
+    def run() -> None:
+        y_TD, l_aux, _ = moe(x_TD)
+        torch.autograd.backward([y_TD, l_aux], [problem.grad_TD, torch.full_like(l_aux, AUX_LOSS_COEFF)])
+
+    return Step(run, [x_TD, *moe.parameters()])
+
+
+def build_compat_module(problem: Problem) -> Step:
+    """An expert no form recognises (Linear -> tanh -> Linear): one module copy per local expert."""
+    cfg = problem.cfg
+    return build_compat(
+        problem, nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.Tanh(), nn.Linear(cfg.ffn, cfg.hidden))
+    )
+
+
+def build_compat_parallel_mlp(problem: Problem) -> Step:
+    """Megatron-DeepSpeed's expert (ParallelMLP, gelu, output bias skipped): stacked experts."""
+    from tests.compat_doubles import ParallelMLP
+
+    return build_compat(problem, ParallelMLP(problem.cfg.hidden, problem.cfg.ffn, "gelu"))
+
+
 def routing_plan(problem: Problem) -> DispatchPlan:
     """Our layer's capacity plan for this input (what a training step computes)."""
     with torch.no_grad():
@@ -318,6 +364,8 @@ def build_moved(problem: Problem) -> Step:
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
     "ours": build_ours,
     "deepspeed": build_deepspeed,
+    "compat_module": build_compat_module,
+    "compat_parallel_mlp": build_compat_parallel_mlp,
     "floor": build_floor,
     "moved": build_moved,
 }
@@ -569,6 +617,33 @@ def run_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) -> Timi
             impl.close()
 
 
+def run_compat_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) -> Timing:
+    """Interleaved rounds of DeepSpeed's layer and the drop-in with both expert kinds."""
+    impls = {name: Implementation(cfg, name, target.for_config(cfg)) for name in COMPAT_IMPLS}
+    try:
+        rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
+        return Timing(rounds, impls["deepspeed"].kept_rows)
+    finally:
+        for impl in impls.values():
+            impl.close()
+
+
+def compat_table(rows: list[tuple[BenchConfig, Timing]]) -> str:
+    """The DeepSpeed drop-in against DeepSpeed's own layer (same gate settings and weights)."""
+    lines = [
+        "| config | DeepSpeed ms | drop-in, module-copy expert ms | drop-in, ParallelMLP expert ms "
+        "| DeepSpeed / drop-in (module copies) | DeepSpeed / drop-in (ParallelMLP) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cfg, t in rows:
+        lines.append(
+            f"| {cfg.name}: {cfg.label()} | {t.median_ms('deepspeed'):.1f} | {t.median_ms('compat_module'):.1f} "
+            f"| {t.median_ms('compat_parallel_mlp'):.1f} | {t.ratio('deepspeed', 'compat_module'):.2f} "
+            f"| {t.ratio('deepspeed', 'compat_parallel_mlp'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_profile(cfg: BenchConfig, target: Target) -> str:
     """Markdown table: where each implementation's step goes (rank 0 at EP > 1)."""
     columns = {}
@@ -695,6 +770,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, BENCHMARKS.md left alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--no-compat", action="store_true", help="skip the DeepSpeed drop-in rows")
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
     )
@@ -763,6 +839,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
+    if not args.no_compat:
+        compat_rows = [
+            (cfg, run_compat_timing(cfg, args.warmup, args.reps, target_of(args))) for cfg in selected_configs(args)
+        ]
+        table += "\n\n" + compat_table(compat_rows)
     print("\n" + table)
     if not args.no_write:
         command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
