@@ -32,7 +32,7 @@ WORLD_SIZE = 2
 STEPS = 5
 LR = 1e-2
 HIDDEN, NUM_EXPERTS, TOKENS = 8, 4, 16
-SPAWN_TIMEOUT_S = 150
+SPAWN_TIMEOUT_S = 300
 
 
 def make_expert(kind: str) -> nn.Module:
