@@ -391,7 +391,8 @@ class StackedExperts(GroupedExperts):
             if t is None:
                 return None
             t = t.detach().t() if key in ("w1", "w2") else t.detach()
-            return nn.Parameter(t.unsqueeze(0).repeat(num_local_experts, *([1] * t.dim())).contiguous())
+            stack = t.unsqueeze(0).repeat(num_local_experts, *([1] * t.dim())).contiguous()
+            return nn.Parameter(stack, requires_grad=tensors[key].requires_grad)  # frozen stays frozen
 
         self.w1, self.b1, self.w2, self.b2 = (stacked(k) for k in ("w1", "b1", "w2", "b2"))
         self.ignored_bias = stacked("ignored_bias")

@@ -326,3 +326,35 @@ def test_import_does_not_load_deepspeed() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "accelerator" not in result.stderr.split("import deepspeed")[0]
+
+
+def test_frozen_expert_parameters_stay_frozen() -> None:
+    for form in ("seq_gelu", "seq_tanh"):
+        expert = copy.deepcopy(ZOO[form][0])
+        expert[0].weight.requires_grad_(False)
+        layer = MoE(HIDDEN, expert, num_experts=NUM_EXPERTS)
+        frozen = [name for name, p in layer.named_parameters() if not p.requires_grad]
+        assert frozen and all("experts" in name for name in frozen), frozen
+
+
+def test_moe_layer_late_binding_api() -> None:
+    """The public MoELayer API the drop-in builds on: prebuilt experts, ep_size without a group, set_ep_group."""
+    from moe_parallel import MoEConfig, MoELayer
+    from moe_parallel.config import MoEConfigError
+    from moe_parallel.module_experts import build_module_experts
+
+    cfg = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=NUM_EXPERTS, top_k=2)
+    layer = MoELayer(cfg, ep_size=2)
+    assert layer.num_local_experts == 2 and layer.experts.w1.shape[0] == 2 and layer.ep_group is None
+    with pytest.raises(RuntimeError, match="set_ep_group"):
+        layer(torch.randn(4, HIDDEN))
+    with pytest.raises(MoEConfigError, match="ep_size=2"):
+        layer.set_ep_group(None)  # one rank, not two
+    with pytest.raises(MoEConfigError, match="ep_size=0"):
+        MoELayer(cfg, ep_size=0)
+    with pytest.raises(MoEConfigError, match="holds 3 experts.*= 4"):
+        MoELayer(cfg, experts=build_module_experts(ZOO["seq_tanh"][0], HIDDEN, 3))
+    custom = MoELayer(cfg, experts=build_module_experts(ZOO["seq_tanh"][0], HIDDEN, NUM_EXPERTS))
+    assert isinstance(custom.experts, ModuleExperts)
+    assert all(p.group_name == "ep_size_1" and p.allreduce is False for p in custom.experts.parameters())
+    custom(torch.randn(5, HIDDEN)).sum().backward()

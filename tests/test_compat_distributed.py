@@ -9,6 +9,7 @@ and an engine checkpoint loads at another EP size.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import queue
@@ -307,3 +308,49 @@ def _resume_deepspeed_checkpoint(rank: int, world_size: int, kind: str, ckpt_dir
 @pytest.mark.parametrize("kind", ["tanh", "parallel_mlp"])
 def test_deepspeed_layer_checkpoint_resumes_with_ours(kind: str, tmp_path, deepspeed_cpu_ops) -> None:
     run_ranks(_resume_deepspeed_checkpoint, kind, str(tmp_path))
+
+
+def _forward_without_engine(rank: int, world_size: int, kind: str) -> None:
+    from deepspeed.utils import groups
+
+    quiet_deepspeed()
+    torch.manual_seed(0)
+    expert = make_expert(kind)
+    kwargs: dict[str, Any] = dict(num_experts=NUM_EXPERTS, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    layer = MoE(HIDDEN, copy.deepcopy(expert), ep_size=world_size, **kwargs)
+    reference = MoE(HIDDEN, copy.deepcopy(expert), ep_size=1, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # every expert its own weights, the same on both ranks
+        for param in reference.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    first, local = rank * layer.num_local_experts, layer.num_local_experts
+    weights = {}
+    for key, value in reference.state_dict().items():
+        if DS_EXPERTS_PREFIX + "." in key:
+            global_id, rest = key.split(DS_EXPERTS_PREFIX + ".")[1].split(".", 1)
+            if first <= int(global_id) < first + local:
+                weights[f"{DS_EXPERTS_PREFIX}.{int(global_id) - first}.{rest}"] = value
+        else:
+            weights[key] = value
+    layer.load_state_dict(weights)
+
+    # Uneven token counts over the ranks: dropless routing exchanges split sizes.
+    x = torch.randn(5 + 3 * rank, HIDDEN, generator=torch.Generator().manual_seed(rank))
+    x_ep, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, l_aux, counts = layer(x_ep)  # the first forward creates DeepSpeed's groups (a collective)
+    assert layer.ep_group is groups._get_expert_parallel_group("ep_size_2")
+    expected_out, expected_aux, expected_counts = reference(x_ref)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l_aux, expected_aux)
+    assert torch.equal(counts, expected_counts)
+    (out.square().sum() + l_aux).backward()
+    (expected_out.square().sum() + expected_aux).backward()
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+def test_ep2_without_engine_matches_one_process(deepspeed_cpu_ops) -> None:
+    """Outside deepspeed.initialize, with only torch.distributed set up: groups are created at the
+    first forward, and EP=2 (module-copy experts, ragged all-to-all) gives each rank what one process
+    computes with all experts."""
+    run_ranks(_forward_without_engine, "tanh", init="torch")
