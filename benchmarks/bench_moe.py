@@ -637,9 +637,9 @@ def compat_table(rows: list[tuple[BenchConfig, Timing]]) -> str:
     ]
     for cfg, t in rows:
         lines.append(
-            f"| {cfg.name}: {cfg.label()} | {t.median_ms('deepspeed'):.1f} | {t.median_ms('compat_module'):.1f} "
-            f"| {t.median_ms('compat_parallel_mlp'):.1f} | {t.ratio('deepspeed', 'compat_module'):.2f} "
-            f"| {t.ratio('deepspeed', 'compat_parallel_mlp'):.2f} |"
+            f"| {cfg.name} (drop-in): {cfg.label()} | {t.median_ms('deepspeed'):.1f} "
+            f"| {t.median_ms('compat_module'):.1f} | {t.median_ms('compat_parallel_mlp'):.1f} "
+            f"| {t.ratio('deepspeed', 'compat_module'):.2f} | {t.ratio('deepspeed', 'compat_parallel_mlp'):.2f} |"
         )
     return "\n".join(lines)
 
@@ -770,7 +770,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps, BENCHMARKS.md left alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--no-compat", action="store_true", help="skip the DeepSpeed drop-in rows")
+    parser.add_argument(
+        "--compat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the DeepSpeed drop-in rows (default auto: on, off with --quick)",
+    )
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
     )
@@ -839,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
-    if not args.no_compat:
+    if args.compat == "on" or (args.compat == "auto" and not args.quick):
         compat_rows = [
             (cfg, run_compat_timing(cfg, args.warmup, args.reps, target_of(args))) for cfg in selected_configs(args)
         ]

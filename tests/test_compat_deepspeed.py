@@ -358,3 +358,25 @@ def test_moe_layer_late_binding_api() -> None:
     assert isinstance(custom.experts, ModuleExperts)
     assert all(p.group_name == "ep_size_1" and p.allreduce is False for p in custom.experts.parameters())
     custom(torch.randn(5, HIDDEN)).sum().backward()
+
+
+def test_benchmark_drop_in_rows_smoke(tmp_path) -> None:
+    """`make bench` prints the drop-in rows (module-copy and ParallelMLP experts vs DeepSpeed's layer);
+    timings are not checked, only that each implementation ran."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--quick", "--configs", "c2", "--no-memory", "--compat", "on", "--output", str(tmp_path / "B.md")]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_moe.py", *args], cwd=repo, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if "drop-in, module-copy expert ms" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = [line for line in lines if re.match(r"\| c2 \(drop-in\): T=", line)]
+    assert rows, proc.stdout[-3000:]
+    for row in rows:
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+        assert all(float(cells[c]) > 0 for c in columns[1:]), row
