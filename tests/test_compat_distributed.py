@@ -284,6 +284,8 @@ def _resume_deepspeed_checkpoint(rank: int, world_size: int, kind: str, ckpt_dir
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
     for key, value in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+    ep_rank = torch.distributed.get_rank(ours.moe_1.ep_group)
+    written = {k: v.clone() for k, v in global_state(ours, ep_rank, ours.moe_1.num_local_experts).items()}
     if module_copies:  # exact resume: the next step is the same
         for eng in (engine, ours_engine):
             loss = eng(x, y)
@@ -297,11 +299,13 @@ def _resume_deepspeed_checkpoint(rank: int, world_size: int, kind: str, ckpt_dir
     other = SimpleMoEModel(MoE, kind, 1)
     other_engine, _, _, _ = deepspeed.initialize(model=other, model_parameters=other.parameters(), config=config)
     other_engine.load_checkpoint(ckpt_dir, tag="ds", load_module_only=True)
-    ep_rank = torch.distributed.get_rank(ours.moe_1.ep_group)
-    written = global_state(ours, ep_rank, ours.moe_1.num_local_experts)
+    # This rank holds all four experts now; the two it did not write come from the other rank's files.
+    gathered: list[dict[str, torch.Tensor]] = [{}, {}]
+    torch.distributed.all_gather_object(gathered, written)
+    everything = gathered[0] | gathered[1]
+    assert sorted(other.state_dict()) == sorted(everything)
     for key, value in other.state_dict().items():
-        if key in written:
-            assert torch.equal(value, written[key]), key
+        assert torch.equal(value, everything[key]), key
 
 
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
