@@ -42,6 +42,16 @@ def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> No
             "the range of bf16/fp32, and dynamic loss scaling would have to reach the attached aux loss): "
             "use bf16.enabled=true on GPUs that support it, or fp32"
         )
+    from .module_experts import ModuleExperts
+
+    for layer in moe_layers(model):
+        if isinstance(layer.experts, ModuleExperts):
+            raise DeepSpeedConfigError(
+                f"MoE layer {type(layer).__name__} holds module-copy experts (moe_parallel.compat.MoE with an "
+                "expert no stacked form fits), which build_engine's topology-free checkpoints cannot store: "
+                "build the engine with deepspeed.initialize (DeepSpeed's per-expert checkpoints), or give "
+                "compat.MoE an expert with a stacked form (see README, 'DeepSpeed users')"
+            )
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = ds_config.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):

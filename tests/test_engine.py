@@ -175,3 +175,17 @@ def test_pipeline_partition_key_is_gone_so_an_override_cannot_be_silently_ignore
         assert "pipeline_partition" not in compose(config_name="config").deepspeed
         with pytest.raises(ConfigCompositionException, match="pipeline_partition"):
             compose(config_name="config", overrides=["deepspeed.pipeline_partition=parameters"])
+
+
+def test_module_copy_experts_are_refused_by_build_engine_with_the_fix():
+    from torch import nn
+
+    from moe_parallel.compat import MoE
+    from moe_parallel.engine import DeepSpeedConfigError, validate_deepspeed_config
+
+    expert = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(8, 8), MoE(8, expert, num_experts=2))
+    with pytest.raises(DeepSpeedConfigError, match="module-copy experts.*deepspeed.initialize"):
+        validate_deepspeed_config({"zero_optimization": {"stage": 1}}, model)
+    stacked = nn.Sequential(nn.Linear(8, 8), MoE(8, nn.Linear(8, 8), num_experts=2))
+    validate_deepspeed_config({"zero_optimization": {"stage": 1}}, stacked)
