@@ -94,11 +94,8 @@ def _validate_arguments(
         raise MoECompatError(
             f"MoE(noisy_gate_policy={noisy_gate_policy!r}) is invalid: choose None, 'Jitter' or 'RSample'"
         )
-    if use_tutel:
-        raise MoECompatError(
-            "MoE(use_tutel=True) is not supported: moe_parallel dispatches with index-based sort/gather and a "
-            "ragged all-to-all, so Tutel's kernels have nothing to replace; pass use_tutel=False (the default)"
-        )
+    if not isinstance(use_tutel, bool):
+        raise MoECompatError(f"MoE(use_tutel={use_tutel!r}) is invalid: pass True or False")
     if enable_expert_tensor_parallelism:
         raise MoECompatError(
             "MoE(enable_expert_tensor_parallelism=True) is not supported: moe_parallel does not split experts "
@@ -181,8 +178,9 @@ class MoE(MoELayer):
       and the second-expert sampling also in eval, as there).
     - ``drop_tokens=False``: nothing is dropped (dropless all-to-all instead of padding to the largest load).
     - ``use_residual``: PR-MoE, ``expert`` itself being the dense branch, as DeepSpeed.
-    - ``use_tutel=True``, ``enable_expert_tensor_parallelism=True`` and ``forward(used_token=...)`` raise
-      :class:`MoECompatError`.
+    - ``use_tutel=True`` is accepted and changes nothing, as in DeepSpeed without Tutel installed: Tutel
+      only speeds up DeepSpeed's dense dispatch, which this layer does not use; the values are the same.
+    - ``enable_expert_tensor_parallelism=True`` and ``forward(used_token=...)`` raise :class:`MoECompatError`.
 
     Where it differs: with ``k=1, use_rts=False`` and an over-full expert, DeepSpeed keeps whichever
     tokens ``torch.topk`` returns among equal mask values (unspecified, device-dependent); this layer
@@ -258,6 +256,7 @@ class MoE(MoELayer):
         self.k = k
         self.noisy_gate_policy = noisy_gate_policy
         self.drop_tokens = drop_tokens
+        self.use_tutel = use_tutel
         self.use_rts = use_rts
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
         self._l_aux: Tensor | None = None
