@@ -180,7 +180,9 @@ class MoE(MoELayer):
     - ``use_residual``: PR-MoE, ``expert`` itself being the dense branch, as DeepSpeed.
     - ``use_tutel=True`` is accepted and changes nothing, as in DeepSpeed without Tutel installed: Tutel
       only speeds up DeepSpeed's dense dispatch, which this layer does not use; the values are the same.
-    - ``enable_expert_tensor_parallelism=True`` and ``forward(used_token=...)`` raise :class:`MoECompatError`.
+    - ``forward(used_token=mask)``: for k=1 only the tokens with a non-zero mask are routed (and counted
+      in ``exp_counts`` and ``l_aux``), others get a zero output; k >= 2 ignores it. As DeepSpeed.
+    - ``enable_expert_tensor_parallelism=True`` raises :class:`MoECompatError`.
 
     Where it differs: with ``k=1, use_rts=False`` and an over-full expert, DeepSpeed keeps whichever
     tokens ``torch.topk`` returns among equal mask values (unspecified, device-dependent); this layer
@@ -260,6 +262,7 @@ class MoE(MoELayer):
         self.use_rts = use_rts
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
         self._l_aux: Tensor | None = None
+        self._used_token: Tensor | None = None
         if use_residual:
             # PR-MoE exactly as DeepSpeed: the given expert itself is the dense branch, and a
             # Linear(hidden, 2) gives the softmax mixing coefficients (created after the gate, as there).
@@ -309,7 +312,10 @@ class MoE(MoELayer):
                 expert_TK = torch.argmax(selection_TE, dim=1, keepdim=True)
                 if self.use_rts:  # drawn whenever use_rts, also when nothing can drop, as DeepSpeed does
                     priority_TK = _uniform(0.0, 1.0, gates_TE.shape, gates_TE.device).gather(1, expert_TK)
-                first_E = torch.bincount(expert_TK[:, 0], minlength=num_experts)
+                used_T = None if self._used_token is None else self._used_token.reshape(-1) != 0
+                first_E = torch.bincount(
+                    expert_TK[:, 0] if used_T is None else expert_TK[used_T, 0], minlength=num_experts
+                )
             elif k == 2:
                 first_T = torch.argmax(gates_TE, dim=1)
                 second_logits_TE = logits_TE.detach()
@@ -322,7 +328,7 @@ class MoE(MoELayer):
             else:
                 expert_TK = torch.topk(gates_TE, k=k, dim=1).indices
                 priority_TK = gates_TE.detach().gather(1, expert_TK)  # DeepSpeed's drop_policy="probs"
-            tokens_per_expert_E = torch.bincount(expert_TK.reshape(-1), minlength=num_experts)
+            tokens_per_expert_E = first_E if k == 1 else torch.bincount(expert_TK.reshape(-1), minlength=num_experts)
 
             if num_tokens == 0:
                 self._l_aux = gates_TE.sum() * 0.0
@@ -342,7 +348,13 @@ class MoE(MoELayer):
             if factor is not None:
                 capacity = deepspeed_capacity(num_tokens, num_experts, factor, k, self.config.min_capacity)
             gate_TK = gates_TE.gather(1, expert_TK)
-            plan = deepspeed_plan(expert_TK, gate_TK, priority_TK, tokens_per_expert_E, capacity)
+            if k == 1 and used_T is not None:  # DeepSpeed's top1gating routes the used tokens only
+                used_U = used_T.nonzero().flatten()
+                priority_UK = None if priority_TK is None else priority_TK[used_U]
+                plan = deepspeed_plan(expert_TK[used_U], gate_TK[used_U], priority_UK, tokens_per_expert_E, capacity)
+                plan.token_idx_N = used_U[plan.token_idx_N]
+            else:
+                plan = deepspeed_plan(expert_TK, gate_TK, priority_TK, tokens_per_expert_E, capacity)
         route = RouterOutput(expert_TK, gate_TK, gates_TE, logits_TE, tokens_per_expert_E)
         return route, capacity, plan
 
@@ -357,17 +369,25 @@ class MoE(MoELayer):
         capacity dropping.
         """
         if used_token is not None:
-            raise MoECompatError(
-                "MoE.forward(used_token=...) is not supported: moe_parallel routes every token it is given; "
-                "pass only the used tokens instead (e.g. hidden_states[used_token.bool()]) and scatter the "
-                "output back, or use deepspeed.moe.layer.MoE"
-            )
+            num_tokens = hidden_states.numel() // max(1, hidden_states.shape[-1]) if hidden_states.dim() else 0
+            if not isinstance(used_token, Tensor) or used_token.numel() != num_tokens:
+                got = tuple(used_token.shape) if isinstance(used_token, Tensor) else type(used_token).__name__
+                raise MoECompatError(
+                    f"MoE.forward(used_token={got}) is invalid: give one value per token ({num_tokens} here, "
+                    "non-zero = used), or None"
+                )
         if self.ep_size > 1 and self.ep_group is None:
             self._create_process_groups()
-        output = super().forward(hidden_states)
+        self._used_token = used_token if self.k == 1 else None  # DeepSpeed's top-2/top-k gates ignore it
+        try:
+            output = super().forward(hidden_states)
+        finally:
+            self._used_token = None
         l_aux = self._l_aux
         self.aux_loss = l_aux
         exp_counts_E = self.last_stats.tokens_per_expert
+        if self.k == 1 and used_token is not None:  # DeepSpeed's einsum with the mask promotes the counts
+            exp_counts_E = exp_counts_E.to(torch.promote_types(used_token.dtype, torch.int64))
         if self.use_residual:
             # Residual MoE, as deepspeed.moe.layer.MoE.forward.
             output_mlp = self.mlp(hidden_states)

@@ -299,8 +299,8 @@ def test_bad_arguments_raise_before_any_collective(kwargs: dict[str, Any], match
 def test_bad_arguments_at_forward() -> None:
     layer = MoE(HIDDEN, make_expert(), num_experts=NUM_EXPERTS)
     x = torch.randn(6, HIDDEN)
-    with pytest.raises(MoECompatError, match=r"used_token=.*not supported"):
-        layer(x, used_token=torch.ones(6))
+    with pytest.raises(MoECompatError, match=r"used_token=\(5,\)\) is invalid.*6 here"):
+        layer(x, used_token=torch.ones(5))
     with pytest.raises(ValueError, match="hidden_size=8"):
         layer(torch.randn(6, HIDDEN + 1))
 
@@ -381,3 +381,26 @@ def test_benchmark_drop_in_rows_smoke(tmp_path) -> None:
     for row in rows:
         cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
         assert all(float(cells[c]) > 0 for c in columns[1:]), row
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("form", ["seq_gelu", "seq_tanh"])
+def test_used_token_as_deepspeed(form: str, k: int) -> None:
+    """k=1: only used tokens are routed and counted (DeepSpeed's top1gating); k=2: ignored, as there."""
+    x = torch.randn(3, 8, HIDDEN, generator=torch.Generator().manual_seed(4))
+    used = (torch.rand(24, generator=torch.Generator().manual_seed(5)) < 0.6).float()
+    torch.manual_seed(1)
+    theirs = DeepSpeedMoE(HIDDEN, copy.deepcopy(ZOO[form][0]), num_experts=NUM_EXPERTS, k=k, min_capacity=1)
+    torch.manual_seed(1)
+    ours = MoE(HIDDEN, copy.deepcopy(ZOO[form][0]), num_experts=NUM_EXPERTS, k=k, min_capacity=1)
+    results = []
+    for layer in (theirs, ours):
+        x_ = x.clone().requires_grad_()
+        torch.manual_seed(9)
+        out, l_aux, counts = layer(x_, used)
+        (out.square().sum() + l_aux).backward()
+        results.append((layer, x_, out, l_aux, counts))
+    assert_parity(results)
+    if k == 1:
+        assert int(results[1][4].sum()) == int(used.sum())
+        assert not results[1][2].reshape(24, HIDDEN)[used == 0].any()
