@@ -404,3 +404,24 @@ def test_used_token_as_deepspeed(form: str, k: int) -> None:
     if k == 1:
         assert int(results[1][4].sum()) == int(used.sum())
         assert not results[1][2].reshape(24, HIDDEN)[used == 0].any()
+
+
+@pytest.mark.parametrize("form", ["seq_gelu", "pmlp_swiglu_bias_skip", "seq_tanh"])
+def test_parity_in_bfloat16(form: str) -> None:
+    """A bf16 model: the gate runs in fp32 in both layers (same routing), the experts in bf16."""
+    expert = copy.deepcopy(ZOO[form][0]).to(torch.bfloat16)
+    x = torch.randn(16, HIDDEN, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    kwargs = dict(num_experts=NUM_EXPERTS, k=2, min_capacity=1, top2_2nd_expert_sampling=False)
+    torch.manual_seed(1)
+    theirs = DeepSpeedMoE(HIDDEN, copy.deepcopy(expert), **kwargs)
+    torch.manual_seed(1)
+    ours = MoE(HIDDEN, copy.deepcopy(expert), **kwargs)
+    outputs = []
+    for layer in (theirs, ours):
+        out, l_aux, counts = layer(x)
+        assert out.dtype == torch.bfloat16 and l_aux.dtype == torch.float32
+        outputs.append((out.detach().float(), l_aux.detach(), counts))
+    (out_t, aux_t, counts_t), (out_o, aux_o, counts_o) = outputs
+    assert torch.equal(counts_o, counts_t)
+    torch.testing.assert_close(aux_o, aux_t)
+    torch.testing.assert_close(out_o, out_t, rtol=2e-2, atol=2e-2 * float(out_t.abs().max()))
