@@ -40,12 +40,34 @@ def mark_expert_parameters(params: Iterable[nn.Parameter], ep_size: int) -> None
         param.group_name = name
 
 
+_RECOGNISED_PREFIX = "DeepSpeedRecognized__"
+
+
 @functools.cache
 def _recognised_class(cls: type) -> type:
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
+    # Filed under a name of this module that encodes `cls`, so that pickle finds it (see __getattr__).
+    name = _RECOGNISED_PREFIX + f"{cls.__module__}:{cls.__qualname__}".replace(".", "__dot__").replace(":", "__in__")
     # `cls` first: its methods (forward, set_deepspeed_parallelism, state-dict hooks) shadow DeepSpeed's.
-    return type(cls.__name__, (cls, DeepSpeedMoE), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    recognised = type(cls.__name__, (cls, DeepSpeedMoE), {"__module__": __name__, "__qualname__": name})
+    globals()[name] = recognised
+    return recognised
+
+
+def __getattr__(name: str) -> type:
+    """Unpickling a marked layer in a fresh process: rebuild its class from the encoded name."""
+    if not name.startswith(_RECOGNISED_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module_name, _, qualname = (
+        name[len(_RECOGNISED_PREFIX) :].replace("__in__", ":").replace("__dot__", ".").partition(":")
+    )
+    cls: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    return _recognised_class(cls)
 
 
 def mark_as_deepspeed_moe(module: nn.Module) -> None:

@@ -425,3 +425,29 @@ def test_parity_in_bfloat16(form: str) -> None:
     assert torch.equal(counts_o, counts_t)
     torch.testing.assert_close(aux_o, aux_t)
     torch.testing.assert_close(out_o, out_t, rtol=2e-2, atol=2e-2 * float(out_t.abs().max()))
+
+
+def test_marked_layers_pickle_and_copy() -> None:
+    """Layers carry DeepSpeed's MoE class as an extra base once DeepSpeed is loaded; they still pickle
+    (torch.save of a whole model), also into a process where nothing was marked yet, and deep-copy."""
+    import io
+    import pickle
+
+    from moe_parallel import MoEConfig, MoELayer
+
+    layers = [MoE(HIDDEN, make_expert(), num_experts=2), MoELayer(MoEConfig(HIDDEN, FFN, num_experts=2))]
+    for layer in layers:
+        assert isinstance(layer, DeepSpeedMoE)
+        for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+            assert type(clone) is type(layer) and isinstance(clone, DeepSpeedMoE)
+    buffer = io.BytesIO()
+    torch.save(layers[1], buffer)
+    code = (
+        "import io, sys, torch, deepspeed.moe.layer\n"
+        "layer = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)\n"
+        "assert isinstance(layer, deepspeed.moe.layer.MoE), type(layer).__mro__\n"
+        "print(type(layer).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], input=buffer.getvalue(), capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.decode().strip().splitlines()[-1] == "MoELayer"
