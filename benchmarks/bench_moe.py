@@ -772,9 +772,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument(
         "--compat",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off", "only"),
         default="auto",
-        help="the DeepSpeed drop-in rows (default auto: on, off with --quick)",
+        help="the DeepSpeed drop-in rows (default auto: on, off with --quick; only: nothing else, printed only)",
     )
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
@@ -842,12 +842,17 @@ def main(argv: list[str] | None = None) -> None:
         for cfg in selected_configs(args):
             print(run_profile(cfg, target_of(args)) + "\n", flush=True)
         return
+    compat_rows = []
+    if args.compat in ("on", "only") or (args.compat == "auto" and not args.quick):
+        for cfg in selected_configs(args):
+            compat_rows.append((cfg, run_compat_timing(cfg, args.warmup, args.reps, target_of(args))))
+            print(compat_table(compat_rows[-1:]), flush=True)
+    if args.compat == "only":
+        print("\n" + compat_table(compat_rows))
+        return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
     table = markdown_table(rows)
-    if args.compat == "on" or (args.compat == "auto" and not args.quick):
-        compat_rows = [
-            (cfg, run_compat_timing(cfg, args.warmup, args.reps, target_of(args))) for cfg in selected_configs(args)
-        ]
+    if compat_rows:
         table += "\n\n" + compat_table(compat_rows)
     print("\n" + table)
     if not args.no_write:

@@ -368,7 +368,7 @@ def test_benchmark_drop_in_rows_smoke(tmp_path) -> None:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    args = ["--quick", "--configs", "c2", "--no-memory", "--compat", "on", "--output", str(tmp_path / "B.md")]
+    args = ["--quick", "--configs", "c2", "--no-memory", "--compat", "only", "--output", str(tmp_path / "B.md")]
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_moe.py", *args], cwd=repo, capture_output=True, text=True, timeout=600
     )
@@ -381,6 +381,7 @@ def test_benchmark_drop_in_rows_smoke(tmp_path) -> None:
     for row in rows:
         cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
         assert all(float(cells[c]) > 0 for c in columns[1:]), row
+    assert not (tmp_path / "B.md").exists()
 
 
 @pytest.mark.parametrize("k", [1, 2])
