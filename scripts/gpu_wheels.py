@@ -219,7 +219,9 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     return path
 
 
-def dry_run(folder: Path, present: dict[str, str | None], needed: Iterable[str]) -> subprocess.CompletedProcess:
+def dry_run(
+    folder: Path, present: dict[str, str | None], needed: Iterable[str], roots: Iterable[str] = ROOTS
+) -> subprocess.CompletedProcess:
     """``pip install --dry-run --no-index`` of the roots for CPython 3.12 manylinux, over ``folder``
     plus stand-ins for the machine's packages that the set needs."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +234,7 @@ def dry_run(folder: Path, present: dict[str, str | None], needed: Iterable[str])
                     f"{name}: on the machine, version unknown and not in our venv; add it to {PRESENT_FILE}"
                 )
             stub_wheel(stubs, name, version)
-        roots = [f"{r}=={local_version(r)}" if local_version(r) else r for r in ROOTS]
+        roots = [f"{r}=={local_version(r)}" if local_version(r) else r for r in roots]
         # --isolated: no pip.conf find-links or constraints of this machine take part in the proof.
         cmd = [
             sys.executable,
