@@ -310,13 +310,13 @@ def build_floor(problem: Problem) -> Step:
     """
     rows_ND, counts = routed_rows(problem)
     experts = problem.layer.experts
+    gen = torch.Generator().manual_seed(7)
+    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
     if experts.uses_grouped_gemm(rows_ND):
-        return build_grouped_floor(rows_ND, counts, experts)
+        return build_grouped_floor(rows_ND, counts, grad_list, experts)
     x_list = [chunk.clone().requires_grad_() for chunk in rows_ND.split(counts)]
     w1_list = [w.detach().clone().requires_grad_() for w in experts.w1]
     w2_list = [w.detach().clone().requires_grad_() for w in experts.w2]
-    gen = torch.Generator().manual_seed(7)
-    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
 
     def run() -> None:
         outs = []
@@ -329,21 +329,22 @@ def build_floor(problem: Problem) -> Step:
     return Step(run, [*x_list, *w1_list, *w2_list])
 
 
-def build_grouped_floor(rows_ND: Tensor, counts: list[int], experts: GroupedExperts) -> Step:
+def build_grouped_floor(rows_ND: Tensor, counts: list[int], grad_list: list[Tensor], experts: GroupedExperts) -> Step:
     """Two grouped GEMMs and the activation on rows gathered in advance, every expert's block already
-    starting on the kernels' 16-byte alignment (so the step pads nothing)."""
+    starting on the kernels' 16-byte alignment (so the step pads nothing; padding rows are zero and
+    get zero gradients). The same rows and output gradients as the per-expert floor."""
     align = max(1, 16 // rows_ND.element_size())
     padded = [-(-n // align) * align for n in counts]
     x_ND = rows_ND.new_zeros(sum(padded), rows_ND.shape[1])
+    grad_ND = torch.zeros_like(x_ND)
     start = 0
-    for block, n, p in zip(rows_ND.split(counts), counts, padded):
+    for block, grad, n, p in zip(rows_ND.split(counts), grad_list, counts, padded):
         x_ND[start : start + n] = block
+        grad_ND[start : start + n] = grad
         start += p
     x_ND.requires_grad_()
     w1 = experts.w1.detach().clone().requires_grad_()
     w2 = experts.w2.detach().clone().requires_grad_()
-    gen = torch.Generator().manual_seed(7)
-    grad_ND = torch.randn(x_ND.shape, generator=gen).to(x_ND)
 
     def run() -> None:
         _grouped_mlp(x_ND, None, padded, w1, w2, None, None, "gelu").backward(grad_ND)

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_parallel.models import GPT, GPTConfig
 
@@ -61,6 +62,32 @@ def test_dry_run_runs_every_stage_and_writes_one_results_file(tmp_path):
     assert len(list(out.iterdir())) <= 8 and all(p.is_file() for p in out.iterdir())
     with pytest.raises(SystemExit, match="dry run"):
         gpu_check.fill_benchmarks(out / "results.json", REPO / "BENCHMARKS.md")
+
+
+# --------------------------------------------------------------------------- benchmark pieces
+
+
+def test_grouped_floor_computes_what_the_per_expert_floor_does():
+    """On a GPU the floor is two grouped GEMMs on pre-aligned rows: the same gradients as the loop."""
+    spec = importlib.util.spec_from_file_location("bench_moe", REPO / "benchmarks" / "bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    cfg = bench.QUICK_CONFIGS["large"]
+    floors = {}
+    for gemm in ("loop", "grouped"):
+        problem = bench.make_problem(cfg, target=bench.Target(expert_gemm=gemm))
+        step = bench.build_floor(problem)
+        step()
+        floors[gemm] = step.leaves
+    loop, grouped = floors["loop"], floors["grouped"]
+    num_experts = cfg.experts
+    w1_loop, w2_loop = loop[-2 * num_experts : -num_experts], loop[-num_experts:]
+    assert len(grouped) == 3  # x_ND, w1_eDF, w2_eFD: the grouped form was taken
+    torch.testing.assert_close(grouped[1].grad, torch.stack([w.grad for w in w1_loop]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grouped[2].grad, torch.stack([w.grad for w in w2_loop]), rtol=1e-4, atol=1e-5)
+    assert bench.expert_gemm_flops(cfg, 10) == 12 * 10 * cfg.hidden * cfg.ffn
+    assert (bench.CONFIGS["large"].tokens, bench.CONFIGS["large"].top_k) == (65536, 6)
 
 
 # --------------------------------------------------------------------------- model FLOPs
@@ -125,6 +152,25 @@ def test_model_flops_count_the_active_parameters_of_the_built_model():
 
 def test_mfu_is_model_flops_per_second_over_the_reference_rate():
     assert gpu_check.mfu(tokens_per_s=2e5, flops_per_token=1e9, peak_tflops=400) == pytest.approx(0.5)
+
+
+def test_the_gpu_check_experiment_is_the_issues_training_run():
+    """+experiment=gpu_check: the reference model, 50 steps, bf16, world size 1, no W&B; valid as composed."""
+    from hydra import compose, initialize_config_dir
+
+    from launch import config as app_config
+
+    app_config.register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["+experiment=gpu_check"])
+    assert (cfg.experiment, cfg.train.steps, cfg.deepspeed.precision) == ("gpu_check", 50, "bf16")
+    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.backend, cfg.logger.mode) == (1, 1, None, "disabled")
+    assert cfg.model.num_layers == 8 and cfg.model.moe_every == 2  # model=small
+    app_config.validate(cfg, world_size=1)
+    flops = gpu_check.model_flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len, cfg.data.vocab_size)
+    assert flops["active_params"] < 0.5 * sum(  # top-2 of 8 experts: well under the total
+        p.numel() for p in GPT(app_config.gpt_config(cfg, cfg.data.vocab_size)).parameters()
+    )
 
 
 # --------------------------------------------------------------------------- results file
