@@ -8,7 +8,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test train bench gpu-check lint clean
+.PHONY: venv test train bench gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: venv
 GPU_OUT ?= runs/gpu-check
 gpu-check: venv
 	bash scripts/gpu_check.sh $(GPU_OUT)
+
+# The wheels a lent H200 lacks, into .whl/ (git-ignored), and the offline proof that they install there.
+gpu-wheels: venv
+	$(PY) scripts/gpu_wheels.py
 
 lint: venv
 	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks

@@ -103,6 +103,12 @@ def environment() -> dict[str, Any]:
         }
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()}), no CUDA"
+    try:  # DeepSpeed detects its accelerator at run time (the wheel built here says "cpu" and has no ops)
+        from deepspeed.accelerator import get_accelerator
+
+        info["deepspeed_accelerator"] = get_accelerator().device_name()
+    except Exception as err:
+        info["deepspeed_accelerator"] = f"error: {err}"
     try:
         sys.path.insert(0, str(REPO))
         from moe_parallel.models.gpt import _fused_norm_classes
@@ -239,7 +245,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Date: {results['date']}  ",
         f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), grouped GEMM: {env.get('grouped_mm')}, "
         f"deepspeed {env.get('deepspeed')}, Python {env.get('python')}, NCCL {env.get('nccl', '-')}, "
-        f"apex fused norms: {env.get('apex_fused_norms')}",
+        f"DeepSpeed accelerator: {env.get('deepspeed_accelerator')}, apex fused norms: {env.get('apex_fused_norms')}",
         "",
         "## Stages",
         "",

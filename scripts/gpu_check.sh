@@ -17,7 +17,9 @@ FORCE_DRY=${2:-}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+# Stage outputs: a second try on the same machine (GPU_CHECK_STAGES=...) reruns some stages and the
+# results file still reports the others from the first try.
+WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
 mkdir -p "$WORK"
 STAGES=${GPU_CHECK_STAGES:-install,env,tests,bench,train}
 if [ -x .venv/bin/python ]; then PY=${PY:-$REPO/.venv/bin/python}; else PY=${PY:-python3}; fi
@@ -30,6 +32,12 @@ stage() {
     shift 2
     case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
     local t0=$(date +%s)
+    case $name in  # this stage's earlier outputs must not pass for this run's
+        tests) rm -f "$WORK/tests.xml" ;;
+        bench) rm -f "$WORK/bench.json" ;;
+        train) rm -rf "$WORK/train_run" ;;
+        env) rm -f "$WORK/env.json" ;;
+    esac
     echo "== $name (budget ${budget}s): $*"
     timeout --kill-after=15 "$budget" "$@" >"$OUT/$name.log" 2>&1
     local rc=$? t1=$(date +%s)
