@@ -260,6 +260,52 @@ def test_compat_layer_matches_deepspeeds_layer_on_cuda(dtype, k):
     assert_close_scaled(ours.experts.w1.grad, fc1_theirs, dtype, "grad fc1")
 
 
+@DTYPES
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_layer_matches_deepspeeds_layer_on_cuda(dtype, k):
+    """Our MoELayer with DeepSpeed's gate and experts' weights: the same output and input gradient
+    (capacity large enough that neither drops; aux losses off, their definitions differ at k=2)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    hidden, ffn, num_experts = 64, 128, 8
+    config = MoEConfig(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_experts=num_experts,
+        top_k=k,
+        capacity_factor=float(num_experts),
+        aux_loss_coeff=0.0,
+        init_std=0.1,
+    )
+    torch.manual_seed(3)
+    ours = MoELayer(config)
+    expert = nn.Sequential(nn.Linear(hidden, ffn, bias=False), nn.GELU(), nn.Linear(ffn, hidden, bias=False))
+    theirs = DeepSpeedMoE(
+        hidden,
+        expert,
+        num_experts=num_experts,
+        k=k,
+        capacity_factor=float(num_experts),
+        eval_capacity_factor=float(num_experts),
+        top2_2nd_expert_sampling=False,
+    )
+    with torch.no_grad():
+        theirs.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+        for j, local in enumerate(theirs.deepspeed_moe.experts.deepspeed_experts):
+            local[0].weight.copy_(ours.experts.w1[j].t())
+            local[2].weight.copy_(ours.experts.w2[j].t())
+    ours, theirs = ours.to(DEVICE, dtype).train(), theirs.to(DEVICE, dtype).train()
+    x = torch.randn(512, hidden).to(DEVICE, dtype)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours = ours(x_ours)
+    y_theirs, _, counts_theirs = theirs(x_theirs)
+    assert torch.equal(ours.last_stats.tokens_per_expert.cpu().long(), counts_theirs.cpu().long())
+    assert_close_scaled(y_ours, y_theirs, dtype, "output")
+    y_ours.float().square().sum().backward()
+    y_theirs.float().square().sum().backward()
+    assert_close_scaled(x_ours.grad, x_theirs.grad, dtype, "grad x")
+
+
 # --------------------------------------------------------------------------- norms (apex or torch)
 
 
