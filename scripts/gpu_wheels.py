@@ -164,6 +164,10 @@ def collect(folder: Path, present: dict[str, str | None], roots: Iterable[str] =
     queue: list[tuple[str, SpecifierSet, set[str]]] = []
     for root in roots:
         version = local_version(root)
+        if version is None and root in ROOTS:  # the wheels follow the versions our tests run with
+            raise SystemExit(
+                f"{root} is not installed in {sys.prefix}: run `make venv` first, or use the project's venv"
+            )
         queue.append((root, SpecifierSet(f"=={version}" if version else ""), set()))
     carried: dict[str, Path] = {}
     while queue:
