@@ -64,6 +64,24 @@ def test_dry_run_runs_every_stage_and_writes_one_results_file(tmp_path):
         gpu_check.fill_benchmarks(out / "results.json", REPO / "BENCHMARKS.md")
 
 
+def test_stages_past_the_deadline_are_recorded_and_the_results_file_still_written(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_TOTAL_S": "20"}
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(out), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "no time left before the 20s deadline" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert all(results["stages"][name]["timed_out"] for name in STAGES)
+    assert len(results["failures"]) == len(STAGES) and results["tests"] is None and results["train"] is None
+
+
 # --------------------------------------------------------------------------- benchmark pieces
 
 
