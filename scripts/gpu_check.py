@@ -181,8 +181,8 @@ def read_train(run_dir: Path, log: Path, peak_tflops: float) -> dict[str, Any] |
         "mfu": mfu(tokens_per_s, flops["flops_per_token"], peak_tflops),
         "peak_tflops": peak_tflops,
         "model": (
-            f"{cfg['model']['num_layers']} layers, D={cfg['model']['hidden_size']}, every "
-            f"{cfg['model']['moe_every']}. block MoE with {cfg['moe']['num_experts']} experts top-{cfg['moe']['top_k']}"
+            f"{cfg['model']['num_layers']} layers, D={cfg['model']['hidden_size']}, MoE every "
+            f"{cfg['model']['moe_every']} blocks ({cfg['moe']['num_experts']} experts, top-{cfg['moe']['top_k']})"
         ),
     }
 
