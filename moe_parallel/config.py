@@ -13,13 +13,13 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["position", "probs"]
 Activation = Literal["gelu", "swiglu", "relu", "silu"]
 RouterNoise = Literal["none", "jitter", "gumbel"]
-ExpertGemm = Literal["auto", "grouped", "loop"]
+ExpertGemm = Literal["auto", "grouped", "loop", "padded"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("gelu", "swiglu", "relu", "silu")
 ROUTER_NOISES = ("none", "jitter", "gumbel")
-EXPERT_GEMMS = ("auto", "grouped", "loop")
+EXPERT_GEMMS = ("auto", "grouped", "loop", "padded")
 
 
 class MoEConfigError(ValueError):
@@ -62,8 +62,10 @@ class MoEConfig:
     expert_bias: bool = False
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
     # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
-    # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows,
-    # fastest on CPU), "auto" (grouped on CUDA in bf16 on SM >= 80, loop elsewhere).
+    # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows),
+    # "padded" (two batched products over a padded [e, C, D] buffer), "auto" (grouped on CUDA in
+    # bf16 on SM >= 80; elsewhere loop or padded, whichever the cost model in expert_cost.py expects
+    # to be faster for the step's row counts).
     expert_gemm: ExpertGemm = "auto"
     init_std: float = 0.02
     output_init_std: float | None = None  # std of the experts' second weight; None: init_std

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation, ExpertGemm
+from .expert_cost import DEFAULT_COST_MODEL
 
 aten = torch.ops.aten
 
@@ -66,8 +67,9 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None =
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products, accumulated in float32."""
-    return (a.float() * b.float()).sum(-1)
+    """Row-wise dot products, accumulated in float32 (or wider, for float64 rows)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(dtype) * b.to(dtype)).sum(-1)
 
 
 def _unbind(param: Tensor | None) -> tuple[Tensor, ...] | None:
@@ -100,7 +102,7 @@ class _ExpertMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation):  # type: ignore[override]
+    def forward(ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False):  # type: ignore[override]
         # The caller cast everything to the activations' dtype; autocast must not recast the products.
         with torch.autocast(x.device.type, enabled=False):
             scaled = weight_N is not None
@@ -129,10 +131,10 @@ class _ExpertMLP(torch.autograd.Function):
                 else:
                     s = scales[j]
                     out = _linear(a.mul_(s), w2[j], None if b2_j is None else s * b2_j, out=dest)
-                if gather:
-                    y.index_add_(0, rows[j], out)
+                if gather:  # top-1: no token twice, so a write (parallel) instead of an accumulation
+                    (y.index_copy_ if unique else y.index_add_)(0, rows[j], out)
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
-        ctx.counts, ctx.activation, ctx.keep_output = counts, activation, keep_output
+        ctx.counts, ctx.activation, ctx.keep_output, ctx.unique = counts, activation, keep_output, unique
         return y
 
     @staticmethod
@@ -177,7 +179,7 @@ class _ExpertMLP(torch.autograd.Function):
                 grad_a = torch.mm(g, w2[j].t())
                 dot = _row_dot(grad_a, a)
                 if b2 is not None:
-                    dot += g.float() @ b2[j].float()
+                    dot += g.to(dot.dtype) @ b2[j].to(dot.dtype)
                     torch.sum(g * s, 0, out=grad_b2[j])
                 grad_weights[j].copy_(dot)
                 torch.mm((a * s).t(), g, out=grad_w2[j])
@@ -188,10 +190,123 @@ class _ExpertMLP(torch.autograd.Function):
             if grad_b1 is not None:
                 torch.sum(grad_h, 0, out=grad_b1[j])
             if gather:
-                grad_x.index_add_(0, rows[j], torch.mm(grad_h, w1[j].t()))
+                (grad_x.index_copy_ if ctx.unique else grad_x.index_add_)(0, rows[j], torch.mm(grad_h, w1[j].t()))
             else:
                 torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
-        return grad_x, grad_weight_N if scaled else None, None, *grads, None, None
+        return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None
+
+
+def _baddbmm(x_eCD: Tensor, w_eDF: Tensor, b_eF: Tensor | None, out: Tensor) -> Tensor:
+    if b_eF is None:
+        return torch.bmm(x_eCD, w_eDF, out=out)
+    return torch.baddbmm(b_eF.unsqueeze(1), x_eCD, w_eDF, out=out)
+
+
+def padded_slots(counts: list[int], capacity: int, device: torch.device) -> Tensor:
+    """Slot of every grouped row in a padded ``[e, capacity]`` buffer: ``expert * capacity + rank in expert``."""
+    num_rows = sum(counts)
+    counts_e = torch.tensor(counts, device=device)
+    shift_e = torch.arange(len(counts), device=device) * capacity - (torch.cumsum(counts_e, 0) - counts_e)
+    return torch.repeat_interleave(shift_e, counts_e, output_size=num_rows) + torch.arange(num_rows, device=device)
+
+
+class _PaddedExpertMLP(torch.autograd.Function):
+    """The same MLP as :class:`_ExpertMLP`, as two batched products over a padded ``[e, C, D]`` buffer.
+
+    ``C`` is the largest row count of any local expert (never more than the capacity), so the
+    padding costs ``e * C - N`` rows of GEMM work; in exchange every product is one ``bmm`` and the
+    whole layer a fixed handful of operator calls, whatever ``e``. One gather fills the buffer (a
+    permutation of the routed rows, pad rows zeroed), and the combine weight scales the output rows.
+
+    With ``token_idx_N``, row i reads token ``token_idx_N[i]`` of ``x`` and adds into that row of
+    ``y``. ``unique`` says that no token appears twice (top-1 routing): then the combine is a gather
+    from the padded output (dropped tokens read an extra zero row) and the input gradient a gather,
+    with no scatter-add and no zero-filled ``[T, D]`` buffer. Without ``token_idx_N`` row i is row i.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False):  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):
+            e, dim = len(counts), x.shape[-1]
+            capacity = max(counts)
+            slots = e * capacity
+            slot_N = padded_slots(counts, capacity, x.device)
+            gather = token_idx_N is not None
+            # The source row of every slot: pad slots read row 0 and are zeroed after the gather.
+            source_S = torch.zeros(slots, dtype=torch.long, device=x.device)
+            source_S.index_copy_(0, slot_N, token_idx_N if gather else torch.arange(x.shape[0], device=x.device))
+            x_SD = x.index_select(0, source_S)
+            pad_mask_S = torch.ones(slots, dtype=torch.bool, device=x.device)
+            pad_mask_S[slot_N] = False
+            x_SD.index_fill_(0, pad_mask_S.nonzero().flatten(), 0)
+            h_SH = x.new_empty(slots, w1_eDH.shape[-1])
+            _baddbmm(x_SD.view(e, capacity, dim), w1_eDH, b1_eH, h_SH.view(e, capacity, -1))
+            a_SF = activate(h_SH, activation)
+            o_PD = x.new_empty(slots + 1, dim)  # one extra zero row: what a dropped token reads
+            o_PD[slots].zero_()
+            _baddbmm(a_SF.view(e, capacity, -1), w2_eFD, b2_eD, o_PD[:slots].view(e, capacity, dim))
+            del a_SF
+            scaled = weight_N is not None
+            w_N = weight_N.to(x.dtype) if scaled else None
+            if gather and unique:
+                slot_T = torch.full((x.shape[0],), slots, dtype=torch.long, device=x.device)
+                slot_T.index_copy_(0, token_idx_N, slot_N)
+                y = o_PD.index_select(0, slot_T)
+                if scaled:
+                    w_T = x.new_zeros(x.shape[0]).index_copy_(0, token_idx_N, w_N)
+                    y.mul_(w_T.unsqueeze(-1))
+            else:
+                out_ND = o_PD.index_select(0, slot_N)
+                if scaled:
+                    out_ND.mul_(w_N.unsqueeze(-1))
+                y = torch.zeros_like(x).index_add_(0, token_idx_N, out_ND) if gather else out_ND
+        ctx.save_for_backward(x_SD, h_SH, o_PD if scaled else None, weight_N, token_idx_N, slot_N, w1_eDH, w2_eFD)
+        ctx.meta = (counts, capacity, activation, gather and unique, x.shape[0], b1_eH is not None, b2_eD is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _PaddedExpertMLP._backward(ctx, grad_y.contiguous())
+
+    @staticmethod
+    def _backward(ctx, grad_y):
+        x_SD, h_SH, o_PD, weight_N, token_idx_N, slot_N, w1_eDH, w2_eFD = ctx.saved_tensors
+        counts, capacity, activation, unique, num_x, has_b1, has_b2 = ctx.meta
+        e, dim = len(counts), x_SD.shape[-1]
+        slots = e * capacity
+        gather, scaled = token_idx_N is not None, weight_N is not None
+        g_ND = grad_y.index_select(0, token_idx_N) if gather else grad_y
+        grad_weight_N = None
+        if scaled:
+            grad_weight_N = _row_dot(g_ND, o_PD.index_select(0, slot_N)).to(weight_N.dtype)
+            scale_N1 = weight_N.to(g_ND.dtype).unsqueeze(-1)
+            g_ND = g_ND.mul_(scale_N1) if gather else g_ND * scale_N1  # a gathered g is ours to scale
+        grad_o_SD = grad_y.new_zeros(slots, dim).index_copy_(0, slot_N, g_ND)
+        del g_ND
+        grad_o_eCD = grad_o_SD.view(e, capacity, dim)
+        a_eCF = activate(h_SH, activation).view(e, capacity, -1)
+        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD)
+        del a_eCF
+        grad_a_eCF = torch.bmm(grad_o_eCD, w2_eFD.transpose(1, 2))
+        grad_h_eCH = _activate_backward(grad_a_eCF, h_SH.view(e, capacity, -1), activation)
+        del grad_a_eCF
+        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH)
+        grad_b1 = grad_h_eCH.sum(1) if has_b1 else None
+        grad_b2 = grad_o_eCD.sum(1) if has_b2 else None
+        grad_x_PD = grad_y.new_empty(slots + 1, dim)  # the extra zero row again, for dropped tokens
+        grad_x_PD[slots].zero_()
+        torch.bmm(grad_h_eCH, w1_eDH.transpose(1, 2), out=grad_x_PD[:slots].view(e, capacity, dim))
+        del grad_h_eCH
+        if not gather:
+            grad_x = grad_x_PD.index_select(0, slot_N)
+        elif unique:
+            slot_T = torch.full((num_x,), slots, dtype=torch.long, device=grad_y.device)
+            slot_T.index_copy_(0, token_idx_N, slot_N)
+            grad_x = grad_x_PD.index_select(0, slot_T)
+        else:
+            grad_x = torch.zeros_like(grad_y).index_add_(0, token_idx_N, grad_x_PD.index_select(0, slot_N))
+        return grad_x, grad_weight_N, None, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None
 
 
 def _grouped_mlp(
@@ -334,6 +449,7 @@ class GroupedExperts(nn.Module):
         tokens_per_expert: list[int],
         weight_N: Tensor | None = None,
         token_idx_N: Tensor | None = None,
+        tokens_unique: bool | None = None,
     ) -> Tensor:
         """Run each local expert on its rows and return ``y`` (same shape as ``x``).
 
@@ -341,7 +457,12 @@ class GroupedExperts(nn.Module):
         ``weight_N[i]``. Without ``token_idx_N`` row i is ``x[i]`` and its output ``y[i]`` (rows
         delivered already grouped); with it, row i reads ``x[token_idx_N[i]]`` and adds into
         ``y[token_idx_N[i]]``, so ``y`` sums each token's weighted expert outputs.
+        ``tokens_unique=True`` promises that no token appears twice in ``token_idx_N`` (top-1
+        routing): the combine then writes instead of scatter-adding. None: ``self.tokens_unique``,
+        which :class:`MoELayer` sets for top-1 routing.
         """
+        if tokens_unique is None:
+            tokens_unique = getattr(self, "tokens_unique", False)
         num_rows = x.shape[0] if token_idx_N is None else token_idx_N.shape[0]
         if sum(tokens_per_expert) != num_rows or len(tokens_per_expert) != self.num_local_experts:
             raise ValueError(
@@ -350,14 +471,38 @@ class GroupedExperts(nn.Module):
             )
         # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
         params = [None if p is None else p.to(x.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
-        if not self.uses_grouped_gemm(x):
-            return _ExpertMLP.apply(x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation)
+        path = self.execution_path(x, tokens_per_expert)
+        if path == "padded":
+            return _PaddedExpertMLP.apply(
+                x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation, tokens_unique
+            )
+        if path == "loop":
+            return _ExpertMLP.apply(
+                x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation, tokens_unique
+            )
         with torch.autocast(x.device.type, enabled=False):
             x_ND = x if token_idx_N is None else x.index_select(0, token_idx_N)
             out_ND = _grouped_mlp(x_ND, weight_N, tokens_per_expert, *params, self.activation)
             if token_idx_N is None:
                 return out_ND
             return torch.zeros_like(x).index_add_(0, token_idx_N, out_ND)
+
+    def execution_path(self, x: Tensor, tokens_per_expert: list[int]) -> str:
+        """``"grouped"``, ``"padded"`` or ``"loop"``: how a forward on ``x`` with these row counts runs.
+
+        ``expert_gemm`` forces a path; ``"auto"`` takes the grouped GEMM on a CUDA GPU where it can
+        run, else the cost model's choice (``expert_cost.py``) between the padded batched product
+        and the per-expert loop.
+        """
+        if self.expert_gemm == "loop" or sum(tokens_per_expert) == 0:
+            return "loop"
+        if self.expert_gemm == "padded":
+            return "padded"
+        if self.uses_grouped_gemm(x):
+            return "grouped"
+        if x.is_cuda:
+            return "loop"
+        return DEFAULT_COST_MODEL.choose(tokens_per_expert, self.w1.shape[1], self.w2.shape[1], x.element_size())
 
     def uses_grouped_gemm(self, x: Tensor) -> bool:
         """Whether a forward on ``x`` runs the grouped GEMM path (see ``MoEConfig.expert_gemm``)."""
@@ -370,7 +515,7 @@ class GroupedExperts(nn.Module):
                     stacklevel=3,
                 )
             return grouped_gemm_supported(x, sizes)
-        if self.expert_gemm == "loop":
+        if self.expert_gemm in ("loop", "padded"):
             return False
         problem = grouped_gemm_problem(x, sizes)
         if problem is not None:

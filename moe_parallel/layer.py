@@ -110,6 +110,8 @@ class MoELayer(nn.Module):
                 f"num_experts // ep_size = {self.num_local_experts}"
             )
         self.experts = experts
+        # Top-1 routing sends each token to at most one expert: the combine can write, not accumulate.
+        self.experts.tokens_unique = config.top_k == 1
         self.shared_expert = None
         if config.shared_expert_ffn_hidden_size > 0:
             # One always-on expert, seeded with the id after the routed ones; replicated, not expert-parallel.

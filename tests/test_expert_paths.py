@@ -1,0 +1,201 @@
+"""Every expert execution path (loop, padded, and auto's cost-model choice) equals the naive oracle.
+
+Forward and backward, float64, over random draws of shapes: experts, k, hidden and FFN widths
+(D < F and D > F), capacity factors that drop and dropless routing, both drop policies, biases,
+SwiGLU, experts without rows; and expert parallelism on 2 gloo processes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer
+from moe_parallel.expert_cost import ExpertCostModel
+from moe_parallel.experts import _PaddedExpertMLP
+from tests.dist_utils import run_distributed
+from tests.reference import naive_moe
+
+PATHS = ("loop", "padded", "auto")
+
+
+def _draw(seed: int) -> dict:
+    rng = random.Random(seed)
+    experts = rng.choice([2, 3, 4, 8])
+    return dict(
+        hidden_size=rng.choice([4, 8, 12]),
+        ffn_hidden_size=rng.choice([3, 8, 16]),
+        num_experts=experts,
+        top_k=rng.randint(1, min(experts, 3)),
+        capacity_factor=rng.choice([0.5, 1.0, 1.25, 2.0, None]),
+        drop_policy=rng.choice(["position", "probs"]),
+        activation=rng.choice(["gelu", "swiglu", "relu"]),
+        expert_bias=rng.random() < 0.3,
+        min_capacity=rng.choice([0, 2]),
+        init_std=0.4,
+    )
+
+
+def _layer(path: str, kwargs: dict) -> MoELayer:
+    layer = MoELayer(MoEConfig(expert_gemm=path, **kwargs)).double().train()
+    if layer.experts.b1 is not None:
+        with torch.no_grad():
+            layer.experts.b1.normal_()
+            layer.experts.b2.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_equals_the_oracle(path: str, seed: int) -> None:
+    kwargs = _draw(seed)
+    torch.manual_seed(seed)
+    layer = _layer(path, kwargs)
+    oracle = _layer("loop", kwargs)
+    oracle.load_state_dict(layer.state_dict())
+    tokens = random.Random(seed).choice([1, 5, 17, 40])
+    x = torch.randn(tokens, kwargs["hidden_size"], dtype=torch.float64)
+    if seed % 4 == 0:  # starve expert 0: an expert without rows
+        with torch.no_grad():
+            for lay in (layer, oracle):
+                lay.router.weight[0] = -5.0 * lay.router.weight[0].sign() * x.mean(0).sign()
+    grad = torch.randn_like(x)
+
+    x_ours = x.clone().requires_grad_()
+    y = layer(x_ours)
+    (y * grad).sum().backward()
+    x_ref = x.clone().requires_grad_()
+    y_ref, aux_ref = naive_moe(oracle, x_ref)
+    ((y_ref * grad).sum() + aux_ref).backward()
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.router.weight.grad, oracle.router.weight.grad, rtol=1e-8, atol=1e-10)
+    for (name, p), q in zip(layer.experts.named_parameters(), oracle.experts.parameters()):
+        want = torch.zeros_like(q) if q.grad is None else q.grad
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize(
+    "gathered, unique", [(False, False), (True, False), (True, True)], ids=["grouped-rows", "token-index", "top1"]
+)
+@pytest.mark.parametrize("scaled", [False, True], ids=["unweighted", "weighted"])
+def test_padded_equals_the_loop_on_raw_rows(unique: bool, gathered: bool, scaled: bool) -> None:
+    """The experts module alone, every branch of the combine (incl. the top-1 write and dropped tokens)."""
+    torch.manual_seed(1)
+    counts = [4, 0, 3, 1]
+    if not gathered:
+        token_idx, x = None, torch.randn(8, 6, dtype=torch.float64)
+    elif unique:  # tokens 1, 4 and 9 were dropped: they must come out zero, with zero gradient
+        token_idx, x = torch.tensor([0, 2, 3, 5, 6, 7, 8, 10]), torch.randn(11, 6, dtype=torch.float64)
+    else:
+        token_idx, x = torch.tensor([0, 2, 3, 5, 1, 2, 5, 0]), torch.randn(7, 6, dtype=torch.float64)
+    weight = torch.rand(8, dtype=torch.float64) if scaled else None
+    grad = torch.randn_like(x)
+    results = []
+    for path in ("loop", "padded"):
+        experts = GroupedExperts(4, 6, 10, expert_gemm=path, init_std=0.3, bias=True).double()
+        with torch.no_grad():
+            experts.b1.normal_(generator=torch.Generator().manual_seed(2))
+            experts.b2.normal_(generator=torch.Generator().manual_seed(3))
+        x_ = x.clone().requires_grad_()
+        w_ = None if weight is None else weight.clone().requires_grad_()
+        y = experts(x_, counts, w_, token_idx, tokens_unique=unique)
+        y.backward(grad)
+        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in experts.parameters())])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(results[1][3][1]) == 0  # the idle expert's w1 gradient
+    if unique:
+        dropped = torch.tensor([1, 4, 9])
+        assert torch.count_nonzero(results[1][0][dropped]) == 0
+        assert torch.count_nonzero(results[1][1][dropped]) == 0
+
+
+def _ep2_paths_equal_oracle(rank: int, world: int, path: str, cfg_kwargs: dict) -> None:
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=6, init_std=0.4, expert_gemm=path, **cfg_kwargs)
+    ep_layer = MoELayer(cfg, ep_group=dist.group.WORLD).double().train()
+    oracle = MoELayer(cfg).double().train()
+    gen = torch.Generator().manual_seed(7)
+    tokens = [13, 9]
+    xs = [torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in tokens]
+    gs = [torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in tokens]
+    e = cfg.num_experts // world
+    mine = slice(rank * e, (rank + 1) * e)
+    expert_grads = {n: torch.zeros_like(p[mine]) for n, p in oracle.experts.named_parameters()}
+    for r in range(world):
+        oracle.zero_grad()
+        x_r = xs[r].clone().requires_grad_()
+        y_r, aux_r = naive_moe(oracle, x_r, capacity_tokens=max(tokens))
+        ((y_r * gs[r]).sum() + aux_r).backward()
+        for n, p in oracle.experts.named_parameters():
+            expert_grads[n] += p.grad[mine]
+        if r == rank:
+            want_y, want_gx = y_r.detach(), x_r.grad
+    x = xs[rank].clone().requires_grad_()
+    y = ep_layer(x)
+    (y * gs[rank]).sum().backward()
+    torch.testing.assert_close(y, want_y, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(x.grad, want_gx, rtol=1e-9, atol=1e-10)
+    for n, p in ep_layer.experts.named_parameters():
+        torch.testing.assert_close(p.grad, expert_grads[n], rtol=1e-9, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize(
+    "cfg_kwargs",
+    [
+        dict(num_experts=4, top_k=1, capacity_factor=1.0, drop_policy="position", min_capacity=0),
+        dict(num_experts=8, top_k=3, capacity_factor=None, drop_policy="probs"),
+    ],
+    ids=["top1-dropping", "top3-dropless"],
+)
+def test_padded_path_under_expert_parallelism(cfg_kwargs: dict) -> None:
+    run_distributed(_ep2_paths_equal_oracle, 2, "padded", cfg_kwargs)
+
+
+def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
+    model = ExpertCostModel()
+    even = [16] * 128  # many small experts, no padding: the calls dominate
+    assert model.choose(even, 256, 128) == "padded"
+    skewed = [4096] + [1] * 7  # one expert holds nearly every row: padding would multiply the work by 8
+    assert model.choose(skewed, 512, 2048) == "loop"
+    assert model.choose([0, 0, 0], 8, 8) == "loop"
+    # The estimate grows with the padded slots and never with the loop's idle experts.
+    assert model.padded_s([10, 20], 64, 64, 4) < model.padded_s([10, 40], 64, 64, 4)
+    assert model.loop_s([10, 0, 0], 64, 64, 4) < model.loop_s([10, 1, 1], 64, 64, 4)
+
+
+def test_auto_follows_the_cost_model_and_expert_gemm_forces_a_path() -> None:
+    x = torch.zeros(4, 8)
+    auto = GroupedExperts(128, 8, 8)
+    assert auto.execution_path(x, [1] * 128) == ExpertCostModel().choose([1] * 128, 8, 8)
+    assert GroupedExperts(2, 8, 8, expert_gemm="loop").execution_path(x, [1, 1]) == "loop"
+    assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [5, 0]) == "padded"
+    assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [0, 0]) == "loop"  # nothing to pad
+    with pytest.raises(MoEConfigError, match=r"moe\.expert_gemm='bmm'.*padded"):
+        MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, expert_gemm="bmm")
+
+
+@pytest.mark.parametrize("unique", [False, True], ids=["shared-tokens", "top1"])
+def test_padded_gradcheck(unique: bool) -> None:
+    """Finite differences through the padded path's hand-written backward (SwiGLU, biases, weights)."""
+    torch.manual_seed(4)
+    counts = [2, 0, 3]
+    token_idx = torch.tensor([0, 3, 1, 4, 5]) if unique else torch.tensor([0, 3, 1, 3, 0])
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, w1, w2, b1, b2):
+        return _PaddedExpertMLP.apply(x, w, token_idx, w1, w2, b1, b2, counts, "swiglu", unique)
+
+    assert torch.autograd.gradcheck(fn, (x, w, w1, w2, b1, b2))
