@@ -8,7 +8,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test train bench gpu-check gpu-wheels lint clean
+.PHONY: venv test train bench bench-sweep gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ train: venv
 # on a GPU: BENCH_ARGS="--device cuda" (bf16).
 bench: venv
 	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)
+
+# The sampled shape sweep (issue 12): ours and the drop-in against DeepSpeed at 35+ shapes, about 15 minutes;
+# writes the sweep block of BENCHMARKS.md.
+SWEEP_ARGS ?= --reps 7 --warmup 1
+bench-sweep: venv
+	$(PY) benchmarks/bench_moe.py --sweep $(SWEEP_ARGS)
 
 # One prepared GPU check (README, "GPU check"): tests, benchmark, training, one results file in
 # GPU_OUT; without CUDA a dry run at tiny shapes on the CPU. Wheels for a lent machine: scripts/gpu_wheels.py.

@@ -65,6 +65,7 @@ sys.path.insert(0, str(REPO))
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
+from moe_parallel.expert_cost import DEFAULT_COST_MODEL  # noqa: E402
 from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
@@ -107,15 +108,15 @@ class BenchConfig:
     ffn: int
     experts: int
     top_k: int
-    capacity_factor: float
+    capacity_factor: float | None  # None: dropless
     ep_size: int = 1
+    drop_policy: str = "position"  # ours only: DeepSpeed's gates fix their own (see BENCHMARKS.md)
 
     def label(self) -> str:
         ep = f", EP={self.ep_size}" if self.ep_size > 1 else ""
-        return (
-            f"T={self.tokens} D={self.hidden} F={self.ffn} E={self.experts} "
-            f"k={self.top_k} cf={self.capacity_factor}{ep}"
-        )
+        cf = "dropless" if self.capacity_factor is None else f"{self.capacity_factor}"
+        policy = f" {self.drop_policy}" if self.drop_policy != "position" and self.capacity_factor is not None else ""
+        return f"T={self.tokens} D={self.hidden} F={self.ffn} E={self.experts} k={self.top_k} cf={cf}{policy}{ep}"
 
 
 def _with_ep2(configs: dict[str, BenchConfig]) -> dict[str, BenchConfig]:
@@ -205,7 +206,7 @@ def make_problem(
         top_k=cfg.top_k,
         capacity_factor=cfg.capacity_factor,
         min_capacity=4,
-        drop_policy="position",
+        drop_policy=cfg.drop_policy,
         aux_loss_coeff=AUX_LOSS_COEFF,
         activation="gelu",
         expert_bias=False,
@@ -261,11 +262,11 @@ def build_deepspeed(problem: Problem) -> Step:
         num_experts=cfg.experts,
         ep_size=cfg.ep_size,
         k=cfg.top_k,
-        capacity_factor=cfg.capacity_factor,
-        eval_capacity_factor=cfg.capacity_factor,
+        capacity_factor=cfg.capacity_factor or 1.0,
+        eval_capacity_factor=cfg.capacity_factor or 1.0,
         min_capacity=4,
         noisy_gate_policy=None,
-        drop_tokens=True,
+        drop_tokens=cfg.capacity_factor is not None,
         use_rts=False,
         top2_2nd_expert_sampling=False,  # deterministic top-2, as ours
     ).train()
@@ -299,9 +300,10 @@ def build_compat(problem: Problem, expert: nn.Module) -> Step:
         num_experts=cfg.experts,
         ep_size=cfg.ep_size,
         k=cfg.top_k,
-        capacity_factor=cfg.capacity_factor,
-        eval_capacity_factor=cfg.capacity_factor,
+        capacity_factor=cfg.capacity_factor or 1.0,
+        eval_capacity_factor=cfg.capacity_factor or 1.0,
         min_capacity=4,
+        drop_tokens=cfg.capacity_factor is not None,
         use_rts=False,
         top2_2nd_expert_sampling=False,
     ).train()
@@ -323,6 +325,16 @@ def build_compat_module(problem: Problem) -> Step:
     return build_compat(
         problem, nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.Tanh(), nn.Linear(cfg.ffn, cfg.hidden))
     )
+
+
+def build_compat_sequential(problem: Problem) -> Step:
+    """DeepSpeed's own expert as in :func:`build_deepspeed` (Linear -> GELU -> Linear, no bias): a
+    fast-path form, stacked and run by our experts' kernels."""
+    cfg = problem.cfg
+    expert = nn.Sequential(
+        nn.Linear(cfg.hidden, cfg.ffn, bias=False), nn.GELU(), nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+    )
+    return build_compat(problem, expert)
 
 
 def build_compat_parallel_mlp(problem: Problem) -> Step:
@@ -420,6 +432,7 @@ BUILDERS: dict[str, Callable[[Problem], Step]] = {
     "deepspeed": build_deepspeed,
     "compat_module": build_compat_module,
     "compat_parallel_mlp": build_compat_parallel_mlp,
+    "compat": build_compat_sequential,
     "floor": build_floor,
     "moved": build_moved,
 }
@@ -452,6 +465,24 @@ def measure_step_peak_mib(step: Step) -> float:
     Path("/proc/self/clear_refs").write_text("5")
     step()
     return (_proc_status_kib("VmHWM") - base) / 1024
+
+
+def release_free_memory() -> None:
+    """Put glibc into MEMORY_ENV's regime at run time (after the timed rounds) and hand its free lists back.
+
+    The sweep measures peak memory in its timing processes instead of fresh ones: ``mallopt`` sets
+    the mmap threshold to 64 KiB and the trim threshold to 0 (as MEMORY_ENV does at start-up), and
+    ``malloc_trim(0)`` returns every free page, so that the next step's buffers fault in fresh pages
+    and show in VmHWM, as in a fresh process.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 65536)
+    libc.mallopt(m_trim_threshold, 0)
+    gc.collect()
+    libc.malloc_trim(0)
 
 
 def measure_step_peak_mib_cuda(step: Step) -> float:
@@ -573,6 +604,15 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
         elif command == "peak":
             measure = measure_step_peak_mib_cuda if target.device == "cuda" else measure_step_peak_mib
             conn.send(measure(step))
+        elif command == "path":  # which expert path our layer takes on this input (expert_cost.py)
+            plan = routing_plan(problem)
+            counts = plan.tokens_per_expert_E.tolist()
+            if problem.layer.ep_size > 1:
+                counts = routed_rows(problem)[1]
+            conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
+        elif command == "peak_after_timing":  # the sweep: no fresh process, see release_free_memory
+            release_free_memory()
+            conn.send(measure_step_peak_mib(step))
         elif command == "profile":
             step()
             conn.send(profile_step(step))
@@ -806,7 +846,10 @@ class Row:
 def ds_buffer_rows(cfg: BenchConfig) -> int:
     """Rows DeepSpeed's experts compute on: E x capacity (padded), summed over ranks."""
     local_tokens = cfg.tokens // cfg.ep_size
-    return cfg.ep_size * cfg.experts * expert_capacity(local_tokens, cfg.top_k, cfg.experts, cfg.capacity_factor, 4)
+    capacity = expert_capacity(local_tokens, cfg.top_k, cfg.experts, cfg.capacity_factor, 4)
+    if capacity is None:  # dropless: DeepSpeed pads every expert to the largest load; not known here
+        return 0
+    return cfg.ep_size * cfg.experts * capacity
 
 
 def _mib(value: float) -> str:
@@ -920,6 +963,210 @@ def write_results(path: Path, block: str, command: str, machine: str, table: str
     path.write_text(before + "\n".join(lines) + after)
 
 
+# --------------------------------------------------------------------------- shape sweep (--sweep)
+
+SWEEP_EXPERTS = (8, 16, 32, 64, 128)
+SWEEP_TOP_K = (1, 2, 4, 6, 8)
+SWEEP_HIDDEN = (256, 512, 1024)
+SWEEP_FFN_RATIO = (0.5, 1, 2, 4)
+SWEEP_CAPACITY = (1.0, 1.25, 2.0, None)  # None: dropless
+SWEEP_POLICY = ("position", "probs")
+SWEEP_IMPLS = ("ours", "deepspeed", "compat", "moved")
+SWEEP_MEMORY_IMPLS = ("ours", "deepspeed", "compat")
+SWEEP_SEED = 12
+SWEEP_TARGET_S = 0.4  # estimated DeepSpeed step (the slowest of the three), seconds
+# Rows moved per routed row and step, beyond the GEMMs (gathers, scatters, fills, activation passes),
+# in units of D (and of F for the activation): a rough count for DeepSpeed's padded layer.
+SWEEP_ROW_PASSES_D, SWEEP_ROW_PASSES_F = 12.0, 6.0
+# Named shapes of issue 12 (where DeepSpeed led before), run at their own T.
+SWEEP_NAMED = (
+    BenchConfig("issue-switch", 8192, 512, 1024, 16, 1, 1.0),
+    BenchConfig("issue-small-experts", 4096, 256, 1024, 64, 2, 1.25),
+)
+
+
+def sweep_tokens(hidden: int, ffn: int, top_k: int, capacity_factor: float | None, experts: int) -> int:
+    """T such that DeepSpeed's step takes about SWEEP_TARGET_S here, from a FLOP and traffic estimate.
+
+    Per token DeepSpeed computes ``k * cf`` expert rows (dropless: about 1.3 for the imbalance of a
+    fresh router): ``12 D F`` FLOPs each at the cost model's calibrated GEMM rate, plus the row passes
+    above at its calibrated copy bandwidth. Rounded to a multiple of 64, within [256, 32768].
+    """
+    cost = DEFAULT_COST_MODEL
+    rows = top_k * (1.3 if capacity_factor is None else capacity_factor)
+    gemm_s = 12.0 * hidden * ffn / cost.gemm_flops
+    move_s = 4.0 * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / cost.move_bytes_per_s
+    per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / cost.move_bytes_per_s  # + the router's [T, E]
+    tokens = int(SWEEP_TARGET_S / per_token_s) // 64 * 64
+    return max(256, min(32768, tokens))
+
+
+def _balanced(values: tuple, count: int, rng) -> list:
+    """``count`` draws from ``values``, each value equally often (up to one), in a shuffled order."""
+    out = [values[i % len(values)] for i in range(count)]
+    rng.shuffle(out)
+    return out
+
+
+def sweep_points(count: int = 32, ep2: int = 3, quick: bool = False) -> list[BenchConfig]:
+    """The sampled sweep: ``count`` EP=1 points whose every axis is balanced (each value of each axis
+    appears equally often), the issue's named shapes, and ``ep2`` of the points again at EP=2.
+
+    Deterministic (seeded). ``quick``: the same machinery at tiny sizes, two points and one EP=2 point.
+    """
+    import random
+
+    rng = random.Random(SWEEP_SEED)
+    if quick:
+        points = [
+            BenchConfig("q1", 256, 32, 64, 8, 1, 1.0),
+            BenchConfig("q2", 256, 32, 16, 16, 6, None),
+        ]
+        return points + [dataclasses.replace(points[0], name="q1-ep2", ep_size=2, drop_policy="probs")]
+    axes = [
+        _balanced(SWEEP_EXPERTS, count, rng),
+        _balanced(SWEEP_TOP_K, count, rng),
+        _balanced(SWEEP_HIDDEN, count, rng),
+        _balanced(SWEEP_FFN_RATIO, count, rng),
+        _balanced(SWEEP_CAPACITY, count, rng),
+        _balanced(SWEEP_POLICY, count, rng),
+    ]
+    points = []
+    for i, (experts, k, hidden, ratio, cf, policy) in enumerate(zip(*axes)):
+        ffn = int(hidden * ratio)
+        tokens = sweep_tokens(hidden, ffn, k, cf, experts)
+        points.append(BenchConfig(f"s{i + 1:02d}", tokens, hidden, ffn, experts, k, cf, drop_policy=policy))
+    named = [dataclasses.replace(c) for c in SWEEP_NAMED]
+    ep2_points = [
+        dataclasses.replace(p, name=f"{p.name}-ep2", ep_size=2)
+        for p in rng.sample([p for p in points if p.tokens >= 1024], ep2)
+    ]
+    return points + named + ep2_points
+
+
+@dataclass
+class SweepRow:
+    cfg: BenchConfig
+    timing: Timing
+    peak_mib: dict[str, float]
+    path: str
+
+    def ratio(self, num: str, den: str) -> float | None:
+        return self.timing.ratio(num, den)
+
+    def fine_grained(self) -> bool:
+        return self.cfg.experts >= 64 and self.cfg.top_k >= 6
+
+
+def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, memory: bool) -> SweepRow:
+    """Interleaved rounds of ours, DeepSpeed, the drop-in and ``moved``, each in its own process(es);
+    then the peak memory of one more step in the same processes (see release_free_memory)."""
+    impls, failed = start_implementations(cfg, SWEEP_IMPLS, target)
+    try:
+        rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps, failed)
+        kept = impls["ours"].kept_rows if "ours" in impls else 0
+        path = impls["ours"].request("path")[0] if "ours" in impls else "-"
+        peak = {}
+        if memory:
+            for name in SWEEP_MEMORY_IMPLS:
+                if name in rounds:
+                    peak[name] = max(impls[name].request("peak_after_timing"))
+        return SweepRow(cfg, Timing(rounds, kept, failed), peak, path)
+    finally:
+        for impl in impls.values():
+            impl.close()
+
+
+def sweep_table(rows: list[SweepRow]) -> str:
+    lines = [
+        "| point | shape | our path | ours ms | drop-in ms | DeepSpeed ms | DS/ours | DS/drop-in | drop-in/ours "
+        "| ours/moved | peak MiB ours | peak MiB drop-in | peak MiB DS |",
+        "|---" * 13 + "|",
+    ]
+    for r in rows:
+        peak = ["-" if r.peak_mib.get(n) is None else _mib(r.peak_mib[n]) for n in SWEEP_MEMORY_IMPLS]
+        failed = f" (failed: {', '.join(sorted(r.timing.failed))})" if r.timing.failed else ""
+        lines.append(
+            f"| {r.cfg.name}{failed} | {r.cfg.label()} | {r.path} "
+            f"| {_cell(r.timing.median_ms('ours'), '.1f')} | {_cell(r.timing.median_ms('compat'), '.1f')} "
+            f"| {_cell(r.timing.median_ms('deepspeed'), '.1f')} | {_cell(r.ratio('deepspeed', 'ours'), '.2f')} "
+            f"| {_cell(r.ratio('deepspeed', 'compat'), '.2f')} | {_cell(r.ratio('compat', 'ours'), '.2f')} "
+            f"| {_cell(r.ratio('ours', 'moved'), '.2f')} | {peak[0]} | {peak[1]} | {peak[2]} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_summary(rows: list[SweepRow]) -> str:
+    """Min, median and worst point of each ratio, and how many points meet each target."""
+
+    def stats(values: list[tuple[float, str]], higher_is_better: bool) -> str:
+        if not values:
+            return "-"
+        ordered = sorted(values, reverse=not higher_is_better)
+        worst = ordered[0]
+        median = statistics.median(v for v, _ in values)
+        lo, hi = min(v for v, _ in values), max(v for v, _ in values)
+        return f"min {lo:.2f}, median {median:.2f}, max {hi:.2f}; worst {worst[0]:.2f} at {worst[1]}"
+
+    def column(num: str, den: str, only=None) -> list[tuple[float, str]]:
+        out = []
+        for r in rows:
+            value = r.ratio(num, den)
+            if value is not None and (only is None or only(r)):
+                out.append((value, r.cfg.name))
+        return out
+
+    def count(values: list[tuple[float, str]], ok) -> str:
+        return f"{sum(1 for v, _ in values if ok(v))}/{len(values)}"
+
+    ds_ours, ds_compat = column("deepspeed", "ours"), column("deepspeed", "compat")
+    fine_ours = column("deepspeed", "ours", SweepRow.fine_grained)
+    fine_compat = column("deepspeed", "compat", SweepRow.fine_grained)
+    compat_ours, ours_moved = column("compat", "ours"), column("ours", "moved")
+    memory = [r for r in rows if all(n in r.peak_mib for n in SWEEP_MEMORY_IMPLS)]
+    lines = [
+        "| summary over the sweep | values | target met at |",
+        "|---|---|---|",
+        f"| DeepSpeed / ours (MoELayer) | {stats(ds_ours, True)} "
+        f"| {count(ds_ours, lambda v: v >= 1.0)} points >= 1.0 |",
+        f"| DeepSpeed / drop-in (compat.MoE) | {stats(ds_compat, True)} "
+        f"| {count(ds_compat, lambda v: v >= 1.0)} points >= 1.0 |",
+        f"| fine-grained (E >= 64, k >= 6): DeepSpeed / ours | {stats(fine_ours, True)} "
+        f"| {count(fine_ours, lambda v: v >= 1.5)} points >= 1.5 |",
+        f"| fine-grained: DeepSpeed / drop-in | {stats(fine_compat, True)} "
+        f"| {count(fine_compat, lambda v: v >= 1.5)} points >= 1.5 |",
+        f"| drop-in / ours | {stats(compat_ours, False)} | {count(compat_ours, lambda v: v <= 1.03)} points <= 1.03 |",
+        f"| ours / moved | {stats(ours_moved, False)} | {count(ours_moved, lambda v: v <= 1.05)} points <= 1.05 |",
+        f"| peak memory ours <= DeepSpeed's | - "
+        f"| {sum(1 for r in memory if r.peak_mib['ours'] <= r.peak_mib['deepspeed'])}/{len(memory)} points |",
+        f"| peak memory drop-in <= DeepSpeed's | - "
+        f"| {sum(1 for r in memory if r.peak_mib['compat'] <= r.peak_mib['deepspeed'])}/{len(memory)} points |",
+    ]
+    return "\n".join(lines)
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
+    target = target_of(args)
+    points = sweep_points(args.sweep_points, quick=args.quick)
+    if args.sweep_only:
+        wanted = {n.strip() for n in args.sweep_only.split(",")}
+        points = [p for p in points if p.name in wanted]
+    rows = []
+    started = time.monotonic()
+    for i, cfg in enumerate(points):
+        print(f"== [{i + 1}/{len(points)}, {time.monotonic() - started:.0f} s] {cfg.name}: {cfg.label()}", flush=True)
+        rows.append(run_sweep_point(cfg, args.warmup, args.reps, target.for_config(cfg), not args.no_memory))
+        print(sweep_table(rows[-1:]).splitlines()[-1], flush=True)
+    table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
+    load = os.getloadavg()[0]
+    print("\n" + table + f"\n\nwall time {time.monotonic() - started:.0f} s, 1-minute load at the end {load:.1f}")
+    if not args.no_write:
+        command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
+        machine = machine_line(target) + f"; 1-minute load average at the end of the run: {load:.1f}"
+        write_results(args.output, "sweep", command, machine, table)
+        print(f"wrote the sweep block of {args.output}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -935,7 +1182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for EP=1 (default: torch's choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument(
-        "--expert-gemm", choices=("auto", "grouped", "loop"), default="auto", help="our experts' path (default auto)"
+        "--expert-gemm",
+        choices=("auto", "grouped", "loop", "padded"),
+        default="auto",
+        help="our experts' path (default auto)",
     )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32 on CPU, bfloat16 on GPU"
@@ -955,6 +1205,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler breakdown per config instead of timing"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="the sampled shape sweep (ours, drop-in, DeepSpeed; its own block)"
+    )
+    parser.add_argument("--sweep-points", type=int, default=32, help="sampled EP=1 points of --sweep (default 32)")
+    parser.add_argument("--sweep-only", default=None, help="comma-separated point names: run only these")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument(
@@ -1022,6 +1277,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
         # glibc reads these at start-up; the workers inherit them from this process.
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
+    if args.sweep:
+        run_sweep(args, argv)
+        return
     if args.profile:
         for cfg in selected_configs(args):
             print(run_profile(cfg, target_of(args)) + "\n", flush=True)

@@ -67,3 +67,59 @@ def test_gpu_run_refuses_cpu_only_options_and_a_missing_gpu(capsys) -> None:
     if not bench.torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             bench.selected_configs(bench.parse_args(["--device", "cuda"]))
+
+
+def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Path) -> None:
+    """`--sweep --quick`: the sweep's machinery (T from the estimate aside) on a tiny EP=1 and EP=2 point."""
+    output = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_moe.py", "--sweep", "--quick", "--sweep-only", "q2,q1-ep2"]
+        + ["--reps", "2", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| point |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {}
+    for line in lines:
+        if re.match(r"\| (q2|q1-ep2) \|", line):
+            rows[line.split("|")[1].strip()] = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+    assert set(rows) == {"q2", "q1-ep2"}, proc.stdout[-4000:]
+    assert "EP=2" in rows["q1-ep2"]["shape"] and "dropless" in rows["q2"]["shape"]
+    for row in rows.values():
+        assert row["our path"] in ("loop", "padded")
+        for column in ("ours ms", "drop-in ms", "DeepSpeed ms", "DS/ours", "DS/drop-in", "drop-in/ours", "ours/moved"):
+            assert float(row[column]) > 0, (column, row)
+        for column in ("peak MiB ours", "peak MiB drop-in", "peak MiB DS"):
+            float(row[column])  # measured (tiny shapes may need less than a page more)
+    summary = [line for line in lines if line.startswith("| DeepSpeed / ours (MoELayer) |")]
+    assert summary and "worst" in summary[-1] and "/2 points >= 1.0" in summary[-1]
+    assert not output.exists()  # --quick never writes the results page
+
+
+def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate() -> None:
+    bench = _bench_module()
+    points = bench.sweep_points()
+    assert points == bench.sweep_points()  # seeded
+    single = [p for p in points if p.ep_size == 1 and p.name.startswith("s")]
+    assert len(single) >= 30 and sum(p.ep_size == 2 for p in points) >= 2
+    for axis, values in (
+        ("experts", bench.SWEEP_EXPERTS),
+        ("top_k", bench.SWEEP_TOP_K),
+        ("hidden", bench.SWEEP_HIDDEN),
+        ("capacity_factor", bench.SWEEP_CAPACITY),
+        ("drop_policy", bench.SWEEP_POLICY),
+    ):
+        seen = [getattr(p, axis) for p in single]
+        per_value = [seen.count(v) for v in values]
+        assert min(per_value) >= len(single) // len(values), (axis, per_value)  # every value, evenly
+    assert {p.ffn / p.hidden for p in single} == set(bench.SWEEP_FFN_RATIO)
+    assert any(p.experts >= 64 and p.top_k >= 6 for p in single)  # fine-grained shapes are in
+    # T follows the estimate: more work per token, fewer tokens (within the clamp).
+    light = bench.sweep_tokens(256, 128, 1, 1.0, 8)
+    heavy = bench.sweep_tokens(1024, 4096, 8, 2.0, 8)
+    assert light > heavy >= 256 and light <= 32768 and light % 64 == 0
