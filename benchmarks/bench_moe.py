@@ -1208,6 +1208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep", action="store_true", help="the sampled shape sweep (ours, drop-in, DeepSpeed; its own block)"
     )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="measure the expert cost model's constants here and print them"
+    )
     parser.add_argument("--sweep-points", type=int, default=32, help="sampled EP=1 points of --sweep (default 32)")
     parser.add_argument("--sweep-only", default=None, help="comma-separated point names: run only these")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
@@ -1277,6 +1280,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
         # glibc reads these at start-up; the workers inherit them from this process.
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
+    if args.calibrate:
+        from moe_parallel.expert_cost import calibrate
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"measured ({torch.get_num_threads()} threads): {calibrate()}")
+        print(f"in use:                 {DEFAULT_COST_MODEL}")
+        return
     if args.sweep:
         run_sweep(args, argv)
         return

@@ -358,6 +358,10 @@ class MoE(MoELayer):
         route = RouterOutput(expert_TK, gate_TK, gates_TE, logits_TE, tokens_per_expert_E)
         return route, capacity, plan
 
+    def balance_and_z_loss(self, route: RouterOutput) -> tuple[Tensor, Tensor]:
+        """DeepSpeed's ``l_aux``, computed by the gate above from its own counts; no z-loss (as DeepSpeed)."""
+        return self._l_aux, self._l_aux.new_zeros(())
+
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, hidden_states: Tensor, used_token: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

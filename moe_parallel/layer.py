@@ -173,14 +173,20 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD, [x_TD.shape[0]])
 
-        balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, cfg.top_k)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.z_loss_coeff > 0):  # else a statistic only
-            z_loss = router_z_loss(route.logits_TE)
+        balance, z_loss = self.balance_and_z_loss(route)
         self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
         self.last_stats = self._stats(route, plan, balance, z_loss, capacity)
         if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
             y_TD = attach_aux_loss(y_TD, self.aux_loss)
         return y_TD.view(x.shape)
+
+    def balance_and_z_loss(self, route: RouterOutput) -> tuple[Tensor, Tensor]:
+        """The unscaled balance loss and z-loss of this forward's routing (a subclass whose gate
+        already computed its balance loss returns that, instead of a second pass over ``[T, E]``)."""
+        balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, self.config.top_k)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.z_loss_coeff > 0):  # else a statistic
+            z_loss = router_z_loss(route.logits_TE)
+        return balance, z_loss
 
     def route_and_plan(
         self, x_TD: Tensor, max_tokens: int | None = None
