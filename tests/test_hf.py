@@ -316,3 +316,14 @@ def test_make_hf_model_sets_non_default_weights():
         assert not torch.all(p == 1) and not torch.all(p == 0), name
     biases = [b for n, b in model.named_buffers() if "e_score_correction_bias" in n]
     assert biases and all(b.abs().min() > 0 for b in biases)
+
+
+def test_saving_again_into_a_directory_leaves_no_stale_shards(hf_dirs, tmp_path):
+    path, reference = hf_dirs["olmoe", 0]
+    ours = hf.from_pretrained(path)
+    hf.save_pretrained(ours, tmp_path / "out", max_shard_bytes=1024)
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 2
+    hf.save_pretrained(ours, tmp_path / "out")  # one file now
+    assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
+    loaded, info = load_transformers(tmp_path / "out")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
