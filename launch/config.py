@@ -46,6 +46,11 @@ class MoEConf:
     expert_ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
     score_func: str = "softmax"  # softmax | sigmoid
     normalize_top_k: bool = True
+    score_after_topk: bool = False  # softmax over the k selected logits only
+    num_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in num_groups groups,
+    topk_groups: int = 1  # tokens choose among the experts of their topk_groups best groups
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
+    selection_bias: bool = False  # a per-expert bias for selection only (implied by expert_bias_update_rate > 0)
     router_noise: str = "none"  # none | jitter | gumbel
     router_jitter_eps: float = 0.01
     capacity_factor: float | None = 1.25  # null = dropless
@@ -56,6 +61,7 @@ class MoEConf:
     z_loss_coeff: float = 0.001
     expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
     shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     expert_gemm: str = "auto"  # auto (grouped GEMM on CUDA bf16, per-expert loop elsewhere) | grouped | loop
     check_inputs: bool = False
 
