@@ -7,8 +7,9 @@ where BOS is prepended only when ``tokenizer_config.json`` says ``add_bos_token:
 Mixtral tokenizers) and EOS is the model's end-of-sequence token (``tokenizer_config.json``
 ``eos_token``, else ``config.json``/``generation_config.json`` ``eos_token_id``).
 
-The cache key of a tokenized corpus covers the sha256 of every file that decides the ids, so a
-changed tokenizer re-tokenizes and the same tokenizer in another directory reuses the cache.
+The cache key of a tokenized corpus covers the sha256 of the tokenizer file and the BOS/EOS ids (all
+that decides the ids), so a changed tokenizer re-tokenizes and the same tokenizer in another
+directory reuses the cache.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# Files beside the tokenizer that decide BOS/EOS; hashed into the key when present.
+# Files beside the tokenizer that may decide BOS/EOS (the first two are copied along with it).
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json")
+COPIED_FILES = SPECIAL_TOKEN_FILES[:2]
 
 
 class TokenizerError(ValueError):
@@ -70,7 +72,7 @@ class PretrainedTokenizer:
     vocab_size: int
     eos_id: int
     bos_id: int | None  # prepended to every document when not None
-    extra_files: list[Path] = field(default_factory=list)  # special-token files found beside it
+    extra_files: list[Path] = field(default_factory=list)  # tokenizer_config.json etc. found beside it
     _impl: Any = None
 
     @property
@@ -81,14 +83,10 @@ class PretrainedTokenizer:
         """What decides the ids (content hashes, not paths): part of the dataset cache key."""
         return {
             "kind": self.kind,
-            "sha256": {p.name: _sha256(p) for p in self.files},
+            "sha256": _sha256(self.file),
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
         }
-
-    def stat(self) -> list[tuple[str, int, int]]:
-        """Path, size and mtime of every file (the stat-only index key of non-zero ranks)."""
-        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
 
     def encode(self, documents: list[str], num_threads: int = 0) -> list[list[int]]:
         """Token ids per document, BOS prepended if configured, no EOS (the caller appends it)."""
@@ -128,7 +126,7 @@ def load_pretrained_tokenizer(location: str | os.PathLike[str], key: str = "data
             f"{key}={os.fspath(location)!r} does not exist: give a model directory or a tokenizer file"
         )
     folder = file.parent
-    extra = [folder / name for name in SPECIAL_TOKEN_FILES if (folder / name).is_file()]
+    extra = [folder / name for name in COPIED_FILES if (folder / name).is_file()]
     tok_config = _read_json(folder / "tokenizer_config.json")
     special_map = _read_json(folder / "special_tokens_map.json")
     model_config = _read_json(folder / "config.json")
