@@ -10,7 +10,7 @@ layers; pipeline layer ``idx`` is:
 
     0            TokenEmbedding   tokens_BS -> x_BSD   (tied with the LM head if tie_embeddings)
     1 + i        DecoderBlock i   x_BSD -> x_BSD       (MoE FFN iff config.is_moe_layer(i))
-    L + 1        RMSNorm          x_BSD -> x_BSD       (the final norm)
+    L + 1        FinalNorm        x_BSD -> x_BSD       (an RMSNorm)
     L + 2        LMHead           x_BSD -> logits_BSV
 
 Only ``x_BSD`` crosses layers (positions are recomputed from the sequence length), and every
@@ -234,9 +234,11 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def final_norm(config: DecoderConfig) -> RMSNorm:
-    """The norm after the last block (a module-level builder so the pipeline spec stays picklable)."""
-    return RMSNorm(config.hidden_size, config.norm_eps)
+class FinalNorm(RMSNorm):
+    """The RMSNorm after the last block (its own class: a pipeline layer is built from a class)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config.hidden_size, config.norm_eps)
 
 
 def rotary_cos_sin(
@@ -368,7 +370,7 @@ class Decoder(nn.Module):
         self.config = config
         self.embed = TokenEmbedding(config)
         self.blocks = nn.ModuleList(DecoderBlock(config, i, ep_group) for i in range(config.num_layers))
-        self.final_norm = final_norm(config)
+        self.final_norm = FinalNorm(config)
         self.lm_head = None if config.tie_embeddings else LMHead(config)
 
     @property
@@ -455,7 +457,7 @@ def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = N
     else:
         embed, head = LayerSpec(TokenEmbedding, config), LayerSpec(LMHead, config)
     blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
-    return [embed, *blocks, LayerSpec(final_norm, config), head]
+    return [embed, *blocks, LayerSpec(FinalNorm, config), head]
 
 
 def decoder_pipeline(
