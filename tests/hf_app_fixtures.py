@@ -75,3 +75,69 @@ def tiny_qwen3_moe_with_tokenizer(dest: Path) -> Path:
 
     vocab = Tokenizer.from_file(str(dest / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     return tiny_qwen3_moe(dest, vocab_size=vocab + 3)  # a little padding, as real models have
+
+
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+    bos_token_id=None,
+    pad_token_id=None,
+    eos_token_id=0,
+)
+# One tiny config per family, with the family's features switched on (dense layers, shared experts, ...).
+FAMILY_CONFIGS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, intermediate_size=16)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, intermediate_size=48, shared_expert_intermediate_size=24),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, intermediate_size=16, tie_word_embeddings=True)),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            n_routed_experts=8,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            head_dim=8,
+        ),
+    ),
+}
+
+
+def tiny_family_model(family: str, dest: Path, vocab_size: int = 96, dtype=torch.float32, seed: int = 0, **save_kw):
+    """A random tiny model of ``family`` (every weight and buffer non-default) saved to ``dest``;
+    returns the transformers model (fp32)."""
+    import transformers
+
+    config_class, model_class, extra = FAMILY_CONFIGS[family]
+    kw = {**COMMON, **extra, "vocab_size": vocab_size}
+    if family == "olmoe":
+        kw.pop("head_dim")
+    config = getattr(transformers, config_class)(**kw)
+    model = getattr(transformers, model_class)(config)
+    randomize_(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+    model.to(dtype).save_pretrained(str(dest), **save_kw)
+    return model.float()
