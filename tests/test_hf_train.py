@@ -127,3 +127,150 @@ def test_the_run_continues_at_another_layout_and_still_exports_exactly(run):
     ours = metrics(run_dir, "eval/loss")[22]
     theirs = transformers_eval_loss(tmp / "export_pp2", run_dir, dp_size=1)
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
+
+
+# ---------------------------------------------------------------- configuration (no processes)
+
+
+CONF = str(REPO / "conf")
+app_config.register_configs()
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_qwen3_moe_with_tokenizer(tmp_path_factory.mktemp("cfg") / "qwen3_moe")
+
+
+def test_model_hf_composes_dropless_and_takes_the_architecture_from_config_json(model_dir):
+    from moe_parallel import hf
+
+    cfg = compose("model=hf", f"model.path={model_dir}", "parallel=ep2")
+    assert cfg.model.kind == "hf" and cfg.moe.capacity_factor is None and cfg.moe.eval_capacity_factor is None
+    app_config.validate(cfg, world_size=2)
+    ours = app_config.model_config(cfg, vocab_size=0)
+    assert ours == hf.load_config(model_dir, moe_overrides={"aux_loss_coeff": 0.001})
+    assert app_config.data_config(cfg).tokenizer == str(model_dir)  # the model's own tokenizer
+    capped = app_config.model_config(compose("model=hf", f"model.path={model_dir}", "moe.capacity_factor=1.5"), 0)
+    assert capped.moe.capacity_factor == 1.5 and capped.moe.num_experts == 4
+    assert compose().model.kind == "gpt" and compose().moe.capacity_factor == 1.25  # the default is unchanged
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        ((), 1, "model.path"),  # ??? in conf/model/hf.yaml
+        (("moe.num_experts=16",), 1, "moe.num_experts=16 cannot be set with model=hf"),
+        (("moe.top_k=1",), 1, "moe.top_k=1 cannot be set"),
+        (("model.num_layers=8",), 1, "model.num_layers=8 cannot be set"),
+        (("parallel.pp=3",), 3, "num_hidden_layers=2"),
+        (("parallel.ep=3",), 3, "num_experts"),
+        (("model.upcycle_experts=4",), 1, "model_type='qwen3_moe' is not supported here"),
+        (("model.upcycle_experts=0",), 1, "model.upcycle_experts=0"),
+    ],
+)
+def test_bad_model_settings_are_refused_naming_the_key(model_dir, overrides, world, message):
+    path = () if overrides == () else (f"model.path={model_dir}",)
+    cfg = compose("model=hf", *path, *overrides)
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace("[", r"\[")):
+        app_config.validate(cfg, world_size=world)
+
+
+def test_broken_weights_are_refused_before_any_process_group(tmp_path, model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    raw = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**raw, "moe_intermediate_size": 24}))
+    with pytest.raises(app_config.AppConfigError, match=r"model.path=.*shape"):
+        app_config.validate(compose("model=hf", f"model.path={broken}"), world_size=1)
+    (broken / "config.json").write_text(json.dumps(raw))
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(app_config.AppConfigError, match=r"model.path=.*model.safetensors"):
+        app_config.validate(compose("model=hf", f"model.path={broken}"), world_size=1)
+    with pytest.raises(app_config.AppConfigError, match="model=hf"):
+        app_config.validate(compose(f"model.path={model_dir}"), world_size=1)  # model=tiny reads no path
+
+
+# ---------------------------------------------------------------- the corpus in the model's tokenizer
+
+
+def _corpus(tmp_path: Path) -> tuple[Path, list[str]]:
+    docs = [f"def f{i}(x):\n    return x * {i}  # é{'!' * i}\n" for i in range(12)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path, docs
+
+
+def _prepare(corpus: Path, tokenizer: Path, cache: Path):
+    from launch.data import DataConfig
+
+    return prepare_data(
+        DataConfig(files=[str(corpus)], val_fraction=0.0, cache_dir=str(cache), tokenizer=str(tokenizer))
+    )
+
+
+def test_corpus_is_tokenized_with_the_pretrained_tokenizer_and_cached_by_content(tmp_path, model_dir):
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    corpus, docs = _corpus(tmp_path)
+    data = _prepare(corpus, model_dir, tmp_path / "cache")
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    want = [i for d in docs for i in [*tok.encode(d, add_special_tokens=False).ids, eos]]
+    assert data.train_tokens.tolist() == want and data.eos_id == eos
+    assert (data.directory / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+
+    # The same tokenizer elsewhere (e.g. an exported copy) reuses the tokens; another tokenizer does not.
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert _prepare(corpus, copy / "tokenizer.json", tmp_path / "cache").directory == data.directory
+    from tests.hf_app_fixtures import tiny_tokenizer
+
+    other = tiny_tokenizer(tmp_path / "other", vocab_size=350)
+    assert _prepare(corpus, other, tmp_path / "cache").directory != data.directory
+
+
+def test_sentencepiece_model_file_with_bos(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    corpus, docs = _corpus(tmp_path)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs * 4), model_writer=buf, vocab_size=290, byte_fallback=True, minloglevel=2
+    )
+    folder = tmp_path / "spm"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    data = _prepare(corpus, folder, tmp_path / "cache")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    want = [i for d in docs for i in [sp.bos_id(), *sp.encode(d), sp.eos_id()]]
+    assert data.train_tokens.tolist() == want and data.meta["tokenizer_type"] == "pretrained:sentencepiece"
+
+
+def test_missing_or_unusable_tokenizer_names_the_key(tmp_path):
+    from launch.hf_tokenizer import TokenizerError
+
+    corpus, _ = _corpus(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="data.tokenizer=.*neither tokenizer.json nor tokenizer.model"):
+        _prepare(corpus, tmp_path / "empty", tmp_path / "cache")
+    (tmp_path / "bad" / "tokenizer.json").parent.mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="not a tokenizers file"):
+        _prepare(corpus, tmp_path / "bad", tmp_path / "cache")
