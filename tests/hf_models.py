@@ -70,8 +70,8 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
         )
     # GLM-4.5: groups of >= 2 experts (DeepSeek-V3 scores a group by its best two), k >= 2.
     experts = rng.choice([4, 8, 12])
-    groups = rng.choice([g for g in (1, 2, 4) if experts % g == 0 and experts // g >= 2])
-    topk_group = rng.randint(1, groups)
+    groups = rng.choice([g for g in (2, 4) if experts % g == 0 and experts // g >= 2])  # n_group=1: router tests
+    topk_group = rng.randint(1, max(1, groups - 1)) if rng.random() < 0.8 else groups  # mostly a real limit
     common.update(num_experts_per_tok=rng.randint(2, min(4, topk_group * experts // groups)))
     common["rope_parameters"]["partial_rotary_factor"] = rng.choice([0.5, 1.0])
     return transformers.Glm4MoeConfig(
@@ -85,7 +85,7 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
         routed_scaling_factor=rng.choice([1.0, 2.5]),
         norm_topk_prob=rng.random() < 0.7,
         first_k_dense_replace=rng.randint(0, layers - 1),
-        use_qk_norm=rng.random() < 0.5,
+        use_qk_norm=seed % 2 == 0,  # both kinds among the draws
         attention_bias=rng.random() < 0.5,
     )
 

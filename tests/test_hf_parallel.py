@@ -1,6 +1,7 @@
 """Hugging Face models at (PP, EP) = (1, 2) and (2, 2) on 4 gloo processes: the same logits as
-transformers' forward, each rank reading only the tensors it holds, and an export written by the
-ranks of an expert-parallel group (each its own experts) that is bit-identical to the original."""
+transformers' forward, each rank reading only the tensors it holds, an export written by the ranks
+of an expert-parallel group (each its own experts) that is bit-identical to the original, and
+training steps of the pipeline under DeepSpeed that follow the plain model's losses."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from moe_parallel import hf
 from moe_parallel.hf.load import build_and_load
-from moe_parallel.models import decoder_pipeline, decoder_pipeline_parts
+from moe_parallel.models import decoder_pipeline, decoder_pipeline_parts, lm_loss
 from moe_parallel.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 from tests.hf_models import EAGER, FAMILIES, random_hf_config, relative_error, save_hf_model, tokens
@@ -125,9 +126,53 @@ def _pipeline(rank: int, cases: list[tuple[str, str]]) -> None:
         dist.barrier()
 
 
+TRAINED = ("qwen2_moe", "glm4_moe")  # shared expert with its gate; groups, scaling, correction bias
+LR, STEPS = 1e-2, 2
+
+
+def _pipeline_training(rank: int, cases: list[tuple[str, str]]) -> None:
+    """Two optimizer steps of the pipeline under DeepSpeed's engine at (PP, EP, DP) = (2, 2, 2) give
+    the losses of the plain model trained in this process on the same global batch with AdamW."""
+    from moe_parallel.engine import build_engine
+
+    state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2)
+    topology = state.deepspeed_topology()
+    dp = topology.get_coord(rank).data
+    overrides = {"aux_loss_coeff": 0.0}  # the aux-loss gradient is scaled per engine; the LM loss suffices here
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+          "zero_optimization": {"stage": 1}}  # fmt: skip
+    for family, path in cases:
+        if family not in TRAINED:
+            continue
+        config = hf.load_config(path, moe_overrides=overrides)
+        module = decoder_pipeline(config, ep_group=state.ep_group, topology=topology)
+        hf.load_weights(module, path)
+        engine, _, _ = build_engine(module, ds, lr=LR, weight_decay=0.0)
+        batches = [[_batch(config, step, d) for d in range(2)] for step in range(STEPS)]
+        losses = [float(engine.train_batch(data_iter=iter([batches[s][dp]]))) for s in range(STEPS)]
+
+        plain = hf.from_pretrained(path, moe_overrides=overrides).train()
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        want = []
+        for step in range(STEPS):
+            loss = sum(lm_loss(plain(x), y) for x, y in batches[step]) / 2
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            want.append(float(loss))
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=2e-5, atol=0, msg=family)
+        assert want[1] != want[0]  # the step moved the weights
+
+
+def _batch(config, step: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = tokens(config.vocab_size, seed=100 * step + dp, seq=9)
+    return seq[:, :-1], seq[:, 1:]
+
+
 def _run(rank: int, world: int, cases: list[tuple[str, str]], out_dir: str) -> None:
     _expert_parallel(rank, cases, out_dir)
     _pipeline(rank, cases)
+    _pipeline_training(rank, cases)
 
 
 def test_every_family_at_ep2_and_pp2_ep2_matches_transformers(tmp_path):
