@@ -34,6 +34,7 @@ from moe_parallel.models.decoder import Decoder, DecoderConfig
 
 HF_MODEL_DIR = "hf_model"  # beside `latest` in a checkpoint directory
 BUFFERS_FILE = "buffers.safetensors"
+TRAINING_FILE = "moe_parallel.json"  # how the run trained what checkpoints do not store
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -201,6 +202,13 @@ def export_hf(
         raise ConversionError(
             f"no {HF_MODEL_DIR}/config.json beside {path}: the checkpoint was not made by import-hf or a model=hf "
             "run; pass --hf-config with the Hugging Face directory the model was started from"
+        )
+    trained = json.loads((identity / TRAINING_FILE).read_text()) if (identity / TRAINING_FILE).is_file() else {}
+    if trained.get("expert_bias_update_rate", 0) > 0:
+        raise ConversionError(
+            f"{identity}/{TRAINING_FILE}: the run trained with moe.expert_bias_update_rate="
+            f"{trained['expert_bias_update_rate']}, and the routers' expert_bias it learned is not stored in "
+            "checkpoints, so the export would route differently; train with moe.expert_bias_update_rate=0 to export"
         )
     config = hf.load_config(identity)
     model = meta_decoder(config)

@@ -15,6 +15,7 @@ buffers) so that ``checkpoint_tool export-hf`` can turn any of its checkpoints i
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from launch.config import AppConfigError, ModelConf, MoEConf
-from launch.hf_convert import HF_MODEL_DIR, config_dtype, read_buffers, write_hf_model_dir
+from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, read_buffers, write_hf_model_dir
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -166,10 +167,13 @@ def save_identity(cfg: DictConfig, config: DecoderConfig, ckpt_dir: Path) -> Pat
     ``checkpoint_tool export-hf`` needs beside the run's checkpoints. Rank 0 only."""
     source = tensor_source(cfg, config)
     path = _model_path(cfg)
-    return write_hf_model_dir(
+    dest = write_hf_model_dir(
         config,
         ckpt_dir / HF_MODEL_DIR,
         tokenizer_dir=path,
         buffers=read_buffers(config, source),
         dtype=config_dtype(path),
     )
+    rate = float(config.moe.expert_bias_update_rate) if config.moe else 0.0
+    (dest / TRAINING_FILE).write_text(json.dumps({"expert_bias_update_rate": rate}))
+    return dest

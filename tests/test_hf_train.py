@@ -274,3 +274,70 @@ def test_missing_or_unusable_tokenizer_names_the_key(tmp_path):
     (tmp_path / "bad" / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError, match="not a tokenizers file"):
         _prepare(corpus, tmp_path / "bad", tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- building the model (one process)
+
+
+def test_model_is_built_with_the_weights_and_deepspeed_expert_markers(tmp_path, model_dir):
+    from types import SimpleNamespace
+
+    import transformers
+
+    from launch import hf_model
+    from moe_parallel.layer import moe_layers
+
+    cfg = compose("model=hf", f"model.path={model_dir}")
+    model, config = hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=400)
+    experts = [p for layer in moe_layers(model) for p in layer.experts.parameters()]
+    assert experts and all(p.allreduce is False and p.group_name for p in experts)  # DeepSpeed reduces them over EDP
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokens = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = theirs(tokens).logits, model.eval()(tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(app_config.AppConfigError, match="tokenizer has 500 tokens"):
+        hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=500)
+
+
+def test_upcycled_training_model_starts_with_the_dense_logits(tmp_path):
+    from types import SimpleNamespace
+
+    import transformers
+
+    from launch import hf_model
+    from tests.hf_app_fixtures import COMMON, randomize_
+
+    kw = {k: v for k, v in COMMON.items() if k != "num_experts_per_tok"}
+    dense = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, vocab_size=64, intermediate_size=24))
+    randomize_(dense, seed=5)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    cfg = compose("model=hf", f"model.path={tmp_path / 'dense'}", "model.upcycle_experts=4", "model.upcycle_top_k=2")
+    app_config.validate(cfg, world_size=1)
+    model, config = hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=64)
+    assert config.hf_model_type == "qwen3_moe" and config.moe.num_experts == 4 and config.moe.top_k == 2
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = dense.eval()(tokens).logits, model.eval()(tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_run_identity_exports_glm_buffers_and_refuses_a_trained_selection_bias(tmp_path):
+    import shutil
+
+    from launch import hf_convert, hf_model
+    from tests.hf_app_fixtures import tiny_family_model
+    from tests.test_hf_cli import assert_same_tensors
+
+    src = tmp_path / "glm"
+    tiny_family_model("glm4_moe", src, vocab_size=64, seed=4)  # non-zero e_score_correction_bias
+    assert tool(["import-hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
+    identity = tmp_path / "ckpt" / hf_convert.HF_MODEL_DIR
+    for rate, exported in ((0.0, True), (1e-3, False)):
+        shutil.rmtree(identity)
+        cfg = compose("model=hf", f"model.path={src}", f"moe.expert_bias_update_rate={rate}")
+        hf_model.save_identity(cfg, app_config.model_config(cfg, 0), tmp_path / "ckpt")  # what a run writes
+        out = tmp_path / f"out_{rate}"
+        assert (tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(out)]) == 0) == exported
+    assert_same_tensors(src, tmp_path / "out_0.0")  # the correction biases come from hf_model/
