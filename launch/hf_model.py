@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from launch.config import AppConfigError, ModelConf, MoEConf
 from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, read_buffers, write_hf_model_dir
+from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -127,18 +128,28 @@ def validate(cfg: DictConfig) -> DecoderConfig:
         hf.check_source(config, tensor_source(cfg, config))
     except hf.HFConversionError as err:
         raise AppConfigError(f"model.path={cfg.model.path!r}: {err}") from None
+    key = "data.tokenizer" if cfg.data.tokenizer is not None else "model.path"
+    try:
+        tokenizer = load_pretrained_tokenizer(cfg.data.tokenizer or cfg.model.path, key=key)
+    except TokenizerError as err:
+        raise AppConfigError(f"{err} (the corpus is tokenized with it)") from None
+    check_vocab(tokenizer.vocab_size, config, key)
     return config
+
+
+def check_vocab(tokenizer_vocab: int, config: DecoderConfig, key: str = "data.tokenizer") -> None:
+    if tokenizer_vocab > config.vocab_size:
+        raise AppConfigError(
+            f"{key}: the tokenizer has {tokenizer_vocab} tokens, model.path's config.json vocab_size="
+            f"{config.vocab_size}: tokenize the corpus with the model's own tokenizer (leave data.tokenizer unset)"
+        )
 
 
 def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     """This rank's part of the model with the pretrained weights: a plain Decoder (PP=1) or this
     stage of the decoder pipeline; its experts only. Parameters in fp32 (DeepSpeed casts for bf16)."""
     config = decoder_config(cfg)
-    if vocab_size > config.vocab_size:
-        raise AppConfigError(
-            f"the tokenizer has {vocab_size} tokens, model.path's config.json vocab_size={config.vocab_size}: "
-            "the corpus must be tokenized with the model's own tokenizer (leave data.tokenizer unset)"
-        )
+    check_vocab(vocab_size, config)
     source = tensor_source(cfg, config)
     if cfg.parallel.pp == 1:
         model = build_and_load(config, source, ep_group=state.ep_group, dtype=torch.float32)

@@ -297,7 +297,7 @@ def test_model_is_built_with_the_weights_and_deepspeed_expert_markers(tmp_path, 
     with torch.no_grad():
         want, got = theirs(tokens).logits, model.eval()(tokens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-    with pytest.raises(app_config.AppConfigError, match="tokenizer has 500 tokens"):
+    with pytest.raises(app_config.AppConfigError, match="the tokenizer has 500 tokens"):
         hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=500)
 
 
@@ -307,17 +307,18 @@ def test_upcycled_training_model_starts_with_the_dense_logits(tmp_path):
     import transformers
 
     from launch import hf_model
-    from tests.hf_app_fixtures import COMMON, randomize_
+    from tests.hf_app_fixtures import COMMON, randomize_, tiny_tokenizer
 
     kw = {k: v for k, v in COMMON.items() if k != "num_experts_per_tok"}
-    dense = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, vocab_size=64, intermediate_size=24))
+    dense = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, vocab_size=300, intermediate_size=24))
     randomize_(dense, seed=5)
     dense.save_pretrained(str(tmp_path / "dense"))
+    tiny_tokenizer(tmp_path / "dense", vocab_size=290)
     cfg = compose("model=hf", f"model.path={tmp_path / 'dense'}", "model.upcycle_experts=4", "model.upcycle_top_k=2")
     app_config.validate(cfg, world_size=1)
-    model, config = hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=64)
+    model, config = hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=290)
     assert config.hf_model_type == "qwen3_moe" and config.moe.num_experts == 4 and config.moe.top_k == 2
-    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, got = dense.eval()(tokens).logits, model.eval()(tokens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
@@ -341,3 +342,18 @@ def test_run_identity_exports_glm_buffers_and_refuses_a_trained_selection_bias(t
         out = tmp_path / f"out_{rate}"
         assert (tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(out)]) == 0) == exported
     assert_same_tensors(src, tmp_path / "out_0.0")  # the correction biases come from hf_model/
+
+
+def test_tokenizer_is_checked_with_the_model_before_training(tmp_path, model_dir):
+    import shutil
+
+    from tests.hf_app_fixtures import tiny_tokenizer
+
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(model_dir, weights_only, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(app_config.AppConfigError, match="model.path=.*neither tokenizer.json nor tokenizer.model"):
+        app_config.validate(compose("model=hf", f"model.path={weights_only}"), world_size=1)
+    big = tiny_tokenizer(tmp_path / "big", vocab_size=450)  # more tokens than the model's 403 embeddings
+    with pytest.raises(app_config.AppConfigError, match="data.tokenizer: the tokenizer has 450 tokens"):
+        app_config.validate(compose("model=hf", f"model.path={weights_only}", f"data.tokenizer={big}"), world_size=1)
+    app_config.validate(compose("model=hf", f"model.path={weights_only}", f"data.tokenizer={model_dir}"), world_size=1)
