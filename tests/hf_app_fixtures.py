@@ -122,15 +122,25 @@ FAMILY_CONFIGS = {
 }
 
 
-def tiny_family_model(family: str, dest: Path, vocab_size: int = 96, dtype=torch.float32, seed: int = 0, **save_kw):
+def tiny_family_model(
+    family: str,
+    dest: Path,
+    vocab_size: int = 96,
+    dtype=torch.float32,
+    seed: int = 0,
+    shape: dict | None = None,
+    **save_kw,
+):
     """A random tiny model of ``family`` (every weight and buffer non-default) saved to ``dest``;
-    returns the transformers model (fp32)."""
+    ``shape`` overrides config fields (e.g. :func:`random_family_overrides`). Returns the
+    transformers model (fp32)."""
     import transformers
 
     config_class, model_class, extra = FAMILY_CONFIGS[family]
     kw = {**COMMON, **extra, "vocab_size": vocab_size}
     if family == "olmoe":
         kw.pop("head_dim")
+    kw.update(shape or {})
     config = getattr(transformers, config_class)(**kw)
     model = getattr(transformers, model_class)(config)
     randomize_(model, seed)
@@ -141,3 +151,45 @@ def tiny_family_model(family: str, dest: Path, vocab_size: int = 96, dtype=torch
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
     model.to(dtype).save_pretrained(str(dest), **save_kw)
     return model.float()
+
+
+def random_family_overrides(family: str, seed: int) -> dict:
+    """A random valid shape for ``family`` (layers, heads, experts, top-k, ties, dense layers, groups)."""
+    import random
+
+    rng = random.Random(seed)
+    layers = rng.randint(1, 3)
+    heads = rng.choice([2, 4])
+    experts = rng.choice([2, 4, 6, 8])
+    kw = dict(
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=rng.choice([g for g in (1, 2, 4) if heads % g == 0]),
+        head_dim=rng.choice([4, 8]),
+        num_experts_per_tok=rng.randint(1, min(3, experts)),
+        tie_word_embeddings=rng.random() < 0.5,
+    )
+    if family == "mixtral":
+        kw.update(num_local_experts=experts)
+    elif family == "qwen3_moe":
+        dense = rng.sample(range(layers), rng.randint(0, layers - 1))
+        kw.update(num_experts=experts, mlp_only_layers=sorted(dense), norm_topk_prob=rng.random() < 0.5)
+    elif family == "qwen2_moe":
+        kw.update(num_experts=experts, shared_expert_intermediate_size=rng.choice([8, 24]))
+    elif family == "olmoe":
+        kw.update(num_experts=experts, head_dim=32 // heads)
+    elif family == "glm4_moe":
+        experts = rng.choice([4, 8])
+        groups = rng.choice([g for g in (1, 2, 4) if experts % g == 0])
+        topk_groups = rng.choice([t for t in range(1, groups + 1) if t * experts // groups >= 2])  # room for top-2
+        top_k = rng.randint(2, min(4, topk_groups * experts // groups))
+        kw.update(
+            n_routed_experts=experts,
+            n_group=groups,
+            topk_group=topk_groups,
+            num_experts_per_tok=top_k,
+            first_k_dense_replace=rng.randint(0, layers - 1),
+            n_shared_experts=rng.randint(1, 2),
+            use_qk_norm=rng.random() < 0.5,
+        )
+    return kw

@@ -16,7 +16,7 @@ from launch import hf_convert
 from launch.checkpoint_tool import main as tool
 from moe_parallel.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from tests.dist_utils import run_distributed
-from tests.hf_app_fixtures import FAMILY_CONFIGS, tiny_family_model, tiny_tokenizer
+from tests.hf_app_fixtures import FAMILY_CONFIGS, random_family_overrides, tiny_family_model, tiny_tokenizer
 
 VOCAB = 96
 
@@ -47,17 +47,20 @@ def load_transformers(path: Path):
     return model.eval()
 
 
+@pytest.mark.parametrize("draw", [0, 1, 2])
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
-def test_import_export_round_trip_is_bit_identical(tmp_path, family):
+def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     src = tmp_path / "hf"
-    original = tiny_family_model(family, src, VOCAB, seed=len(family), max_shard_size="30KB")
+    shape = random_family_overrides(family, seed=draw) if draw else None  # draw 0: the family's features on
+    original = tiny_family_model(family, src, VOCAB, seed=draw, shape=shape, max_shard_size="30KB")
     tiny_tokenizer(src, vocab_size=VOCAB - 4)
     assert (src / "model.safetensors.index.json").is_file()  # sharded input with an index
 
     assert tool(["import-hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
     manifest = read_manifest(tmp_path / "ckpt" / "imported")
-    num_experts = FAMILY_CONFIGS[family][2].get("n_routed_experts", 4)
-    assert all(ids == list(range(num_experts)) for ids in manifest["moe_layers"].values())
+    config = json.loads((src / "config.json").read_text())
+    num_experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
+    assert manifest["moe_layers"] and all(ids == list(range(num_experts)) for ids in manifest["moe_layers"].values())
     assert tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--max-shard-mb", "0.05"]) == 0
 
     assert_same_tensors(src, tmp_path / "out")
