@@ -180,7 +180,9 @@ def random_family_overrides(family: str, seed: int) -> dict:
         kw.update(num_experts=experts, head_dim=32 // heads)
     elif family == "glm4_moe":
         experts = rng.choice([4, 8])
-        groups = rng.choice([g for g in (1, 2, 4) if experts % g == 0])
+        groups = rng.choice(
+            [g for g in (1, 2, 4) if experts % g == 0 and experts // g >= 2]
+        )  # transformers: top-2 per group
         topk_groups = rng.choice([t for t in range(1, groups + 1) if t * experts // groups >= 2])  # room for top-2
         top_k = rng.randint(2, min(4, topk_groups * experts // groups))
         kw.update(

@@ -52,7 +52,7 @@ def load_transformers(path: Path):
 def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     src = tmp_path / "hf"
     shape = random_family_overrides(family, seed=draw) if draw else None  # draw 0: the family's features on
-    original = tiny_family_model(family, src, VOCAB, seed=draw, shape=shape, max_shard_size="30KB")
+    original = tiny_family_model(family, src, VOCAB, seed=draw, shape=shape, max_shard_size="8KB")
     tiny_tokenizer(src, vocab_size=VOCAB - 4)
     assert (src / "model.safetensors.index.json").is_file()  # sharded input with an index
 
