@@ -188,7 +188,9 @@ def export_hf(
     files to copy), default ``hf_model/`` beside the checkpoint. ``dtype`` defaults to the one its
     config.json declares.
     """
-    root = Path(ckpt_dir)
+    root, out = Path(ckpt_dir), Path(out)
+    if any(out.glob("*.safetensors")):  # stale shards of another save would sit beside the new index
+        raise ConversionError(f"--out {out} already holds safetensors files: choose a new or empty directory")
     path = resolve_checkpoint(root, tag) if (root / "latest").exists() or tag else None
     if path is None:
         if (root / "manifest.json").is_file():
