@@ -49,6 +49,16 @@ class TopKRouter(nn.Module):
         self._seed = seed
         self.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):
+        # The selection bias stays float32 when the model is cast (as transformers keeps DeepSeek's
+        # e_score_correction_bias): bf16 would swallow its small balancing updates.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "_load_since_update"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         gen = torch.Generator().manual_seed(self._seed)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from moe_parallel import hf
+from moe_parallel.checkpoint import export_consolidated, save_checkpoint
 from moe_parallel.hf.load import build_and_load
 from moe_parallel.models import decoder_pipeline, decoder_pipeline_parts, lm_loss
 from moe_parallel.parallel import initialize_parallel
@@ -130,14 +131,16 @@ TRAINED = ("qwen2_moe", "glm4_moe")  # shared expert with its gate; groups, scal
 LR, STEPS = 1e-2, 2
 
 
-def _pipeline_training(rank: int, cases: list[tuple[str, str]]) -> None:
+def _pipeline_training(rank: int, cases: list[tuple[str, str]], out_dir: str) -> None:
     """Two optimizer steps of the pipeline under DeepSpeed's engine at (PP, EP, DP) = (2, 2, 2) give
-    the losses of the plain model trained in this process on the same global batch with AdamW."""
+    the losses of the plain model trained in this process on the same global batch with AdamW; the
+    topology-free checkpoint of the pipeline, exported to the Hub layout, loads in transformers with
+    the plain model's logits."""
     from moe_parallel.engine import build_engine
 
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2)
     topology = state.deepspeed_topology()
-    dp = topology.get_coord(rank).data
+    stage, dp = state.stage_id, topology.get_coord(rank).data
     overrides = {"aux_loss_coeff": 0.0}  # the aux-loss gradient is scaled per engine; the LM loss suffices here
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
           "zero_optimization": {"stage": 1}}  # fmt: skip
@@ -163,6 +166,29 @@ def _pipeline_training(rank: int, cases: list[tuple[str, str]]) -> None:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=2e-5, atol=0, msg=family)
         assert want[1] != want[0]  # the step moved the weights
 
+        saved = save_checkpoint(engine, Path(out_dir) / f"{family}_ckpt")
+        export = Path(out_dir) / f"{family}_trained"
+        if rank == 0:
+            weights = export_consolidated(saved)
+            # Checkpoints hold parameters; persistent buffers (GLM's correction bias) come from the model.
+            weights.update({k: v for k, v in plain.state_dict().items() if k not in weights})
+            hf.save_state_dict(weights, config, export, tokenizer_dir=path)
+        dist.barrier()
+        # The trained pipeline and transformers on its export give the same logits.
+        x = tokens(config.vocab_size, seed=9 + dp)
+        module.eval()
+        with torch.no_grad():
+            if stage == 0:
+                dist.send(module(x).contiguous(), dst=topology.get_rank(pipe=1, data=dp))
+            else:
+                h = torch.empty(*x.shape, config.hidden_size)
+                dist.recv(h, src=topology.get_rank(pipe=0, data=dp))
+                loaded, info = _load_with_info(export)
+                assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+                err = relative_error(module(h), loaded.eval()(x).logits)
+                assert err <= 1e-5, (family, "trained export", err)
+        dist.barrier()
+
 
 def _batch(config, step: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
     seq = tokens(config.vocab_size, seed=100 * step + dp, seq=9)
@@ -172,7 +198,7 @@ def _batch(config, step: int, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _run(rank: int, world: int, cases: list[tuple[str, str]], out_dir: str) -> None:
     _expert_parallel(rank, cases, out_dir)
     _pipeline(rank, cases)
-    _pipeline_training(rank, cases)
+    _pipeline_training(rank, cases, out_dir)
 
 
 def test_every_family_at_ep2_and_pp2_ep2_matches_transformers(tmp_path):

@@ -96,16 +96,17 @@ def test_group_limited_routing_keeps_tokens_inside_their_best_groups():
     torch.testing.assert_close(out.weight_TK, torch.full((1, 2), 0.5))
 
 
-@pytest.mark.parametrize("draw", range(6))
+@pytest.mark.parametrize("draw", range(12))
 def test_layer_with_router_variants_and_gated_shared_expert_matches_naive(draw):
     rng = random.Random(100 + draw)
     base = random_config(rng)
     cfg = MoEConfig(**{**base.to_dict(), "shared_expert_ffn_hidden_size": 5, "shared_expert_gate": True})
     layer = MoELayer(cfg, layer_number=draw)
     layer.train()
+    gen = torch.Generator().manual_seed(draw)
     if layer.router.uses_expert_bias:
-        layer.router.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.2)
-    x = torch.randn(2, 7, cfg.hidden_size, requires_grad=True)
+        layer.router.expert_bias.copy_(torch.randn(cfg.num_experts, generator=gen) * 0.2)
+    x = torch.randn(2, 7, cfg.hidden_size, generator=gen).requires_grad_()
     y = layer(x)
 
     experts, _ = naive_route(layer.router, x.detach().reshape(-1, cfg.hidden_size))
@@ -125,13 +126,14 @@ def test_layer_with_router_variants_and_gated_shared_expert_matches_naive(draw):
         shared = _swiglu(x_TD[t], layer.shared_expert.w1[0], layer.shared_expert.w2[0])
         rows.append(out + torch.sigmoid(x_TD[t] @ layer.shared_gate.weight[0]) * shared)
     ref = torch.stack(rows).view_as(y)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    # fp32 sums in another order: errors scale with the largest terms, not with each element.
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.detach().abs().max()))
 
-    grad = torch.randn_like(y)
+    grad = torch.randn(y.shape, generator=gen)
     got = torch.autograd.grad(y, [x, *layer.parameters()], grad)
     want = torch.autograd.grad(ref, [x, *layer.parameters()], grad)
     for (name, _), g, w in zip([("x", None), *layer.named_parameters()], got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=name)
 
 
 def _swiglu(x_D, w1_DH, w2_FD):

@@ -31,6 +31,12 @@ class Family:
     shared_module: str | None = None  # the shared expert's attribute, if any
     shared_gate: bool = False  # a sigmoid gate on the shared expert (``shared_expert_gate``)
     selection_bias: bool = False  # the router has ``e_score_correction_bias``
+    # HF keys transformers keeps in float32 in a bf16/fp16 model (its _keep_in_fp32_modules_strict):
+    # loaded and written as float32 here too.
+    keep_fp32: tuple[str, ...] = ()
+
+    def keeps_fp32(self, key: str) -> bool:
+        return key.endswith(".e_score_correction_bias") or any(key.endswith(s) for s in self.keep_fp32)
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,6 +62,7 @@ FAMILIES: dict[str, Family] = {
             ("gate_proj", "up_proj", "down_proj"),
             shared_module="shared_experts",
             selection_bias=True,
+            keep_fp32=(".gate.weight", ".e_score_correction_bias"),
         ),
     )
 }

@@ -88,9 +88,18 @@ def build_and_load(
     model.to_empty(device=device)
     _zero_non_persistent_buffers(model)
     model.to(dtype)
+    _keep_fp32(model, config)
     load_weights(model, source, check=False)
     model.hf_source_dir = str(source.path)
     return model
+
+
+def _keep_fp32(model: nn.Module, config: DecoderConfig) -> None:
+    """Parameters whose HF tensors transformers keeps in float32 (GLM's router) stay float32."""
+    fam = family(config.hf_model_type)
+    for canonical, (_, tensor, ids) in local_tensors(model).items():
+        if isinstance(tensor, nn.Parameter) and all(fam.keeps_fp32(k) for k in _map(canonical, fam, ids).hf_keys):
+            tensor.data = tensor.data.float()
 
 
 def _zero_non_persistent_buffers(model: nn.Module) -> None:

@@ -112,7 +112,8 @@ def _save(
         owner[key] = int(parts[5]) // experts_per_rank if is_routed_expert else 0
     mine: dict[str, Tensor] = {}
     for canonical, (tensor, ids) in tensors.items():
-        for key, value in disassemble(_map(canonical, fam, ids), tensor.detach().to(dtype)).items():
+        for key, value in disassemble(_map(canonical, fam, ids), tensor.detach()).items():
+            value = value.to(torch.float32 if fam.keeps_fp32(key) else dtype)
             if key not in expected:
                 raise HFConversionError(f"{canonical} gives {key}, which the config does not describe")
             if owner[key] == ep_rank:
@@ -120,7 +121,10 @@ def _save(
     missing = [k for k, o in owner.items() if o == ep_rank and k not in mine]
     if missing:
         raise HFConversionError(f"the model holds no tensor for {missing[:4]}: its state does not match its config")
-    sizes = [(key, owner[key], nbytes(shape, dtype)) for key, shape in expected.items()]
+    sizes = [
+        (key, owner[key], nbytes(shape, torch.float32 if fam.keeps_fp32(key) else dtype))
+        for key, shape in expected.items()
+    ]
     file_of = plan_shards(sizes, max_shard_bytes)
     path.mkdir(parents=True, exist_ok=True)
     write_shards(path, mine, file_of)
