@@ -149,7 +149,13 @@ def tiny_family_model(
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
-    model.to(dtype).save_pretrained(str(dest), **save_kw)
+    model.to(dtype)
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []  # as transformers saves them (GLM's router)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if any(k in name for k in keep):
+                tensor.data = tensor.data.float()
+    model.save_pretrained(str(dest), **save_kw)
     return model.float()
 
 

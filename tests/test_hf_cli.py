@@ -71,9 +71,10 @@ def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     assert torch.equal(want, got)
 
 
-def test_bf16_checkpoint_exports_in_its_dtype_or_the_one_asked(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])  # GLM keeps its router and bias in fp32
+def test_bf16_checkpoint_exports_in_its_dtype_or_the_one_asked(tmp_path, family):
     src = tmp_path / "hf"
-    tiny_family_model("qwen3_moe", src, VOCAB, dtype=torch.bfloat16)
+    tiny_family_model(family, src, VOCAB, dtype=torch.bfloat16)
     assert tool(["import-hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
     assert tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bf16")]) == 0
     assert_same_tensors(src, tmp_path / "bf16")  # bf16 -> fp32 checkpoint -> bf16 is exact
