@@ -11,6 +11,15 @@ import torch
 
 # transformers' plainest forward as the oracle (its default grouped-GEMM experts need aligned sizes on CPU).
 EAGER = {"attn_implementation": "eager", "experts_implementation": "eager"}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+# Small original context so that tiny heads have frequencies in all three Llama-3 regimes.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
 
 
@@ -41,6 +50,9 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
         eos_token_id=2,
         pad_token_id=0,
     )
+    scaling = rng.choice([None, None, None, LINEAR_ROPE, LLAMA3_ROPE])
+    if scaling is not None and model_type != "glm4_moe":
+        common["rope_parameters"].update(scaling)
     dense_ffn, expert_ffn = rng.choice([16, 24]), rng.choice([6, 8, 12])
     if model_type == "mixtral":
         return transformers.MixtralConfig(**common, num_local_experts=experts, intermediate_size=expert_ffn)

@@ -35,6 +35,9 @@ def make(**overrides) -> DecoderConfig:
         (dict(head_dim=6, rotary_fraction=0.5), "rotary_fraction"),  # 3 rotated features: odd
         (dict(rotary_fraction=0.0), "rotary_fraction"),
         (dict(qk_norm="layer"), "qk_norm"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 0.0}), "rope_scaling"),
         (dict(dense_layers=[3]), "dense_layers"),
         (dict(moe_every=-1), "moe_every"),
         (dict(first_dense_layers=-1), "first_dense_layers"),

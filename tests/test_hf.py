@@ -17,7 +17,16 @@ from moe_parallel.hf import HFConversionError
 from moe_parallel.hf.load import local_tensors
 from moe_parallel.hf.weights import disassemble, tensor_map
 from moe_parallel.models import lm_loss
-from tests.hf_models import EAGER, FAMILIES, make_hf_model, random_hf_config, relative_error, save_hf_model, tokens
+from tests.hf_models import (
+    EAGER,
+    FAMILIES,
+    LLAMA3_ROPE,
+    make_hf_model,
+    random_hf_config,
+    relative_error,
+    save_hf_model,
+    tokens,
+)
 
 DRAWS = (0, 1, 2)
 CASES = [(family, draw) for family in FAMILIES for draw in DRAWS]
@@ -185,9 +194,10 @@ def test_upcycled_logits_equal_the_dense_model(tmp_path, dense_type):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=6,
+        head_dim=8,
         bos_token_id=1,
         eos_token_id=2,
+        rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE} if dense_type == "llama" else None,
     )
     dense = save_hf_model(dense_cfg, 3, tmp_path / "dense")
     x = tokens(50, seed=1)
@@ -230,7 +240,7 @@ def qwen_dir(tmp_path):
         (dict(model_type="llama4_text"), r"model_type='llama4_text' is not supported \(Llama 4"),
         (dict(model_type="gpt2"), r"model_type='gpt2' is not supported: supported are"),
         (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported: only SwiGLU"),
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), r"rope_type='yarn'"),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), r"rope_type='yarn' is not"),
         (dict(use_sliding_window=True, sliding_window=4), r"use_sliding_window=True is not supported"),
         (dict(attention_dropout=0.1), r"attention_dropout=0.1 is not supported: set it to 0.0"),
     ],
@@ -306,3 +316,14 @@ def test_make_hf_model_sets_non_default_weights():
         assert not torch.all(p == 1) and not torch.all(p == 0), name
     biases = [b for n, b in model.named_buffers() if "e_score_correction_bias" in n]
     assert biases and all(b.abs().min() > 0 for b in biases)
+
+
+def test_saving_again_into_a_directory_leaves_no_stale_shards(hf_dirs, tmp_path):
+    path, reference = hf_dirs["olmoe", 0]
+    ours = hf.from_pretrained(path)
+    hf.save_pretrained(ours, tmp_path / "out", max_shard_bytes=1024)
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 2
+    hf.save_pretrained(ours, tmp_path / "out")  # one file now
+    assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
+    loaded, info = load_transformers(tmp_path / "out")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

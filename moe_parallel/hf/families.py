@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MoEConfigError
-from ..models.decoder import DecoderConfig, DecoderConfigError
+from ..models.decoder import ROPE_SCALING_KEYS, DecoderConfig, DecoderConfigError
 
 
 class HFConversionError(ValueError):
@@ -134,18 +134,25 @@ def _refuse(model_type: str, key: str, value: Any, fix: str) -> None:
     raise HFConversionError(f"{model_type} config.json {key}={value!r} is not supported: {fix}")
 
 
-def _rope(cfg, model_type: str, partial: bool) -> tuple[float, float]:
-    """(rope_theta, rotary fraction); only the default RoPE (no scaling) is supported."""
+def _rope(cfg, model_type: str, partial: bool) -> tuple[float, float, dict[str, Any] | None]:
+    """(rope_theta, rotary fraction, scaling): default RoPE, linear or Llama-3 frequency scaling."""
     rope = dict(_get(cfg, "rope_parameters") or {})
     if not rope and _get(cfg, "rope_theta") is not None:  # older transformers configs
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", *ROPE_SCALING_KEYS):
         _refuse(
-            model_type, "rope_parameters.rope_type", rope_type, "only the default RoPE is supported (no rope scaling)"
+            model_type,
+            "rope_parameters.rope_type",
+            rope_type,
+            f"supported are default, {', '.join(ROPE_SCALING_KEYS)} (no yarn, dynamic or longrope yet)",
         )
+    scaling = None
+    if rope_type != "default":
+        rope.setdefault("original_max_position_embeddings", _get(cfg, "max_position_embeddings"))
+        scaling = {"rope_type": rope_type, **{key: rope[key] for key in ROPE_SCALING_KEYS[rope_type]}}
     fraction = float(rope.get("partial_rotary_factor", 1.0)) if partial else 1.0
-    return float(rope.get("rope_theta", 10000.0)), fraction
+    return float(rope.get("rope_theta", 10000.0)), fraction, scaling
 
 
 def decoder_config_from_hf(
@@ -171,7 +178,7 @@ def decoder_config_from_hf(
         _refuse(mt, key, _get(cfg, key), "sliding-window attention is not supported; set it to null/false")
     if _get(cfg, "mlp_bias", False):
         _refuse(mt, "mlp_bias", True, "FFN biases are not supported")
-    theta, fraction = _rope(cfg, mt, partial=mt == "glm4_moe")
+    theta, fraction, scaling = _rope(cfg, mt, partial=mt == "glm4_moe")
 
     D, H = cfg.hidden_size, cfg.num_attention_heads
     head_dim = _get(cfg, "head_dim") or D // H
@@ -188,6 +195,7 @@ def decoder_config_from_hf(
         ffn_hidden_size=dense_ffn,
         rope_theta=theta,
         rotary_fraction=fraction,
+        rope_scaling=scaling,
         norm_eps=float(cfg.rms_norm_eps),
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         init_std=float(_get(cfg, "initializer_range", 0.02)),
@@ -292,7 +300,7 @@ def hf_config_from_decoder(config: DecoderConfig, dtype: Any = None):
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
         num_experts_per_tok=moe.top_k,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})},
         architectures=[fam.architecture],
     )
     moe_layers = config.moe_layer_numbers
@@ -365,6 +373,7 @@ def _forward_signature(config: DecoderConfig) -> dict[str, Any]:
             "head_dim",
             "rope_theta",
             "rotary_fraction",
+            "rope_scaling",
             "qkv_bias",
             "o_bias",
             "qk_norm",

@@ -80,6 +80,10 @@ def build_and_load(
     device: torch.device | str = "cpu",
 ) -> Decoder:
     """Build a :class:`Decoder` without initialising it and fill it from ``source``."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise HFConversionError(
+            f"dtype={dtype!r} is invalid: give a floating torch.dtype (torch.bfloat16, ...) or None"
+        )
     check_source(config, source)
     if dtype is None:
         dtype = source.torch_dtype(EMBED_KEY)

@@ -15,7 +15,7 @@ from ..layer import MoELayer
 from ..models.decoder import DecoderConfig
 from .families import HFConversionError, family, hf_config_from_decoder
 from .load import _map, expected_keys, local_tensors, model_config, nbytes
-from .safetensors_io import plan_shards, write_index, write_shards
+from .safetensors_io import INDEX_FILE, plan_shards, write_index, write_shards
 from .weights import disassemble
 
 TOKENIZER_FILES = (
@@ -127,6 +127,11 @@ def _save(
     ]
     file_of = plan_shards(sizes, max_shard_bytes)
     path.mkdir(parents=True, exist_ok=True)
+    if ep_rank == 0:  # weights of an earlier save into this directory would mix with ours
+        planned = set(file_of.values())
+        for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+            if stale.name not in planned and stale.is_file():
+                stale.unlink()
     write_shards(path, mine, file_of)
     if ep_rank == 0:
         write_index(path, file_of, sum(n for _, _, n in sizes))

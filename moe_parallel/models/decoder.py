@@ -22,6 +22,7 @@ A head dim, F FFN dim.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
 
 QKNorm = Literal["none", "head", "projection"]
 QK_NORMS = ("none", "head", "projection")
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 TIED_EMBEDDING_KEY = "embed"
 PIPELINE_PARTITION_METHOD = "type:DecoderBlock"
 
@@ -78,6 +83,9 @@ class DecoderConfig:
     dense_layers: list[int] = field(default_factory=list)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0  # rotate the first rotary_fraction * head_dim features of q and k
+    # RoPE frequency scaling: None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1).
+    rope_scaling: dict[str, Any] | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: QKNorm = "none"  # "head": RMSNorm over each head; "projection": over all of q (and k)
@@ -131,6 +139,7 @@ class DecoderConfig:
                 self.rotary_fraction,
                 f"gives {self.rotary_dim} rotated features of head_dim={self.head_dim}; it must be even and > 0",
             )
+        self._validate_rope_scaling(fail)
         if self.qk_norm not in QK_NORMS:
             fail("qk_norm", self.qk_norm, f"choose one of {QK_NORMS}")
         if self.qkv_clip is not None and not self.qkv_clip > 0:
@@ -147,6 +156,21 @@ class DecoderConfig:
             if not isinstance(self.hf_extra, dict):
                 fail("hf_extra", self.hf_extra, "must be a mapping of config.json keys")
         self.moe = self._resolve_moe()
+
+    def _validate_rope_scaling(self, fail) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict) and hasattr(scaling, "items"):
+            scaling = self.rope_scaling = dict(scaling.items())
+        needed = ROPE_SCALING_KEYS.get(scaling.get("rope_type") if isinstance(scaling, dict) else None)
+        if needed is None:
+            fail("rope_scaling", scaling, f"give None or a dict with rope_type in {sorted(ROPE_SCALING_KEYS)}")
+        missing = [key for key in needed if key not in scaling]
+        if missing:
+            fail("rope_scaling", scaling, f"rope_type={scaling['rope_type']!r} needs {missing}")
+        if not scaling["factor"] > 0:
+            fail("rope_scaling", scaling, "factor must be > 0")
 
     @property
     def rotary_dim(self) -> int:
@@ -247,9 +271,27 @@ def rotary_cos_sin(
     """``cos_SR, sin_SR`` of positions ``0..seq_len-1`` (R = rotary dim; frequencies repeated twice)."""
     dim = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+    if config.rope_scaling is not None:
+        inv_freq = scale_rope_frequencies(inv_freq, config.rope_scaling)
     freqs_SR = torch.arange(seq_len, device=device, dtype=torch.float)[:, None] * inv_freq
     emb_SR = torch.cat((freqs_SR, freqs_SR), dim=-1)
     return emb_SR.cos().to(dtype), emb_SR.sin().to(dtype)
+
+
+def scale_rope_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Linear position interpolation, or Llama 3.1's: long wavelengths slowed by ``factor``, short
+    ones kept, a smooth blend between (as transformers computes them)."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rotary(x_BHSA: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
