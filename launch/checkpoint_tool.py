@@ -8,6 +8,8 @@ elsewhere from weights alone.
     python -m launch.checkpoint_tool verify runs/x/checkpoints
     python -m launch.checkpoint_tool export runs/x/checkpoints --out model.pt [--dtype bf16]
     python -m launch.checkpoint_tool import model.pt --out new_ckpts [--tag imported]
+    python -m launch.checkpoint_tool import-hf HF_DIR --out CKPT_DIR [--upcycle-experts E --top-k K]
+    python -m launch.checkpoint_tool export-hf CKPT_DIR --out HF_DIR [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from launch import hf_convert
 from moe_parallel.checkpoint import (
     CheckpointError,
     export_consolidated,
@@ -83,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("file")
     imp.add_argument("--out", required=True)
     imp.add_argument("--tag", default="imported")
+    commands = {"verify": cmd_verify, "export": cmd_export, "import": cmd_import}
+    commands.update(hf_convert.add_commands(sub))  # import-hf / export-hf
     args = parser.parse_args(argv)
     try:
-        {"verify": cmd_verify, "export": cmd_export, "import": cmd_import}[args.command](args)
-    except CheckpointError as err:
+        commands[args.command](args)
+    except (CheckpointError, *hf_convert.ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

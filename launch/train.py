@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import config as app_config
 from launch import env as launch_env
-from launch import preflight
+from launch import hf_model, preflight
 from launch.data import DataError, DistributedBatchIterator, PackedDataset, iter_eval_batches, prepare_data
 from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_run_logger
 from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -149,6 +149,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
+    if app_config.is_hf(cfg):  # model=hf: a Hugging Face model's weights (launch/hf_model.py)
+        return hf_model.build_model(cfg, state, vocab_size)
     gpt_cfg = app_config.gpt_config(cfg, vocab_size)
     if cfg.parallel.pp == 1:
         return GPT(gpt_cfg, ep_group=state.ep_group), gpt_cfg
@@ -411,7 +413,10 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
     preflight.check(preflight.default_timeout(cfg.parallel.timeout_s))
     rank = dist.get_rank()
-    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
+    model_cfg = app_config.model_config(cfg, cfg.data.vocab_size)
+    state = initialize_parallel(
+        cfg.parallel.pp, cfg.parallel.ep, model_cfg.moe.num_experts if model_cfg.moe else cfg.moe.num_experts
+    )
     run_dir = resolve_run_dir(cfg, launch)
     if rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -419,7 +424,9 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
 
     data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
     train_iter, val_data = _build_data(cfg, data, state)
-    model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
+    model, model_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
+    if app_config.is_hf(cfg) and rank == 0:  # what checkpoint_tool export-hf reads beside the checkpoints
+        hf_model.save_identity(cfg, model_cfg, run_dir / "checkpoints")
     engine = _build_engine(cfg, model, run_dir, rank)
     trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
     client = trainer.restore()
@@ -428,8 +435,9 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     _say(
         rank,
         f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
-        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
-        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
+        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {model_cfg.num_layers} layers, "
+        f"{model_cfg.moe.num_experts if model_cfg.moe else 0} experts top-{model_cfg.moe.top_k if model_cfg.moe else 0}"
+        f" | {sum(p.numel() for p in model.parameters()):,} "
         f"params on rank 0",
     )
     return trainer
