@@ -4,7 +4,7 @@
 
 Each RUN is one of:
 
-- a run directory with ``metrics.jsonl`` (the mirror :class:`moe_parallel.wandb_logger.RunLogger`
+- a run directory with ``metrics.jsonl`` (the mirror :class:`launch.wandb_logger.RunLogger`
   writes next to W&B);
 - a directory holding W&B offline runs (``wandb/offline-run-*/run-*.wandb`` below it), an
   ``offline-run-*`` directory itself, or a ``.wandb`` file. A resumed run leaves one offline-run

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from launch.data import DataConfig
 from moe_parallel.config import MoEConfig
-from moe_parallel.data import DataConfig
 from moe_parallel.models import GPTConfig
 from moe_parallel.parallel import ParallelLayout
 

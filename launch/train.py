@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 from launch import config as app_config
 from launch import env as launch_env
 from launch import preflight
+from launch.data import DataError, DistributedBatchIterator, PackedDataset, iter_eval_batches, prepare_data
+from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_run_logger
 from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moe_parallel.comm import broadcast_from_rank0
-from moe_parallel.data import DistributedBatchIterator, PackedDataset, prepare_data
 from moe_parallel.engine import build_engine
 from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
 from moe_parallel.models import GPT, gpt_pipeline, lm_loss
 from moe_parallel.parallel import ParallelState, initialize_parallel
-from moe_parallel.wandb_logger import WandbSettings, make_run_logger
 
 app_config.register_configs()
 # DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step: not the user's concern.
@@ -100,6 +100,11 @@ def _sweep_job() -> tuple[int, str] | None:
     return hydra_cfg.job.num, ",".join(values) or hydra_cfg.job.override_dirname
 
 
+# Process exit statuses of `python launch/train.py`.
+EXIT_DONE = 0
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": slurm/*.sbatch requeue the job when the trainer exits with it
+
+
 class Preemption:
     """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, or a requeue) into a flag.
 
@@ -109,8 +114,7 @@ class Preemption:
     A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED`.
     """
 
-    # EX_TEMPFAIL: "try again later". slurm/*.sbatch requeue the job when the trainer exits with it.
-    EXIT_PREEMPTED = 75
+    EXIT_PREEMPTED = EXIT_PREEMPTED
 
     def __init__(self) -> None:
         self.signal: int | None = None  # received by this rank
@@ -133,10 +137,6 @@ class Preemption:
             signum = int(signum_t.item())
         self.agreed = signum or None
         return self.agreed is not None
-
-
-# The process exit code `python launch/train.py` ends with: 0, or Preemption.EXIT_PREEMPTED.
-exit_code = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -177,21 +177,81 @@ def lr_lambda(cfg: DictConfig):
     return factor
 
 
-# ---------------------------------------------------------------- steps
+# ---------------------------------------------------------------- the trainer
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
 
 
 @dataclass
 class Trainer:
+    """The training loop over a built engine; :func:`build_trainer` sets everything up.
+
+    :meth:`fit` runs steps until ``train.steps``, a preemption signal or ``train.exit_after_steps``, and
+    returns the process exit status.
+    """
+
     cfg: DictConfig
     engine: Any
     state: ParallelState
     train_iter: DistributedBatchIterator
     val_data: PackedDataset
     tracker: MoEMetricsTracker
+    run_dir: Path
+    preemption: Preemption
+    logger: RunLogger | NullRunLogger = field(default_factory=NullRunLogger)
+    run_id: str | None = None
+    start_step: int = 0
+    val_loss: float = float("nan")  # the latest validation loss (what a Hydra sweep optimises)
+    last_loss: float = float("nan")  # the latest training loss
+    _report: Any = None  # prints progress on rank 0
+    _last_log_time: float = field(default_factory=time.perf_counter)
+    _tokens_since_log: int = 0
+    _saved_step: int | None = None  # the step of this job's latest checkpoint
 
     @property
     def pipelined(self) -> bool:
         return self.cfg.parallel.pp > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.state.layout.data_parallel_size * self.cfg.data.seq_len
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> int:
+        """Train until done or told to stop; returns the exit status (:data:`EXIT_DONE` or :data:`EXIT_PREEMPTED`)."""
+        t = self.cfg.train
+        self.start_step = self.engine.global_steps
+        self._report = _progress(self.rank, t, start=self.start_step)
+        self._last_log_time = time.perf_counter()
+        while self.engine.global_steps < t.steps:
+            self.last_loss = self.train_step()
+            step = self.engine.global_steps
+            self._log_step(step)
+            if _due(step, t.eval_every, t.steps):
+                self._evaluate_and_log(step)
+            if _due(step, t.ckpt_every, t.steps):
+                self.save()
+            why = self._stop_reason(step)
+            if why is not None:
+                return self._stop(step, why)
+        return self._finish()
 
     def train_step(self) -> float:
         """One optimizer step (all micro-batches); the loss averaged over micro-batches and DP ranks."""
@@ -213,17 +273,40 @@ class Trainer:
         dist.all_reduce(t, group=self.state.dp_group)
         return t.item() / dist.get_world_size(self.state.dp_group)
 
+    # ------------------------------------------------------------ logging and evaluation
+
+    def _log_step(self, step: int) -> None:
+        self._tokens_since_log += self.tokens_per_step
+        moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
+        if not _due(step, self.cfg.train.log_every, self.cfg.train.steps):
+            return
+        now = time.perf_counter()
+        scalars, expert_load = split_expert_load(moe_metrics)
+        scalars.update(
+            {
+                "train/loss": self.last_loss,
+                "train/lr": self.engine.get_lr()[0],
+                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/tokens_per_s": self._tokens_since_log / (now - self._last_log_time),
+            }
+        )
+        self.logger.log(step, scalars, expert_load)
+        self._report(step, self.last_loss, scalars)
+        self._last_log_time, self._tokens_since_log = now, 0
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``train.eval_batches`` fixed batches (the same every time)."""
-        t, dp, dp_rank = self.cfg.train, self.state.layout.data_parallel_size, self.state.dp_rank
-        micro = t.micro_batch_size
-        num_windows = len(self.val_data)
+        """Mean validation loss over the first ``train.eval_batches`` batches (the same every time)."""
+        t = self.cfg.train
+        batches = iter_eval_batches(
+            self.val_data,
+            t.micro_batch_size,
+            dp_rank=self.state.dp_rank,
+            dp_size=self.state.layout.data_parallel_size,
+            max_batches=t.eval_batches,
+        )
         losses = []
-        for b in range(t.eval_batches):
-            start = (b * dp + dp_rank) * micro
-            idx = np.arange(start, start + micro) % num_windows
-            tokens_BS, targets_BS = self.val_data.get_batch(idx)
+        for tokens_BS, targets_BS in batches:
             if self.pipelined:
                 batch_iter = iter([(tokens_BS, targets_BS)] * self.engine.micro_batches)
                 losses.append(float(self.engine.eval_batch(batch_iter)))
@@ -234,29 +317,95 @@ class Trainer:
                 self.engine.module.train()
         return float(np.mean(losses))
 
+    def _evaluate_and_log(self, step: int) -> None:
+        self.val_loss = self.evaluate()
+        ppl = math.exp(min(self.val_loss, 50))
+        self.logger.log(step, {"eval/loss": self.val_loss, "eval/ppl": ppl})
+        _say(self.rank, f"step {step}: validation loss {self.val_loss:.4f}, perplexity {ppl:.2f}")
 
-# ---------------------------------------------------------------- the run
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Save a checkpoint of this step (all ranks), then rotate old ones."""
+        client_state = {
+            "data": self.train_iter.state_dict(),
+            "wandb_run_id": self.run_id,
+            "experiment": self.cfg.experiment,
+        }
+        save_checkpoint(self.engine, self.ckpt_dir, client_state=client_state)
+        self._saved_step = self.engine.global_steps
+        self._rotate_checkpoints()
+
+    def restore(self) -> dict[str, Any] | None:
+        """Resume as ``train.resume`` says (``auto``: the run directory's latest checkpoint, if any).
+
+        Loads model, optimizer, schedule, RNG and data position; returns the checkpoint's client state,
+        or None when starting fresh.
+        """
+        resume = self.cfg.train.resume
+        resume_from = None if resume == "never" else (self.ckpt_dir if resume == "auto" else Path(resume))
+        if not resume_from or not resolve_checkpoint(resume_from):
+            return None
+        client = load_checkpoint(self.engine, resume_from)
+        self.train_iter.load_state_dict(client["data"])
+        _say(self.rank, f"resumed from {resolve_checkpoint(resume_from)} at step {self.engine.global_steps}")
+        return client
+
+    def _rotate_checkpoints(self) -> None:
+        """Keep the newest ``train.keep_checkpoints``; remove staging dirs of saves that crashed (rank 0)."""
+        if self.rank != 0:
+            return
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+        for old in tags[: -self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.ckpt_dir.glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ stopping
+
+    def _stop_reason(self, step: int) -> str | None:
+        """Why this job stops after ``step`` (the same answer on every rank), or None to go on."""
+        signalled = self.preemption.requested()  # a collective: every rank, every step
+        if signalled:
+            return f"{signal.Signals(self.preemption.agreed).name} received"
+        done = step - self.start_step
+        if self.cfg.train.exit_after_steps is not None and done >= self.cfg.train.exit_after_steps:
+            return f"{done} steps done"
+        return None
+
+    def _stop(self, step: int, why: str) -> int:
+        """Checkpoint (unless this step just did), close the logger; the exit status."""
+        _say(self.rank, f"step {step}: {why}: checkpointing and stopping")
+        if self._saved_step != step:
+            self.save()
+        self.logger.finish()
+        if self.preemption.agreed and step < self.cfg.train.steps:
+            if dist.is_initialized():
+                dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
+            return EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
+        return EXIT_DONE
+
+    def _finish(self) -> int:
+        summary = {
+            "final/train_loss": self.last_loss,
+            "final/eval_loss": self.val_loss,
+            "final/eval_ppl": math.exp(min(self.val_loss, 50)),
+            "final/step": self.cfg.train.steps,
+        }
+        self.logger.summary(summary)
+        self.logger.finish()
+        _say(self.rank, "done: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in summary.items()))
+        return EXIT_DONE
 
 
-def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob("*.tmp-*"):  # staging dirs of saves that crashed
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+# ---------------------------------------------------------------- building the trainer
 
 
-def _say(rank: int, message: str) -> None:
-    if rank == 0:
-        print(message, flush=True)
-
-
-def run(cfg: DictConfig) -> float:
-    """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
-    global exit_code
-    preemption = Preemption()  # first: a signal during start-up must not kill the process
+def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
+    """Everything before the first step: validate, rendezvous, layout, run directory, data, model,
+    engine, resume, logger. Every check that can fail on the config runs before any collective."""
     launch = launch_env.detect()
-    app_config.validate(cfg, launch.world_size)  # before any collective
+    app_config.validate(cfg, launch.world_size)
     if not dist.is_initialized():
         launch_env.init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
     # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
@@ -264,43 +413,65 @@ def run(cfg: DictConfig) -> float:
     rank = dist.get_rank()
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
     run_dir = resolve_run_dir(cfg, launch)
-    ckpt_dir = run_dir / "checkpoints"
     if rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.train.seed)
 
     data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
-    vocab_size = int(data.meta["vocab_size"])
-    model, gpt_cfg = build_model(cfg, state, vocab_size)
+    train_iter, val_data = _build_data(cfg, data, state)
+    model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
+    engine = _build_engine(cfg, model, run_dir, rank)
+    trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
+    client = trainer.restore()
+    trainer.logger = _build_logger(cfg, run_dir, client, rank)
+    trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
+    _say(
+        rank,
+        f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
+        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
+        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
+        f"params on rank 0",
+    )
+    return trainer
+
+
+def _build_data(cfg: DictConfig, data, state: ParallelState) -> tuple[DistributedBatchIterator, PackedDataset]:
+    t, dp = cfg.train, state.layout.data_parallel_size
+    train_iter = DistributedBatchIterator(
+        PackedDataset(data.train_tokens, cfg.data.seq_len, "train"),
+        t.micro_batch_size,
+        dp_rank=state.dp_rank,
+        dp_size=dp,
+        grad_accum_steps=t.grad_accum,
+        seed=t.seed,
+    )
+    val_data = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
+    if len(val_data) < t.micro_batch_size * dp:  # the same on every rank: raised before any collective uses it
+        raise DataError(
+            f"the validation split holds {len(val_data)} windows of data.seq_len={cfg.data.seq_len}, fewer than one "
+            f"evaluation batch (train.micro_batch_size={t.micro_batch_size} x {dp} data-parallel ranks); raise "
+            "data.val_fraction or lower train.micro_batch_size"
+        )
+    return train_iter, val_data
+
+
+def _build_engine(cfg: DictConfig, model, run_dir: Path, rank: int):
     ds_config = app_config.deepspeed_config(cfg)
     if rank == 0:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR  # built once the optimizer exists (below)
-    engine, optimizer, _ = build_engine(
+    schedule = lr_lambda(cfg)
+    engine, _, _ = build_engine(
         model,
         ds_config,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
-        lr_scheduler=lambda opt: scheduler(opt, lr_lambda(cfg)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    train_iter = DistributedBatchIterator(
-        PackedDataset(data.train_tokens, cfg.data.seq_len, "train"),
-        cfg.train.micro_batch_size,
-        dp_rank=state.dp_rank,
-        dp_size=state.layout.data_parallel_size,
-        grad_accum_steps=cfg.train.grad_accum,
-        seed=cfg.train.seed,
-    )
-    val_data = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
+    return engine
 
-    resume = cfg.train.resume
-    resume_from = None if resume == "never" else (ckpt_dir if resume == "auto" else Path(resume))
-    client = load_checkpoint(engine, resume_from) if resume_from and resolve_checkpoint(resume_from) else None
-    if client:
-        train_iter.load_state_dict(client["data"])
-        _say(rank, f"resumed from {resolve_checkpoint(resume_from)} at step {engine.global_steps}")
 
+def _build_logger(cfg: DictConfig, run_dir: Path, client: dict[str, Any] | None, rank: int):
     sweep_job = _sweep_job()
     settings = WandbSettings(
         **{
@@ -309,91 +480,13 @@ def run(cfg: DictConfig) -> float:
             "name": cfg.logger.name or (sweep_job[1] if sweep_job else None),
         }
     )
-    logger = make_run_logger(
+    return make_run_logger(
         run_dir,
         settings,
         config=OmegaConf.to_container(cfg, resolve=True),
         resume_id=client.get("wandb_run_id") if client else None,
         rank=rank,
     )
-    tracker = MoEMetricsTracker(engine.module)
-    trainer = Trainer(cfg, engine, state, train_iter, val_data, tracker)
-    run_id = broadcast_from_rank0(getattr(logger, "run_id", None))
-
-    def checkpoint() -> None:
-        client_state = {"data": train_iter.state_dict(), "wandb_run_id": run_id, "experiment": cfg.experiment}
-        save_checkpoint(engine, ckpt_dir, client_state=client_state)
-        if rank == 0:
-            _prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-
-    t = cfg.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum * state.layout.data_parallel_size * cfg.data.seq_len
-    start_step = engine.global_steps
-    progress = _progress(rank, t, start=start_step)
-    _say(
-        rank,
-        f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
-        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
-        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
-        f"params on rank 0",
-    )
-    val_loss = float("nan")
-    first_loss = None
-    last_log = time.perf_counter()
-    tokens_since_log = 0
-    while engine.global_steps < t.steps:
-        loss = trainer.train_step()
-        first_loss = loss if first_loss is None else first_loss
-        step = engine.global_steps
-        tokens_since_log += tokens_per_step
-        moe_metrics = tracker.reduce(state)  # every step: the tracker counts one step's micro-batches
-        if step % t.log_every == 0 or step == t.steps:
-            now = time.perf_counter()
-            scalars, expert_load = split_expert_load(moe_metrics)
-            scalars.update(
-                {
-                    "train/loss": loss,
-                    "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "train/tokens_per_s": tokens_since_log / (now - last_log),
-                }
-            )
-            logger.log(step, scalars, expert_load)
-            progress(step, loss, scalars)
-            last_log, tokens_since_log = now, 0
-        if step % t.eval_every == 0 or step == t.steps:
-            val_loss = trainer.evaluate()
-            logger.log(step, {"eval/loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50))})
-            _say(rank, f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-        if step % t.ckpt_every == 0 or step == t.steps:
-            checkpoint()
-        steps_this_job = step - start_step
-        exit_now = t.exit_after_steps is not None and steps_this_job >= t.exit_after_steps
-        if preemption.requested() or exit_now:
-            why = (
-                f"{signal.Signals(preemption.agreed).name} received"
-                if preemption.agreed
-                else f"{steps_this_job} steps done"
-            )
-            _say(rank, f"step {step}: {why}: checkpointing and stopping")
-            if step % t.ckpt_every and step != t.steps:
-                checkpoint()
-            logger.finish()
-            if preemption.agreed and step < t.steps:
-                exit_code = Preemption.EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
-                if dist.is_initialized():
-                    dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
-            return val_loss
-    summary = {
-        "final/train_loss": loss if first_loss is not None else float("nan"),
-        "final/eval_loss": val_loss,
-        "final/eval_ppl": math.exp(min(val_loss, 50)),
-        "final/step": t.steps,
-    }
-    logger.summary(summary)
-    logger.finish()
-    _say(rank, "done: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in summary.items()))
-    return val_loss
 
 
 def _progress(rank: int, t: DictConfig, start: int):
@@ -425,18 +518,26 @@ def _progress(rank: int, t: DictConfig, start: int):
     return line
 
 
+def _exit_now(status: int) -> None:
+    """Leave at once, all ranks alike: `srun --kill-on-bad-exit` terminates the other ranks as soon as
+    one exits non-zero, and a rank still tearing down (Python has restored SIGTERM's default action by
+    then) would die of it and hide the exit code the sbatch script requeues on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
+    preemption = Preemption()  # first: a signal during start-up must not kill the process
+    trainer = build_trainer(cfg, preemption)
+    status = trainer.fit()
+    if status != EXIT_DONE:
+        _exit_now(status)  # also ends a sweep: a preempted job is requeued as a whole
+    return trainer.val_loss
 
 
 if __name__ == "__main__":
     sys.argv = launch_env.strip_launcher_args(sys.argv)
     main()
-    if exit_code:
-        # Leave at once, all ranks alike: `srun --kill-on-bad-exit` terminates the other ranks as soon as
-        # one exits non-zero, and a rank still tearing down (Python has restored SIGTERM's default
-        # action by then) would die of it and hide the exit code the sbatch script requeues on.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)

@@ -324,7 +324,7 @@ def _with_layer_summaries(metrics: dict[str, Any]) -> dict[str, Any]:
 def split_expert_load(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[int, np.ndarray]]:
     """Split :meth:`MoEMetricsTracker.reduce`'s dict into scalars and ``{layer_number: tokens_per_expert}``.
 
-    The two halves are what :meth:`moe_parallel.wandb_logger.RunLogger.log` takes.
+    The two halves are what :meth:`launch.wandb_logger.RunLogger.log` takes.
     """
     scalars: dict[str, float] = {}
     loads: dict[int, np.ndarray] = {}

@@ -18,9 +18,7 @@ from torch import nn
 
 from launch import compare
 from launch.compare import iter_wandb_records, load_run, read_wandb_history, read_wandb_run_info, wandb_files
-from moe_parallel import MoEConfig, MoELayer
-from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
-from moe_parallel.wandb_logger import (
+from launch.wandb_logger import (
     NullRunLogger,
     RunLogger,
     RunLoggerConfigError,
@@ -28,6 +26,8 @@ from moe_parallel.wandb_logger import (
     expert_load_histogram,
     make_run_logger,
 )
+from moe_parallel import MoEConfig, MoELayer
+from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
 
 wandb = pytest.importorskip("wandb")
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_parallel import data as D
-from moe_parallel.data import (
+from launch import data as D
+from launch.data import (
     DataConfig,
     DataConfigError,
     DataError,
