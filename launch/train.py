@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -39,7 +38,15 @@ from launch import env as launch_env
 from launch import preflight
 from launch.data import DataError, DistributedBatchIterator, PackedDataset, iter_eval_batches, prepare_data
 from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_run_logger
-from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from moe_parallel.checkpoint import (
+    CheckpointError,
+    ResumeChoice,
+    check_resume_step,
+    load_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+    select_resume,
+)
 from moe_parallel.comm import broadcast_from_rank0
 from moe_parallel.engine import build_engine
 from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
@@ -214,6 +221,9 @@ class Trainer:
     _last_log_time: float = field(default_factory=time.perf_counter)
     _tokens_since_log: int = 0
     _saved_step: int | None = None  # the step of this job's latest checkpoint
+    resume_from: ResumeChoice | None = None  # what this job resumes from (chosen before anything is built)
+    _parent: Path | None = None  # the checkpoint the current state was trained from
+    _clean_since_save: bool = True  # every loss since _parent was finite
 
     @property
     def pipelined(self) -> bool:
@@ -238,10 +248,15 @@ class Trainer:
         """Train until done or told to stop; returns the exit status (:data:`EXIT_DONE` or :data:`EXIT_PREEMPTED`)."""
         t = self.cfg.train
         self.start_step = self.engine.global_steps
+        if self.start_step >= t.steps:  # resumed from the final checkpoint: nothing to do, nothing to change
+            _say(self.rank, f"the checkpoint is at step {self.start_step} = train.steps: nothing to train")
+            self.logger.finish()
+            return EXIT_DONE
         self._report = _progress(self.rank, t, start=self.start_step)
         self._last_log_time = time.perf_counter()
         while self.engine.global_steps < t.steps:
             self.last_loss = self.train_step()
+            self._clean_since_save &= math.isfinite(self.last_loss)
             step = self.engine.global_steps
             self._log_step(step)
             if _due(step, t.eval_every, t.steps):
@@ -326,40 +341,43 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Save a checkpoint of this step (all ranks), then rotate old ones."""
+        """Save a checkpoint of this step (all ranks), then rotate old ones.
+
+        The checkpoint records what it was trained from and whether every loss since was finite;
+        rotation keeps a checkpoint known to have trained cleanly (see ``rotate_checkpoints``).
+        A failed save (e.g. no space left) raises on every rank and changes no earlier checkpoint.
+        """
         client_state = {
             "data": self.train_iter.state_dict(),
             "wandb_run_id": self.run_id,
             "experiment": self.cfg.experiment,
         }
-        save_checkpoint(self.engine, self.ckpt_dir, client_state=client_state)
+        self._parent = save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            client_state=client_state,
+            parent=self._parent,
+            trained_cleanly=self._clean_since_save,
+        )
+        self._clean_since_save = True
         self._saved_step = self.engine.global_steps
-        self._rotate_checkpoints()
+        if self.rank == 0:
+            protect = self.resume_from.path if self.resume_from else None
+            rotate_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect=protect)
 
     def restore(self) -> dict[str, Any] | None:
-        """Resume as ``train.resume`` says (``auto``: the run directory's latest checkpoint, if any).
-
-        Loads model, optimizer, schedule, RNG and data position; returns the checkpoint's client state,
-        or None when starting fresh.
-        """
-        resume = self.cfg.train.resume
-        resume_from = None if resume == "never" else (self.ckpt_dir if resume == "auto" else Path(resume))
-        if not resume_from or not resolve_checkpoint(resume_from):
+        """Load the checkpoint :func:`choose_resume` picked (model, optimizer, schedule, RNG, data position);
+        returns its client state, or None when starting fresh. A fault raises on every rank."""
+        if self.resume_from is None:
             return None
-        client = load_checkpoint(self.engine, resume_from)
+        client = load_checkpoint(self.engine, self.resume_from.path)
         self.train_iter.load_state_dict(client["data"])
-        _say(self.rank, f"resumed from {resolve_checkpoint(resume_from)} at step {self.engine.global_steps}")
+        self._parent = self.resume_from.path
+        _say(
+            self.rank,
+            f"resumed from {self.resume_from.path} at step {self.engine.global_steps} ({self.resume_from.reason})",
+        )
         return client
-
-    def _rotate_checkpoints(self) -> None:
-        """Keep the newest ``train.keep_checkpoints``; remove staging dirs of saves that crashed (rank 0)."""
-        if self.rank != 0:
-            return
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
-        for old in tags[: -self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.ckpt_dir.glob("*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ stopping
 
@@ -413,16 +431,20 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     rank = dist.get_rank()
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
     run_dir = resolve_run_dir(cfg, launch)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = choose_resume(cfg, run_dir / "checkpoints", rank)
     seed_everything(cfg.train.seed)
 
     data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
     train_iter, val_data = _build_data(cfg, data, state)
     model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
-    engine = _build_engine(cfg, model, run_dir, rank)
+    engine = _build_engine(cfg, model)
     trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
+    trainer.resume_from = resume_from
     client = trainer.restore()
+    nothing_to_train = resume_from is not None and resume_from.step >= cfg.train.steps
+    if rank == 0 and not nothing_to_train:  # once the resume has succeeded: a refused or failed one changes nothing
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(app_config.deepspeed_config(cfg), indent=1))
     trainer.logger = _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
     _say(
@@ -455,10 +477,29 @@ def _build_data(cfg: DictConfig, data, state: ParallelState) -> tuple[Distribute
     return train_iter, val_data
 
 
-def _build_engine(cfg: DictConfig, model, run_dir: Path, rank: int):
-    ds_config = app_config.deepspeed_config(cfg)
+def choose_resume(cfg: DictConfig, checkpoints_dir: Path, rank: int) -> ResumeChoice | None:
+    """The checkpoint ``train.resume`` selects (see ``select_resume``), checked against ``train.steps``.
+
+    Rank 0 looks at the files and every rank gets its answer, or the same error: a missing or
+    incomplete checkpoint, one newer than the choice (it would be overwritten), or ``train.steps``
+    below the checkpoint's step. Nothing is written before this.
+    """
+    outcome: tuple[ResumeChoice | None, str | None] = (None, None)
     if rank == 0:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        try:
+            choice = select_resume(checkpoints_dir, str(cfg.train.resume))
+            check_resume_step(choice, cfg.train.steps)
+            outcome = (choice, None)
+        except CheckpointError as err:
+            outcome = (None, str(err))
+    choice, error = broadcast_from_rank0(outcome)
+    if error is not None:
+        raise CheckpointError(error)
+    return choice
+
+
+def _build_engine(cfg: DictConfig, model):
+    ds_config = app_config.deepspeed_config(cfg)
     schedule = lr_lambda(cfg)
     engine, _, _ = build_engine(
         model,

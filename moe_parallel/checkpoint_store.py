@@ -366,10 +366,13 @@ def earlier_checkpoint_hint(checkpoints_dir: Path, than: CheckpointInfo | None =
     if not candidates:
         return f"No {'earlier ' if than else ''}complete checkpoint is in {checkpoints_dir}."
     best = candidates[-1]
-    return (
-        f"The newest {'earlier ' if than else ''}complete checkpoint is {best.path} (step {best.step}); "
-        f"`python -m launch.checkpoint_tool verify {best.path}` checks its contents."
-    )
+    hint = f"The newest {'earlier ' if than else ''}complete checkpoint is {best.path} (step {best.step})"
+    if than is not None and than.path.parent.resolve() == Path(checkpoints_dir).resolve():
+        aside = Path(checkpoints_dir).parent / f"{Path(checkpoints_dir).name}.set-aside"
+        hint += (
+            f"; to resume from it, move {than.path.name} out of the way (mkdir -p {aside} && mv {than.path} {aside}/)"
+        )
+    return hint + f"; `python -m launch.checkpoint_tool verify {best.path}` checks its contents."
 
 
 # ---------------------------------------------------------------- lineage: which checkpoints are known-good
