@@ -441,11 +441,13 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
     trainer.resume_from = resume_from
     client = trainer.restore()
+    # Written once the resume has succeeded (a refused or failed one changes nothing), and only when
+    # there is something to train (resumed at train.steps: the run is left as it is).
     nothing_to_train = resume_from is not None and resume_from.step >= cfg.train.steps
-    if rank == 0 and not nothing_to_train:  # once the resume has succeeded: a refused or failed one changes nothing
+    if rank == 0 and not nothing_to_train:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(app_config.deepspeed_config(cfg), indent=1))
-    trainer.logger = _build_logger(cfg, run_dir, client, rank)
+    trainer.logger = NullRunLogger() if nothing_to_train else _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
     _say(
         rank,

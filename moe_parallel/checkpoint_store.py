@@ -397,7 +397,7 @@ def lineage(checkpoints_dir: Path, parent: str | os.PathLike | None, trained_cle
     if good is None:
         try:
             inherited = read_manifest(parent, check_files=False).get("known_good")
-        except CheckpointError:
+        except (CheckpointError, OSError):
             inherited = None
         good = (parent.parent / inherited).resolve() if inherited else None
     return {

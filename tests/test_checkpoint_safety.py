@@ -98,6 +98,21 @@ def test_any_in_place_corruption_of_the_same_size_is_caught(tmp_path):
     assert verify_checkpoint(path)[1] == []
 
 
+def test_format_1_checkpoints_still_load_without_checksums(tmp_path, capsys):
+    path = fake_checkpoint(tmp_path, 7)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["files"] = {rel: entry["bytes"] for rel, entry in manifest["files"].items()}
+    for key in ("parent", "trained_cleanly", "known_good"):
+        del manifest[key]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(path)["files"] == {"trainer.pt": {"bytes": (path / "trainer.pt").stat().st_size}}
+    assert select_resume(tmp_path, "auto").path == path
+    code, out, _ = _tool(capsys, "verify", tmp_path)
+    assert code == 0 and "format 1: no checksums to check" in out
+    assert torch.equal(ckpt.load_file(path, "trainer.pt", read_manifest(path))["w"], torch.full((64,), 7.0))
+
+
 def _tool(capsys, *argv) -> tuple[int, str, str]:
     code = tool([str(a) for a in argv])
     out, err = capsys.readouterr()
