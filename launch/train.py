@@ -42,9 +42,14 @@ from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_ru
 from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moe_parallel.comm import broadcast_from_rank0
 from moe_parallel.engine import build_engine
-from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
+from moe_parallel.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
 from moe_parallel.models import GPT, gpt_pipeline, lm_loss
-from moe_parallel.parallel import ParallelState, initialize_parallel
+from moe_parallel.parallel import (
+    ParallelState,
+    apply_timeout_to_all_groups,
+    describe_collective_timeout,
+    initialize_parallel,
+)
 
 app_config.register_configs()
 # DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step: not the user's concern.
@@ -100,43 +105,58 @@ def _sweep_job() -> tuple[int, str] | None:
     return hydra_cfg.job.num, ",".join(values) or hydra_cfg.job.override_dirname
 
 
-# Process exit statuses of `python launch/train.py`.
+# Process exit statuses of `python launch/train.py` (README, "Failure behaviour").
 EXIT_DONE = 0
+EXIT_DIVERGED = 65  # EX_DATAERR: non-finite loss or gradients (train.max_skipped_steps); not requeued
+EXIT_STALLED = 69  # EX_UNAVAILABLE: a collective timed out (parallel.timeout_s): a rank stalled or died
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": slurm/*.sbatch requeue the job when the trainer exits with it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, checkpointed; not requeued
+
+
+def _agree_max(values: list[int]) -> list[int]:
+    """Element-wise maximum over all ranks (one tiny all-reduce; the values themselves without dist)."""
+    if not dist.is_initialized():
+        return values
+    # NCCL process groups only reduce CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values_t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(values_t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in values_t.tolist()]
 
 
 class Preemption:
-    """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, or a requeue) into a flag.
+    """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, a requeue, ``kill``) and SIGINT
+    (Ctrl-C) into a flag.
 
     The flag is agreed on by all ranks at a step boundary (:meth:`requested`), so every rank saves
-    the same checkpoint and stops together. Installed first thing in :func:`run`, so a signal that
+    the same checkpoint and stops together. Installed first thing in :func:`main`, so a signal that
     arrives while the data and model are being built is not fatal: the job stops after its first step.
-    A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED`.
+    A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED` (requeued by the
+    sbatch scripts), or :data:`EXIT_INTERRUPTED` after Ctrl-C. A second Ctrl-C stops at once.
     """
 
     EXIT_PREEMPTED = EXIT_PREEMPTED
 
     def __init__(self) -> None:
-        self.signal: int | None = None  # received by this rank
+        self.signal: int | None = None  # the first one received by this rank
         self.agreed: int | None = None  # received by some rank, as of the last requested()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the checkpoint
+        self.signal = self.signal or signum
 
     def requested(self) -> bool:
         """Whether any rank has received a signal: the same answer on every rank (srun delivers the
         signal to the ranks one by one, so some may not have it yet)."""
-        signum = self.signal or 0
-        if dist.is_initialized():
-            # NCCL process groups only reduce CUDA tensors.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            signum_t = torch.tensor([signum], device=device)
-            dist.all_reduce(signum_t, op=dist.ReduceOp.MAX)
-            signum = int(signum_t.item())
-        self.agreed = signum or None
+        self.agreed = _agree_max([self.signal or 0])[0] or None
         return self.agreed is not None
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_INTERRUPTED if self.agreed == signal.SIGINT else EXIT_PREEMPTED
 
 
 def seed_everything(seed: int) -> None:
@@ -210,6 +230,11 @@ class Trainer:
     start_step: int = 0
     val_loss: float = float("nan")  # the latest validation loss (what a Hydra sweep optimises)
     last_loss: float = float("nan")  # the latest training loss
+    probe: NonFiniteProbe | None = None  # names the first layer with a non-finite output
+    collapse: ExpertCollapseMonitor | None = None  # None: train.collapse_window=0
+    loss_scaling: bool = False  # fp16 with a dynamic loss scale: an overflow is expected now and then
+    skipped_steps: int = 0  # in this job
+    _skipped_in_a_row: int = 0
     _report: Any = None  # prints progress on rank 0
     _last_log_time: float = field(default_factory=time.perf_counter)
     _tokens_since_log: int = 0
@@ -235,15 +260,28 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        """Train until done or told to stop; returns the exit status (:data:`EXIT_DONE` or :data:`EXIT_PREEMPTED`)."""
+        """Train until done or told to stop; returns the process exit status (``EXIT_*``)."""
         t = self.cfg.train
         self.start_step = self.engine.global_steps
         self._report = _progress(self.rank, t, start=self.start_step)
         self._last_log_time = time.perf_counter()
         while self.engine.global_steps < t.steps:
-            self.last_loss = self.train_step()
+            position = self.train_iter.state_dict()
+            if self.probe is not None:
+                self.probe.start_step()
+            loss = self.train_step()
+            moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
+            problem = self._step_problem(loss)
+            if problem is not None:
+                status = self._skip_step(loss, problem, position)
+                if status is not None:
+                    return status
+                continue
+            self._skipped_in_a_row = 0
+            self.last_loss = loss
             step = self.engine.global_steps
-            self._log_step(step)
+            self._log_step(step, moe_metrics)
+            self._watch_collapse(step, moe_metrics)
             if _due(step, t.eval_every, t.steps):
                 self._evaluate_and_log(step)
             if _due(step, t.ckpt_every, t.steps):
@@ -273,11 +311,101 @@ class Trainer:
         dist.all_reduce(t, group=self.state.dp_group)
         return t.item() / dist.get_world_size(self.state.dp_group)
 
+    # ------------------------------------------------------------ divergence and collapse
+
+    def _step_problem(self, loss: float) -> str | None:
+        """What was wrong with the step just taken (None: nothing), the same on every rank."""
+        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else 0.0
+        flags = [int(not math.isfinite(loss)), int(not math.isfinite(norm)), int(not applied)]
+        bad_loss, bad_norm, skipped = _agree_max(flags)  # a NaN on one rank is everyone's
+        problems = []
+        if bad_loss:
+            problems.append(f"non-finite loss {loss}")
+        if bad_norm:
+            problems.append(f"non-finite gradient norm {norm}")
+        if skipped:
+            problems.append("DeepSpeed skipped the optimizer step (gradient overflow)")
+        return "; ".join(problems) or None
+
+    def _skip_step(self, loss: float, problem: str, position: dict[str, Any]) -> int | None:
+        """Handle a bad step: undo it as a step, or stop. Returns the exit status to stop with, or None."""
+        t = self.cfg.train
+        step = self.engine.global_steps  # DeepSpeed counted the attempt
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
+        # Without loss scaling (fp32, bf16) a NaN is not an overflow the next step can recover from; and an
+        # update that was applied has already put it into the weights.
+        fatal = applied or (not self.loss_scaling and not math.isfinite(loss))
+        if not applied or not fatal:
+            # Not a step: the step number, sample count and data position stay; the LR schedule did not
+            # advance either (DeepSpeed steps it only for applied updates). The next attempt retries the batch.
+            self.engine.global_steps -= 1
+            self.engine.global_samples -= self.engine.train_batch_size()
+            self.train_iter.load_state_dict(position)
+        self.logger.log(
+            step,
+            {
+                "train/skipped_steps": self.skipped_steps,
+                "train/skipped_loss": loss,
+                "train/lr": self.engine.get_lr()[0],
+                "train/skipped_grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            },
+        )
+        if not fatal and self._skipped_in_a_row < t.max_skipped_steps:
+            _say(
+                self.rank,
+                f"step {step} skipped ({problem}): {self._skipped_in_a_row} of train.max_skipped_steps="
+                f"{t.max_skipped_steps} in a row; retrying it",
+            )
+            return None
+        layer = self.probe.first_non_finite() if self.probe is not None else None
+        where = _gather_first_layer(layer, self.state)
+        why = (
+            f"{self._skipped_in_a_row} skipped steps in a row (train.max_skipped_steps={t.max_skipped_steps})"
+            if not fatal
+            else "a non-finite value without loss scaling cannot recover"
+        )
+        message = (
+            f"step {step}: training diverged: {problem}; {why}. "
+            + (f"The first output that went non-finite: {where}. " if where else "")
+            + "No checkpoint was written for this or later steps; "
+            + (
+                f"the last one is step {self._last_checkpoint_step()} in {self.ckpt_dir}. "
+                if self._last_checkpoint_step() is not None
+                else "there is no earlier checkpoint. "
+            )
+            + "Lower optim.lr, raise optim.warmup_steps or lower deepspeed.grad_clip, then resume (the same command; "
+            "train.resume=<checkpoint dir> for an earlier one) or start over."
+        )
+        if self.rank == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        self.logger.alert(step, "training diverged", message, {"problem": problem, "layer": where or ""})
+        self.logger.finish()
+        return EXIT_DIVERGED
+
+    def _last_checkpoint_step(self) -> int | None:
+        latest = self.ckpt_dir / "latest"
+        try:
+            return int(latest.read_text().strip().rsplit("_", 1)[-1])
+        except (OSError, ValueError):
+            return None
+
+    def _watch_collapse(self, step: int, moe_metrics: dict[str, Any]) -> None:
+        if self.collapse is None:
+            return
+        for report in self.collapse.update(step, moe_metrics):
+            message = report.message(self.collapse.thresholds.window)
+            if self.rank == 0:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            self.logger.alert(step, f"expert collapse in MoE layer {report.layer_number}", message, report.as_record())
+
     # ------------------------------------------------------------ logging and evaluation
 
-    def _log_step(self, step: int) -> None:
+    def _log_step(self, step: int, moe_metrics: dict[str, Any]) -> None:
         self._tokens_since_log += self.tokens_per_step
-        moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
         if not _due(step, self.cfg.train.log_every, self.cfg.train.steps):
             return
         now = time.perf_counter()
@@ -288,6 +416,7 @@ class Trainer:
                 "train/lr": self.engine.get_lr()[0],
                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "train/tokens_per_s": self._tokens_since_log / (now - self._last_log_time),
+                "train/skipped_steps": self.skipped_steps,
             }
         )
         self.logger.log(step, scalars, expert_load)
@@ -382,7 +511,7 @@ class Trainer:
         if self.preemption.agreed and step < self.cfg.train.steps:
             if dist.is_initialized():
                 dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
-            return EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
+            return self.preemption.exit_status  # SIGTERM/SIGUSR1: unfinished, the sbatch script requeues the job
         return EXIT_DONE
 
     def _finish(self) -> int:
@@ -411,7 +540,7 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
     preflight.check(preflight.default_timeout(cfg.parallel.timeout_s))
     rank = dist.get_rank()
-    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
+    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts, timeout=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, launch)
     if rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -421,7 +550,12 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     train_iter, val_data = _build_data(cfg, data, state)
     model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
     engine = _build_engine(cfg, model, run_dir, rank)
+    apply_timeout_to_all_groups(cfg.parallel.timeout_s)  # also DeepSpeed's own groups
     trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
+    trainer.probe = NonFiniteProbe(engine.module)
+    thresholds = app_config.collapse_thresholds(cfg)
+    trainer.collapse = ExpertCollapseMonitor(thresholds) if thresholds is not None else None
+    trainer.loss_scaling = bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False
     client = trainer.restore()
     trainer.logger = _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
@@ -433,6 +567,16 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
         f"params on rank 0",
     )
     return trainer
+
+
+def _gather_first_layer(layer: str | None, state: ParallelState) -> str | None:
+    """The first non-finite layer over pipeline stages (the earliest stage's, since a NaN flows
+    forward); every rank of a stage saw the same forward order."""
+    if state.layout.pipeline_parallel_size == 1 or not dist.is_initialized():
+        return layer
+    found: list[Any] = [None] * dist.get_world_size(state.pp_group)
+    dist.all_gather_object(found, (state.stage_id, layer), group=state.pp_group)
+    return next((name for _, name in sorted(found, key=lambda f: f[0]) if name), None)
 
 
 def _build_data(cfg: DictConfig, data, state: ParallelState) -> tuple[DistributedBatchIterator, PackedDataset]:
@@ -527,12 +671,28 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _stop_as_on_sigterm(launcher_pid: int) -> None:
+    print(f"the deepspeed launcher (pid {launcher_pid}) is gone: stopping as on SIGTERM", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
     preemption = Preemption()  # first: a signal during start-up must not kill the process
-    trainer = build_trainer(cfg, preemption)
-    status = trainer.fit()
+    launch_env.watch_deepspeed_launcher(_stop_as_on_sigterm)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, preemption)
+        status = trainer.fit()
+    except RuntimeError as exc:
+        message = describe_collective_timeout(exc, cfg.parallel.timeout_s)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.logger.finish()
+        status = EXIT_STALLED
     if status != EXIT_DONE:
         _exit_now(status)  # also ends a sweep: a preempted job is requeued as a whole
     return trainer.val_loss

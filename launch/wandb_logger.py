@@ -30,6 +30,8 @@ import math
 import os
 import secrets
 import string
+import subprocess
+import sys
 import warnings
 from collections import deque
 from collections.abc import Mapping
@@ -203,6 +205,9 @@ class NullRunLogger:
     def summary(self, values: Mapping[str, Any]) -> None:
         """Do nothing."""
 
+    def alert(self, step: int, title: str, text: str, data: Mapping[str, Any] | None = None) -> None:
+        """Do nothing."""
+
     def finish(self) -> None:
         """Do nothing."""
 
@@ -274,6 +279,8 @@ class RunLogger(NullRunLogger):
         s = self.settings
         try:
             import wandb
+
+            start_service_outside_process_tree()
 
             kwargs: dict[str, Any] = dict(
                 project=s.project,
@@ -402,6 +409,23 @@ class RunLogger(NullRunLogger):
             except Exception as exc:
                 self._disable_wandb(f"failed to set the summary ({type(exc).__name__}: {exc})")
 
+    def alert(self, step: int, title: str, text: str, data: Mapping[str, Any] | None = None) -> None:
+        """Record a warning that needs a human: a W&B alert (where W&B can send one; never fatal) and
+        a JSONL record ``{"step", "alert": title, "alert/text": text, "alert/data": data}``."""
+        record = {
+            "step": int(step),
+            "alert": title,
+            "alert/text": text,
+            "alert/data": {str(k): _json_value(v) for k, v in (data or {}).items()},
+        }
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._run is None:
+            return
+        try:
+            self._run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN)
+        except Exception as exc:  # offline runs and old versions may refuse: the JSONL record stands
+            log.warning("W&B alert %r not sent (%s: %s); it is in %s", title, type(exc).__name__, exc, JSONL_NAME)
+
     def finish(self) -> None:
         """Flush and close the JSONL mirror and finish the W&B run (idempotent)."""
         if self._finished:
@@ -414,6 +438,54 @@ class RunLogger(NullRunLogger):
                 run.finish()
             except Exception as exc:
                 log.warning("W&B failed to finish the run: %s: %s", type(exc).__name__, exc)
+
+
+# Run by `python -c`: start wandb-core detached (it outlives this helper and ignores its exit) and
+# print the token that connects to it.
+_SERVICE_HELPER = """
+import sys
+from wandb.sdk.lib.service import service_process
+from wandb.sdk.wandb_settings import Settings
+print(service_process.start_detached(Settings(), idle_timeout=sys.argv[1]).token.env_value, flush=True)
+"""
+
+
+def start_service_outside_process_tree(idle_timeout: str = "2m", timeout_s: float = 60.0) -> bool:
+    """Start W&B's service process where the signals that stop the job do not reach it.
+
+    wandb starts its service (wandb-core) as a child of the training process. Launchers stop a job
+    by signalling the whole process tree (DeepSpeed's launcher terminates every descendant of each
+    worker); a service killed that way dies before ``finish()`` has written the run, which leaves
+    the offline run a few bytes long. Started through a short-lived helper in its own session, the
+    service is re-parented away from the job and from the terminal's process group (Ctrl-C), so the
+    trainer's own signal handling decides when the run finishes. It exits ``idle_timeout`` after its
+    last client disconnects. ``WANDB_SERVICE`` in the environment (set here, or by the user) makes
+    ``wandb.init`` connect to it. Returns whether it started one; on any failure wandb starts its
+    own service as usual (with a warning).
+    """
+    if os.environ.get("WANDB_SERVICE"):
+        return False
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _SERVICE_HELPER, idle_timeout],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            start_new_session=True,
+            check=True,
+        )
+        os.environ["WANDB_SERVICE"] = out.stdout.strip().splitlines()[-1]
+        return True
+    except Exception as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        log.warning(
+            "W&B service not started outside the process tree (%s: %s %s); a signal to the whole job may cut "
+            "the W&B run short (the JSONL mirror is complete)",
+            type(exc).__name__,
+            exc,
+            detail[-500:],
+        )
+        return False
 
 
 def _default_rank() -> int:
