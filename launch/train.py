@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ EXIT_DIVERGED = 65  # EX_DATAERR: non-finite loss or gradients (train.max_skippe
 EXIT_STALLED = 69  # EX_UNAVAILABLE: a collective timed out (parallel.timeout_s): a rank stalled or died
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": slurm/*.sbatch requeue the job when the trainer exits with it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, checkpointed; not requeued
+
+DATA_PREP_TIMEOUT_S = 4 * 3600  # how long ranks wait for rank 0 to tokenize the corpus
 
 
 def _agree_max(values: list[int]) -> list[int]:
@@ -546,7 +549,11 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.train.seed)
 
-    data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
+    # Rank 0 may tokenize a large corpus for longer than parallel.timeout_s; the others wait for it in a
+    # group of their own with a bound for that (a rank 0 that died still ends the job at once).
+    prep_wait = timedelta(seconds=max(DATA_PREP_TIMEOUT_S, cfg.parallel.timeout_s))
+    prep_group = dist.new_group(backend="gloo", timeout=prep_wait, group_desc="data_preparation")
+    data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=lambda: dist.barrier(group=prep_group))
     train_iter, val_data = _build_data(cfg, data, state)
     model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
     engine = _build_engine(cfg, model, run_dir, rank)
