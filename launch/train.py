@@ -212,6 +212,15 @@ def _say(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """A step's health, the same on every rank."""
+
+    bad_loss: bool  # the loss is NaN or inf
+    skipped: bool  # DeepSpeed did not apply the update (gradient overflow)
+    problem: str  # what was wrong, for messages; "" when nothing
+
+
 @dataclass
 class Trainer:
     """The training loop over a built engine; :func:`build_trainer` sets everything up.
@@ -274,9 +283,9 @@ class Trainer:
                 self.probe.start_step()
             loss = self.train_step()
             moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
-            problem = self._step_problem(loss)
-            if problem is not None:
-                status = self._skip_step(loss, problem, position)
+            check = self._check_step(loss)
+            if check.problem:
+                status = self._skip_step(loss, check, position)
                 if status is not None:
                     return status
                 continue
@@ -316,8 +325,8 @@ class Trainer:
 
     # ------------------------------------------------------------ divergence and collapse
 
-    def _step_problem(self, loss: float) -> str | None:
-        """What was wrong with the step just taken (None: nothing), the same on every rank."""
+    def _check_step(self, loss: float) -> StepCheck:
+        """What was wrong with the step just taken, agreed on by every rank."""
         applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else 0.0
@@ -330,19 +339,15 @@ class Trainer:
             problems.append(f"non-finite gradient norm {norm}")
         if skipped:
             problems.append("DeepSpeed skipped the optimizer step (gradient overflow)")
-        return "; ".join(problems) or None
+        return StepCheck(bool(bad_loss), bool(skipped), "; ".join(problems))
 
-    def _skip_step(self, loss: float, problem: str, position: dict[str, Any]) -> int | None:
+    def _skip_step(self, loss: float, check: StepCheck, position: dict[str, Any]) -> int | None:
         """Handle a bad step: undo it as a step, or stop. Returns the exit status to stop with, or None."""
         t = self.cfg.train
         step = self.engine.global_steps  # DeepSpeed counted the attempt
         self.skipped_steps += 1
         self._skipped_in_a_row += 1
-        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
-        # Without loss scaling (fp32, bf16) a NaN is not an overflow the next step can recover from; and an
-        # update that was applied has already put it into the weights.
-        fatal = applied or (not self.loss_scaling and not math.isfinite(loss))
-        if not applied or not fatal:
+        if check.skipped:
             # Not a step: the step number, sample count and data position stay; the LR schedule did not
             # advance either (DeepSpeed steps it only for applied updates). The next attempt retries the batch.
             self.engine.global_steps -= 1
@@ -357,35 +362,32 @@ class Trainer:
                 "train/skipped_grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             },
         )
-        if not fatal and self._skipped_in_a_row < t.max_skipped_steps:
+        if not check.skipped:  # the optimizer applied it: the weights hold it now, a retry cannot help
+            why = "the update was applied, so the weights are no longer finite"
+        elif check.bad_loss and not self.loss_scaling:  # fp32/bf16: a NaN forward is no overflow that passes
+            why = "a non-finite loss without fp16 loss scaling does not recover"
+        elif self._skipped_in_a_row >= t.max_skipped_steps:
+            why = f"{self._skipped_in_a_row} skipped steps in a row (train.max_skipped_steps={t.max_skipped_steps})"
+        else:
             _say(
                 self.rank,
-                f"step {step} skipped ({problem}): {self._skipped_in_a_row} of train.max_skipped_steps="
+                f"step {step} skipped ({check.problem}): {self._skipped_in_a_row} of train.max_skipped_steps="
                 f"{t.max_skipped_steps} in a row; retrying it",
             )
             return None
-        layer = self.probe.first_non_finite() if self.probe is not None else None
-        where = _gather_first_layer(layer, self.state)
-        why = (
-            f"{self._skipped_in_a_row} skipped steps in a row (train.max_skipped_steps={t.max_skipped_steps})"
-            if not fatal
-            else "a non-finite value without loss scaling cannot recover"
-        )
+        where = _gather_first_layer(self.probe.first_non_finite() if self.probe else None, self.state)
+        last = self._last_checkpoint_step()
         message = (
-            f"step {step}: training diverged: {problem}; {why}. "
+            f"step {step}: training diverged: {check.problem}; {why}. "
             + (f"The first output that went non-finite: {where}. " if where else "")
             + "No checkpoint was written for this or later steps; "
-            + (
-                f"the last one is step {self._last_checkpoint_step()} in {self.ckpt_dir}. "
-                if self._last_checkpoint_step() is not None
-                else "there is no earlier checkpoint. "
-            )
+            + (f"the last one is step {last} in {self.ckpt_dir}. " if last is not None else "there is none before. ")
             + "Lower optim.lr, raise optim.warmup_steps or lower deepspeed.grad_clip, then resume (the same command; "
             "train.resume=<checkpoint dir> for an earlier one) or start over."
         )
         if self.rank == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
-        self.logger.alert(step, "training diverged", message, {"problem": problem, "layer": where or ""})
+        self.logger.alert(step, "training diverged", message, {"problem": check.problem, "layer": where or ""})
         self.logger.finish()
         return EXIT_DIVERGED
 

@@ -28,10 +28,13 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
+import socket
 import string
 import subprocess
 import sys
+import time
 import warnings
 from collections import deque
 from collections.abc import Mapping
@@ -435,9 +438,35 @@ class RunLogger(NullRunLogger):
         run, self._run = self._run, None
         if run is not None:
             try:
+                sync_file = Path(run.settings.sync_file)
                 run.finish()
+                _wait_until_complete(sync_file)
             except Exception as exc:
                 log.warning("W&B failed to finish the run: %s: %s", type(exc).__name__, exc)
+
+
+def _wait_until_complete(sync_file: Path, timeout_s: float = 60.0) -> None:
+    """Wait until the service has written the run's exit record to ``sync_file``.
+
+    ``run.finish()`` returns once the service has the run's last records, not once it has written
+    them; a service this process owns is also waited for at exit, a shared one is not. Reading the
+    file right away (or exiting, and being killed) could then see a run cut short.
+    """
+    from launch.compare import iter_wandb_records
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a tail still being written reads as "damaged"
+            try:
+                if any(r.WhichOneof("record_type") == "exit" for r in iter_wandb_records(sync_file)):
+                    return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            log.warning("W&B has not written the end of %s after %.0f s", sync_file, timeout_s)
+            return
+        time.sleep(0.2)
 
 
 # Run by `python -c`: start wandb-core detached (it outlives this helper and ignores its exit) and
@@ -463,8 +492,10 @@ def start_service_outside_process_tree(idle_timeout: str = "2m", timeout_s: floa
     ``wandb.init`` connect to it. Returns whether it started one; on any failure wandb starts its
     own service as usual (with a warning).
     """
-    if os.environ.get("WANDB_SERVICE"):
+    token = os.environ.get("WANDB_SERVICE")
+    if token and _service_reachable(token):
         return False
+    os.environ.pop("WANDB_SERVICE", None)  # inherited from a process whose service has exited
     try:
         out = subprocess.run(
             [sys.executable, "-c", _SERVICE_HELPER, idle_timeout],
@@ -485,6 +516,23 @@ def start_service_outside_process_tree(idle_timeout: str = "2m", timeout_s: floa
             exc,
             detail[-500:],
         )
+        return False
+
+
+def _service_reachable(token: str, timeout_s: float = 2.0) -> bool:
+    """Whether the W&B service a ``WANDB_SERVICE`` token names accepts connections (unix or tcp)."""
+    if unix := re.fullmatch(r"\d+-\d+-unix-(.+)", token):
+        family, address = socket.AF_UNIX, unix.group(1)
+    elif tcp := re.fullmatch(r"\d+-\d+-tcp-localhost-(\d+)", token):
+        family, address = socket.AF_INET, ("127.0.0.1", int(tcp.group(1)))
+    else:
+        return True  # a format this code does not know: leave it to wandb
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(address)
+        return True
+    except OSError:
         return False
 
 
