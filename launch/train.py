@@ -560,11 +560,20 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
     engine = _build_engine(cfg, model, run_dir, rank)
     apply_timeout_to_all_groups(cfg.parallel.timeout_s)  # also DeepSpeed's own groups
-    trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
-    trainer.probe = NonFiniteProbe(engine.module)
     thresholds = app_config.collapse_thresholds(cfg)
-    trainer.collapse = ExpertCollapseMonitor(thresholds) if thresholds is not None else None
-    trainer.loss_scaling = bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False
+    trainer = Trainer(
+        cfg,
+        engine,
+        state,
+        train_iter,
+        val_data,
+        MoEMetricsTracker(engine.module),
+        run_dir,
+        preemption,
+        probe=NonFiniteProbe(engine.module),
+        collapse=ExpertCollapseMonitor(thresholds) if thresholds is not None else None,
+        loss_scaling=bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False,
+    )
     client = trainer.restore()
     trainer.logger = _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
