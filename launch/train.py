@@ -577,12 +577,21 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
     engine = _build_engine(cfg, model)
     apply_timeout_to_all_groups(cfg.parallel.timeout_s)  # also DeepSpeed's own groups
-    trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
-    trainer.resume_from = resume_from
-    trainer.probe = NonFiniteProbe(engine.module)
     thresholds = app_config.collapse_thresholds(cfg)
-    trainer.collapse = ExpertCollapseMonitor(thresholds) if thresholds is not None else None
-    trainer.loss_scaling = bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False
+    trainer = Trainer(
+        cfg,
+        engine,
+        state,
+        train_iter,
+        val_data,
+        MoEMetricsTracker(engine.module),
+        run_dir,
+        preemption,
+        probe=NonFiniteProbe(engine.module),
+        collapse=ExpertCollapseMonitor(thresholds) if thresholds is not None else None,
+        loss_scaling=bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False,
+        resume_from=resume_from,
+    )
     client = trainer.restore()
     # Written once the resume has succeeded (a refused or failed one changes nothing), and only when
     # there is something to train (resumed at train.steps: the run is left as it is).
