@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launch.data import DataConfig
 from moe_parallel.config import MoEConfig
+from moe_parallel.metrics import CollapseThresholds, MoEMetricsError
 from moe_parallel.models import DecoderConfig, GPTConfig
 from moe_parallel.parallel import ParallelLayout
 
@@ -140,6 +141,18 @@ class TrainConf:
     resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
     exit_after_steps: int | None = None  # checkpoint and stop after this many steps of this job
     progress: str = "auto"  # auto (a bar on a TTY, log lines otherwise) | bar | lines
+    # Divergence guard: stop (exit 65) after this many skipped steps in a row (non-finite loss or gradient
+    # norm, or DeepSpeed skipping the update for overflow). Without loss scaling (fp32, bf16) a
+    # non-finite loss stops at once.
+    max_skipped_steps: int = 3
+    # Expert collapse: warn (once per episode, W&B alert, metrics.jsonl) when an MoE layer stays
+    # degenerate this many steps in a row; 0 turns the check off. Degenerate = an expert under
+    # collapse_min_load_fraction of the mean load, max/mean load above collapse_max_load_ratio, or
+    # router entropy (nats) below collapse_min_entropy.
+    collapse_window: int = 50
+    collapse_min_load_fraction: float = 0.01
+    collapse_max_load_ratio: float = 3.0
+    collapse_min_entropy: float = 0.01
 
 
 @dataclass
@@ -212,6 +225,24 @@ def model_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig | Deco
     return gpt_config(cfg, vocab_size)
 
 
+def collapse_thresholds(cfg: AppConf | DictConfig) -> CollapseThresholds | None:
+    """The expert-collapse check's thresholds (None: ``train.collapse_window=0``, off)."""
+    t = cfg.train
+    if t.collapse_window == 0:
+        return None
+    try:
+        return CollapseThresholds(
+            min_load_fraction=t.collapse_min_load_fraction,
+            max_load_ratio=t.collapse_max_load_ratio,
+            min_entropy=t.collapse_min_entropy,
+            window=t.collapse_window,
+        )
+    except MoEMetricsError as exc:
+        name = str(exc).split("=")[0]
+        key = {"window": "collapse_window"}.get(name, f"collapse_{name}")
+        raise AppConfigError(f"train.{key}{str(exc)[len(name) :]}") from None
+
+
 def data_config(cfg: AppConf | DictConfig) -> DataConfig:
     d = cfg.data
     tokenizer = d.tokenizer if d.tokenizer is not None else (cfg.model.path if is_hf(cfg) else None)
@@ -237,6 +268,10 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     if t.exit_after_steps is not None:
         _positive("train.exit_after_steps", t.exit_after_steps)
     _choice("train.progress", t.progress, ("auto", "bar", "lines"))
+    _positive("train.max_skipped_steps", t.max_skipped_steps)
+    _positive("train.collapse_window", t.collapse_window, minimum=0)
+    collapse_thresholds(cfg)
+    _positive("parallel.timeout_s", cfg.parallel.timeout_s)
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))
     _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
