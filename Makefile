@@ -8,7 +8,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test train bench lint clean
+.PHONY: venv test train bench gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ train: venv
 # on a GPU: BENCH_ARGS="--device cuda" (bf16).
 bench: venv
 	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)
+
+# One prepared GPU check (README, "GPU check"): tests, benchmark, training, one results file in
+# GPU_OUT; without CUDA a dry run at tiny shapes on the CPU. Wheels for a lent machine: scripts/gpu_wheels.py.
+GPU_OUT ?= runs/gpu-check
+gpu-check: venv
+	bash scripts/gpu_check.sh $(GPU_OUT)
+
+# The wheels a lent H200 lacks, into .whl/ (git-ignored), and the offline proof that they install there.
+gpu-wheels: venv
+	$(PY) scripts/gpu_wheels.py
 
 lint: venv
 	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks

@@ -25,6 +25,12 @@ two processes (gloo on CPU, NCCL on GPU): the global batch of ``c1``, half of it
     .venv/bin/python benchmarks/bench_moe.py --configs c2 --reps 15 --no-memory --no-write
     .venv/bin/python benchmarks/bench_moe.py --tuned-malloc   # same, glibc keeps freed memory
     .venv/bin/python benchmarks/bench_moe.py --device cuda    # GPU, bf16: its own BENCHMARKS.md block
+    .venv/bin/python benchmarks/bench_moe.py --device cuda --configs c1,c2,c3,large --json out.json
+
+Config ``large`` (named only, not in the default set) fills a GPU: the layer shape of a 16B
+fine-grained MoE model (T=65536, D=2048, F=1408, E=64, k=6). On a GPU the floor is the two grouped
+GEMMs alone on pre-gathered, pre-aligned rows, and the table adds the achieved TFLOP/s of the expert
+GEMMs (``12 * kept rows * D * F`` per forward+backward) against ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import dataclasses
 import datetime
 import gc
 import io
+import json
 import logging
 import os
 import platform
@@ -58,8 +65,10 @@ sys.path.insert(0, str(REPO))
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
+from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
+COMPAT_IMPLS = ("deepspeed", "compat_module", "compat_parallel_mlp")  # the DeepSpeed drop-in's rows
 MEMORY_IMPLS = ("ours", "deepspeed", "floor")
 AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
@@ -119,6 +128,8 @@ CONFIGS = _with_ep2(
         "c1": BenchConfig("c1", 4096, 512, 2048, 8, 2, 1.25),
         "c2": BenchConfig("c2", 4096, 512, 256, 64, 8, 1.25),
         "c3": BenchConfig("c3", 16384, 256, 512, 16, 2, 1.25),
+        # The layer of a 16B fine-grained MoE model: fills a GPU, named only (--configs ...,large).
+        "large": BenchConfig("large", 65536, 2048, 1408, 64, 6, 1.25),
     }
 )
 QUICK_CONFIGS = _with_ep2(
@@ -126,8 +137,24 @@ QUICK_CONFIGS = _with_ep2(
         "c1": BenchConfig("c1", 256, 64, 128, 8, 2, 1.25),
         "c2": BenchConfig("c2", 256, 64, 32, 64, 8, 1.25),
         "c3": BenchConfig("c3", 512, 32, 64, 16, 2, 1.25),
+        "large": BenchConfig("large", 512, 64, 48, 16, 6, 1.25),
     }
 )
+DEFAULT_CONFIGS = "c1,c2,c3,ep2"
+# Dense bf16 GEMM rate of the lent H200 (8192^3 products, KINDS.md): the TFLOP/s columns' reference.
+H200_BF16_TFLOPS = 790.0
+
+
+def expert_gemm_flops(cfg: BenchConfig, kept_rows: int) -> float:
+    """FLOPs of the expert GEMMs in one forward+backward on ``kept_rows`` routed rows.
+
+    Two GEMMs of ``2 * n * D * F`` forward, twice that backward (input and weight gradients):
+    ``12 * n * D * F``. Only kept rows count, for every implementation alike (DeepSpeed's padded
+    capacity slots are work it does, not work the layer needs).
+    """
+    return 12.0 * kept_rows * cfg.hidden * cfg.ffn
+
+
 # Optional (--tuned-malloc): glibc serves every allocation from its heap and keeps freed memory,
 # instead of mapping each buffer above 32 MiB afresh (and page-faulting it in) on every step.
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
@@ -260,6 +287,51 @@ def build_deepspeed(problem: Problem) -> Step:
     return Step(run, [x_TD, *moe.parameters()])
 
 
+def build_compat(problem: Problem, expert: nn.Module) -> Step:
+    """The DeepSpeed drop-in (``moe_parallel.compat.MoE``) with ``expert``, DeepSpeed's deterministic
+    gate settings as in :func:`build_deepspeed` and our gate weights."""
+    from moe_parallel.compat import MoE
+
+    cfg = problem.cfg
+    moe = MoE(
+        cfg.hidden,
+        expert,
+        num_experts=cfg.experts,
+        ep_size=cfg.ep_size,
+        k=cfg.top_k,
+        capacity_factor=cfg.capacity_factor,
+        eval_capacity_factor=cfg.capacity_factor,
+        min_capacity=4,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    ).train()
+    moe.to(device=problem.x_TD.device, dtype=problem.x_TD.dtype)
+    with torch.no_grad():
+        moe.router.weight.copy_(problem.layer.router.weight)
+    x_TD = problem.x_TD.clone().requires_grad_()
+
+    def run() -> None:
+        y_TD, l_aux, _ = moe(x_TD)
+        torch.autograd.backward([y_TD, l_aux], [problem.grad_TD, torch.full_like(l_aux, AUX_LOSS_COEFF)])
+
+    return Step(run, [x_TD, *moe.parameters()])
+
+
+def build_compat_module(problem: Problem) -> Step:
+    """An expert no form recognises (Linear -> tanh -> Linear): one module copy per local expert."""
+    cfg = problem.cfg
+    return build_compat(
+        problem, nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.Tanh(), nn.Linear(cfg.ffn, cfg.hidden))
+    )
+
+
+def build_compat_parallel_mlp(problem: Problem) -> Step:
+    """Megatron-DeepSpeed's expert (ParallelMLP, gelu, output bias skipped): stacked experts."""
+    from tests.compat_doubles import ParallelMLP
+
+    return build_compat(problem, ParallelMLP(problem.cfg.hidden, problem.cfg.ffn, "gelu"))
+
+
 def routing_plan(problem: Problem) -> DispatchPlan:
     """Our layer's capacity plan for this input (what a training step computes)."""
     with torch.no_grad():
@@ -278,14 +350,19 @@ def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
 
 
 def build_floor(problem: Problem) -> Step:
-    """The expert GEMMs alone: per-expert contiguous inputs and weights, plain autograd, no routing."""
+    """The expert GEMMs alone: per-expert contiguous inputs and weights, plain autograd, no routing.
+
+    Where our experts take the grouped GEMM (a GPU in bf16), the floor is the two grouped GEMMs alone.
+    """
     rows_ND, counts = routed_rows(problem)
     experts = problem.layer.experts
+    gen = torch.Generator().manual_seed(7)
+    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
+    if experts.uses_grouped_gemm(rows_ND):
+        return build_grouped_floor(rows_ND, counts, grad_list, experts)
     x_list = [chunk.clone().requires_grad_() for chunk in rows_ND.split(counts)]
     w1_list = [w.detach().clone().requires_grad_() for w in experts.w1]
     w2_list = [w.detach().clone().requires_grad_() for w in experts.w2]
-    gen = torch.Generator().manual_seed(7)
-    grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
 
     def run() -> None:
         outs = []
@@ -296,6 +373,29 @@ def build_floor(problem: Problem) -> Step:
         torch.autograd.backward(outs, grad_list)
 
     return Step(run, [*x_list, *w1_list, *w2_list])
+
+
+def build_grouped_floor(rows_ND: Tensor, counts: list[int], grad_list: list[Tensor], experts: GroupedExperts) -> Step:
+    """Two grouped GEMMs and the activation on rows gathered in advance, every expert's block already
+    starting on the kernels' 16-byte alignment (so the step pads nothing; padding rows are zero and
+    get zero gradients). The same rows and output gradients as the per-expert floor."""
+    align = max(1, 16 // rows_ND.element_size())
+    padded = [-(-n // align) * align for n in counts]
+    x_ND = rows_ND.new_zeros(sum(padded), rows_ND.shape[1])
+    grad_ND = torch.zeros_like(x_ND)
+    start = 0
+    for block, grad, n, p in zip(rows_ND.split(counts), grad_list, counts, padded):
+        x_ND[start : start + n] = block
+        grad_ND[start : start + n] = grad
+        start += p
+    x_ND.requires_grad_()
+    w1 = experts.w1.detach().clone().requires_grad_()
+    w2 = experts.w2.detach().clone().requires_grad_()
+
+    def run() -> None:
+        _grouped_mlp(x_ND, None, padded, w1, w2, None, None, "gelu").backward(grad_ND)
+
+    return Step(run, [x_ND, w1, w2])
 
 
 def build_moved(problem: Problem) -> Step:
@@ -318,6 +418,8 @@ def build_moved(problem: Problem) -> Step:
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
     "ours": build_ours,
     "deepspeed": build_deepspeed,
+    "compat_module": build_compat_module,
+    "compat_parallel_mlp": build_compat_parallel_mlp,
     "floor": build_floor,
     "moved": build_moved,
 }
@@ -481,7 +583,9 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
 class Implementation:
     """The process(es) of one implementation on one config: one per EP rank."""
 
-    def __init__(self, cfg: BenchConfig, impl: str, target: Target, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: BenchConfig, impl: str, target: Target, env: dict[str, str] | None = None, wait: bool = True
+    ) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -499,7 +603,13 @@ class Implementation:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        self.kept_rows = sum(self._recv_all())  # every rank has built its model
+        self.kept_rows = 0
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Until every rank has built its model (raises if a worker died)."""
+        self.kept_rows = sum(self._recv_all())
 
     def _recv_all(self) -> list:
         results = []
@@ -520,10 +630,14 @@ class Implementation:
         return max(self.request("step"))
 
     def close(self) -> None:
-        for conn in self.conns:
-            conn.send("stop")
+        for conn, proc in zip(self.conns, self.procs):
+            if proc.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send("stop")
         for proc in self.procs:
             proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
 
 
 # --------------------------------------------------------------------------- timing and memory
@@ -531,42 +645,128 @@ class Implementation:
 
 @dataclass
 class Timing:
-    """Seconds per step of each implementation, one entry per round (rounds are aligned)."""
+    """Seconds per step of each implementation, one entry per round (rounds are aligned).
+
+    An implementation that failed (its worker died: out of memory, an exception) has no rounds; its
+    reason is in ``failed`` and its cells stay empty.
+    """
 
     rounds: dict[str, list[float]]
     kept_rows: int
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def median_ms(self, name: str) -> float:
-        return statistics.median(self.rounds[name]) * 1e3
+    def median_ms(self, name: str) -> float | None:
+        return statistics.median(self.rounds[name]) * 1e3 if self.rounds.get(name) else None
 
-    def ratio(self, num: str, den: str) -> float:
+    def ratio(self, num: str, den: str) -> float | None:
         """Median over rounds of the per-round ratio: load that drifts between rounds cancels out."""
+        if not (self.rounds.get(num) and self.rounds.get(den)):
+            return None
         return statistics.median(a / b for a, b in zip(self.rounds[num], self.rounds[den]))
 
 
-def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, reps: int) -> dict[str, list[float]]:
-    """Seconds per step of each implementation; the order rotates every round."""
+def time_interleaved(
+    steps: dict[str, Callable[[], float]], warmup: int, reps: int, failed: dict[str, str] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per step of each implementation; the order rotates every round.
+
+    With ``failed`` given, an implementation whose step raises RuntimeError is dropped (the reason goes
+    into ``failed``) and the others go on.
+    """
     names = list(steps)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+
+    def one(name: str, record: bool) -> None:
+        if name not in rounds:
+            return
+        try:
+            seconds = steps[name]()
+        except RuntimeError as err:
+            if failed is None:
+                raise
+            failed[name] = str(err)
+            del rounds[name]
+            return
+        if record:
+            rounds[name].append(seconds)
+
     for _ in range(warmup):
         for name in names:
-            steps[name]()
-    rounds: dict[str, list[float]] = {name: [] for name in names}
+            one(name, record=False)
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            rounds[name].append(steps[name]())
+            one(name, record=True)
     return rounds
 
 
-def run_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) -> Timing:
-    """Interleaved rounds over one live process (group) per implementation."""
-    impls = {name: Implementation(cfg, name, target.for_config(cfg)) for name in IMPLS}
+def start_implementations(cfg: BenchConfig, names: tuple[str, ...], target: Target):
+    """One process (group) per implementation, started together; returns (live ones, failed ones)."""
+    impls, failed = {}, {}
+    for name in names:
+        impls[name] = Implementation(cfg, name, target.for_config(cfg), wait=False)
+    for name in list(impls):
+        try:
+            impls[name].wait_ready()
+        except RuntimeError as err:
+            failed[name] = str(err)
+            impls.pop(name).close()
+    return impls, failed
+
+
+def run_timing(
+    cfg: BenchConfig, warmup: int, reps: int, target: Target, cuda_memory: bool = False
+) -> tuple[Timing, dict[str, float] | None]:
+    """Interleaved rounds over one live process (group) per implementation.
+
+    ``cuda_memory``: also the peak memory of one step, read from the CUDA allocator of the same
+    processes (exact per process, so no fresh process is needed as on CPU).
+    """
+    impls, failed = start_implementations(cfg, IMPLS, target)
     try:
-        rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
-        return Timing(rounds, impls["ours"].kept_rows)
+        steps = {name: impl.step for name, impl in impls.items()}
+        rounds = time_interleaved(steps, warmup, reps, failed)
+        kept = next((impl.kept_rows for impl in impls.values()), 0)
+        peak = None
+        if cuda_memory:
+            peak = {}
+            for name in MEMORY_IMPLS:
+                if name in rounds:
+                    try:
+                        peak[name] = max(impls[name].request("peak"))
+                    except RuntimeError as err:
+                        failed[name] = f"peak memory: {err}"
+        return Timing(rounds, kept, failed), peak
     finally:
         for impl in impls.values():
             impl.close()
+
+
+def run_compat_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) -> Timing:
+    """Interleaved rounds of DeepSpeed's layer and the drop-in with both expert kinds."""
+    impls = {name: Implementation(cfg, name, target.for_config(cfg)) for name in COMPAT_IMPLS}
+    try:
+        rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
+        return Timing(rounds, impls["deepspeed"].kept_rows)
+    finally:
+        for impl in impls.values():
+            impl.close()
+
+
+def compat_table(rows: list[tuple[BenchConfig, Timing]]) -> str:
+    """The DeepSpeed drop-in against DeepSpeed's own layer (same gate settings and weights)."""
+    lines = [
+        "| config | DeepSpeed ms | drop-in, module-copy expert ms | drop-in, ParallelMLP expert ms "
+        "| DeepSpeed / drop-in (module copies) | DeepSpeed / drop-in (ParallelMLP) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cfg, t in rows:
+        lines.append(
+            f"| {cfg.name} (drop-in): {cfg.label()} | {t.median_ms('deepspeed'):.1f} "
+            f"| {t.median_ms('compat_module'):.1f} | {t.median_ms('compat_parallel_mlp'):.1f} "
+            f"| {t.ratio('deepspeed', 'compat_module'):.2f} | {t.ratio('deepspeed', 'compat_parallel_mlp'):.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def run_profile(cfg: BenchConfig, target: Target) -> str:
@@ -613,26 +813,72 @@ def _mib(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
 
 
-def markdown_table(rows: list[Row]) -> str:
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def tflops(row: Row, impl: str) -> float | None:
+    """Achieved TFLOP/s of the expert GEMMs (see :func:`expert_gemm_flops`) at ``impl``'s median step."""
+    ms = row.timing.median_ms(impl)
+    return None if ms is None else expert_gemm_flops(row.cfg, row.timing.kept_rows) / (ms * 1e-3) / 1e12
+
+
+def markdown_table(rows: list[Row], peak_tflops: float | None = None) -> str:
+    """The results table; with ``peak_tflops`` (GPU runs) also the expert GEMMs' TFLOP/s and % of it."""
     head = (
         "| config | kept rows (ours / DS buffer) | ours ms | DeepSpeed ms | floor ms | moved ms "
         "| ours/floor | DS/floor | DS/ours | moved/floor | ours/moved "
         "| peak MiB ours | peak MiB DS | peak MiB floor |"
     )
+    if peak_tflops:
+        head += f" TFLOP/s ours | TFLOP/s DS | TFLOP/s floor | ours % of {peak_tflops:g} | floor % of {peak_tflops:g} |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    notes = []
     for row in rows:
         t = row.timing
         mem = row.peak_mib or {}
         mem_cells = [_mib(mem[i]) if i in mem else "-" for i in MEMORY_IMPLS]
-        lines.append(
+        line = (
             f"| {row.cfg.name}: {row.cfg.label()} | {t.kept_rows} / {ds_buffer_rows(row.cfg)} "
-            f"| {t.median_ms('ours'):.1f} | {t.median_ms('deepspeed'):.1f} | {t.median_ms('floor'):.1f} "
-            f"| {t.median_ms('moved'):.1f} "
-            f"| {t.ratio('ours', 'floor'):.2f} | {t.ratio('deepspeed', 'floor'):.2f} "
-            f"| {t.ratio('deepspeed', 'ours'):.2f} | {t.ratio('moved', 'floor'):.2f} | {t.ratio('ours', 'moved'):.2f} "
-            f"| {' | '.join(mem_cells)} |"
+            + "".join(f"| {_cell(t.median_ms(i), '.1f')} " for i in IMPLS)
+            + "".join(
+                f"| {_cell(t.ratio(a, b), '.2f')} "
+                for a, b in (("ours", "floor"), ("deepspeed", "floor"), ("deepspeed", "ours"), ("moved", "floor"))
+            )
+            + f"| {_cell(t.ratio('ours', 'moved'), '.2f')} | {' | '.join(mem_cells)} |"
         )
-    return "\n".join(lines)
+        if peak_tflops:
+            rates = [tflops(row, i) for i in ("ours", "deepspeed", "floor")]
+            pcts = [None if r is None else 100 * r / peak_tflops for r in (rates[0], rates[2])]
+            line += "".join(f" {_cell(r, '.3g')} |" for r in rates) + "".join(f" {_cell(p, '.1f')} |" for p in pcts)
+        lines.append(line)
+        notes += [
+            f"- {row.cfg.name}: {impl} failed: {reason.splitlines()[0][:300]}" for impl, reason in t.failed.items()
+        ]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def row_json(row: Row, peak_tflops: float | None = None) -> dict:
+    """One config's results as plain data (the GPU check's results file)."""
+    t = row.timing
+    return {
+        "config": dataclasses.asdict(row.cfg),
+        "label": row.cfg.label(),
+        "kept_rows": t.kept_rows,
+        "deepspeed_buffer_rows": ds_buffer_rows(row.cfg),
+        "median_ms": {i: t.median_ms(i) for i in IMPLS},
+        "ratios": {
+            f"{a}/{b}": t.ratio(a, b)
+            for a, b in (("ours", "floor"), ("deepspeed", "floor"), ("deepspeed", "ours"), ("moved", "floor"))
+            + (("ours", "moved"),)
+        },
+        "peak_mib": row.peak_mib,
+        "expert_gemm_tflop_per_step": expert_gemm_flops(row.cfg, t.kept_rows) / 1e12,
+        "tflops": {i: tflops(row, i) for i in IMPLS},
+        "peak_tflops": peak_tflops,
+        "failed": t.failed,
+        "rounds_s": t.rounds,
+    }
 
 
 def machine_line(target: Target) -> str:
@@ -680,7 +926,9 @@ def write_results(path: Path, block: str, command: str, machine: str, table: str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs", default="c1,c2,c3,ep2", help="comma-separated subset of c1,c2,c3,ep2 (default: all)"
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma-separated subset of c1,c2,c3,ep2,large (default: {DEFAULT_CONFIGS})",
     )
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per implementation (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
@@ -696,13 +944,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument(
+        "--compat",
+        choices=("auto", "on", "off", "only"),
+        default="auto",
+        help="the DeepSpeed drop-in rows (default auto: on, off with --quick; only: nothing else, printed only)",
+    )
+    parser.add_argument(
         "--tuned-malloc", action="store_true", help="rerun under TUNED_MALLOC_ENV (its own block in BENCHMARKS.md)"
     )
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler breakdown per config instead of timing"
     )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"reference rate of the TFLOP/s columns (GPU default: {H200_BF16_TFLOPS:g}, the H200 dense bf16 GEMM)",
+    )
     args = parser.parse_args(argv)
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = H200_BF16_TFLOPS
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.device == "cuda" and (args.profile or args.tuned_malloc):
@@ -744,10 +1007,12 @@ def results_block(args: argparse.Namespace) -> str:
 def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     print(f"== {cfg.name}: {cfg.label()}", flush=True)
     target = target_of(args)
-    timing = run_timing(cfg, args.warmup, args.reps, target)
-    peak = None if args.no_memory else {impl: run_memory(cfg, impl, target) for impl in MEMORY_IMPLS}
+    on_gpu = target.device == "cuda"
+    timing, peak = run_timing(cfg, args.warmup, args.reps, target, cuda_memory=on_gpu and not args.no_memory)
+    if not on_gpu and not args.no_memory:
+        peak = {impl: run_memory(cfg, impl, target) for impl in MEMORY_IMPLS if impl not in timing.failed}
     row = Row(cfg, timing, peak)
-    print(markdown_table([row]), flush=True)
+    print(markdown_table([row], args.peak_tflops), flush=True)
     return row
 
 
@@ -761,11 +1026,37 @@ def main(argv: list[str] | None = None) -> None:
         for cfg in selected_configs(args):
             print(run_profile(cfg, target_of(args)) + "\n", flush=True)
         return
+    compat_rows = []
+    if args.compat in ("on", "only") or (args.compat == "auto" and not args.quick):
+        for cfg in selected_configs(args):
+            compat_rows.append((cfg, run_compat_timing(cfg, args.warmup, args.reps, target_of(args))))
+            print(compat_table(compat_rows[-1:]), flush=True)
+    if args.compat == "only":
+        print("\n" + compat_table(compat_rows))
+        return
     rows = [run_config(cfg, args) for cfg in selected_configs(args)]
-    table = markdown_table(rows)
+    table = markdown_table(rows, args.peak_tflops)
+    if compat_rows:
+        table += "\n\n" + compat_table(compat_rows)
     print("\n" + table)
+    command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
+    if args.json is not None:
+        results = {
+            "command": command,
+            "machine": machine_line(target_of(args)),
+            "date": datetime.date.today().isoformat(),
+            "device": args.device,
+            "dtype": args.dtype,
+            "expert_gemm": args.expert_gemm,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "markdown": table,
+            "rows": [row_json(row, args.peak_tflops) for row in rows],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
     if not args.no_write:
-        command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
         block = results_block(args)
         write_results(args.output, block, command, machine_line(target_of(args)), table)
         print(f"wrote the {block} block of {args.output}")

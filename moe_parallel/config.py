@@ -33,6 +33,14 @@ class MoEConfig:
     Capacity per expert is ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` where
     ``tokens`` is the largest local token count in the expert-parallel group; ``capacity_factor=None``
     means dropless routing.
+
+    ``drop_policy`` orders each expert's queue when it is over capacity: ``"position"`` keeps all
+    first choices (in token order) before all second choices (GShard); ``"probs"`` keeps the highest
+    combine weights first. Causality in a causal LM under drops (``tests/test_causality.py``): only
+    ``"position"`` with ``top_k=1`` is causal. With ``"probs"``, or ``"position"`` and ``top_k >= 2``
+    (a later token's first choice outranks an earlier token's second), a later token can evict an
+    earlier token's assignment, so in training an earlier position's output can depend on later
+    tokens. Dropless routing (``capacity_factor=None``) is always causal.
     """
 
     hidden_size: int

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .aux_loss import set_aux_loss_grad_scale
+from .deepspeed_integration import mark_moe_layers, use_topology_free_checkpoints
 from .layer import moe_layers
 
 
@@ -41,6 +42,16 @@ def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> No
             "the range of bf16/fp32, and dynamic loss scaling would have to reach the attached aux loss): "
             "use bf16.enabled=true on GPUs that support it, or fp32"
         )
+    from .module_experts import ModuleExperts
+
+    for layer in moe_layers(model):
+        if isinstance(layer.experts, ModuleExperts):
+            raise DeepSpeedConfigError(
+                f"MoE layer {type(layer).__name__} holds module-copy experts (moe_parallel.compat.MoE with an "
+                "expert no stacked form fits), which build_engine's topology-free checkpoints cannot store: "
+                "build the engine with deepspeed.initialize (DeepSpeed's per-expert checkpoints), or give "
+                "compat.MoE an expert with a stacked form (see README, 'DeepSpeed users')"
+            )
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = ds_config.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -92,6 +103,7 @@ def build_engine(
     import deepspeed
 
     validate_deepspeed_config(ds_config, model)
+    mark_moe_layers(model)  # layers built before DeepSpeed was imported
     config = copy.deepcopy(ds_config)
     config.pop("optimizer", None)  # the optimizer is built here, from param groups DeepSpeed needs
     config.setdefault("zero_allow_untested_optimizer", True)
@@ -101,25 +113,5 @@ def build_engine(
     )
     # The main loss is divided by the accumulation steps in engine.backward; so is the aux loss.
     set_aux_loss_grad_scale(1.0 / engine.gradient_accumulation_steps())
-    _use_topology_free_checkpoints(engine)
+    use_topology_free_checkpoints(engine)
     return engine, optimizer, scheduler
-
-
-def _use_topology_free_checkpoints(engine) -> None:
-    """Route ``engine.save_checkpoint`` / ``load_checkpoint`` to :mod:`moe_parallel.checkpoint`.
-
-    DeepSpeed's own MoE checkpointing expects its per-expert module names and cannot store stacked
-    experts; ours stores them under global ids and loads at any layout. Same call signatures.
-    """
-    from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-
-    def save(save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
-        return save_checkpoint(engine, save_dir, tag=tag, client_state=client_state)
-
-    def load(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True, **_ignored):
-        path = resolve_checkpoint(load_dir, tag)
-        client_state = load_checkpoint(engine, load_dir, tag=tag, load_optimizer=load_optimizer_states)
-        return (None if path is None else str(path)), client_state
-
-    engine.save_checkpoint = save
-    engine.load_checkpoint = load

@@ -9,6 +9,7 @@ stored.
 
 from __future__ import annotations
 
+import warnings
 from itertools import accumulate
 
 import torch
@@ -228,7 +229,8 @@ def _grouped_mlp(
     counts_e = torch.tensor(padded, device=x_ND.device)
     offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
 
-    h_NH = F.grouped_mm(x_ND, w1_eDH, offs=offs_e)
+    grouped_mm = grouped_mm_op()
+    h_NH = grouped_mm(x_ND, w1_eDH, offs=offs_e)
     if b1_eH is not None:
         h_NH = h_NH + b1_eH.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
     a_NF = activate(h_NH, activation)
@@ -236,7 +238,7 @@ def _grouped_mlp(
     scale_first = scale_N1 is not None and not _scale_output(w2_eFD)
     if scale_first:
         a_NF = a_NF * scale_N1
-    out_ND = F.grouped_mm(a_NF, w2_eFD, offs=offs_e)
+    out_ND = grouped_mm(a_NF, w2_eFD, offs=offs_e)
     if b2_eD is not None:
         b2_ND = b2_eD.repeat_interleave(counts_e, dim=0, output_size=x_ND.shape[0])
         out_ND = out_ND + (b2_ND * scale_N1 if scale_first else b2_ND)
@@ -245,12 +247,20 @@ def _grouped_mlp(
     return out_ND if pos_N is None else out_ND.index_select(0, pos_N)
 
 
+def grouped_mm_op():
+    """torch's grouped GEMM: ``F.grouped_mm`` where torch has it, else the private ``torch._grouped_mm``
+    that older releases (2.8 to 2.11) offer with the same arguments; None if neither exists."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def grouped_gemm_problem(x: Tensor, sizes: tuple[int, ...]) -> str | None:
     """Why torch's grouped GEMM cannot run the experts on activations like ``x``; None if it can.
 
     Its kernels want rows whose byte strides are multiples of 16 for every matrix size in ``sizes``
     (hidden, up-projection and FFN widths) and, on CUDA, bf16 on compute capability >= 8.0.
     """
+    if grouped_mm_op() is None:
+        return f"is missing: torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
     if x.is_cuda:
         if x.dtype != torch.bfloat16:
             return f"on CUDA it takes bfloat16 activations, not {x.dtype}"
@@ -353,6 +363,12 @@ class GroupedExperts(nn.Module):
         """Whether a forward on ``x`` runs the grouped GEMM path (see ``MoEConfig.expert_gemm``)."""
         sizes = (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1])
         if self.expert_gemm == "auto":
+            if x.is_cuda and grouped_mm_op() is None:
+                warnings.warn(
+                    f"moe.expert_gemm='auto': torch's grouped GEMM {grouped_gemm_problem(x, sizes)}; "
+                    "the experts fall back to the per-expert loop (slow on a GPU at many experts)",
+                    stacklevel=3,
+                )
             return grouped_gemm_supported(x, sizes)
         if self.expert_gemm == "loop":
             return False

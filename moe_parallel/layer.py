@@ -11,7 +11,7 @@ from .aux_loss import attach_aux_loss
 from .capacity import DispatchPlan, expert_capacity, plan_dispatch
 from .comm import ProcessGroup, all_reduce_max, group_rank, group_size
 from .config import MoEConfig, MoEConfigError
-from .deepspeed_base import DeepSpeedRecognizedMoE
+from .deepspeed_integration import check_expert_groups, expert_group_name, mark_if_deepspeed_loaded
 from .dispatcher import AllToAllTokenDispatcher
 from .experts import GroupedExperts, expert_seed
 from .router import RouterOutput, TopKRouter, load_balancing_loss, router_entropy, router_z_loss
@@ -34,7 +34,7 @@ class MoEStats:
     capacity: int | None
 
 
-class MoELayer(DeepSpeedRecognizedMoE):
+class MoELayer(nn.Module):
     """Expert-parallel Mixture-of-Experts FFN.
 
     Args:
@@ -43,6 +43,10 @@ class MoELayer(DeepSpeedRecognizedMoE):
             rank of the group must call ``forward`` the same number of times.
         layer_number: position of the layer in the model; seeds the initialisation, so that
             different layers differ and any EP layout builds the same weights.
+        ep_size: the expert-parallel size when the group is bound later with :meth:`set_ep_group`
+            (default: the size of ``ep_group``).
+        experts: a prebuilt experts module with :class:`GroupedExperts`' interface holding this
+            rank's ``num_experts // ep_size`` experts (default: ``GroupedExperts`` from ``config``).
 
     ``forward(x)`` takes ``[..., hidden_size]`` and returns the same shape. In training, the
     weighted balance loss and z-loss are attached to the output's gradient (see ``aux_loss.py``):
@@ -51,10 +55,23 @@ class MoELayer(DeepSpeedRecognizedMoE):
     DeepSpeed's layer). The routing statistics of the last forward are on ``self.last_stats``.
     """
 
-    def __init__(self, config: MoEConfig, ep_group: ProcessGroup | None = None, layer_number: int = 0) -> None:
+    def __init__(
+        self,
+        config: MoEConfig,
+        ep_group: ProcessGroup | None = None,
+        layer_number: int = 0,
+        *,
+        ep_size: int | None = None,
+        experts: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         config.validate()
-        ep_size = group_size(ep_group)
+        if ep_size is None or ep_group is not None:
+            if ep_size is not None and ep_size != group_size(ep_group):
+                raise MoEConfigError(f"ep_size={ep_size} disagrees with the size {group_size(ep_group)} of ep_group")
+            ep_size = group_size(ep_group)
+        elif not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+            raise MoEConfigError(f"ep_size={ep_size!r} must be a positive integer")
         if config.num_experts % ep_size != 0:
             raise MoEConfigError(
                 f"moe.num_experts={config.num_experts} is not divisible by the expert-parallel size "
@@ -66,7 +83,7 @@ class MoELayer(DeepSpeedRecognizedMoE):
         self.layer_number = layer_number
         self.num_experts = config.num_experts
         self.num_local_experts = config.num_experts // ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
+        self.expert_group_name = expert_group_name(ep_size)
 
         self.router = TopKRouter(config, seed=expert_seed(config.init_seed, layer_number, -1))
         self.dispatcher = AllToAllTokenDispatcher(config.num_experts, ep_group)
@@ -80,12 +97,19 @@ class MoELayer(DeepSpeedRecognizedMoE):
             init_seed=config.init_seed,
             layer_number=layer_number,
         )
-        self.experts = GroupedExperts(
-            self.num_local_experts,
-            ffn_hidden_size=config.ffn_hidden_size,
-            first_expert_id=group_rank(ep_group) * self.num_local_experts,
-            **expert_kwargs,
-        )
+        if experts is None:
+            experts = GroupedExperts(
+                self.num_local_experts,
+                ffn_hidden_size=config.ffn_hidden_size,
+                first_expert_id=group_rank(ep_group) * self.num_local_experts,
+                **expert_kwargs,
+            )
+        elif getattr(experts, "num_local_experts", None) != self.num_local_experts:
+            raise MoEConfigError(
+                f"experts holds {getattr(experts, 'num_local_experts', None)} experts, but this rank holds "
+                f"num_experts // ep_size = {self.num_local_experts}"
+            )
+        self.experts = experts
         self.shared_expert = None
         if config.shared_expert_ffn_hidden_size > 0:
             # One always-on expert, seeded with the id after the routed ones; replicated, not expert-parallel.
@@ -110,9 +134,35 @@ class MoELayer(DeepSpeedRecognizedMoE):
             param.group_name = self.expert_group_name
         self.aux_loss: Tensor | None = None
         self.last_stats: MoEStats | None = None
+        mark_if_deepspeed_loaded(self)  # DeepSpeed's engine must see an MoE layer; never imports it
+
+    def set_ep_group(self, ep_group: ProcessGroup | None) -> None:
+        """Bind the expert-parallel group of a layer built with ``ep_size`` and no group (late binding).
+
+        The group must have ``ep_size`` ranks; this rank then holds experts ``rank * local`` on. Expert
+        weights are not touched: a seeded ``GroupedExperts`` built before binding was seeded as local
+        experts from 0 (call ``layer.experts.reset_parameters()`` to re-seed by global id).
+        """
+        size = group_size(ep_group)
+        if size != self.ep_size:
+            raise MoEConfigError(
+                f"the expert-parallel group has {size} ranks, but the layer was built for ep_size={self.ep_size}"
+            )
+        self.ep_group = ep_group
+        self.dispatcher = AllToAllTokenDispatcher(self.num_experts, ep_group)
+        self.experts.first_expert_id = group_rank(ep_group) * self.num_local_experts
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: object) -> None:
+        """Called by ``deepspeed.initialize``: check that DeepSpeed reduces our experts over our groups."""
+        check_expert_groups(self)
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.config
+        if self.ep_size > 1 and self.ep_group is None:
+            raise RuntimeError(
+                f"MoE layer {self.layer_number} was built with ep_size={self.ep_size} but no group: call "
+                "set_ep_group(group) before the first forward"
+            )
         problem = self._check_input(x)
         num_tokens = x.numel() // x.shape[-1] if problem is None and x.dim() > 0 else 0
         max_tokens = self._agree_across_ep(num_tokens, problem, x.device)

@@ -157,3 +157,35 @@ def test_fused_adam_from_apex_when_a_cuda_build_is_importable(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fused = make_optimizer(params, lr=1e-3)
     assert isinstance(fused, FusedAdam) and fused.kwargs["adam_w_mode"] is True
+
+
+def test_pipeline_partition_key_is_gone_so_an_override_cannot_be_silently_ignored():
+    """The pipeline partition is fixed by moe_parallel.models.pipeline_parts (and checked against
+    DeepSpeed's in gpt_pipeline); a config key that nothing read was removed, so overriding it fails."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from launch import config as app_config
+
+    app_config.register_configs()
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        assert "pipeline_partition" not in compose(config_name="config").deepspeed
+        with pytest.raises(ConfigCompositionException, match="pipeline_partition"):
+            compose(config_name="config", overrides=["deepspeed.pipeline_partition=parameters"])
+
+
+def test_module_copy_experts_are_refused_by_build_engine_with_the_fix():
+    from torch import nn
+
+    from moe_parallel.compat import MoE
+    from moe_parallel.engine import DeepSpeedConfigError, validate_deepspeed_config
+
+    expert = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(8, 8), MoE(8, expert, num_experts=2))
+    with pytest.raises(DeepSpeedConfigError, match="module-copy experts.*deepspeed.initialize"):
+        validate_deepspeed_config({"zero_optimization": {"stage": 1}}, model)
+    stacked = nn.Sequential(nn.Linear(8, 8), MoE(8, nn.Linear(8, 8), num_experts=2))
+    validate_deepspeed_config({"zero_optimization": {"stage": 1}}, stacked)
