@@ -507,7 +507,8 @@ class Trainer:
         if self.resume_from is None:
             return None
         client = load_checkpoint(self.engine, self.resume_from.path)
-        self.train_iter.load_state_dict(client["data"])
+        if "data" in client:  # absent in weights-only checkpoints (checkpoint_tool import / import-hf)
+            self.train_iter.load_state_dict(client["data"])
         self._parent = self.resume_from.path
         _say(
             self.rank,
