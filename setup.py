@@ -20,6 +20,10 @@ setup(
         "omegaconf>=2.3",
         "wandb>=0.17",
         "sentencepiece>=0.2",
+        # Hugging Face interop (moe_parallel.hf): config classes, forward oracle in tests, tokenizers.
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
         "numpy",
         "matplotlib>=3.5",
         "tqdm",

@@ -5,9 +5,14 @@ checkpoint loads at any PP / EP / DP layout. This tool converts between that for
 state dict (the model at PP=1, EP=1), e.g. for evaluation, for publishing, or to start fine-tuning
 elsewhere from weights alone.
 
-    python -m launch.checkpoint_tool verify runs/x/checkpoints
+    python -m launch.checkpoint_tool verify runs/x/checkpoints [--all]   # every file's size and checksum
     python -m launch.checkpoint_tool export runs/x/checkpoints --out model.pt [--dtype bf16]
     python -m launch.checkpoint_tool import model.pt --out new_ckpts [--tag imported]
+    python -m launch.checkpoint_tool import-hf HF_DIR --out CKPT_DIR [--upcycle-experts E --top-k K]
+    python -m launch.checkpoint_tool export-hf CKPT_DIR --out HF_DIR [--dtype bf16]
+
+DIR is a checkpoints folder (the checkpoint ``latest`` names, or ``--tag``) or one checkpoint.
+Exit status: 0 when all is well, 2 on any fault (a corrupt or missing file, a damaged manifest).
 """
 
 from __future__ import annotations
@@ -19,77 +24,122 @@ from pathlib import Path
 
 import torch
 
+from launch import hf_convert
 from moe_parallel.checkpoint import (
     CheckpointError,
     export_consolidated,
     import_consolidated,
+    list_checkpoints,
     read_manifest,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _checkpoint(directory: str, tag: str | None) -> Path:
+    if not Path(directory).exists():
+        raise CheckpointError(f"{directory} does not exist")
     path = resolve_checkpoint(directory, tag)
     if path is None:
         raise CheckpointError(f"{directory} has no 'latest' file: pass --tag, or point at a checkpoint directory")
     return path
 
 
-def cmd_verify(args: argparse.Namespace) -> None:
-    path = _checkpoint(args.dir, args.tag)
-    manifest = read_manifest(path)
-    layers = manifest["moe_layers"]
-    total = sum(manifest["files"].values())
-    print(f"{path}: step {manifest['step']}, {len(manifest['files'])} files, {total / 2**20:.1f} MiB, all present")
-    for layer, ids in layers.items():
-        print(f"  MoE layer {layer}: {len(ids)} experts")
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.all:
+        paths = [c.path for c in list_checkpoints(args.dir)]
+        if not paths:
+            raise CheckpointError(f"{args.dir} holds no checkpoint")
+    else:
+        paths = [_checkpoint(args.dir, args.tag)]
+    faults = 0
+    for path in paths:
+        try:
+            manifest, problems = verify_checkpoint(path)
+        except CheckpointError as err:
+            print(f"{path}: FAULT: {err}")
+            faults += 1
+            continue
+        files = manifest["files"]
+        size = sum(entry["bytes"] for entry in files.values())
+        checked = all("crc32" in entry for entry in files.values())
+        head = f"{path}: step {manifest['step']}, {len(files)} files, {size / 2**20:.1f} MiB"
+        if problems:
+            faults += 1
+            print(f"{head}: FAULT in {len(problems)} file{'s' if len(problems) > 1 else ''}")
+            for problem in problems:
+                print(f"  {problem}")
+            continue
+        print(f"{head}, {'all checksums match' if checked else 'all present (format 1: no checksums to check)'}")
+        for layer, ids in manifest["moe_layers"].items():
+            print(f"  MoE layer {layer}: {len(ids)} experts")
+    return 2 if faults else 0
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> int:
     path = _checkpoint(args.dir, args.tag)
     manifest = read_manifest(path)
-    state = export_consolidated(path, DTYPES[args.dtype])
+    state = export_consolidated(path, DTYPES[args.dtype])  # checks every file's checksum
     out = Path(args.out)
     torch.save(state, out)
     meta = {"source": str(path), "step": manifest["step"], "expert_parameters": manifest["expert_parameters"]}
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(meta, indent=1))
     print(f"wrote {out} ({len(state)} tensors, {args.dtype}) and {out.name}.json")
+    return 0
 
 
-def cmd_import(args: argparse.Namespace) -> None:
+def cmd_import(args: argparse.Namespace) -> int:
     meta_path = Path(args.file + ".json")
     if not meta_path.exists():
         raise CheckpointError(f"{meta_path} not found: it is written by 'export' beside the weights")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        expert_parameters = meta["expert_parameters"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is damaged ({err}): export the weights again") from err
     state = torch.load(args.file, map_location="cpu", weights_only=True)
-    path = import_consolidated(state, meta["expert_parameters"], args.out, args.tag)
+    path = import_consolidated(state, expert_parameters, args.out, args.tag)
     print(f"wrote {path} (weights only; optimizer starts fresh)")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """One subparser per command; each sets ``func`` (a new command is one more ``add_parser`` block)."""
     parser = argparse.ArgumentParser(prog="python -m launch.checkpoint_tool", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="check that every file of the manifest is present and whole")
+    verify = sub.add_parser("verify", help="check every file of the manifest: present, its size, its checksum")
     verify.add_argument("dir")
     verify.add_argument("--tag")
+    verify.add_argument("--all", action="store_true", help="every checkpoint in the folder, not just the latest")
+    verify.set_defaults(func=cmd_verify)
     export = sub.add_parser("export", help="write one consolidated state dict (the PP=1, EP=1 model's)")
     export.add_argument("dir")
     export.add_argument("--tag")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    export.set_defaults(func=cmd_export)
     imp = sub.add_parser("import", help="turn an exported state dict back into a loadable checkpoint")
     imp.add_argument("file")
     imp.add_argument("--out", required=True)
     imp.add_argument("--tag", default="imported")
-    args = parser.parse_args(argv)
+    imp.set_defaults(func=cmd_import)
+    for name, handler in hf_convert.add_commands(sub).items():  # import-hf / export-hf
+        sub.choices[name].set_defaults(func=lambda args, handler=handler: handler(args) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        {"verify": cmd_verify, "export": cmd_export, "import": cmd_import}[args.command](args)
-    except CheckpointError as err:
+        return args.func(args)
+    except (CheckpointError, *hf_convert.ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

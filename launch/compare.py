@@ -352,14 +352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source", choices=("auto", "jsonl", "wandb"), default="auto", help="what to read in RUN")
     args = parser.parse_args(argv)
 
+    paths, seen = [], set()
+    for path in args.runs:  # one run given twice (relative and absolute, a symlink) is listed once
+        if (resolved := Path(path).resolve()) not in seen:
+            seen.add(resolved)
+            paths.append(path)
     runs = []
-    for path in args.runs:
+    for path in paths:
         try:
             runs.append(load_run(path, args.source))
         except (RunNotFoundError, WandbLogError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    unique_labels(runs, args.runs)
+    unique_labels(runs, paths)
     for message in missing_messages(runs, args.metrics):
         print(message, file=sys.stderr)
     present = [m for m in args.metrics if any(m in r.series for r in runs)]

@@ -16,7 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launch.data import DataConfig
 from moe_parallel.config import MoEConfig
-from moe_parallel.models import GPTConfig
+from moe_parallel.metrics import CollapseThresholds, MoEMetricsError
+from moe_parallel.models import DecoderConfig, GPTConfig
 from moe_parallel.parallel import ParallelLayout
 
 
@@ -26,6 +27,11 @@ class AppConfigError(ValueError):
 
 @dataclass
 class ModelConf:
+    kind: str = "gpt"  # gpt: the reference MoE-GPT below | hf: a Hugging Face model (model=hf, model.path)
+    path: str | None = None  # kind=hf: the model directory (config.json, *.safetensors, tokenizer files)
+    upcycle_experts: int | None = None  # kind=hf from a dense Llama/Qwen3: experts per MoE layer (upcycling)
+    upcycle_top_k: int = 2  # kind=hf, upcycling: experts per token
+    # kind=gpt: the reference model's shape (with kind=hf, config.json decides it)
     num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 4
@@ -46,6 +52,11 @@ class MoEConf:
     expert_ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
     score_func: str = "softmax"  # softmax | sigmoid
     normalize_top_k: bool = True
+    score_after_topk: bool = False  # softmax over the k selected logits only
+    num_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in num_groups groups,
+    topk_groups: int = 1  # tokens choose among the experts of their topk_groups best groups
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
+    selection_bias: bool = False  # a per-expert bias for selection only (implied by expert_bias_update_rate > 0)
     router_noise: str = "none"  # none | jitter | gumbel
     router_jitter_eps: float = 0.01
     capacity_factor: float | None = 1.25  # null = dropless
@@ -56,6 +67,7 @@ class MoEConf:
     z_loss_coeff: float = 0.001
     expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
     shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     expert_gemm: str = "auto"  # auto (grouped GEMM on CUDA bf16, per-expert loop elsewhere) | grouped | loop
     check_inputs: bool = False
 
@@ -98,6 +110,7 @@ class DataConf:
     val_fraction: float = 0.02
     seed: int = 1234
     cache_dir: str = "~/.cache/moe_parallel/data"
+    tokenizer: str | None = None  # a pretrained tokenizer (dir or file); null: model.path with model=hf, else train one
 
 
 @dataclass
@@ -128,6 +141,18 @@ class TrainConf:
     resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
     exit_after_steps: int | None = None  # checkpoint and stop after this many steps of this job
     progress: str = "auto"  # auto (a bar on a TTY, log lines otherwise) | bar | lines
+    # Divergence guard: stop (exit 65) after this many skipped steps in a row (non-finite loss or gradient
+    # norm, or DeepSpeed skipping the update for overflow). Without loss scaling (fp32, bf16) a
+    # non-finite loss stops at once.
+    max_skipped_steps: int = 3
+    # Expert collapse: warn (once per episode, W&B alert, metrics.jsonl) when an MoE layer stays
+    # degenerate this many steps in a row; 0 turns the check off. Degenerate = an expert under
+    # collapse_min_load_fraction of the mean load, max/mean load above collapse_max_load_ratio, or
+    # router entropy (nats) below collapse_min_entropy.
+    collapse_window: int = 50
+    collapse_min_load_fraction: float = 0.01
+    collapse_max_load_ratio: float = 3.0
+    collapse_min_entropy: float = 0.01
 
 
 @dataclass
@@ -185,8 +210,42 @@ def gpt_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig:
     )
 
 
+def is_hf(cfg: AppConf | DictConfig) -> bool:
+    """Whether the model comes from a Hugging Face directory (``model=hf``)."""
+    return cfg.model.kind == "hf"
+
+
+def model_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig | DecoderConfig:
+    """The model's library config: :class:`GPTConfig` (``model.kind=gpt``) or, for ``model=hf``, the
+    :class:`DecoderConfig` of ``model.path`` (whose vocabulary is config.json's, not ``vocab_size``)."""
+    if is_hf(cfg):
+        from launch import hf_model
+
+        return hf_model.decoder_config(cfg)
+    return gpt_config(cfg, vocab_size)
+
+
+def collapse_thresholds(cfg: AppConf | DictConfig) -> CollapseThresholds | None:
+    """The expert-collapse check's thresholds (None: ``train.collapse_window=0``, off)."""
+    t = cfg.train
+    if t.collapse_window == 0:
+        return None
+    try:
+        return CollapseThresholds(
+            min_load_fraction=t.collapse_min_load_fraction,
+            max_load_ratio=t.collapse_max_load_ratio,
+            min_entropy=t.collapse_min_entropy,
+            window=t.collapse_window,
+        )
+    except MoEMetricsError as exc:
+        name = str(exc).split("=")[0]
+        key = {"window": "collapse_window"}.get(name, f"collapse_{name}")
+        raise AppConfigError(f"train.{key}{str(exc)[len(name) :]}") from None
+
+
 def data_config(cfg: AppConf | DictConfig) -> DataConfig:
     d = cfg.data
+    tokenizer = d.tokenizer if d.tokenizer is not None else (cfg.model.path if is_hf(cfg) else None)
     return DataConfig(
         files=list(d.files) if d.files is not None else None,
         max_corpus_bytes=d.max_corpus_bytes,
@@ -196,6 +255,7 @@ def data_config(cfg: AppConf | DictConfig) -> DataConfig:
         val_fraction=d.val_fraction,
         seed=d.seed,
         cache_dir=d.cache_dir,
+        tokenizer=tokenizer,
     )
 
 
@@ -208,6 +268,10 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     if t.exit_after_steps is not None:
         _positive("train.exit_after_steps", t.exit_after_steps)
     _choice("train.progress", t.progress, ("auto", "bar", "lines"))
+    _positive("train.max_skipped_steps", t.max_skipped_steps)
+    _positive("train.collapse_window", t.collapse_window, minimum=0)
+    collapse_thresholds(cfg)
+    _positive("parallel.timeout_s", cfg.parallel.timeout_s)
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))
     _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
@@ -216,13 +280,23 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
         raise AppConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
     if o.warmup_steps < 0:
         raise AppConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    data_config(cfg)
-    model = gpt_config(cfg, vocab_size=cfg.data.vocab_size)
-    ParallelLayout(world_size, cfg.parallel.pp, cfg.parallel.ep, model.moe.num_experts if model.moe else None)
-    if cfg.parallel.pp > cfg.model.num_layers:
+    _choice("model.kind", cfg.model.kind, ("gpt", "hf"))
+    if not is_hf(cfg) and (cfg.model.path is not None or cfg.model.upcycle_experts is not None):
         raise AppConfigError(
-            f"parallel.pp={cfg.parallel.pp} stages for model.num_layers={cfg.model.num_layers} blocks: "
-            "use at most one stage per block"
+            "model.path / model.upcycle_experts are read only with model.kind=hf: select it with model=hf"
+        )
+    data_config(cfg)
+    if is_hf(cfg):
+        from launch import hf_model
+
+        model = hf_model.validate(cfg)  # config.json and every weight's name and shape
+    else:
+        model = gpt_config(cfg, vocab_size=cfg.data.vocab_size)
+    ParallelLayout(world_size, cfg.parallel.pp, cfg.parallel.ep, model.moe.num_experts if model.moe else None)
+    if cfg.parallel.pp > model.num_layers:
+        key = "model.path's config.json num_hidden_layers" if is_hf(cfg) else "model.num_layers"
+        raise AppConfigError(
+            f"parallel.pp={cfg.parallel.pp} stages for {key}={model.num_layers} blocks: use at most one stage per block"
         )
 
 

@@ -1,4 +1,5 @@
-"""Training data: a SentencePiece tokenizer, memory-mapped token files, packed windows, resumable batches.
+"""Training data: a SentencePiece tokenizer (or a pretrained model's own), memory-mapped token files, packed
+windows, resumable batches.
 
 The way from text to a micro-batch:
 
@@ -18,6 +19,10 @@ datasets/<data_key>/tokenizer.model, train.bin, val.bin, meta.json
 datasets/<data_key>.lock
 index/<stat_key>.json   {"data_key": ...} for ranks != 0: path+size+mtime of the files -> data_key (no reading)
 ```
+
+With ``data.tokenizer`` set (a pretrained model's tokenizer, see ``launch/hf_tokenizer.py``) nothing is
+trained: ``tok_key`` is the sha256 of its files and the dataset directory holds copies of them instead of
+``tokenizer.model``.
 
 Each ``<key>`` directory is built under a temporary name in the same parent and renamed into place with
 ``os.replace``, so a directory that exists is complete. Building happens under an ``fcntl.flock`` on the
@@ -48,6 +53,8 @@ from typing import Any, Literal
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from launch.hf_tokenizer import load_pretrained_tokenizer, tokenizer_stat
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,7 @@ class DataConfig:
     val_fraction: float = 0.01  # fraction of tokens, rounded up to whole documents
     seed: int = 1234
     cache_dir: str = "~/.cache/moe_parallel/data"
+    tokenizer: str | None = None  # a pretrained tokenizer (model dir, tokenizer.json/.model); None: train one
     num_threads: int = 0  # tokenizer training/encoding threads; 0 = the CPUs this process may use (max 16)
 
     def __post_init__(self) -> None:
@@ -135,6 +143,8 @@ class DataConfig:
             fail("seed", "must be an integer >= 0")
         if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
             fail("cache_dir", "must be a directory path; on a cluster use one on the shared filesystem")
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            fail("tokenizer", "give a model directory or a tokenizer.json/tokenizer.model path, or null to train one")
         if not is_int(self.num_threads) or self.num_threads < 0:
             fail("num_threads", "must be an integer >= 0 (0 = all CPUs this process may use)")
 
@@ -447,6 +457,21 @@ def load_tokenizer(path: str | os.PathLike[str]) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=os.fspath(path))
 
 
+class _TrainedTokenizer:
+    """The SentencePiece model trained here, behind the interface a pretrained tokenizer also has."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
+        self.sp = load_tokenizer(model_path)
+        self.vocab_size, self.eos_id = self.sp.vocab_size(), self.sp.eos_id()
+
+    def encode(self, documents: list[str], num_threads: int) -> list[list[int]]:
+        return self.sp.encode(documents, num_threads=num_threads)
+
+    def copy_to(self, out: Path) -> None:
+        shutil.copyfile(self.model_path, out / "tokenizer.model")
+
+
 # -------------------------------------------------------------------------------------------- tokens
 
 
@@ -517,9 +542,7 @@ def open_prepared(directory: str | os.PathLike[str]) -> PreparedData:
     )
 
 
-def _encode_batches(
-    sources: Sequence[CorpusFile], sp: spm.SentencePieceProcessor, threads: int
-) -> Iterator[tuple[int, list[list[int]]]]:
+def _encode_batches(sources: Sequence[CorpusFile], sp: Any, threads: int) -> Iterator[tuple[int, list[list[int]]]]:
     """Yield (source index, token ids per document) in corpus order, encoding a few MB at a time."""
     for i, source in enumerate(sources):
         batch: list[str] = []
@@ -554,13 +577,15 @@ def _choose_val_docs(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray
 
 
 def _build_dataset(
-    cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], tok_model: Path, data_key: str, out: Path
+    cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], sp: Any, data_key: str, out: Path
 ) -> None:
-    """Tokenize the corpus once into ``out``/{train,val}.bin (EOS after each document) and write meta.json."""
+    """Tokenize the corpus once into ``out``/{train,val}.bin (EOS after each document) and write meta.json.
+
+    ``sp`` is the tokenizer (trained here or pretrained): ``encode``, ``vocab_size``, ``eos_id``, ``copy_to``.
+    """
     t0 = time.perf_counter()
-    shutil.copyfile(tok_model, out / "tokenizer.model")
-    sp = load_tokenizer(out / "tokenizer.model")
-    vocab, eos = sp.vocab_size(), sp.eos_id()
+    sp.copy_to(out)
+    vocab, eos = sp.vocab_size, sp.eos_id
     dtype = token_dtype(vocab)
     threads = _num_threads(cfg)
 
@@ -605,7 +630,8 @@ def _build_dataset(
             "dtype": dtype.name,
             "vocab_size": vocab,
             "eos_id": eos,
-            "tokenizer_type": cfg.tokenizer_type,
+            "tokenizer_type": cfg.tokenizer_type if cfg.tokenizer is None else f"pretrained:{sp.kind}",
+            "tokenizer": cfg.tokenizer,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
             "train_documents": int((~is_val).sum()),
@@ -632,14 +658,19 @@ def _stat_key(cfg: DataConfig, sources: Sequence[CorpusFile]) -> str:
     # Everything that decides data_key, with stat signatures standing in for the contents.
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "seq_len", "cache_dir", "num_threads")}
     files = [(str(s.path), s.kind, s.size, s.mtime_ns) for s in sources]
-    return _key("stat", FORMAT_VERSION, spm.__version__, settings, files)
+    tokenizer = tokenizer_stat(cfg.tokenizer) if cfg.tokenizer is not None else None
+    return _key("stat", FORMAT_VERSION, spm.__version__, settings, files, tokenizer)
 
 
 def _prepare_here(cfg: DataConfig) -> PreparedData:
     """Hash the corpus, reuse or build tokenizer and tokens, record the index entry, open the memmaps."""
     sources = resolve_corpus(cfg)
     digests = [_file_sha256(s.path) for s in sources]
-    tok_key = _tokenizer_key(cfg, sources, digests)
+    pretrained = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    if pretrained is None:
+        tok_key = _tokenizer_key(cfg, sources, digests)
+    else:
+        tok_key = _key("pretrained", FORMAT_VERSION, pretrained.key())
     data_key = _key(
         "data", FORMAT_VERSION, tok_key, [(s.kind, d) for s, d in zip(sources, digests)], float(cfg.val_fraction)
     )
@@ -648,9 +679,12 @@ def _prepare_here(cfg: DataConfig) -> PreparedData:
     if not (final / "meta.json").exists():
         with _file_lock(root / f"{data_key}.lock"):
             if not (final / "meta.json").exists():  # another process may have built it while we waited
-                tok_model = _ensure_tokenizer(cfg, sources, digests, tok_key)
+                if pretrained is None:
+                    tokenizer = _TrainedTokenizer(_ensure_tokenizer(cfg, sources, digests, tok_key))
+                else:
+                    tokenizer = pretrained
                 with _building(final) as tmp:
-                    _build_dataset(cfg, sources, digests, tok_model, data_key, tmp)
+                    _build_dataset(cfg, sources, digests, tokenizer, data_key, tmp)
     _write_json_atomic(cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json", {"data_key": data_key})
     return open_prepared(final)
 

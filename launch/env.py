@@ -14,6 +14,9 @@ import os
 import re
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -123,3 +126,37 @@ def init_distributed(launch: LaunchEnv, backend: str | None, timeout_s: int) -> 
 
 def is_interactive() -> bool:
     return sys.stderr.isatty()
+
+
+def watch_deepspeed_launcher(on_gone: Callable[[int], None], interval_s: float = 1.0) -> int | None:
+    """Under DeepSpeed's local launcher, call ``on_gone(pid)`` once the ``deepspeed`` command has exited.
+
+    ``deepspeed`` runs ``python -m deepspeed.launcher.launch``, which starts the workers. SIGTERM to
+    the ``deepspeed`` command ends only that process (it installs no handler): ``launch`` and the
+    workers would train on, orphaned, to the last step. A daemon thread here notices within
+    ``interval_s`` that ``launch`` lost its parent, and ``on_gone`` (the trainer: "stop as on SIGTERM")
+    runs. Returns the watched pid, or None when this process was not started by that launcher.
+    """
+    try:
+        import psutil
+
+        launcher = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+            return None
+        runner = launcher.ppid()
+    except Exception:  # no psutil, no /proc, a parent already gone: nothing to watch
+        return None
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                alive = launcher.is_running() and launcher.ppid() == runner
+            except Exception:
+                alive = False
+            if not alive:
+                on_gone(runner)
+                return
+
+    threading.Thread(target=watch, name="deepspeed-launcher-watch", daemon=True).start()
+    return runner

@@ -16,12 +16,12 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import config as app_config
 from launch import env as launch_env
-from launch import preflight
+from launch import hf_model, preflight
 from launch.data import DataError, DistributedBatchIterator, PackedDataset, iter_eval_batches, prepare_data
 from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_run_logger
-from moe_parallel.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from moe_parallel.checkpoint import (
+    CheckpointError,
+    ResumeChoice,
+    check_resume_step,
+    load_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+    select_resume,
+)
 from moe_parallel.comm import broadcast_from_rank0
 from moe_parallel.engine import build_engine
-from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
+from moe_parallel.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
 from moe_parallel.models import GPT, gpt_pipeline, lm_loss
-from moe_parallel.parallel import ParallelState, initialize_parallel
+from moe_parallel.parallel import (
+    ParallelState,
+    apply_timeout_to_all_groups,
+    describe_collective_timeout,
+    initialize_parallel,
+)
 
 app_config.register_configs()
 # DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step: not the user's concern.
@@ -100,43 +113,60 @@ def _sweep_job() -> tuple[int, str] | None:
     return hydra_cfg.job.num, ",".join(values) or hydra_cfg.job.override_dirname
 
 
-# Process exit statuses of `python launch/train.py`.
+# Process exit statuses of `python launch/train.py` (README, "Failure behaviour").
 EXIT_DONE = 0
+EXIT_DIVERGED = 65  # EX_DATAERR: non-finite loss or gradients (train.max_skipped_steps); not requeued
+EXIT_STALLED = 69  # EX_UNAVAILABLE: a collective timed out (parallel.timeout_s): a rank stalled or died
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": slurm/*.sbatch requeue the job when the trainer exits with it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, checkpointed; not requeued
+
+DATA_PREP_TIMEOUT_S = 4 * 3600  # how long ranks wait for rank 0 to tokenize the corpus
+
+
+def _agree_max(values: list[int]) -> list[int]:
+    """Element-wise maximum over all ranks (one tiny all-reduce; the values themselves without dist)."""
+    if not dist.is_initialized():
+        return values
+    # NCCL process groups only reduce CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values_t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(values_t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in values_t.tolist()]
 
 
 class Preemption:
-    """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, or a requeue) into a flag.
+    """Turns SIGUSR1 / SIGTERM (Slurm's warning before the time limit, a requeue, ``kill``) and SIGINT
+    (Ctrl-C) into a flag.
 
     The flag is agreed on by all ranks at a step boundary (:meth:`requested`), so every rank saves
-    the same checkpoint and stops together. Installed first thing in :func:`run`, so a signal that
+    the same checkpoint and stops together. Installed first thing in :func:`main`, so a signal that
     arrives while the data and model are being built is not fatal: the job stops after its first step.
-    A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED`.
+    A run stopped this way before its last step exits with :data:`EXIT_PREEMPTED` (requeued by the
+    sbatch scripts), or :data:`EXIT_INTERRUPTED` after Ctrl-C. A second Ctrl-C stops at once.
     """
 
     EXIT_PREEMPTED = EXIT_PREEMPTED
 
     def __init__(self) -> None:
-        self.signal: int | None = None  # received by this rank
+        self.signal: int | None = None  # the first one received by this rank
         self.agreed: int | None = None  # received by some rank, as of the last requested()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the checkpoint
+        self.signal = self.signal or signum
 
     def requested(self) -> bool:
         """Whether any rank has received a signal: the same answer on every rank (srun delivers the
         signal to the ranks one by one, so some may not have it yet)."""
-        signum = self.signal or 0
-        if dist.is_initialized():
-            # NCCL process groups only reduce CUDA tensors.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            signum_t = torch.tensor([signum], device=device)
-            dist.all_reduce(signum_t, op=dist.ReduceOp.MAX)
-            signum = int(signum_t.item())
-        self.agreed = signum or None
+        self.agreed = _agree_max([self.signal or 0])[0] or None
         return self.agreed is not None
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_INTERRUPTED if self.agreed == signal.SIGINT else EXIT_PREEMPTED
 
 
 def seed_everything(seed: int) -> None:
@@ -149,6 +179,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
+    if app_config.is_hf(cfg):  # model=hf: a Hugging Face model's weights (launch/hf_model.py)
+        return hf_model.build_model(cfg, state, vocab_size)
     gpt_cfg = app_config.gpt_config(cfg, vocab_size)
     if cfg.parallel.pp == 1:
         return GPT(gpt_cfg, ep_group=state.ep_group), gpt_cfg
@@ -189,6 +221,15 @@ def _say(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """A step's health, the same on every rank."""
+
+    bad_loss: bool  # the loss is NaN or inf
+    skipped: bool  # DeepSpeed did not apply the update (gradient overflow)
+    problem: str  # what was wrong, for messages; "" when nothing
+
+
 @dataclass
 class Trainer:
     """The training loop over a built engine; :func:`build_trainer` sets everything up.
@@ -210,10 +251,18 @@ class Trainer:
     start_step: int = 0
     val_loss: float = float("nan")  # the latest validation loss (what a Hydra sweep optimises)
     last_loss: float = float("nan")  # the latest training loss
+    probe: NonFiniteProbe | None = None  # names the first layer with a non-finite output
+    collapse: ExpertCollapseMonitor | None = None  # None: train.collapse_window=0
+    loss_scaling: bool = False  # fp16 with a dynamic loss scale: an overflow is expected now and then
+    skipped_steps: int = 0  # in this job
+    _skipped_in_a_row: int = 0
     _report: Any = None  # prints progress on rank 0
     _last_log_time: float = field(default_factory=time.perf_counter)
     _tokens_since_log: int = 0
     _saved_step: int | None = None  # the step of this job's latest checkpoint
+    resume_from: ResumeChoice | None = None  # what this job resumes from (chosen before anything is built)
+    _parent: Path | None = None  # the checkpoint the current state was trained from
+    _clean_since_save: bool = True  # every loss since _parent was finite
 
     @property
     def pipelined(self) -> bool:
@@ -235,15 +284,33 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        """Train until done or told to stop; returns the exit status (:data:`EXIT_DONE` or :data:`EXIT_PREEMPTED`)."""
+        """Train until done or told to stop; returns the process exit status (``EXIT_*``)."""
         t = self.cfg.train
         self.start_step = self.engine.global_steps
+        if self.start_step >= t.steps:  # resumed from the final checkpoint: nothing to do, nothing to change
+            _say(self.rank, f"the checkpoint is at step {self.start_step} = train.steps: nothing to train")
+            self.logger.finish()
+            return EXIT_DONE
         self._report = _progress(self.rank, t, start=self.start_step)
         self._last_log_time = time.perf_counter()
         while self.engine.global_steps < t.steps:
-            self.last_loss = self.train_step()
+            position = self.train_iter.state_dict()
+            if self.probe is not None:
+                self.probe.start_step()
+            loss = self.train_step()
+            self._clean_since_save &= math.isfinite(loss)  # recorded in the next checkpoint (rotation)
+            moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
+            check = self._check_step(loss)
+            if check.problem:
+                status = self._skip_step(loss, check, position)
+                if status is not None:
+                    return status
+                continue
+            self._skipped_in_a_row = 0
+            self.last_loss = loss
             step = self.engine.global_steps
-            self._log_step(step)
+            self._log_step(step, moe_metrics)
+            self._watch_collapse(step, moe_metrics)
             if _due(step, t.eval_every, t.steps):
                 self._evaluate_and_log(step)
             if _due(step, t.ckpt_every, t.steps):
@@ -273,11 +340,94 @@ class Trainer:
         dist.all_reduce(t, group=self.state.dp_group)
         return t.item() / dist.get_world_size(self.state.dp_group)
 
+    # ------------------------------------------------------------ divergence and collapse
+
+    def _check_step(self, loss: float) -> StepCheck:
+        """What was wrong with the step just taken, agreed on by every rank."""
+        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else 0.0
+        flags = [int(not math.isfinite(loss)), int(not math.isfinite(norm)), int(not applied)]
+        bad_loss, bad_norm, skipped = _agree_max(flags)  # a NaN on one rank is everyone's
+        problems = []
+        if bad_loss:
+            problems.append(f"non-finite loss {loss}")
+        if bad_norm:
+            problems.append(f"non-finite gradient norm {norm}")
+        if skipped:
+            problems.append("DeepSpeed skipped the optimizer step (gradient overflow)")
+        return StepCheck(bool(bad_loss), bool(skipped), "; ".join(problems))
+
+    def _skip_step(self, loss: float, check: StepCheck, position: dict[str, Any]) -> int | None:
+        """Handle a bad step: undo it as a step, or stop. Returns the exit status to stop with, or None."""
+        t = self.cfg.train
+        step = self.engine.global_steps  # DeepSpeed counted the attempt
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if check.skipped:
+            # Not a step: the step number, sample count and data position stay; the LR schedule did not
+            # advance either (DeepSpeed steps it only for applied updates). The next attempt retries the batch.
+            self.engine.global_steps -= 1
+            self.engine.global_samples -= self.engine.train_batch_size()
+            self.train_iter.load_state_dict(position)
+        self.logger.log(
+            step,
+            {
+                "train/skipped_steps": self.skipped_steps,
+                "train/skipped_loss": loss,
+                "train/lr": self.engine.get_lr()[0],
+                "train/skipped_grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            },
+        )
+        if not check.skipped:  # the optimizer applied it: the weights hold it now, a retry cannot help
+            why = "the update was applied, so the weights are no longer finite"
+        elif check.bad_loss and not self.loss_scaling:  # fp32/bf16: a NaN forward is no overflow that passes
+            why = "a non-finite loss without fp16 loss scaling does not recover"
+        elif self._skipped_in_a_row >= t.max_skipped_steps:
+            why = f"{self._skipped_in_a_row} skipped steps in a row (train.max_skipped_steps={t.max_skipped_steps})"
+        else:
+            _say(
+                self.rank,
+                f"step {step} skipped ({check.problem}): {self._skipped_in_a_row} of train.max_skipped_steps="
+                f"{t.max_skipped_steps} in a row; retrying it",
+            )
+            return None
+        where = _gather_first_layer(self.probe.first_non_finite() if self.probe else None, self.state)
+        last = self._last_checkpoint_step()
+        message = (
+            f"step {step}: training diverged: {check.problem}; {why}. "
+            + (f"The first output that went non-finite: {where}. " if where else "")
+            + "No checkpoint was written for this or later steps; "
+            + (f"the last one is step {last} in {self.ckpt_dir}. " if last is not None else "there is none before. ")
+            + "Lower optim.lr, raise optim.warmup_steps or lower deepspeed.grad_clip, then resume (the same command; "
+            "for an earlier checkpoint, move the newer ones out of checkpoints/) or start over."
+        )
+        if self.rank == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        self.logger.alert(step, "training diverged", message, {"problem": check.problem, "layer": where or ""})
+        self.logger.finish()
+        return EXIT_DIVERGED
+
+    def _last_checkpoint_step(self) -> int | None:
+        latest = self.ckpt_dir / "latest"
+        try:
+            return int(latest.read_text().strip().rsplit("_", 1)[-1])
+        except (OSError, ValueError):
+            return None
+
+    def _watch_collapse(self, step: int, moe_metrics: dict[str, Any]) -> None:
+        if self.collapse is None:
+            return
+        for report in self.collapse.update(step, moe_metrics):
+            message = report.message(self.collapse.thresholds.window)
+            if self.rank == 0:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            self.logger.alert(step, f"expert collapse in MoE layer {report.layer_number}", message, report.as_record())
+
     # ------------------------------------------------------------ logging and evaluation
 
-    def _log_step(self, step: int) -> None:
+    def _log_step(self, step: int, moe_metrics: dict[str, Any]) -> None:
         self._tokens_since_log += self.tokens_per_step
-        moe_metrics = self.tracker.reduce(self.state)  # every step: the tracker counts one step's micro-batches
         if not _due(step, self.cfg.train.log_every, self.cfg.train.steps):
             return
         now = time.perf_counter()
@@ -288,6 +438,7 @@ class Trainer:
                 "train/lr": self.engine.get_lr()[0],
                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "train/tokens_per_s": self._tokens_since_log / (now - self._last_log_time),
+                "train/skipped_steps": self.skipped_steps,
             }
         )
         self.logger.log(step, scalars, expert_load)
@@ -326,40 +477,44 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Save a checkpoint of this step (all ranks), then rotate old ones."""
+        """Save a checkpoint of this step (all ranks), then rotate old ones.
+
+        The checkpoint records what it was trained from and whether every loss since was finite;
+        rotation keeps a checkpoint known to have trained cleanly (see ``rotate_checkpoints``).
+        A failed save (e.g. no space left) raises on every rank and changes no earlier checkpoint.
+        """
         client_state = {
             "data": self.train_iter.state_dict(),
             "wandb_run_id": self.run_id,
             "experiment": self.cfg.experiment,
         }
-        save_checkpoint(self.engine, self.ckpt_dir, client_state=client_state)
+        self._parent = save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            client_state=client_state,
+            parent=self._parent,
+            trained_cleanly=self._clean_since_save,
+        )
+        self._clean_since_save = True
         self._saved_step = self.engine.global_steps
-        self._rotate_checkpoints()
+        if self.rank == 0:
+            protect = self.resume_from.path if self.resume_from else None
+            rotate_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect=protect)
 
     def restore(self) -> dict[str, Any] | None:
-        """Resume as ``train.resume`` says (``auto``: the run directory's latest checkpoint, if any).
-
-        Loads model, optimizer, schedule, RNG and data position; returns the checkpoint's client state,
-        or None when starting fresh.
-        """
-        resume = self.cfg.train.resume
-        resume_from = None if resume == "never" else (self.ckpt_dir if resume == "auto" else Path(resume))
-        if not resume_from or not resolve_checkpoint(resume_from):
+        """Load the checkpoint :func:`choose_resume` picked (model, optimizer, schedule, RNG, data position);
+        returns its client state, or None when starting fresh. A fault raises on every rank."""
+        if self.resume_from is None:
             return None
-        client = load_checkpoint(self.engine, resume_from)
-        self.train_iter.load_state_dict(client["data"])
-        _say(self.rank, f"resumed from {resolve_checkpoint(resume_from)} at step {self.engine.global_steps}")
+        client = load_checkpoint(self.engine, self.resume_from.path)
+        if "data" in client:  # absent in weights-only checkpoints (checkpoint_tool import / import-hf)
+            self.train_iter.load_state_dict(client["data"])
+        self._parent = self.resume_from.path
+        _say(
+            self.rank,
+            f"resumed from {self.resume_from.path} at step {self.engine.global_steps} ({self.resume_from.reason})",
+        )
         return client
-
-    def _rotate_checkpoints(self) -> None:
-        """Keep the newest ``train.keep_checkpoints``; remove staging dirs of saves that crashed (rank 0)."""
-        if self.rank != 0:
-            return
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
-        for old in tags[: -self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.ckpt_dir.glob("*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ stopping
 
@@ -382,7 +537,7 @@ class Trainer:
         if self.preemption.agreed and step < self.cfg.train.steps:
             if dist.is_initialized():
                 dist.barrier()  # no rank exits non-zero before rank 0 has closed its W&B files
-            return EXIT_PREEMPTED  # unfinished: the sbatch script requeues the job
+            return self.preemption.exit_status  # SIGTERM/SIGUSR1: unfinished, the sbatch script requeues the job
         return EXIT_DONE
 
     def _finish(self) -> int:
@@ -411,28 +566,67 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
     preflight.check(preflight.default_timeout(cfg.parallel.timeout_s))
     rank = dist.get_rank()
-    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, cfg.moe.num_experts)
+    model_cfg = app_config.model_config(cfg, cfg.data.vocab_size)
+    num_experts = model_cfg.moe.num_experts if model_cfg.moe else cfg.moe.num_experts
+    state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, num_experts, timeout=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, launch)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = choose_resume(cfg, run_dir / "checkpoints", rank)
     seed_everything(cfg.train.seed)
 
-    data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=dist.barrier)
+    # Rank 0 may tokenize a large corpus for longer than parallel.timeout_s; the others wait for it in a
+    # group of their own with a bound for that (a rank 0 that died still ends the job at once).
+    prep_wait = timedelta(seconds=max(DATA_PREP_TIMEOUT_S, cfg.parallel.timeout_s))
+    prep_group = dist.new_group(backend="gloo", timeout=prep_wait, group_desc="data_preparation")
+    data = prepare_data(app_config.data_config(cfg), rank=rank, barrier=lambda: dist.barrier(group=prep_group))
     train_iter, val_data = _build_data(cfg, data, state)
-    model, gpt_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
-    engine = _build_engine(cfg, model, run_dir, rank)
-    trainer = Trainer(cfg, engine, state, train_iter, val_data, MoEMetricsTracker(engine.module), run_dir, preemption)
+    model, model_cfg = build_model(cfg, state, int(data.meta["vocab_size"]))
+    engine = _build_engine(cfg, model)
+    apply_timeout_to_all_groups(cfg.parallel.timeout_s)  # also DeepSpeed's own groups
+    thresholds = app_config.collapse_thresholds(cfg)
+    trainer = Trainer(
+        cfg,
+        engine,
+        state,
+        train_iter,
+        val_data,
+        MoEMetricsTracker(engine.module),
+        run_dir,
+        preemption,
+        probe=NonFiniteProbe(engine.module),
+        collapse=ExpertCollapseMonitor(thresholds) if thresholds is not None else None,
+        loss_scaling=bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False,
+        resume_from=resume_from,
+    )
     client = trainer.restore()
-    trainer.logger = _build_logger(cfg, run_dir, client, rank)
+    # Written once the resume has succeeded (a refused or failed one changes nothing), and only when
+    # there is something to train (resumed at train.steps: the run is left as it is).
+    nothing_to_train = resume_from is not None and resume_from.step >= cfg.train.steps
+    if rank == 0 and not nothing_to_train:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(app_config.deepspeed_config(cfg), indent=1))
+        if app_config.is_hf(cfg):  # what checkpoint_tool export-hf reads beside the checkpoints
+            hf_model.save_identity(cfg, model_cfg, run_dir / "checkpoints")
+    trainer.logger = NullRunLogger() if nothing_to_train else _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
     _say(
         rank,
         f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
-        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {gpt_cfg.num_layers} layers, "
-        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} | {sum(p.numel() for p in model.parameters()):,} "
+        f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {model_cfg.num_layers} layers, "
+        f"{model_cfg.moe.num_experts if model_cfg.moe else 0} experts top-{model_cfg.moe.top_k if model_cfg.moe else 0}"
+        f" | {sum(p.numel() for p in model.parameters()):,} "
         f"params on rank 0",
     )
     return trainer
+
+
+def _gather_first_layer(layer: str | None, state: ParallelState) -> str | None:
+    """The first non-finite layer over pipeline stages (the earliest stage's, since a NaN flows
+    forward); every rank of a stage saw the same forward order."""
+    if state.layout.pipeline_parallel_size == 1 or not dist.is_initialized():
+        return layer
+    found: list[Any] = [None] * dist.get_world_size(state.pp_group)
+    dist.all_gather_object(found, (state.stage_id, layer), group=state.pp_group)
+    return next((name for _, name in sorted(found, key=lambda f: f[0]) if name), None)
 
 
 def _build_data(cfg: DictConfig, data, state: ParallelState) -> tuple[DistributedBatchIterator, PackedDataset]:
@@ -455,10 +649,29 @@ def _build_data(cfg: DictConfig, data, state: ParallelState) -> tuple[Distribute
     return train_iter, val_data
 
 
-def _build_engine(cfg: DictConfig, model, run_dir: Path, rank: int):
-    ds_config = app_config.deepspeed_config(cfg)
+def choose_resume(cfg: DictConfig, checkpoints_dir: Path, rank: int) -> ResumeChoice | None:
+    """The checkpoint ``train.resume`` selects (see ``select_resume``), checked against ``train.steps``.
+
+    Rank 0 looks at the files and every rank gets its answer, or the same error: a missing or
+    incomplete checkpoint, one newer than the choice (it would be overwritten), or ``train.steps``
+    below the checkpoint's step. Nothing is written before this.
+    """
+    outcome: tuple[ResumeChoice | None, str | None] = (None, None)
     if rank == 0:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        try:
+            choice = select_resume(checkpoints_dir, str(cfg.train.resume))
+            check_resume_step(choice, cfg.train.steps)
+            outcome = (choice, None)
+        except CheckpointError as err:
+            outcome = (None, str(err))
+    choice, error = broadcast_from_rank0(outcome)
+    if error is not None:
+        raise CheckpointError(error)
+    return choice
+
+
+def _build_engine(cfg: DictConfig, model):
+    ds_config = app_config.deepspeed_config(cfg)
     schedule = lr_lambda(cfg)
     engine, _, _ = build_engine(
         model,
@@ -527,12 +740,28 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _stop_as_on_sigterm(launcher_pid: int) -> None:
+    print(f"the deepspeed launcher (pid {launcher_pid}) is gone: stopping as on SIGTERM", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
     preemption = Preemption()  # first: a signal during start-up must not kill the process
-    trainer = build_trainer(cfg, preemption)
-    status = trainer.fit()
+    launch_env.watch_deepspeed_launcher(_stop_as_on_sigterm)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, preemption)
+        status = trainer.fit()
+    except RuntimeError as exc:
+        message = describe_collective_timeout(exc, cfg.parallel.timeout_s)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.logger.finish()
+        status = EXIT_STALLED
     if status != EXIT_DONE:
         _exit_now(status)  # also ends a sweep: a preempted job is requeued as a whole
     return trainer.val_loss

@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (``<dir>/<tag>/``)::
 
-    manifest.json                      format, step, layers, experts, files (with sizes)
+    manifest.json                      format, step, layers, experts, files (bytes and CRC-32 each), lineage
     dense/stage_<s>.pt                 {canonical name: {"param", "exp_avg", "exp_avg_sq"}}
     experts/layer_<L>/expert_<id>.pt   {"w1": {"param", "exp_avg", ...}, "w2": ...} of one expert
     trainer.pt                         step, scheduler, client state (data position, W&B run id, ...)
@@ -11,17 +11,18 @@ Layout of one checkpoint (``<dir>/<tag>/``)::
 Every tensor is the full fp32 value (ZeRO partitions are gathered with DeepSpeed's
 ``safe_get_full_*`` helpers), so loading is a matter of picking the slices a rank owns. A save is
 atomic: files go to ``<tag>.tmp-<id>/``, which rank 0 renames to ``<tag>`` after every rank has
-finished, and only then points ``latest`` at it. A crash mid-save leaves the previous checkpoint
-and ``latest`` untouched.
+finished, and only then points ``latest`` at it. A save that fails on any rank (a full disk, an
+I/O error) fails on every rank with the same error, and its staging directory is removed: the
+previous checkpoint and ``latest`` stay as they were. A load checks every file it reads against
+its checksum and fails on every rank when one rank finds a fault. The files, manifests, resume
+selection and rotation live in :mod:`.checkpoint_store`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
-import uuid
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,53 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .checkpoint_store import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointInfo,
+    ResumeChoice,
+    check_resume_step,
+    describe_os_error,
+    earlier_checkpoint_hint,
+    inspect_checkpoint,
+    lineage,
+    list_checkpoints,
+    load_file,
+    read_latest,
+    read_manifest,
+    remove_tree,
+    resolve_checkpoint,
+    rotate_checkpoints,
+    select_resume,
+    staging_name,
+    step_tag,
+    sync_dir,
+    verify_checkpoint,
+    write_file,
+    write_latest,
+    write_manifest,
+)
 from .comm import broadcast_from_rank0
 from .layer import MoELayer, moe_layers
 
-FORMAT_VERSION = 1
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "ResumeChoice",
+    "check_resume_step",
+    "export_consolidated",
+    "import_consolidated",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_manifest",
+    "resolve_checkpoint",
+    "rotate_checkpoints",
+    "save_checkpoint",
+    "select_resume",
+    "verify_checkpoint",
+]
+
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the model."""
 
 
 # ---------------------------------------------------------------- where this rank sits
@@ -221,37 +260,86 @@ def _set_optimizer_step(engine, step: int) -> None:
             group_state["step"] = torch.full_like(old, float(step)) if isinstance(old, Tensor) else step
 
 
+# ---------------------------------------------------------------- agreement between ranks
+
+
+def _agree(error: str | None, payload: Any = None) -> list[Any]:
+    """Every rank's ``payload``, once all ranks have reported; if any rank failed, the same
+    :class:`CheckpointError` on every rank.
+
+    Collective: each rank reaches it with its own outcome, so a fault seen by one rank (its file,
+    its disk) cannot leave the others waiting in a later collective.
+    """
+    if dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (error, payload))
+    else:
+        gathered = [(error, payload)]
+    failed = [(rank, err) for rank, (err, _) in enumerate(gathered) if err is not None]
+    if failed:
+        rank, first = failed[0]
+        where = f"rank {rank}: " if len(gathered) > 1 else ""
+        more = f" (and {len(failed) - 1} more rank{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
+        raise CheckpointError(f"{where}{first}{more}")
+    return [p for _, p in gathered]
+
+
 # ---------------------------------------------------------------- save
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(
-    engine, save_dir: str | os.PathLike, tag: str | None = None, client_state: dict[str, Any] | None = None
+    engine,
+    save_dir: str | os.PathLike,
+    tag: str | None = None,
+    client_state: dict[str, Any] | None = None,
+    *,
+    parent: str | os.PathLike | None = None,
+    trained_cleanly: bool | None = None,
 ) -> Path:
     """Save model, optimizer, scheduler, RNG and ``client_state``; every rank must call it.
 
-    Returns the checkpoint's directory. ``tag`` defaults to ``step_<global_steps>``.
+    Returns the checkpoint's directory. ``tag`` defaults to ``step_<global_steps>``. ``parent`` and
+    ``trained_cleanly`` record the lineage that rotation uses to keep a known-good checkpoint (see
+    :func:`.checkpoint_store.lineage`). A tag that already holds a checkpoint of this step or a
+    later one is not replaced: that is a :class:`CheckpointError`, as is a failed write on any rank
+    ("no space left on <dir>" for a full disk); either way nothing that was saved before changes.
     """
     save_dir = Path(save_dir)
     step = int(getattr(engine, "global_steps", 0))
-    tag = tag or f"step_{step:08d}"
+    tag = tag or step_tag(step)
     place = _placement(engine)
-    staging = save_dir / broadcast_from_rank0(f"{tag}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = save_dir / broadcast_from_rank0(staging_name(tag))
+    try:
+        _save(engine, place, save_dir, staging, tag, step, client_state, (parent, trained_cleanly))
+    except CheckpointError as err:
+        if place.rank == 0:
+            remove_tree(staging)
+        raise CheckpointError(f"checkpoint of step {step} not saved: {err}. {_previous(save_dir)}") from None
+    return save_dir / tag
+
+
+def _previous(save_dir: Path) -> str:
+    try:
+        latest = read_latest(save_dir)
+    except CheckpointError as err:
+        return f"Nothing else was changed ({err})."
+    if latest is None:
+        return "No earlier checkpoint exists."
+    return f"{save_dir / latest} is unchanged and still the latest checkpoint."
+
+
+def _save(engine, place, save_dir, staging, tag, step, client_state, parentage) -> None:
+    error = None
     if place.rank == 0:
-        (staging / "dense").mkdir(parents=True, exist_ok=True)
-        (staging / "experts").mkdir(exist_ok=True)
-        (staging / "rng").mkdir(exist_ok=True)
-    _barrier()
+        try:
+            _refuse_to_replace(save_dir / tag, step)
+            for sub in ("dense", "experts", "rng"):
+                (staging / sub).mkdir(parents=True, exist_ok=True)
+        except CheckpointError as err:
+            error = str(err)
+        except OSError as err:
+            error = describe_os_error(err, save_dir)
+    _agree(error)
 
     model = engine.module
     _link_flat_optimizer_states(engine)
@@ -273,77 +361,129 @@ def save_checkpoint(
         else:
             dense[names[local_name]] = entry
 
+    files: dict[str, Any] = {}
     if place.dense_writer:
-        _atomic_torch_save(dense, staging / "dense" / f"stage_{place.stage_id}.pt")
+        files[f"dense/stage_{place.stage_id}.pt"] = dense
     if place.expert_writer:
         for (layer_number, expert_id), state in expert_files.items():
-            folder = staging / "experts" / f"layer_{layer_number}"
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(state, folder / f"expert_{expert_id}.pt")
-    _atomic_torch_save(_rng_state(), staging / "rng" / f"rank_{place.rank}.pt")
+            files[f"experts/layer_{layer_number}/expert_{expert_id}.pt"] = state
+    files[f"rng/rank_{place.rank}.pt"] = _rng_state()
     if place.rank == 0:
         scheduler = getattr(engine, "lr_scheduler", None)
-        trainer = {
+        files["trainer.pt"] = {
             "step": step,
             "global_samples": int(getattr(engine, "global_samples", 0)),
             "optimizer_step": _optimizer_step_count(engine),  # may differ from `step` (warm-up steps)
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "client_state": client_state or {},
         }
-        _atomic_torch_save(trainer, staging / "trainer.pt")
-    expert_names = _gather_expert_param_names(model, names)
+    written, error = _write_files(files, staging, save_dir)
+    # One exchange: every rank's outcome, its files' checksums, and the MoE layers of every stage.
+    gathered = _agree(error, (written, _expert_param_names(model, names)))
 
+    error = None
     if place.rank == 0:
-        manifest = _manifest(staging, step, place.world_size, expert_names)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        final = save_dir / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        latest_tmp = save_dir / f"latest.tmp-{uuid.uuid4().hex[:8]}"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, save_dir / "latest")
-    _barrier()
-    return save_dir / tag
+        entries = {rel: entry for part, _ in gathered for rel, entry in part.items()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "saved_world_size": place.world_size,
+            "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(entries).items()},
+            "expert_parameters": dict(
+                sorted({k: v for _, part in gathered for k, v in part.items()}.items(), key=lambda kv: int(kv[0]))
+            ),
+            "files": dict(sorted(entries.items())),
+        }
+        try:
+            manifest.update(lineage(save_dir, *parentage))
+            _publish(staging, save_dir, tag, step, manifest)
+        except CheckpointError as err:
+            error = str(err)
+        except OSError as err:
+            error = describe_os_error(err, save_dir, save_dir / tag)
+    # Rank 0 alone published; every rank learns how that went before returning.
+    error = broadcast_from_rank0(error)
+    if error is not None:
+        raise CheckpointError(error)
 
 
-def _gather_expert_param_names(model: nn.Module, names: dict[str, str]) -> dict[str, dict[str, str]]:
-    """{layer number: {"w1": canonical name of the stacked parameter, ...}} over all stages.
+def _write_files(files: dict[str, Any], staging: Path, save_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """Write this rank's files into the staging directory: ({rel: manifest entry}, error or None)."""
+    written = {}
+    for rel, obj in files.items():
+        path = staging / rel
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written[rel] = write_file(obj, path)
+        except OSError as err:
+            return written, describe_os_error(err, save_dir, path)
+        except Exception as err:  # reported to every rank like an I/O error: none may be left waiting
+            return written, f"cannot save {path}: {type(err).__name__}: {err}"
+    return written, None
 
-    Collective (all ranks); it is also the barrier after which every file is on disk.
-    """
+
+def _refuse_to_replace(final: Path, step: int) -> None:
+    """A tag may be re-used for a later step (a rolling tag), never to replace this step or a newer one."""
+    if not final.exists():
+        return
+    existing = inspect_checkpoint(final)
+    if existing.complete and existing.step < step:
+        return
+    held = (
+        f"a checkpoint of step {existing.step}"
+        if existing.complete
+        else f"an incomplete checkpoint ({existing.problem})"
+    )
+    raise CheckpointError(
+        f"{final} already holds {held}; saving step {step} there would destroy it. A run resumed from an "
+        f"older checkpoint must not overwrite newer ones: continue from {final} (train.resume={final}), or move "
+        f"it out of {final.parent}"
+    )
+
+
+def _publish(staging: Path, save_dir: Path, tag: str, step: int, manifest: dict[str, Any]) -> None:
+    """Rank 0, once every file is written: manifest, rename into place, point ``latest`` at it."""
+    write_manifest(staging, manifest)
+    sync_dir(staging)
+    final = save_dir / tag
+    old = None
+    if final.exists():  # a rolling tag of an older step (checked by _refuse_to_replace)
+        _refuse_to_replace(final, step)
+        old = save_dir / staging_name(f"{tag}.replaced")
+        os.replace(final, old)
+    os.replace(staging, final)
+    try:
+        sync_dir(save_dir)
+        write_latest(save_dir, tag)
+    except BaseException:
+        # Undo, so that a failed save changes nothing: `latest` still names the previous checkpoint.
+        os.replace(final, staging)
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        remove_tree(old)
+
+
+def _expert_param_names(model: nn.Module, names: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{layer number: {"w1": canonical name of the stacked parameter, ...}} of this rank's stage."""
     local_names = {id(p): names[n] for n, p in model.named_parameters()}
-    mine = {
+    return {
         str(layer.layer_number): {short: local_names[id(p)] for short, p in layer.experts.named_parameters()}
         for layer in numbered_moe_layers(model)
     }
-    if not dist.is_initialized():
-        return mine
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return {k: v for part in gathered for k, v in part.items()}
 
 
-def _manifest(staging: Path, step: int, world_size: int, expert_names: dict[str, dict[str, str]]) -> dict[str, Any]:
-    # Listed after every rank has written, so the manifest covers the MoE layers of every stage.
-    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*.pt"))
-    return {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "saved_world_size": world_size,
-        "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(files).items()},
-        "expert_parameters": dict(sorted(expert_names.items(), key=lambda kv: int(kv[0]))),
-        "files": {f: (staging / f).stat().st_size for f in files},
-    }
+_EXPERT_FILE = re.compile(r"experts/layer_(\d+)/expert_(\d+)\.pt")
 
 
 def _expert_ids_by_layer(files) -> dict[int, list[int]]:
     """{layer number: sorted global expert ids} from ``experts/layer_<L>/expert_<id>.pt`` paths."""
     layers: dict[int, list[int]] = {}
     for path in files:
-        if path.startswith("experts/"):
-            _, layer, expert = path.split("/")
-            layers.setdefault(int(layer.removeprefix("layer_")), []).append(int(expert[len("expert_") : -3]))
+        match = _EXPERT_FILE.fullmatch(path)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(int(match.group(2)))
     return {layer: sorted(ids) for layer, ids in sorted(layers.items())}
 
 
@@ -365,56 +505,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- load
 
 
-def resolve_checkpoint(load_dir: str | os.PathLike, tag: str | None = None) -> Path | None:
-    """The checkpoint directory for ``tag`` (default: the one ``latest`` names); None if there is none."""
-    load_dir = Path(load_dir)
-    if tag is None:
-        latest = load_dir / "latest"
-        if not latest.exists():
-            return None
-        tag = latest.read_text().strip()
-    path = load_dir / tag
-    if not (path / "manifest.json").exists():
-        raise CheckpointError(f"checkpoint {path} has no manifest.json: incomplete, or not a moe_parallel checkpoint")
-    return path
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}/manifest.json has format_version={manifest.get('format_version')!r}; this version reads "
-            f"{FORMAT_VERSION}"
-        )
-    for rel, size in manifest["files"].items():
-        file = path / rel
-        if not file.exists():
-            raise CheckpointError(f"checkpoint {path} is missing {rel} (listed in manifest.json)")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, manifest says {size}")
-    return manifest
-
-
 def load_checkpoint(
     engine, load_dir: str | os.PathLike, tag: str | None = None, load_optimizer: bool = True
 ) -> dict[str, Any] | None:
     """Load a checkpoint saved at any layout into ``engine``; returns its client state (None: nothing to load).
 
-    Strict: a parameter missing from the checkpoint or present there but not in the model, a
-    missing expert shard, or a shape mismatch is a :class:`CheckpointError`.
+    ``load_dir``: a checkpoints folder (``tag``, default the one ``latest`` names) or one checkpoint.
+    Every rank checks each file it reads against the manifest's checksum first. Strict: a corrupt
+    or missing file, a parameter missing from the checkpoint or present there but not in the model,
+    a missing expert shard or a shape mismatch is a :class:`CheckpointError`, raised on every rank,
+    before the model is changed.
     """
-    path = resolve_checkpoint(load_dir, tag)
-    if path is None:
-        return None
-    manifest = read_manifest(path)
     model = engine.module
-    step = int(manifest["step"])
-
-    dense: dict[str, dict[str, Tensor]] = {}
-    for rel in manifest["files"]:
-        if rel.startswith("dense/"):
-            dense.update(torch.load(path / rel, map_location="cpu", weights_only=True))
-    _check_experts_listed(model, manifest, path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    path = None
+    error = None
+    try:
+        path = resolve_checkpoint(load_dir, tag)
+        if path is not None:
+            files = _read_rank_files(model, path, rank, world)
+    except (CheckpointError, OSError) as err:
+        error = str(err)
+        if path is not None:
+            error += ". " + earlier_checkpoint_hint(path.parent, inspect_checkpoint(path))
+    found = _agree(error, path is not None)
+    if not any(found):
+        return None
+    if not all(found):
+        raise CheckpointError(
+            f"{load_dir}: some ranks find a checkpoint to load and others do not (not a shared filesystem?)"
+        )
+    manifest, dense, expert_state, trainer, rng = files
 
     names = canonical_names(model)
     experts = _expert_params(model)
@@ -422,36 +544,38 @@ def load_checkpoint(
     all_dense_in_model = _all_dense_names_across_stages(model_dense)
     extra = sorted(set(dense) - all_dense_in_model)
     missing = sorted(model_dense - set(dense))
+    error = None
     if missing or extra:
-        raise CheckpointError(
+        error = (
             f"checkpoint {path} does not match the model: missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
             f", unexpected {extra[:10]}{'...' if len(extra) > 10 else ''}"
         )
-
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    optimizer_step = trainer.get("optimizer_step") or step
-    masters = _masters(engine)
-    if load_optimizer:
-        _link_flat_optimizer_states(engine, create_at_step=optimizer_step)
-    expert_cache: dict[tuple[int, int], dict] = {}
+    entries = {}
     for local_name, param in model.named_parameters():
         if id(param) in experts:
             layer, named = experts[id(param)]
             short = next(n for n, p in named.items() if p is param)
-            slices = []
-            for j in range(layer.num_local_experts):
-                key = (layer.layer_number, layer.experts.first_expert_id + j)
-                if key not in expert_cache:
-                    file = path / "experts" / f"layer_{key[0]}" / f"expert_{key[1]}.pt"
-                    expert_cache[key] = torch.load(file, map_location="cpu", weights_only=True)
-                slices.append(expert_cache[key][short])
+            slices = [
+                expert_state[(layer.layer_number, layer.experts.first_expert_id + j)][short]
+                for j in range(layer.num_local_experts)
+            ]
             entry = {k: torch.stack([s[k] for s in slices]) for k in slices[0]}
-        else:
+        elif names[local_name] in dense:
             entry = dense[names[local_name]]
-        if entry["param"].shape != param.shape:
-            raise CheckpointError(
-                f"{local_name}: checkpoint shape {tuple(entry['param'].shape)} != model shape {tuple(param.shape)}"
-            )
+        else:
+            continue  # reported as missing above
+        if entry["param"].shape != param.shape and error is None:
+            error = f"{local_name}: checkpoint shape {tuple(entry['param'].shape)} != model shape {tuple(param.shape)}"
+        entries[local_name] = entry
+    _agree(error)  # nothing has been changed yet
+
+    step = int(manifest["step"])
+    optimizer_step = trainer.get("optimizer_step") or step
+    masters = _masters(engine)
+    if load_optimizer:
+        _link_flat_optimizer_states(engine, create_at_step=optimizer_step)
+    for local_name, param in model.named_parameters():
+        entry = entries[local_name]
         master = masters.get(id(param))
         _set_param(param, entry["param"], master)
         if load_optimizer:
@@ -469,13 +593,37 @@ def load_checkpoint(
                 group["lr"] = lr
     engine.global_steps = trainer["step"]
     engine.global_samples = trainer["global_samples"]
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rng_file = path / "rng" / f"rank_{rank}.pt"
-    if manifest["saved_world_size"] == world and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if rng is not None:
+        _set_rng_state(rng)
     _barrier()
     return trainer["client_state"]
+
+
+def _read_rank_files(model: nn.Module, path: Path, rank: int, world: int):
+    """Everything this rank needs from the checkpoint, each file checked against its checksum:
+    (manifest, dense entries of every stage, {(layer, expert id): state} of its experts, trainer, rng)."""
+    manifest = read_manifest(path)
+    _check_experts_listed(model, manifest, path)
+    dense: dict[str, dict[str, Tensor]] = {}
+    for rel in manifest["files"]:
+        if rel.startswith("dense/"):
+            dense.update(load_file(path, rel, manifest))
+    expert_state = {}
+    for layer in numbered_moe_layers(model):
+        for j in range(layer.num_local_experts):
+            key = (layer.layer_number, layer.experts.first_expert_id + j)
+            expert_state[key] = load_file(path, f"experts/layer_{key[0]}/expert_{key[1]}.pt", manifest)
+    trainer = load_file(path, "trainer.pt", manifest, weights_only=False)
+    rng_file = f"rng/rank_{rank}.pt"
+    rng = None
+    if manifest["saved_world_size"] == world and rng_file in manifest["files"]:
+        rng = load_file(path, rng_file, manifest, weights_only=False)
+    return manifest, dense, expert_state, trainer, rng
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _all_dense_names_across_stages(local: set[str]) -> set[str]:
@@ -506,20 +654,18 @@ def _check_experts_listed(model: nn.Module, manifest: dict[str, Any], path: Path
 def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Plain weights of a checkpoint as one state dict of canonical names (experts stacked by global id).
 
-    This is the state dict of the model built at PP=1, EP=1; optimizer state is left out.
+    This is the state dict of the model built at PP=1, EP=1; optimizer state is left out. Every file
+    is checked against its checksum: a corrupt checkpoint is a :class:`CheckpointError` naming the file.
     """
     path = Path(checkpoint)
     manifest = read_manifest(path)
     state: dict[str, Tensor] = {}
     for rel in manifest["files"]:
         if rel.startswith("dense/"):
-            for name, entry in torch.load(path / rel, map_location="cpu", weights_only=True).items():
+            for name, entry in load_file(path, rel, manifest).items():
                 state.setdefault(name, entry["param"].to(dtype))
     for layer, ids in _expert_ids_by_layer(manifest["files"]).items():
-        per_expert = [
-            torch.load(path / "experts" / f"layer_{layer}" / f"expert_{i}.pt", map_location="cpu", weights_only=True)
-            for i in ids
-        ]
+        per_expert = [load_file(path, f"experts/layer_{layer}/expert_{i}.pt", manifest) for i in ids]
         for short, canonical in manifest["expert_parameters"][str(layer)].items():
             state[canonical] = torch.stack([e[short]["param"] for e in per_expert]).to(dtype)
     return state
@@ -534,28 +680,45 @@ def import_consolidated(
     parameters (the ``expert_parameters`` of any manifest of the same model).
     """
     out = Path(out_dir)
-    staging = out / f"{tag}.tmp-{uuid.uuid4().hex[:8]}"
-    (staging / "dense").mkdir(parents=True)
+    final = out / tag
+    if final.exists():
+        raise CheckpointError(f"{final} exists; choose another --tag")
     stacked = {canonical for names in expert_parameters.values() for canonical in names.values()}
     missing = sorted(stacked - set(state))
     if missing:
         raise CheckpointError(f"the state dict lacks expert parameters {missing[:8]}")
-    _atomic_torch_save(
-        {n: {"param": t.float()} for n, t in state.items() if n not in stacked}, staging / "dense" / "stage_0.pt"
-    )
+    files: dict[str, Any] = {
+        "dense/stage_0.pt": {n: {"param": t.float()} for n, t in state.items() if n not in stacked}
+    }
     for layer, names in expert_parameters.items():
-        folder = staging / "experts" / f"layer_{layer}"
-        folder.mkdir(parents=True)
         num_experts = {state[c].shape[0] for c in names.values()}
         if len(num_experts) != 1:
             raise CheckpointError(f"layer {layer}: stacked expert parameters disagree on the expert count")
         for i in range(num_experts.pop()):
-            _atomic_torch_save({s: {"param": state[c][i].float()} for s, c in names.items()}, folder / f"expert_{i}.pt")
-    _atomic_torch_save({"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}, staging / "trainer.pt")
-    (staging / "manifest.json").write_text(json.dumps(_manifest(staging, 0, 0, expert_parameters), indent=1))
-    final = out / tag
-    if final.exists():
-        raise CheckpointError(f"{final} exists; choose another --tag")
-    os.replace(staging, final)
-    (out / "latest").write_text(tag)
+            files[f"experts/layer_{layer}/expert_{i}.pt"] = {
+                s: {"param": state[c][i].float()} for s, c in names.items()
+            }
+    files["trainer.pt"] = {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}
+    staging = out / staging_name(tag)
+    try:
+        staging.mkdir(parents=True)
+        written, error = _write_files(files, staging, out)
+        if error is not None:
+            raise CheckpointError(error)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": 0,
+            "saved_world_size": 0,
+            "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(written).items()},
+            "expert_parameters": dict(sorted(expert_parameters.items(), key=lambda kv: int(kv[0]))),
+            "files": dict(sorted(written.items())),
+            **lineage(out, None, None),
+        }
+        _publish(staging, out, tag, 0, manifest)
+    except OSError as err:
+        remove_tree(staging)
+        raise CheckpointError(describe_os_error(err, out)) from err
+    except CheckpointError:
+        remove_tree(staging)
+        raise
     return final

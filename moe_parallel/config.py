@@ -33,6 +33,14 @@ class MoEConfig:
     Capacity per expert is ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` where
     ``tokens`` is the largest local token count in the expert-parallel group; ``capacity_factor=None``
     means dropless routing.
+
+    ``drop_policy`` orders each expert's queue when it is over capacity: ``"position"`` keeps all
+    first choices (in token order) before all second choices (GShard); ``"probs"`` keeps the highest
+    combine weights first. Causality in a causal LM under drops (``tests/test_causality.py``): only
+    ``"position"`` with ``top_k=1`` is causal. With ``"probs"``, or ``"position"`` and ``top_k >= 2``
+    (a later token's first choice outranks an earlier token's second), a later token can evict an
+    earlier token's assignment, so in training an earlier position's output can depend on later
+    tokens. Dropless routing (``capacity_factor=None``) is always causal.
     """
 
     hidden_size: int
@@ -42,7 +50,19 @@ class MoEConfig:
 
     # Router
     score_func: ScoreFunc = "softmax"
-    normalize_top_k: bool = True
+    normalize_top_k: bool = True  # divide the k weights by their sum (for top_k >= 2)
+    # Softmax over the k selected logits instead of over all experts (then no renormalising needed;
+    # with top_k=1 the weight is exactly 1). Softmax scoring only.
+    score_after_topk: bool = False
+    # Group-limited routing (DeepSeek-V3): experts form num_groups equal groups, a group scores the
+    # sum of its two best selection scores, and each token picks its top_k among the experts of its
+    # topk_groups best groups. num_groups=1 routes over all experts.
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights, after any renormalising
+    # A per-expert bias added to the scores for selection only (DeepSeek-V3's correction bias). Kept
+    # as the router's ``expert_bias`` buffer; expert_bias_update_rate > 0 implies it and moves it.
+    selection_bias: bool = False
     router_noise: RouterNoise = "none"
     router_jitter_eps: float = 1e-2
 
@@ -61,6 +81,7 @@ class MoEConfig:
     activation: Activation = "gelu"
     expert_bias: bool = False
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w_gate) (Qwen2-MoE)
     # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
     # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows),
     # "padded" (two batched products over a padded [e, C, D] buffer), "auto" (grouped on CUDA in
@@ -90,6 +111,23 @@ class MoEConfig:
             fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts}); lower top_k or add experts")
         if self.score_func not in SCORE_FUNCS:
             fail("score_func", self.score_func, f"choose one of {SCORE_FUNCS}")
+        if self.score_after_topk and self.score_func != "softmax":
+            fail("score_after_topk", self.score_after_topk, "needs score_func='softmax'; set it to false")
+        for name in ("num_groups", "topk_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "must be a positive integer (1: no group-limited routing)")
+        if self.num_experts % self.num_groups != 0:
+            fail("num_groups", self.num_groups, f"must divide num_experts={self.num_experts}")
+        if self.topk_groups > self.num_groups:
+            fail("topk_groups", self.topk_groups, f"must be <= num_groups={self.num_groups}")
+        reachable = self.topk_groups * (self.num_experts // self.num_groups)
+        if self.top_k > reachable:
+            fail("top_k", self.top_k, f"must be <= topk_groups * experts per group = {reachable}; raise topk_groups")
+        if not isinstance(self.routed_scaling_factor, (int, float)) or not self.routed_scaling_factor > 0:
+            fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number (1.0: no scaling)")
+        if self.shared_expert_gate and self.shared_expert_ffn_hidden_size == 0:
+            fail("shared_expert_gate", self.shared_expert_gate, "needs shared_expert_ffn_hidden_size > 0")
         if self.router_noise not in ROUTER_NOISES:
             fail("router_noise", self.router_noise, f"choose one of {ROUTER_NOISES}")
         if self.router_jitter_eps < 0 or self.router_jitter_eps >= 1:

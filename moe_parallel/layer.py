@@ -121,6 +121,14 @@ class MoELayer(nn.Module):
                 first_expert_id=config.num_experts,
                 **expert_kwargs,
             )
+        self.shared_gate = None
+        if config.shared_expert_gate:  # sigmoid(x @ w) scales the shared expert per token (Qwen2-MoE)
+            self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            gen = torch.Generator().manual_seed(expert_seed(config.init_seed, layer_number, config.num_experts + 1))
+            with torch.no_grad():
+                self.shared_gate.weight.copy_(
+                    torch.empty(1, config.hidden_size).normal_(0.0, config.init_std, generator=gen)
+                )
         # DeepSpeed reduces parameters marked this way over the expert-data-parallel group only
         # (deepspeed.moe.utils.is_moe_param); the shared expert is replicated and reduces over DP.
         for param in self.experts.parameters():
@@ -171,7 +179,10 @@ class MoELayer(nn.Module):
             out_local = self.experts(x_local, tokens_per_local_expert, weight_local)
             y_TD = self.dispatcher.combine(out_local, state)
         if self.shared_expert is not None:
-            y_TD = y_TD + self.shared_expert(x_TD, [x_TD.shape[0]])
+            shared_TD = self.shared_expert(x_TD, [x_TD.shape[0]])
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         balance, z_loss = self.balance_and_z_loss(route)
         self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss

@@ -335,3 +335,171 @@ def split_expert_load(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dic
         else:
             scalars[key] = float(value)
     return scalars, loads
+
+
+# ------------------------------------------------------------------------------ health checks
+
+
+class NonFiniteProbe:
+    """Finds the layer whose output went non-finite first in a step (forward hooks; cheap).
+
+    Hooks every :class:`MoELayer`, every module with a ``layer_number`` (blocks, attention, FFN) and
+    every embedding of ``model``. Each hook stores one 0-d ``isfinite(...).all()`` flag on the output's
+    device, without a host sync; :meth:`first_non_finite` reads them in call order only when asked
+    (after a step whose loss is not finite). Forwards that run inside backward (activation
+    checkpointing recomputation) are skipped. Call :meth:`start_step` before each step::
+
+        probe = NonFiniteProbe(model)
+        probe.start_step(); loss = train_step()
+        if not math.isfinite(loss):
+            print(probe.first_non_finite())   # e.g. "blocks.1.ffn (MoELayer, layer 1)"
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._flags: list[tuple[str, Tensor]] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            kind = type(module).__name__
+            if isinstance(module, MoELayer) or hasattr(module, "layer_number") or "Embedding" in kind:
+                label = f"{name or '<model>'} ({kind}"
+                label += f", layer {module.layer_number})" if hasattr(module, "layer_number") else ")"
+                self._handles.append(module.register_forward_hook(self._make_hook(label)))
+
+    def _make_hook(self, label: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, Tensor) and out.is_floating_point() and not in_backward_pass():
+                with torch.no_grad():
+                    self._flags.append((label, torch.isfinite(out).all()))
+
+        return hook
+
+    def start_step(self) -> None:
+        """Forget the previous step's flags."""
+        self._flags.clear()
+
+    def first_non_finite(self) -> str | None:
+        """The label of the first hooked module (in forward order) whose output held a NaN or inf, or None."""
+        for label, finite in self._flags:
+            if not bool(finite):
+                return label
+        return None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class CollapseThresholds:
+    """When an MoE layer's load counts as degenerate (any one condition), per step.
+
+    Attributes:
+        min_load_fraction: an expert receiving less than this fraction of the mean load is starved.
+        max_load_ratio: max / mean tokens per expert above this (1.0 = balanced; at most E / top_k).
+        min_entropy: mean per-token router entropy (nats) below this: the router is (near) one-hot.
+        window: consecutive degenerate steps before a layer is reported.
+    """
+
+    min_load_fraction: float = 0.01
+    max_load_ratio: float = 3.0
+    min_entropy: float = 0.01
+    window: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_load_fraction < 1.0:
+            raise MoEMetricsError(f"min_load_fraction={self.min_load_fraction!r} is invalid: must be in [0, 1)")
+        if not self.max_load_ratio > 1.0:
+            raise MoEMetricsError(f"max_load_ratio={self.max_load_ratio!r} is invalid: must be > 1 (1 = balanced)")
+        if not self.min_entropy >= 0.0:
+            raise MoEMetricsError(f"min_entropy={self.min_entropy!r} is invalid: must be >= 0 (nats)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise MoEMetricsError(f"window={self.window!r} is invalid: must be an integer >= 1 (steps)")
+
+
+@dataclass(frozen=True)
+class CollapseReport:
+    """One layer whose load stayed degenerate for ``window`` steps: what and how much."""
+
+    layer_number: int
+    step: int
+    starved_experts: list[int]  # load < min_load_fraction x mean
+    overloaded_experts: list[int]  # the experts holding the max load when max/mean > max_load_ratio
+    max_load_ratio: float
+    min_load_ratio: float
+    router_entropy: float
+    reasons: list[str]
+
+    def message(self, window: int) -> str:
+        return (
+            f"MoE layer {self.layer_number}: expert load degenerate for {window} steps (step {self.step}): "
+            + "; ".join(self.reasons)
+            + ". Training goes on; raise moe.aux_loss_coeff, lower the learning rate, or check the data"
+        )
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer_number,
+            "starved_experts": self.starved_experts,
+            "overloaded_experts": self.overloaded_experts,
+            "max_load_ratio": self.max_load_ratio,
+            "min_load_ratio": self.min_load_ratio,
+            "router_entropy": self.router_entropy,
+            "reasons": self.reasons,
+        }
+
+
+class ExpertCollapseMonitor:
+    """Watches :meth:`MoEMetricsTracker.reduce`'s output for layers whose load stays degenerate.
+
+    :meth:`update` returns a :class:`CollapseReport` for a layer once it has been degenerate for
+    ``thresholds.window`` consecutive steps, and not again until it has recovered (one warning per
+    episode). The decision uses only reduced metrics, so it is the same on every rank.
+    """
+
+    def __init__(self, thresholds: CollapseThresholds | None = None) -> None:
+        self.thresholds = thresholds or CollapseThresholds()
+        self._streak: dict[int, int] = {}
+        self._reported: set[int] = set()
+
+    def _check(self, number: int, metrics: Mapping[str, Any], step: int) -> CollapseReport | None:
+        th = self.thresholds
+        tokens = metrics.get(layer_key(number, "tokens_per_expert"))
+        if tokens is None or np.asarray(tokens).sum() <= 0:
+            return None
+        load_E = np.asarray(tokens, dtype=np.float64)
+        mean = float(load_E.mean())
+        entropy = float(metrics.get(layer_key(number, "router_entropy"), math.inf))
+        ratio = float(load_E.max() / mean)
+        starved = np.flatnonzero(load_E < th.min_load_fraction * mean).tolist()
+        reasons = []
+        if starved:
+            reasons.append(
+                f"experts {starved} received under {th.min_load_fraction:.0%} of the mean load "
+                f"({load_E[starved].astype(np.int64).tolist()} vs mean {mean:.1f} tokens)"
+            )
+        overloaded = np.flatnonzero(load_E == load_E.max()).tolist() if ratio > th.max_load_ratio else []
+        if overloaded:
+            reasons.append(f"experts {overloaded} hold {ratio:.2f}x the mean load (bound {th.max_load_ratio:g})")
+        if entropy < th.min_entropy:
+            reasons.append(f"router entropy {entropy:.4f} nats is below {th.min_entropy:g} (one-hot routing)")
+        if not reasons:
+            return None
+        return CollapseReport(number, step, starved, overloaded, ratio, float(load_E.min() / mean), entropy, reasons)
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> list[CollapseReport]:
+        """Feed one step's reduced metrics; the layers to report now."""
+        numbers = sorted({parsed[0] for key in metrics if (parsed := _layer_of(key)) is not None})
+        reports = []
+        for number in numbers:
+            report = self._check(number, metrics, step)
+            if report is None:
+                self._streak[number] = 0
+                self._reported.discard(number)
+                continue
+            self._streak[number] = self._streak.get(number, 0) + 1
+            if self._streak[number] >= self.thresholds.window and number not in self._reported:
+                self._reported.add(number)
+                reports.append(report)
+        return reports

@@ -11,12 +11,22 @@ the same position in their EP group form an expert-data-parallel group (size DP/
 Replicated parameters reduce over DP, expert parameters over expert-DP. The groups are built once
 and registered with DeepSpeed's ``deepspeed.utils.groups`` under ``ep_size_{EP}``, so its engine and
 ZeRO reduce each parameter over its own group.
+
+Every group carries a timeout (by default the world group's, e.g. ``init_process_group(timeout=...)``):
+a collective that a stalled rank never joins fails after it instead of waiting for the backend's
+default (30 minutes on gloo, 10 on NCCL). :func:`apply_timeout_to_all_groups` extends it to groups
+that others (DeepSpeed's pipeline grid) create, and :func:`describe_collective_timeout` turns the
+backend's timeout error into a message naming the group.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
 
+import torch
 import torch.distributed as dist
 
 from .deepspeed_integration import expert_group_name, register_expert_groups
@@ -132,38 +142,141 @@ class ParallelState:
         return PipeDataParallelTopology(num_pp=layout.pipeline_parallel_size, num_dp=layout.data_parallel_size)
 
 
-def _new_groups(all_ranks: list[list[int]], rank: int) -> ProcessGroup:
+# What each of our groups is for, as named in timeout messages (``ProcessGroup.group_desc``).
+GROUP_PURPOSES = {
+    "moe_dp": "data-parallel (loss and MoE statistics, replicated gradients)",
+    "moe_pp": "pipeline (MoE statistics across stages)",
+    "moe_ep": "expert-parallel (the MoE token all-to-all)",
+    "moe_expert_dp": "expert-data-parallel (expert gradients)",
+}
+
+
+def _new_groups(all_ranks: list[list[int]], rank: int, timeout: timedelta, desc: str) -> ProcessGroup:
     """Create every group (all ranks must call ``new_group`` for each) and return the one holding ``rank``."""
     mine = None
     for ranks in all_ranks:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout, group_desc=desc)
         if rank in ranks:
             mine = group
     assert mine is not None
     return mine
 
 
+def group_timeout(group: ProcessGroup | None = None) -> timedelta | None:
+    """The timeout ``group`` (default: the world group) was created with, where the backend tells it."""
+    group = group if group is not None else dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except Exception:  # no backend for this device, or a torch without the attribute
+            continue
+    return None
+
+
+def _as_timedelta(timeout: timedelta | float | None) -> timedelta:
+    if timeout is None:
+        timeout = group_timeout() or dist.default_pg_timeout
+    if not isinstance(timeout, timedelta):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ParallelConfigError(f"timeout={timeout!r} is invalid: give seconds > 0 or a timedelta")
+        timeout = timedelta(seconds=timeout)
+    return timeout
+
+
 def initialize_parallel(
-    pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, num_experts: int | None = None
+    pipeline_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
+    num_experts: int | None = None,
+    *,
+    timeout: timedelta | float | None = None,
 ) -> ParallelState:
     """Validate the layout, build the DP / PP / EP / expert-DP groups and register them with DeepSpeed.
 
     Requires ``torch.distributed`` to be initialised (any backend). Every rank must call it.
+    ``timeout`` (seconds or a timedelta; default: the world group's) bounds every collective on
+    these groups: one that a stalled rank never joins fails after it rather than hanging.
     """
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel() needs torch.distributed: call deepspeed.init_distributed() first")
     layout = ParallelLayout(dist.get_world_size(), pipeline_parallel_size, expert_parallel_size, num_experts)
+    wait = _as_timedelta(timeout)
     rank = dist.get_rank()
     state = ParallelState(
         layout=layout,
         rank=rank,
-        dp_group=_new_groups(layout.data_parallel_groups(), rank),
-        pp_group=_new_groups(layout.pipeline_groups(), rank),
-        ep_group=_new_groups(layout.expert_parallel_groups(), rank),
-        expert_dp_group=_new_groups(layout.expert_data_parallel_groups(), rank),
+        dp_group=_new_groups(layout.data_parallel_groups(), rank, wait, "moe_dp"),
+        pp_group=_new_groups(layout.pipeline_groups(), rank, wait, "moe_pp"),
+        ep_group=_new_groups(layout.expert_parallel_groups(), rank, wait, "moe_ep"),
+        expert_dp_group=_new_groups(layout.expert_data_parallel_groups(), rank, wait, "moe_expert_dp"),
     )
     _register_with_deepspeed(state)
     return state
+
+
+def apply_timeout_to_all_groups(timeout: timedelta | float | None = None) -> int:
+    """Give ``timeout`` to every process group this rank belongs to, also those created without one
+    (DeepSpeed's pipeline grid and data-parallel groups). Returns how many groups it set.
+
+    Uses torch's ``_set_pg_timeout``; on a torch without it nothing changes (returns 0).
+    """
+    wait = _as_timedelta(timeout)
+    c10d = dist.distributed_c10d
+    if not hasattr(c10d, "_set_pg_timeout"):
+        return 0
+    count = 0
+    for group in list(c10d._world.pg_map):
+        if c10d._rank_not_in_group(group):
+            continue
+        c10d._set_pg_timeout(wait, group)
+        count += 1
+    return count
+
+
+_TIMEOUT_RE = re.compile(r"timed? ?out|timeout|deadline exceeded", re.IGNORECASE)
+
+
+def _describe_group(group: ProcessGroup | None) -> str:
+    if group is None or group == dist.GroupMember.WORLD:
+        return "the world group (all ranks)"
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except Exception:
+        ranks = "?"
+    desc = getattr(group, "group_desc", "") or ""
+    purpose = GROUP_PURPOSES.get(desc)
+    if purpose:
+        return f"the {purpose} group {desc!r} (ranks {ranks})"
+    return f"a process group created outside moe_parallel ({desc or 'no name'}, ranks {ranks})"
+
+
+def _failing_group(tb: TracebackType | None) -> tuple[bool, ProcessGroup | None]:
+    """The ``group`` argument of the innermost torch.distributed call in a traceback: (found, group)."""
+    found, group = False, None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if "group" in local and (local["group"] is None or isinstance(local["group"], ProcessGroup)):
+            found, group = True, local["group"]
+        tb = tb.tb_next
+    return found, group
+
+
+def describe_collective_timeout(exc: BaseException, timeout_s: float | None = None) -> str | None:
+    """A message for a collective that timed out (None if ``exc`` is not a timeout): which group, and
+    what to check. Reads the group from the failing call's frame in the traceback."""
+    text = f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, RuntimeError) or not _TIMEOUT_RE.search(str(exc)):
+        return None
+    found, group = _failing_group(exc.__traceback__)
+    where = _describe_group(group) if found else "a process group"
+    limit = f"parallel.timeout_s={timeout_s:g} s" if timeout_s is not None else "its timeout"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return (
+        f"rank {rank}: a collective on {where} did not complete within {limit}: another rank of that group "
+        "stopped taking part. Check the other ranks' logs for an error above this one; a rank that is alive but "
+        "stuck (a stalled or SIGSTOPped process, a hung file-system read, a wedged GPU: `py-spy dump --pid <pid>` "
+        "shows where); the network between the nodes (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME). If a step "
+        f"legitimately takes longer (a large checkpoint save), raise parallel.timeout_s. ({text.strip()[:300]})"
+    )
 
 
 def _register_with_deepspeed(state: ParallelState) -> None:

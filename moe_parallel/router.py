@@ -26,22 +26,38 @@ class TopKRouter(nn.Module):
 
     The gate runs in float32 whatever the parameter dtype or autocast, so routing decisions do not
     flip with precision. Noise (jitter on the input, or Gumbel noise on the selection logits) is
-    applied in training only; eval routing is deterministic. With ``expert_bias_update_rate > 0`` a
-    per-expert bias is added to the scores for *selection only* (aux-loss-free balancing,
-    DeepSeek-V3); :meth:`update_expert_bias` moves it once per optimizer step.
+    applied in training only; eval routing is deterministic. With ``selection_bias`` (implied by
+    ``expert_bias_update_rate > 0``) a per-expert bias is added to the scores for *selection only*
+    (DeepSeek-V3's correction bias); :meth:`update_expert_bias` moves it once per optimizer step.
+
+    Selection, in order: scores (softmax or sigmoid over all experts) -> + selection bias -> keep the
+    ``topk_groups`` best of ``num_groups`` expert groups (a group scores the sum of its two best) ->
+    top-k. Weights: the selected experts' unbiased scores (or a softmax over their logits with
+    ``score_after_topk``), renormalised with ``normalize_top_k``, times ``routed_scaling_factor``.
     """
 
     def __init__(self, config: MoEConfig, seed: int) -> None:
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        self.uses_expert_bias = config.expert_bias_update_rate > 0
+        self.uses_expert_bias = config.selection_bias or config.expert_bias_update_rate > 0
         if self.uses_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        if config.expert_bias_update_rate > 0:
             # Assignment counts since the last bias update; summed over data-parallel ranks there.
             self.register_buffer("_load_since_update", torch.zeros(config.num_experts), persistent=False)
         self._seed = seed
         self.reset_parameters()
+
+    def _apply(self, fn, recurse: bool = True):
+        # The selection bias stays float32 when the model is cast (as transformers keeps DeepSeek's
+        # e_score_correction_bias): bf16 would swallow its small balancing updates.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "_load_since_update"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -69,15 +85,22 @@ class TopKRouter(nn.Module):
                 gumbel_TE = -torch.empty_like(logits_TE).exponential_().log()
                 selection_TE = self._score(logits_TE.detach() + gumbel_TE)
             if self.uses_expert_bias:
-                selection_TE = selection_TE + self.expert_bias
+                selection_TE = selection_TE + self.expert_bias.float()
+            if cfg.num_groups > 1:
+                selection_TE = limit_to_top_groups(selection_TE, cfg.num_groups, cfg.topk_groups)
             expert_TK = torch.topk(selection_TE, cfg.top_k, dim=-1, sorted=True).indices
 
-            weight_TK = scores_TE.gather(1, expert_TK)
-            if cfg.normalize_top_k and cfg.top_k > 1:
-                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            if cfg.score_after_topk:
+                weight_TK = torch.softmax(logits_TE.gather(1, expert_TK), dim=-1)
+            else:
+                weight_TK = scores_TE.gather(1, expert_TK)
+                if cfg.normalize_top_k and cfg.top_k > 1:
+                    weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            if cfg.routed_scaling_factor != 1.0:
+                weight_TK = weight_TK * cfg.routed_scaling_factor
 
         tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=cfg.num_experts)
-        if self.training and self.uses_expert_bias:
+        if self.training and self.config.expert_bias_update_rate > 0:
             self._load_since_update += tokens_per_expert_E.to(self._load_since_update.dtype)
         return RouterOutput(expert_TK, weight_TK, probs_TE, logits_TE, tokens_per_expert_E)
 
@@ -93,7 +116,7 @@ class TopKRouter(nn.Module):
         Call once per optimizer step on every rank of ``group`` (the data-parallel group: every rank
         that routes its own tokens), so all replicas apply the same update.
         """
-        if not self.uses_expert_bias:
+        if self.config.expert_bias_update_rate <= 0:
             return
         load_E = self._load_since_update.clone()
         if group_size(group) > 1:
@@ -101,6 +124,21 @@ class TopKRouter(nn.Module):
         if load_E.sum() > 0:
             self.expert_bias += self.config.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
         self._load_since_update.zero_()
+
+
+def limit_to_top_groups(selection_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """``selection_TE`` with every expert outside each token's ``topk_groups`` best groups at -inf.
+
+    Experts ``[g * E/G, (g+1) * E/G)`` form group g; a group scores the sum of its two best selection
+    scores (its best one when groups hold one expert), as in DeepSeek-V3.
+    """
+    num_tokens, num_experts = selection_TE.shape
+    grouped_TGe = selection_TE.view(num_tokens, num_groups, num_experts // num_groups)
+    best = min(2, grouped_TGe.shape[-1])
+    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    group_TK = group_score_TG.topk(topk_groups, dim=-1).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_TK, True)
+    return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
 
 
 def load_balancing_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int) -> Tensor:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from moe_parallel import checkpoint as ckpt
 from moe_parallel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from moe_parallel.checkpoint_store import file_checksum
 from moe_parallel.engine import build_engine
 from moe_parallel.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
@@ -123,12 +124,12 @@ def _strictness(rank, world, tmp):
     (path / "experts" / "layer_0" / "expert_3.pt").unlink()
     with pytest.raises(CheckpointError, match="missing experts/layer_0/expert_3.pt"):
         load_checkpoint(engine, tmp)
-    manifest["files"]["dense/stage_0.pt"] += 1
+    manifest["files"]["dense/stage_0.pt"]["bytes"] += 1
     manifest["files"].pop("experts/layer_0/expert_3.pt")
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="stage_0.pt has .* bytes, manifest says"):
+    with pytest.raises(CheckpointError, match="stage_0.pt has .* bytes, manifest.json says"):
         load_checkpoint(engine, tmp)
-    manifest["files"]["dense/stage_0.pt"] -= 1
+    manifest["files"]["dense/stage_0.pt"]["bytes"] -= 1
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"layer 0 has experts .* missing \[3\]"):
         load_checkpoint(engine, tmp)
@@ -139,7 +140,8 @@ def _strictness(rank, world, tmp):
     del dense["embed.weight"]
     torch.save(dense, other / "dense" / "stage_0.pt")
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["files"]["dense/stage_0.pt"] = (other / "dense" / "stage_0.pt").stat().st_size
+    dense_file = other / "dense" / "stage_0.pt"
+    manifest["files"]["dense/stage_0.pt"] = {"bytes": dense_file.stat().st_size, "crc32": file_checksum(dense_file)}
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"missing \['embed.weight'\], unexpected \['not.in.model'\]"):
         load_checkpoint(engine, tmp, tag="other")
@@ -156,19 +158,20 @@ def _crash_mid_save(rank, world, tmp):
     before = {p: p.read_bytes() for p in sorted(good.rglob("*")) if p.is_file()}
     _train(engine, 1, start=1)
 
-    real_save = ckpt._atomic_torch_save
+    real_save = ckpt.write_file
 
     def crashing(obj, path: Path):
         if "expert_2" in path.name:
-            raise OSError("disk full (simulated)")
-        real_save(obj, path)
+            raise OSError("I/O error (simulated)")
+        return real_save(obj, path)
 
-    ckpt._atomic_torch_save = crashing
-    with pytest.raises(OSError, match="simulated"):
+    ckpt.write_file = crashing
+    with pytest.raises(CheckpointError, match=r"not saved: cannot write to .*expert_2.pt\): I/O error \(simulated\)"):
         save_checkpoint(engine, tmp)
-    ckpt._atomic_torch_save = real_save
+    ckpt.write_file = real_save
 
     assert (Path(tmp) / "latest").read_text() == good.name
+    assert not list(Path(tmp).glob("*.tmp-*"))  # the staging directory is gone
     assert {p: p.read_bytes() for p in sorted(good.rglob("*")) if p.is_file()} == before
     assert not (Path(tmp) / "step_00000002").exists()
     load_checkpoint(engine, tmp)  # the previous checkpoint still loads

@@ -325,3 +325,15 @@ def test_compare_cli_module(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert str(x) in proc.stdout and str(y) in proc.stdout and "moe/balance_loss" in proc.stdout
     assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_compare_lists_a_run_once_whatever_its_spelling(runs, tmp_path, capsys, monkeypatch):
+    """Relative, absolute, with `..` and through a symlink: one run, one row per metric."""
+    a = runs["a"].path
+    monkeypatch.chdir(a.parent)
+    link = tmp_path / "link"
+    link.symlink_to(a)
+    spellings = [a.name, str(a), f"../{a.parent.name}/{a.name}", str(link)]
+    assert compare.main([*spellings, "--metrics", "train/loss", "--out", str(tmp_path / "d.png")]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train/loss")]
+    assert len(rows) == 1, rows

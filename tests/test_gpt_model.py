@@ -26,6 +26,7 @@ from moe_parallel.models import (
     plain_to_pipeline_state_dict,
 )
 from tests.dist_utils import free_port, run_distributed
+from tests.tolerance import float_tolerance
 
 V, S, B = 32, 8, 2
 
@@ -94,13 +95,17 @@ def test_forward_shapes_and_loss():
 
 
 def test_causal():
-    model = GPT(make_config(num_layers=3, moe_every=1)).eval()
+    cfg = make_config(num_layers=3, moe_every=1)
+    model = GPT(cfg).eval()
     t = tokens()
     t2 = t.clone()
     t2[:, 5] = (t2[:, 5] + 1) % V
     a, b = model(t), model(t2)
-    assert torch.equal(a[:, :5], b[:, :5])  # earlier positions never see a future token
-    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    # Earlier positions never see a future token. Not bitwise: the changed token changes which rows
+    # each expert's GEMM holds, and kernels may round differently with the row count (AMD vs Intel).
+    close = float_tolerance(torch.float32, cfg.ffn_hidden_size, depth=cfg.num_layers + 1)
+    torch.testing.assert_close(a[:, :5], b[:, :5], **close)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e3 * close["atol"]
 
 
 @pytest.mark.parametrize("moe_every,expected", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [1, 3]), (3, [2]), (6, [])])
@@ -337,9 +342,11 @@ def test_plain_equals_single_stage_pipeline(world1, tie):
     for train in (False, True):
         model.train(train)
         pipe.train(train)
-        torch.testing.assert_close(run_pipeline_locally(pipe, t), model(t), rtol=0, atol=0)
-        torch.testing.assert_close(pipe(t), model(t), rtol=0, atol=0)
-    assert torch.equal(pipe.loss_fn(pipe(t), targets), model.loss(model(t), targets))
+        # The same layers on the same batch; a tolerance still, as memory alignment may change the kernel.
+        close = float_tolerance(torch.float32, cfg.ffn_hidden_size, depth=cfg.num_layers + 1)
+        torch.testing.assert_close(run_pipeline_locally(pipe, t), model(t), **close)
+        torch.testing.assert_close(pipe(t), model(t), **close)
+    torch.testing.assert_close(pipe.loss_fn(pipe(t), targets), model.loss(model(t), targets), **close)
 
 
 def _two_stages(rank: int, world_size: int, cfg: GPTConfig) -> None:

@@ -55,6 +55,17 @@ def test_every_named_config_validates():
         ("deepspeed.zero_stage=3", 1, app_config.AppConfigError, r"zero_stage=3 is invalid: choose one of \(0, 1, 2\)"),
         ("optim.min_lr=1.0", 1, app_config.AppConfigError, "need lr > 0 and 0 <= min_lr <= lr"),
         ("train.progress=fancy", 1, app_config.AppConfigError, "train.progress='fancy'"),
+        ("train.max_skipped_steps=0", 1, app_config.AppConfigError, "train.max_skipped_steps=0 is invalid"),
+        ("train.collapse_window=-1", 1, app_config.AppConfigError, "train.collapse_window=-1 is invalid"),
+        ("train.collapse_max_load_ratio=1.0", 1, app_config.AppConfigError, r"train.collapse_max_load_ratio=1.0 .*> 1"),
+        (
+            "train.collapse_min_load_fraction=1.5",
+            1,
+            app_config.AppConfigError,
+            r"collapse_min_load_fraction=1.5 .*\[0, 1\)",
+        ),
+        ("train.collapse_min_entropy=-1", 1, app_config.AppConfigError, "train.collapse_min_entropy=-1.0 is invalid"),
+        ("parallel.timeout_s=0", 1, app_config.AppConfigError, "parallel.timeout_s=0 is invalid"),
     ],
 )
 def test_bad_values_name_the_field(override, world, error, message):

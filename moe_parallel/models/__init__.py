@@ -1,5 +1,17 @@
-"""Reference models built from :class:`moe_parallel.MoELayer`."""
+"""Models built from :class:`moe_parallel.MoELayer`: the reference GPT and the decoder family of the open MoE models."""
 
+from .decoder import (
+    Decoder,
+    DecoderBlock,
+    DecoderConfig,
+    DecoderConfigError,
+    decoder_canonical_names,
+    decoder_layer_names,
+    decoder_pipeline,
+    decoder_pipeline_parts,
+    decoder_pipeline_to_plain,
+    decoder_plain_to_pipeline,
+)
 from .gpt import (
     GPT,
     CausalSelfAttention,
@@ -23,6 +35,16 @@ from .gpt import (
 )
 
 __all__ = [
+    "Decoder",
+    "DecoderBlock",
+    "DecoderConfig",
+    "DecoderConfigError",
+    "decoder_canonical_names",
+    "decoder_layer_names",
+    "decoder_pipeline",
+    "decoder_pipeline_parts",
+    "decoder_pipeline_to_plain",
+    "decoder_plain_to_pipeline",
     "GPT",
     "CausalSelfAttention",
     "DenseFFN",

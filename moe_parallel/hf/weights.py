@@ -1,0 +1,108 @@
+"""Weight-name mapping: our canonical (plain :class:`Decoder`) tensor names <-> Hugging Face keys.
+
+Most tensors are a rename. Expert weights differ in layout: ours are stacked per layer,
+``w1[e] = [gate | up]`` as ``[D, 2F]`` and ``w2[e]`` as ``[F, D]``; the Hub stores one
+``experts.<id>.<gate|up|down>`` matrix per expert in ``nn.Linear`` layout (``[F, D]``, ``[D, F]``),
+as transformers' ``save_pretrained`` writes them. Both directions are transposes and
+concatenations, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .families import Family
+
+_RENAMES = (
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"final_norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blocks\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blocks\.(\d+)\.attn\.(.+)", r"model.layers.\1.self_attn.\2"),
+    (r"blocks\.(\d+)\.ffn\.((?:gate|up|down)_proj\.weight)", r"model.layers.\1.mlp.\2"),
+    (r"blocks\.(\d+)\.ffn\.router\.weight", r"model.layers.\1.{moe}.gate.weight"),
+    (r"blocks\.(\d+)\.ffn\.router\.expert_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
+    (r"blocks\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
+)
+_STACKED = re.compile(r"blocks\.(\d+)\.ffn\.(experts|shared_expert)\.(w1|w2)")
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one of our tensors is made of HF tensors.
+
+    ``keys[j]`` are the HF keys of row ``j`` of a stacked expert tensor (``(gate, up)`` for ``w1``,
+    ``(down,)`` for ``w2``), or the single key of a renamed tensor (``stacked`` False).
+    """
+
+    canonical: str
+    keys: tuple[tuple[str, ...], ...]
+    stacked: bool
+    part: str = ""  # "w1" or "w2" when stacked
+
+    @property
+    def hf_keys(self) -> list[str]:
+        return [key for row in self.keys for key in row]
+
+
+def tensor_map(canonical: str, fam: Family, expert_ids: range | None = None) -> TensorMap | None:
+    """The HF keys of canonical tensor ``canonical`` (``expert_ids``: the global ids its rows hold).
+
+    None for tensors that have no HF counterpart (none exist in a supported config).
+    """
+    match = _STACKED.fullmatch(canonical)
+    if match is not None:
+        layer, which, part = match.groups()
+        gate, up, down = fam.expert_proj
+        if which == "experts":
+            prefix = f"model.layers.{layer}.{fam.moe_module}.experts"
+            rows = [f"{prefix}.{j}." for j in expert_ids]
+        else:
+            if fam.shared_module is None:
+                return None
+            rows = [f"model.layers.{layer}.mlp.{fam.shared_module}."]
+            gate, up, down = "gate_proj", "up_proj", "down_proj"
+        names = (gate, up) if part == "w1" else (down,)
+        return TensorMap(canonical, tuple(tuple(f"{row}{n}.weight" for n in names) for row in rows), True, part)
+    for pattern, template in _RENAMES:
+        if re.fullmatch(pattern, canonical):
+            key = re.sub(pattern, template, canonical).replace("{moe}", fam.moe_module)
+            return TensorMap(canonical, ((key,),), False)
+    return None
+
+
+def expected_hf_shapes(tmap: TensorMap, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape, for our tensor of ``shape`` (all rows of a stacked tensor)."""
+    if not tmap.stacked:
+        return {tmap.keys[0][0]: tuple(shape)}
+    _, rows, cols = shape
+    if tmap.part == "w1":  # [e, D, 2F] <- gate, up: [F, D] each
+        per = (cols // 2, rows)
+    else:  # [e, F, D] <- down: [D, F]
+        per = (cols, rows)
+    return {key: per for row in tmap.keys for key in row}
+
+
+def assemble(tmap: TensorMap, tensors: dict[str, Tensor]) -> Tensor:
+    """Our tensor from its HF tensors (``tensors`` holds every key of ``tmap``)."""
+    if not tmap.stacked:
+        return tensors[tmap.keys[0][0]]
+    rows = [torch.cat([tensors[key].t() for key in row], dim=1) for row in tmap.keys]
+    return torch.stack(rows)
+
+
+def disassemble(tmap: TensorMap, tensor: Tensor) -> dict[str, Tensor]:
+    """HF key -> contiguous tensor, for our tensor (the inverse of :func:`assemble`)."""
+    if not tmap.stacked:
+        return {tmap.keys[0][0]: tensor.contiguous()}
+    out = {}
+    for j, row in enumerate(tmap.keys):
+        parts = tensor[j].chunk(len(row), dim=1)
+        for key, part in zip(row, parts):
+            out[key] = part.t().contiguous()
+    return out

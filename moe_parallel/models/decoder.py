@@ -1,0 +1,566 @@
+"""One decoder family for the open MoE models (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4.5), configured.
+
+RoPE (full or partial rotary), grouped-query attention with a free ``head_dim``, optional q/k/v and
+output biases, q/k RMSNorm per head or over the whole projection, SwiGLU dense FFNs, and MoE FFNs
+from :class:`MoELayer` (every router and shared-expert variant is an :class:`MoEConfig` field). What
+is not a flag here is the same in every family: pre-norm blocks, RMSNorm computed in float32.
+
+As the reference GPT, it exists as a plain module and as a DeepSpeed pipeline built from the same
+layers; pipeline layer ``idx`` is:
+
+    0            TokenEmbedding   tokens_BS -> x_BSD   (tied with the LM head if tie_embeddings)
+    1 + i        DecoderBlock i   x_BSD -> x_BSD       (MoE FFN iff config.is_moe_layer(i))
+    L + 1        FinalNorm        x_BSD -> x_BSD       (an RMSNorm)
+    L + 2        LMHead           x_BSD -> logits_BSV
+
+Only ``x_BSD`` crosses layers (positions are recomputed from the sequence length), and every
+parameter is seeded by its plain-model name, so any (PP, EP) layout builds the same weights.
+
+Shape suffixes: B batch, S sequence, D hidden, V vocabulary, H query heads, G key/value heads,
+A head dim, F FFN dim.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..comm import ProcessGroup
+from ..config import MoEConfig
+from ..layer import MoELayer
+from .gpt import LMHead, TokenEmbedding, _normal_, lm_loss, tied_lm_head
+
+if TYPE_CHECKING:
+    from deepspeed.pipe import PipelineModule, ProcessTopology
+
+QKNorm = Literal["none", "head", "projection"]
+QK_NORMS = ("none", "head", "projection")
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+TIED_EMBEDDING_KEY = "embed"
+PIPELINE_PARTITION_METHOD = "type:DecoderBlock"
+
+
+class DecoderConfigError(ValueError):
+    """A decoder configuration value is out of range; the message names the field and the fix."""
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and behaviour of a :class:`Decoder`.
+
+    Block ``i`` holds an MoE FFN iff ``moe_every > 0``, ``(i + 1) % moe_every == 0``,
+    ``i >= first_dense_layers`` and ``i not in dense_layers`` (Qwen's ``decoder_sparse_step`` and
+    ``mlp_only_layers``, GLM's ``first_k_dense_replace``); other blocks hold a SwiGLU FFN of width
+    ``ffn_hidden_size``. ``moe`` is an :class:`MoEConfig` or a dict of its fields; from a dict,
+    ``hidden_size``, ``activation`` ("swiglu"), ``init_std`` and ``init_seed`` come from here and
+    ``ffn_hidden_size`` defaults to this config's.
+
+    ``hf_model_type`` and ``hf_extra`` are the Hugging Face identity (see ``moe_parallel.hf``):
+    the ``model_type`` this model exports as, and config.json keys carried along unchanged
+    (token ids, ``max_position_embeddings``, ...). The model itself never reads them.
+    """
+
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
+    num_kv_heads: int | None = None  # None: num_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    moe: MoEConfig | dict[str, Any] | None = None
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    dense_layers: list[int] = field(default_factory=list)
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # rotate the first rotary_fraction * head_dim features of q and k
+    # RoPE frequency scaling: None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1).
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: QKNorm = "none"  # "head": RMSNorm over each head; "projection": over all of q (and k)
+    qkv_clip: float | None = None  # clamp q, k, v to [-clip, clip] (OLMoE's clip_qkv)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    init_seed: int = 1234
+    hf_model_type: str | None = None
+    hf_extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`DecoderConfigError` naming the first bad field and how to fix it."""
+
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise DecoderConfigError(f"model.{name}={value!r} is invalid: {allowed}")
+
+        def positive_int(name: str, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "must be a positive integer")
+
+        for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
+            positive_int(name, getattr(self, name))
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        positive_int("num_kv_heads", self.num_kv_heads)
+        if self.num_heads % self.num_kv_heads != 0:
+            fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads != 0:
+                fail("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size}, or set head_dim")
+            self.head_dim = self.hidden_size // self.num_heads
+        positive_int("head_dim", self.head_dim)
+        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 0:
+            fail("moe_every", self.moe_every, "must be an integer >= 0 (0: no MoE blocks, k: every k-th block)")
+        if not isinstance(self.first_dense_layers, int) or self.first_dense_layers < 0:
+            fail("first_dense_layers", self.first_dense_layers, "must be an integer >= 0")
+        self.dense_layers = sorted(int(i) for i in self.dense_layers)
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            fail("dense_layers", self.dense_layers, f"must be block indices in [0, {self.num_layers})")
+        if not self.rope_theta > 0:
+            fail("rope_theta", self.rope_theta, "must be > 0")
+        if not 0 < self.rotary_fraction <= 1:
+            fail("rotary_fraction", self.rotary_fraction, "must be in (0, 1]")
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            fail(
+                "rotary_fraction",
+                self.rotary_fraction,
+                f"gives {self.rotary_dim} rotated features of head_dim={self.head_dim}; it must be even and > 0",
+            )
+        self._validate_rope_scaling(fail)
+        if self.qk_norm not in QK_NORMS:
+            fail("qk_norm", self.qk_norm, f"choose one of {QK_NORMS}")
+        if self.qkv_clip is not None and not self.qkv_clip > 0:
+            fail("qkv_clip", self.qkv_clip, "must be > 0, or None for no clipping")
+        if not self.norm_eps > 0:
+            fail("norm_eps", self.norm_eps, "must be > 0")
+        for name in ("qkv_bias", "o_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be true or false")
+        if not self.init_std > 0:
+            fail("init_std", self.init_std, "must be > 0")
+        if not isinstance(self.hf_extra, dict):
+            self.hf_extra = dict(self.hf_extra.items()) if hasattr(self.hf_extra, "items") else self.hf_extra
+            if not isinstance(self.hf_extra, dict):
+                fail("hf_extra", self.hf_extra, "must be a mapping of config.json keys")
+        self.moe = self._resolve_moe()
+
+    def _validate_rope_scaling(self, fail) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict) and hasattr(scaling, "items"):
+            scaling = self.rope_scaling = dict(scaling.items())
+        needed = ROPE_SCALING_KEYS.get(scaling.get("rope_type") if isinstance(scaling, dict) else None)
+        if needed is None:
+            fail("rope_scaling", scaling, f"give None or a dict with rope_type in {sorted(ROPE_SCALING_KEYS)}")
+        missing = [key for key in needed if key not in scaling]
+        if missing:
+            fail("rope_scaling", scaling, f"rope_type={scaling['rope_type']!r} needs {missing}")
+        if not scaling["factor"] > 0:
+            fail("rope_scaling", scaling, "factor must be > 0")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    def _resolve_moe(self) -> MoEConfig | None:
+        moe = self.moe
+        if moe is None:
+            if self.moe_layer_numbers_unchecked():
+                raise DecoderConfigError(
+                    f"model.moe is missing but model.moe_every={self.moe_every} asks for MoE blocks: give "
+                    "moe={'num_experts': ..., ...} (an MoEConfig or its fields), or set moe_every=0"
+                )
+            return None
+        if isinstance(moe, MoEConfig):
+            if moe.hidden_size != self.hidden_size:
+                raise DecoderConfigError(
+                    f"model.moe.hidden_size={moe.hidden_size} must equal model.hidden_size={self.hidden_size}"
+                )
+            if moe.activation != "swiglu":
+                raise DecoderConfigError(f"model.moe.activation={moe.activation!r} is invalid: the decoder uses swiglu")
+            return moe
+        if not isinstance(moe, dict) and hasattr(moe, "items"):
+            moe = dict(moe.items())
+        if not isinstance(moe, dict):
+            raise DecoderConfigError(f"model.moe={moe!r} is invalid: give an MoEConfig or a dict of its fields")
+        known = {f.name for f in fields(MoEConfig)}
+        unknown = sorted(set(moe) - known)
+        if unknown:
+            raise DecoderConfigError(
+                f"model.moe has unknown field(s) {unknown}: the fields of MoEConfig are {sorted(known)}"
+            )
+        if "num_experts" not in moe:
+            raise DecoderConfigError("model.moe.num_experts is missing: set the number of experts per MoE layer")
+        for name, value in (("hidden_size", self.hidden_size), ("activation", "swiglu")):
+            if moe.get(name, value) != value:
+                raise DecoderConfigError(f"model.moe.{name}={moe[name]!r} must be {value!r}: leave it out")
+        inherited = {
+            "hidden_size": self.hidden_size,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "activation": "swiglu",
+            "init_std": self.init_std,
+            "init_seed": self.init_seed,
+        }
+        return MoEConfig(**{**inherited, **moe})
+
+    def moe_layer_numbers_unchecked(self) -> list[int]:
+        dense = set(self.dense_layers)
+        return [
+            i
+            for i in range(self.num_layers)
+            if self.moe_every > 0 and (i + 1) % self.moe_every == 0 and i >= self.first_dense_layers and i not in dense
+        ]
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether global block ``layer_number`` (0-based) holds an MoE FFN."""
+        return layer_number in self.moe_layer_numbers
+
+    @property
+    def moe_layer_numbers(self) -> list[int]:
+        """Global indices of the MoE blocks."""
+        return self.moe_layer_numbers_unchecked() if self.moe is not None else []
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """``weight * normalise(x)``, normalised in float32 then cast back (as Llama-family models do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FinalNorm(RMSNorm):
+    """The RMSNorm after the last block (its own class: a pipeline layer is built from a class)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config.hidden_size, config.norm_eps)
+
+
+def rotary_cos_sin(
+    config: DecoderConfig, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``cos_SR, sin_SR`` of positions ``0..seq_len-1`` (R = rotary dim; frequencies repeated twice)."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+    if config.rope_scaling is not None:
+        inv_freq = scale_rope_frequencies(inv_freq, config.rope_scaling)
+    freqs_SR = torch.arange(seq_len, device=device, dtype=torch.float)[:, None] * inv_freq
+    emb_SR = torch.cat((freqs_SR, freqs_SR), dim=-1)
+    return emb_SR.cos().to(dtype), emb_SR.sin().to(dtype)
+
+
+def scale_rope_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Linear position interpolation, or Llama 3.1's: long wavelengths slowed by ``factor``, short
+    ones kept, a smooth blend between (as transformers computes them)."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rotary(x_BHSA: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+    """Rotate the first R features of each head (half-split convention); the rest pass through."""
+    rot = cos_SR.shape[-1]
+    x_rot, x_pass = x_BHSA[..., :rot], x_BHSA[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    return torch.cat((x_rot * cos_SR + rotated * sin_SR, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, through ``scaled_dot_product_attention``."""
+
+    def __init__(self, config: DecoderConfig, layer_number: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        D, H, G, A = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(D, H * A, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, G * A, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, G * A, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * A, D, bias=config.o_bias)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(A, config.norm_eps), RMSNorm(A, config.norm_eps)
+        elif config.qk_norm == "projection":
+            self.q_norm, self.k_norm = RMSNorm(H * A, config.norm_eps), RMSNorm(G * A, config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        cfg, prefix = self.config, f"blocks.{self.layer_number}.attn"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(self, name)
+            _normal_(linear.weight, cfg.init_std, cfg.init_seed, f"{prefix}.{name}.weight")
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        cfg = self.config
+        B, S, _ = x_BSD.shape
+        H, G, A = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if cfg.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.qkv_clip is not None:
+            q, k, v = (t.clamp(-cfg.qkv_clip, cfg.qkv_clip) for t in (q, k, v))
+        q_BSHA, k_BSGA, v_BSGA = q.view(B, S, H, A), k.view(B, S, G, A), v.view(B, S, G, A)
+        if cfg.qk_norm == "head":
+            q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
+        q_BHSA, k_BGSA, v_BGSA = (t.transpose(1, 2) for t in (q_BSHA, k_BSGA, v_BSGA))
+        cos_SR, sin_SR = rotary_cos_sin(cfg, S, x_BSD.device, q_BHSA.dtype)
+        q_BHSA, k_BGSA = apply_rotary(q_BHSA, cos_SR, sin_SR), apply_rotary(k_BGSA, cos_SR, sin_SR)
+        if G != H:  # each key/value head serves H / G query heads
+            k_BGSA = k_BGSA.repeat_interleave(H // G, dim=1)
+            v_BGSA = v_BGSA.repeat_interleave(H // G, dim=1)
+        o_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BGSA, v_BGSA, is_causal=True)
+        return self.o_proj(o_BHSA.transpose(1, 2).reshape(B, S, H * A))
+
+
+class SwiGLU(nn.Module):
+    """The FFN of a dense block: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: DecoderConfig, layer_number: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        D, F_ = config.hidden_size, config.ffn_hidden_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        cfg, prefix = self.config, f"blocks.{self.layer_number}.ffn"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _normal_(getattr(self, name).weight, cfg.init_std, cfg.init_seed, f"{prefix}.{name}.weight")
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: ``x + attn(attn_norm(x))``, then ``x + ffn(ffn_norm(x))``; the FFN is MoE or SwiGLU.
+
+    ``layer_number`` is the global block index: it decides MoE placement, seeds every parameter and
+    numbers the MoE layer (whose experts checkpoints store under it).
+    """
+
+    def __init__(self, config: DecoderConfig, layer_number: int, ep_group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.is_moe = config.is_moe_layer(layer_number)
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, layer_number)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn: nn.Module = (
+            MoELayer(config.moe, ep_group, layer_number) if self.is_moe else SwiGLU(config, layer_number)
+        )
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+# ---------------------------------------------------------------------------------------- plain model
+
+
+class Decoder(nn.Module):
+    """The decoder as one module (pipeline-parallel size 1): ``forward(tokens_BS) -> logits_BSV``.
+
+    Submodules: ``embed``, ``blocks[i]``, ``final_norm`` and ``lm_head`` (None with tied embeddings).
+    ``ep_group`` splits the experts of every MoE block (see :class:`MoELayer`).
+    """
+
+    def __init__(self, config: DecoderConfig, ep_group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = TokenEmbedding(config)
+        self.blocks = nn.ModuleList(DecoderBlock(config, i, ep_group) for i in range(config.num_layers))
+        self.final_norm = FinalNorm(config)
+        self.lm_head = None if config.tie_embeddings else LMHead(config)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        x_BSD = self.embed(tokens_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        x_BSD = self.final_norm(x_BSD)
+        return self.embed.logits(x_BSD) if self.lm_head is None else self.lm_head(x_BSD)
+
+    @staticmethod
+    def loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+        """Mean cross entropy (see :func:`lm_loss`); the MoE aux losses are already in the gradient."""
+        return lm_loss(logits_BSV, targets_BS)
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+
+def decoder_layer_names(config: DecoderConfig) -> list[str]:
+    """Plain-model prefix of each pipeline layer: entry ``idx`` is pipeline layer ``idx``."""
+    return ["embed", *(f"blocks.{i}" for i in range(config.num_layers)), "final_norm", "lm_head"]
+
+
+def decoder_plain_to_pipeline(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
+    """Rename a :class:`Decoder` state dict to :func:`decoder_pipeline`'s names (all stages together)."""
+    prefixes = {name: str(idx) for idx, name in enumerate(decoder_layer_names(config))}
+    if config.tie_embeddings:
+        prefixes["embed"] = f"tied_modules.{TIED_EMBEDDING_KEY}"
+        del prefixes["lm_head"]
+    out = {}
+    for key, value in state_dict.items():
+        match = re.match(r"(blocks\.\d+|[a-z_]+)\.(.+)", key)
+        if match is None or match.group(1) not in prefixes:
+            raise KeyError(f"{key!r} is not a parameter name of Decoder({config.num_layers} layers)")
+        out[f"{prefixes[match.group(1)]}.{match.group(2)}"] = value
+    return out
+
+
+def decoder_pipeline_to_plain(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
+    """Inverse of :func:`decoder_plain_to_pipeline` (for one stage's or all stages' keys)."""
+    names = decoder_layer_names(config)
+    tied = f"tied_modules.{TIED_EMBEDDING_KEY}."
+    out = {}
+    for key, value in state_dict.items():
+        if config.tie_embeddings and key.startswith(tied):
+            out[f"embed.{key[len(tied) :]}"] = value
+            continue
+        idx, _, rest = key.partition(".")
+        if not idx.isdigit() or int(idx) >= len(names) or not rest:
+            raise KeyError(f"{key!r} is not a parameter name of decoder_pipeline({config.num_layers} layers)")
+        out[f"{names[int(idx)]}.{rest}"] = value
+    return out
+
+
+def decoder_pipeline_parts(config: DecoderConfig, num_stages: int) -> list[int]:
+    """Stage boundaries: stage s builds pipeline layers ``parts[s] <= idx < parts[s+1]``.
+
+    DeepSpeed's ``partition_method="type:DecoderBlock"``: blocks balanced over the stages (at least
+    one each), the embedding on the first stage and the final norm and LM head on the last.
+    """
+    if not isinstance(num_stages, int) or not 1 <= num_stages <= config.num_layers:
+        raise DecoderConfigError(
+            f"num_stages={num_stages!r} is invalid: every pipeline stage needs at least one block, so use "
+            f"1 <= num_stages <= model.num_layers={config.num_layers}"
+        )
+    from deepspeed.runtime.utils import partition_balanced
+
+    return [int(p) for p in partition_balanced([0] + [1] * config.num_layers + [0, 0], num_stages)]
+
+
+def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> list:
+    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`decoder_layer_names`."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if config.tie_embeddings:
+        embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
+        head = TiedLayerSpec(
+            TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
+        )
+    else:
+        embed, head = LayerSpec(TokenEmbedding, config), LayerSpec(LMHead, config)
+    blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
+    return [embed, *blocks, LayerSpec(FinalNorm, config), head]
+
+
+def decoder_pipeline(
+    config: DecoderConfig,
+    num_stages: int | None = None,
+    ep_group: ProcessGroup | None = None,
+    topology: ProcessTopology | None = None,
+    activation_checkpoint_interval: int = 0,
+    **pipeline_kwargs: Any,
+) -> PipelineModule:
+    """The decoder as a ``deepspeed.pipe.PipelineModule`` with ``loss_fn=lm_loss`` (see ``gpt_pipeline``).
+
+    Give ``num_stages`` or a ``topology`` with a ``pipe`` axis; ``ep_group`` is this rank's
+    expert-parallel group. ``module.canonical_parameter_names()`` maps this stage's names to the
+    plain :class:`Decoder`'s, which checkpoints and ``moe_parallel.hf`` use.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+    from deepspeed.pipe import PipelineModule
+
+    if topology is not None:
+        if num_stages is not None and num_stages != topology.get_dim("pipe"):
+            raise DecoderConfigError(
+                f"num_stages={num_stages} disagrees with the topology's pipe size {topology.get_dim('pipe')}: "
+                "give one of them"
+            )
+        num_stages = topology.get_dim("pipe")
+    if num_stages is None:
+        raise DecoderConfigError("decoder_pipeline needs num_stages or a topology with a 'pipe' axis")
+    parts = decoder_pipeline_parts(config, num_stages)
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "decoder_pipeline needs torch.distributed: launch with deepspeed/torchrun and call "
+            "deepspeed.init_distributed() first (use Decoder for a single process)"
+        )
+    if "LOCAL_RANK" not in os.environ:
+        raise RuntimeError("decoder_pipeline needs LOCAL_RANK in the environment (the deepspeed launcher sets it)")
+    if not ds_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+    pipeline_kwargs.setdefault("checkpointable_layers", ["DecoderBlock"])
+    module = PipelineModule(
+        layers=decoder_layer_specs(config, ep_group),
+        num_stages=None if topology is not None else num_stages,
+        topology=topology,
+        loss_fn=lm_loss,
+        partition_method=PIPELINE_PARTITION_METHOD,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        **pipeline_kwargs,
+    )
+    if [int(p) for p in module.parts] != parts:
+        raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {parts}")
+    module.canonical_parameter_names = lambda: decoder_canonical_names(module, config)
+    module.decoder_config = config
+    return module
+
+
+def decoder_canonical_names(module: nn.Module, config: DecoderConfig, buffers: bool = False) -> dict[str, str]:
+    """This stage's parameter names (and persistent buffers with ``buffers``) -> the plain model's names."""
+    local = [name for name, _ in module.named_parameters()]
+    if buffers:
+        local += [name for name in module.state_dict(keep_vars=True) if name not in set(local)]
+    return dict(zip(local, decoder_pipeline_to_plain(dict.fromkeys(local), config)))

@@ -1,0 +1,143 @@
+"""Tiny random Hugging Face models of every supported family, built offline from transformers' config
+classes, with every weight (norms, biases, correction biases too) set to non-default values."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+# transformers' plainest forward as the oracle (its default grouped-GEMM experts need aligned sizes on CPU).
+EAGER = {"attn_implementation": "eager", "experts_implementation": "eager"}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+# Small original context so that tiny heads have frequencies in all three Llama-3 regimes.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+
+
+def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_experts: bool = False):
+    """A random tiny config of ``model_type``: sizes, heads, top-k, groups and dense-layer patterns."""
+    import transformers
+
+    rng = random.Random(f"{model_type}/{seed}")
+    heads = rng.choice([2, 4])
+    kv_heads = rng.choice([g for g in (1, 2, heads) if heads % g == 0])
+    head_dim = rng.choice([4, 8]) if model_type in ("glm4_moe", "olmoe") else rng.choice([4, 6, 8])
+    hidden = heads * head_dim if model_type == "olmoe" else rng.choice([12, 16, 20])
+    layers = rng.randint(min_layers, 4)
+    experts = rng.choice([4, 6, 8] if even_experts else [3, 4, 6, 8])
+    top_k = rng.randint(1, min(3, experts))
+    common = dict(
+        vocab_size=rng.randint(40, 90),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=rng.choice([1e-5, 1e-6]),
+        tie_word_embeddings=rng.random() < 0.3,
+        rope_parameters={"rope_type": "default", "rope_theta": rng.choice([10000.0, 1e6])},
+        num_experts_per_tok=top_k,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    scaling = rng.choice([None, None, None, LINEAR_ROPE, LLAMA3_ROPE])
+    if scaling is not None and model_type != "glm4_moe":
+        common["rope_parameters"].update(scaling)
+    dense_ffn, expert_ffn = rng.choice([16, 24]), rng.choice([6, 8, 12])
+    if model_type == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=experts, intermediate_size=expert_ffn)
+    if model_type in ("qwen3_moe", "qwen2_moe"):
+        step = rng.choice([1, 1, 2])
+        kw = dict(
+            num_experts=experts,
+            moe_intermediate_size=expert_ffn,
+            intermediate_size=dense_ffn,
+            decoder_sparse_step=step,
+            mlp_only_layers=sorted(rng.sample(range(layers), rng.randint(0, layers - 1))),
+            norm_topk_prob=rng.random() < 0.5,
+        )
+        if model_type == "qwen3_moe":
+            return transformers.Qwen3MoeConfig(**common, **kw, attention_bias=rng.random() < 0.5)
+        return transformers.Qwen2MoeConfig(
+            **common, **kw, qkv_bias=rng.random() < 0.7, shared_expert_intermediate_size=rng.choice([8, 20])
+        )
+    if model_type == "olmoe":
+        return transformers.OlmoeConfig(
+            **common,
+            num_experts=experts,
+            intermediate_size=expert_ffn,
+            norm_topk_prob=rng.random() < 0.5,
+            attention_bias=rng.random() < 0.5,
+            clip_qkv=rng.choice([None, 1.5]),
+        )
+    # GLM-4.5: groups of >= 2 experts (DeepSeek-V3 scores a group by its best two), k >= 2.
+    experts = rng.choice([4, 8, 12])
+    groups = rng.choice([g for g in (2, 4) if experts % g == 0 and experts // g >= 2])  # n_group=1: router tests
+    topk_group = rng.randint(1, max(1, groups - 1)) if rng.random() < 0.8 else groups  # mostly a real limit
+    common.update(num_experts_per_tok=rng.randint(2, min(4, topk_group * experts // groups)))
+    common["rope_parameters"]["partial_rotary_factor"] = rng.choice([0.5, 1.0])
+    return transformers.Glm4MoeConfig(
+        **common,
+        n_routed_experts=experts,
+        moe_intermediate_size=expert_ffn,
+        intermediate_size=dense_ffn,
+        n_shared_experts=rng.choice([1, 2]),
+        n_group=groups,
+        topk_group=topk_group,
+        routed_scaling_factor=rng.choice([1.0, 2.5]),
+        norm_topk_prob=rng.random() < 0.7,
+        first_k_dense_replace=rng.randint(0, layers - 1),
+        use_qk_norm=seed % 2 == 0,  # both kinds among the draws
+        attention_bias=rng.random() < 0.5,
+    )
+
+
+@torch.no_grad()
+def randomize_(model, seed: int) -> None:
+    """Every parameter and float buffer of an HF model to non-default values, scaled by fan-in."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen)
+        if param.dim() == 1:
+            value = (1.0 + 0.2 * noise) if "norm" in name else 0.1 * noise
+        else:
+            scale = (2.0 if name.endswith("gate.weight") else 1.0) / math.sqrt(param.shape[-1])
+            value = noise * scale
+        param.copy_(value)
+    for name, buf in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+
+
+def make_hf_model(config, seed: int, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, **EAGER).eval()
+    randomize_(model, seed)
+    return model.to(dtype)
+
+
+def save_hf_model(config, seed: int, path: Path, dtype: torch.dtype = torch.float32, max_shard_size=None):
+    model = make_hf_model(config, seed, dtype)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **kw)
+    return model
+
+
+def tokens(vocab: int, seed: int = 0, batch: int = 2, seq: int = 11) -> torch.Tensor:
+    """Random ids without the pad id 0: transformers' embeddings give the pad row no gradient (ours do)."""
+    return torch.randint(1, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())

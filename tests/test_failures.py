@@ -1,0 +1,284 @@
+"""Failure behaviour of the training app, driven as a user would: the CLI, a real run directory, real signals.
+
+Divergence (non-finite loss, overflow-skipped steps), expert collapse, a stalled rank, Ctrl-C and
+SIGTERM to the `deepspeed` command. Tiny models, 1-2 processes; the corpus is tokenized once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launch.compare import iter_wandb_records, read_wandb_history, wandb_files
+from tests.dist_utils import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_every=1",
+    "moe.num_experts=4",
+    "data.max_corpus_bytes=300000",
+    "data.vocab_size=512",
+    "data.seq_len=16",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.eval_batches=1",
+    "train.progress=lines",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A tokenized corpus shared by the module's runs (a cold cache would dominate short timeouts)."""
+    from launch.data import DataConfig, prepare_data
+
+    path = tmp_path_factory.mktemp("cache")
+    prepare_data(DataConfig(max_corpus_bytes=300000, vocab_size=512, seq_len=16, cache_dir=str(path)))
+    return path
+
+
+def single(run_dir: Path, cache: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch/train.py", *TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if ".tmp-" not in p.name)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_diverging_learning_rate_stops_after_max_skipped_steps(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = single(run, cache, "optim.lr=1e4", "optim.min_lr=0", "train.steps=12", "train.ckpt_every=1",
+                  "train.max_skipped_steps=3", "logger=disabled")  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 65, out[-3000:]
+    assert "training diverged" in out and "train.max_skipped_steps=3" in out, out[-3000:]
+    logged = rows(run)
+    skipped = [r for r in logged if "train/skipped_loss" in r]
+    assert len(skipped) == 3, skipped
+    # A skipped step is retried as the same step, on the same batch, at the same learning rate:
+    # neither the step count, nor the data position, nor the LR schedule advanced.
+    assert len({r["step"] for r in skipped}) == 1
+    assert len({r["train/lr"] for r in skipped}) == 1
+    finite = [r["train/skipped_loss"] for r in skipped if math.isfinite(r["train/skipped_loss"])]
+    if finite:
+        assert max(finite) == pytest.approx(min(finite), rel=1e-5)
+    bad_step = skipped[0]["step"]
+    steps = [r["step"] for r in logged if "train/loss" in r]
+    assert steps == list(range(1, bad_step)), steps
+    # No checkpoint of the bad step; the last finite one is what `latest` names, with a data position
+    # of exactly its steps' samples.
+    assert checkpoint_steps(run) and max(checkpoint_steps(run)) == bad_step - 1
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == f"step_{bad_step - 1:08d}"
+
+
+def test_nan_in_fp32_stops_at_the_first_step_naming_the_layer(tmp_path, cache):
+    run = tmp_path / "run"
+    # Weights of std 1e30 overflow fp32 in the first forward that uses them; ZeRO-0 applies updates unchecked.
+    proc = single(run, cache, "model.init_std=1e30", "deepspeed=zero0", "deepspeed.precision=fp32",
+                  "train.steps=6", "train.ckpt_every=1", "train.max_skipped_steps=5", "logger=disabled")  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 65, out[-3000:]
+    stopped = r"training diverged: non-finite loss nan; .*(update was applied|does not recover)"
+    assert re.search(stopped, out), out[-3000:]
+    assert "The first output that went non-finite:" in out
+    losses = [r for r in rows(run) if "train/loss" in r]
+    assert all(math.isfinite(r["train/loss"]) for r in losses)
+    bad = [r for r in rows(run) if "train/skipped_loss" in r]
+    assert len(bad) == 1  # stopped at the first non-finite step, max_skipped_steps notwithstanding
+    assert not (run / "checkpoints").exists() or max(checkpoint_steps(run), default=0) < bad[0]["step"]
+
+
+# ---------------------------------------------------------------- expert collapse
+
+
+def test_expert_collapse_warns_once_records_an_alert_and_trains_on(tmp_path, cache):
+    run = tmp_path / "run"
+    # A bound every real run exceeds (max/mean load 1.01) stands in for a collapsed router.
+    proc = single(run, cache, "train.steps=6", "train.ckpt_every=6", "train.collapse_window=3",
+                  "train.collapse_max_load_ratio=1.01", "logger=offline")  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    warnings_ = [line for line in out.splitlines() if line.startswith("warning: MoE layer")]
+    assert len(warnings_) == 2, warnings_  # one per layer, not one per step
+    assert "degenerate for 3 steps" in warnings_[0] and "the mean load (bound 1.01)" in warnings_[0]
+    alerts = [r for r in rows(run) if r.get("alert", "").startswith("expert collapse")]
+    assert sorted(a["alert/data"]["layer"] for a in alerts) == [0, 1]
+    assert all(a["step"] == 3 and a["alert/data"]["max_load_ratio"] > 1.01 for a in alerts)
+    assert "done:" in proc.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a damaged .wandb file warns
+        kinds = [r.WhichOneof("record_type") for r in iter_wandb_records(wandb_files(run)[0])]
+    assert "exit" in kinds
+
+
+# ---------------------------------------------------------------- multi-process: stall and signals
+
+
+class Job:
+    """`deepspeed --num_gpus 2 launch/train.py ...` in its own session (like a shell's foreground job)."""
+
+    def __init__(self, run_dir: Path, cache: Path, *extra: str) -> None:
+        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *TINY,
+               "parallel.ep=2", f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.proc.poll() is None, f"job ended before {text!r}:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output[-4000:]}"
+            time.sleep(0.2)
+
+    def workers(self) -> dict[int, psutil.Process]:
+        """local rank -> worker process, found by session (the launcher itself may be gone)."""
+        found = {}
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) != self.proc.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmdline = proc.cmdline()
+            except (psutil.Error, OSError):
+                continue
+            for arg in cmdline:
+                if arg.startswith("--local_rank="):
+                    found[int(arg.split("=")[1])] = proc
+        return found
+
+    def session(self) -> list[psutil.Process]:
+        """Every live process of the job's session: the launcher, `deepspeed.launcher.launch`, the workers."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == self.proc.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    def wait(self, timeout: float) -> int:
+        """Until every process of the job has ended (the `deepspeed` command may return before its
+        workers do); the command's exit status. Raises TimeoutExpired."""
+        deadline = time.monotonic() + timeout
+        code = self.proc.wait(timeout=timeout)
+        _, alive = psutil.wait_procs(self.session(), timeout=max(1.0, deadline - time.monotonic()))
+        if alive:
+            raise subprocess.TimeoutExpired(str(alive), timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        """Leave nothing behind: SIGKILL the whole session (also stopped processes)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for worker in self.workers().values():
+            try:
+                worker.kill()
+            except psutil.Error:
+                pass
+
+
+def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path, cache):
+    timeout_s, margin_s = 15, 30  # margin: the rank's current step and the error path
+    job = Job(tmp_path / "run", cache, "train.steps=100000", "train.ckpt_every=100000",
+              f"parallel.timeout_s={timeout_s}", "logger=disabled")  # fmt: skip
+    try:
+        job.wait_for("step     3/")
+        workers = job.workers()
+        workers[1].suspend()  # SIGSTOP: alive, holds its sockets, never answers
+        stopped_at = time.monotonic()
+        job.wait_for("did not complete within", timeout=timeout_s + margin_s)
+        elapsed = time.monotonic() - stopped_at
+        # Rank 0 exits at once (DeepSpeed's launcher then SIGTERMs the stopped rank and SIGKILLs
+        # it 30 s later: not waited for here).
+        workers[0].wait(timeout=30)  # psutil.TimeoutExpired if it lingers
+    finally:
+        job.kill()
+    assert timeout_s * 0.9 < elapsed < timeout_s + margin_s  # it waited for the timeout, and not much longer
+    message = job.output.split("did not complete within")[0].splitlines()[-1]
+    assert "parallel.timeout_s=15 s" in job.output and "group" in message, job.output[-4000:]
+
+
+def _assert_stopped_cleanly(job: Job, run_dir: Path, code: int) -> None:
+    out = job.output
+    assert "checkpointing and stopping" in out, out[-4000:]
+    stopped = int(out.split("checkpointing and stopping")[0].rsplit("step ", 1)[1].split(":")[0])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    files = wandb_files(run_dir)
+    assert len(files) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a .wandb file cut short warns
+        kinds = [r.WhichOneof("record_type") for r in iter_wandb_records(files[0])]
+        history = read_wandb_history(files[0])
+    assert "exit" in kinds, kinds  # finished: `wandb sync` uploads it as a complete run
+    assert max(row["_step"] for row in history if "train/loss" in row) == stopped
+
+
+def test_ctrl_c_checkpoints_and_leaves_a_complete_wandb_run(tmp_path, cache):
+    run = tmp_path / "run"
+    job = Job(run, cache, "train.steps=100000", "train.ckpt_every=100000", "logger=offline")
+    try:
+        job.wait_for("step     3/")
+        os.killpg(job.proc.pid, signal.SIGINT)  # what a terminal sends its foreground job on Ctrl-C
+        code = job.wait(timeout=120)
+    finally:
+        job.kill()
+    assert code != 0  # interrupted before its last step
+    _assert_stopped_cleanly(job, run, code)
+    assert "SIGINT received" in job.output
+
+
+def test_sigterm_to_the_deepspeed_command_stops_the_workers(tmp_path, cache):
+    run = tmp_path / "run"
+    job = Job(run, cache, "train.steps=100000", "train.ckpt_every=100000", "logger=offline")
+    try:
+        job.wait_for("step     3/")
+        workers = job.workers()
+        assert len(workers) == 2
+        job.proc.send_signal(signal.SIGTERM)  # `kill <pid of deepspeed>`: the launcher dies at once
+        code = job.wait(timeout=120)
+    finally:
+        job.kill()
+    assert all(not w.is_running() for w in workers.values()), job.output[-3000:]
+    _assert_stopped_cleanly(job, run, code)
+    assert "the deepspeed launcher" in job.output and "SIGTERM received" in job.output
