@@ -985,7 +985,9 @@ SWEEP_NAMED = (
 )
 
 
-def sweep_tokens(hidden: int, ffn: int, top_k: int, capacity_factor: float | None, experts: int) -> int:
+def sweep_tokens(
+    hidden: int, ffn: int, top_k: int, capacity_factor: float | None, experts: int, target_s: float = SWEEP_TARGET_S
+) -> int:
     """T such that DeepSpeed's step takes about SWEEP_TARGET_S here, from a FLOP and traffic estimate.
 
     Per token DeepSpeed computes ``k * cf`` expert rows (dropless: about 1.3 for the imbalance of a
@@ -997,7 +999,7 @@ def sweep_tokens(hidden: int, ffn: int, top_k: int, capacity_factor: float | Non
     gemm_s = 12.0 * hidden * ffn / cost.gemm_flops
     move_s = 4.0 * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / cost.move_bytes_per_s
     per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / cost.move_bytes_per_s  # + the router's [T, E]
-    tokens = int(SWEEP_TARGET_S / per_token_s) // 64 * 64
+    tokens = int(target_s / per_token_s) // 64 * 64
     return max(256, min(32768, tokens))
 
 
@@ -1008,7 +1010,9 @@ def _balanced(values: tuple, count: int, rng) -> list:
     return out
 
 
-def sweep_points(count: int = 32, ep2: int = 3, quick: bool = False) -> list[BenchConfig]:
+def sweep_points(
+    count: int = 32, ep2: int = 3, quick: bool = False, target_s: float = SWEEP_TARGET_S
+) -> list[BenchConfig]:
     """The sampled sweep: ``count`` EP=1 points whose every axis is balanced (each value of each axis
     appears equally often), the issue's named shapes, and ``ep2`` of the points again at EP=2.
 
@@ -1034,7 +1038,7 @@ def sweep_points(count: int = 32, ep2: int = 3, quick: bool = False) -> list[Ben
     points = []
     for i, (experts, k, hidden, ratio, cf, policy) in enumerate(zip(*axes)):
         ffn = int(hidden * ratio)
-        tokens = sweep_tokens(hidden, ffn, k, cf, experts)
+        tokens = sweep_tokens(hidden, ffn, k, cf, experts, target_s)
         points.append(BenchConfig(f"s{i + 1:02d}", tokens, hidden, ffn, experts, k, cf, drop_policy=policy))
     named = [dataclasses.replace(c) for c in SWEEP_NAMED]
     ep2_points = [
@@ -1147,23 +1151,38 @@ def sweep_summary(rows: list[SweepRow]) -> str:
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     target = target_of(args)
-    points = sweep_points(args.sweep_points, quick=args.quick)
+    points = sweep_points(args.sweep_points, quick=args.quick, target_s=args.sweep_target_s)
     if args.sweep_only:
         wanted = {n.strip() for n in args.sweep_only.split(",")}
         points = [p for p in points if p.name in wanted]
-    rows = []
+    rows: list[SweepRow] = []
+    loads: list[float] = []
     started = time.monotonic()
+    command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
+
+    def report(final: bool) -> str:
+        table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
+        if not final:
+            table = f"(partial: {len(rows)} of {len(points)} points so far)\n\n" + table
+        if not args.no_write:  # after every point, so that a cut-short run still leaves its points
+            load = f"1-minute load average at the points' starts: min {min(loads):.1f}, max {max(loads):.1f}"
+            write_results(args.output, "sweep", command, f"{machine_line(target)}; {load}", table)
+        return table
+
     for i, cfg in enumerate(points):
-        print(f"== [{i + 1}/{len(points)}, {time.monotonic() - started:.0f} s] {cfg.name}: {cfg.label()}", flush=True)
+        loads.append(os.getloadavg()[0])
+        print(
+            f"== [{i + 1}/{len(points)}, {time.monotonic() - started:.0f} s, load {loads[-1]:.1f}] "
+            f"{cfg.name}: {cfg.label()}",
+            flush=True,
+        )
         rows.append(run_sweep_point(cfg, args.warmup, args.reps, target.for_config(cfg), not args.no_memory))
         print(sweep_table(rows[-1:]).splitlines()[-1], flush=True)
-    table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
-    load = os.getloadavg()[0]
-    print("\n" + table + f"\n\nwall time {time.monotonic() - started:.0f} s, 1-minute load at the end {load:.1f}")
+        if i + 1 < len(points):
+            report(final=False)
+    table = report(final=True)
+    print("\n" + table + f"\n\nwall time {time.monotonic() - started:.0f} s")
     if not args.no_write:
-        command = " ".join([".venv/bin/python benchmarks/bench_moe.py", *argv])
-        machine = machine_line(target) + f"; 1-minute load average at the end of the run: {load:.1f}"
-        write_results(args.output, "sweep", command, machine, table)
         print(f"wrote the sweep block of {args.output}")
 
 
@@ -1212,6 +1231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calibrate", action="store_true", help="measure the expert cost model's constants here and print them"
     )
     parser.add_argument("--sweep-points", type=int, default=32, help="sampled EP=1 points of --sweep (default 32)")
+    parser.add_argument(
+        "--sweep-target-s",
+        type=float,
+        default=SWEEP_TARGET_S,
+        help=f"estimated DeepSpeed step that sizes each point's T (default {SWEEP_TARGET_S})",
+    )
     parser.add_argument("--sweep-only", default=None, help="comma-separated point names: run only these")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
