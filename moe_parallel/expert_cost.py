@@ -30,10 +30,11 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertCostModel:
-    gemm_flops: float = 1.5e11  # sustained fp32 GEMM rate, FLOP/s (MKL, 2 threads)
-    expert_call_s: float = 3.0e-4  # operator calls of one active expert in the loop, fwd+bwd
-    padded_call_s: float = 1.0e-3  # operator calls of the padded path, fwd+bwd, whatever e
-    move_bytes_per_s: float = 4.0e9  # gather / scatter / fill of activation rows
+    # Measured here by calibrate() on 2026-11-30 (2 threads, 1-minute load about 3.4): BENCHMARKS.md.
+    gemm_flops: float = 8.05e10  # sustained fp32 GEMM rate, FLOP/s
+    expert_call_s: float = 8.3e-5  # operator calls of one active expert in the loop, fwd+bwd
+    padded_call_s: float = 5.6e-4  # operator calls of the padded path, fwd+bwd, whatever e
+    move_bytes_per_s: float = 6.06e8  # gather + scatter-add of activation rows into fresh memory
 
     def loop_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
         rows = sum(counts)
