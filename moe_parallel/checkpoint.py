@@ -132,9 +132,8 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
 
 def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     """Local name -> buffer, for the buffers in the model's state dict (RoPE caches are not)."""
-    params = {name for name, _ in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-    return {name: buffers[name] for name in model.state_dict(keep_vars=True) if name not in params}
+    # By type, not by name: a tied parameter appears in the state dict under a second name.
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if not isinstance(t, nn.Parameter)}
 
 
 def canonical_buffer_names(model: nn.Module, names: dict[str, str] | None = None) -> dict[str, str]:
@@ -615,7 +614,7 @@ def load_checkpoint(
     elif not has_buffers and buffer_names and rank == 0:
         warnings.warn(
             f"checkpoint {path} predates buffers in checkpoints: {sorted(all_buffers_in_model)} keep their "
-            "initial values (a router's trained expert_bias is lost)",
+            "current values (the initial ones in a new run; a router's trained expert_bias is lost)",
             stacklevel=2,
         )
     for local_name, canonical in buffer_names.items():

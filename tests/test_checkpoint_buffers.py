@@ -156,8 +156,8 @@ def _refusals(rank, world, tmp):
         warnings.simplefilter("always")
         load_checkpoint(fresh, tmp, tag="older")
     assert [str(w.message) for w in caught if "predates buffers" in str(w.message)] == [
-        f"checkpoint {path} predates buffers in checkpoints: ['{BIAS}'] keep their initial values "
-        "(a router's trained expert_bias is lost)"
+        f"checkpoint {path} predates buffers in checkpoints: ['{BIAS}'] keep their current values "
+        "(the initial ones in a new run; a router's trained expert_bias is lost)"
     ]
     assert torch.equal(_bias(fresh), torch.zeros(E))
 
