@@ -400,7 +400,7 @@ class Trainer:
             + "No checkpoint was written for this or later steps; "
             + (f"the last one is step {last} in {self.ckpt_dir}. " if last is not None else "there is none before. ")
             + "Lower optim.lr, raise optim.warmup_steps or lower deepspeed.grad_clip, then resume (the same command; "
-            "train.resume=<checkpoint dir> for an earlier one) or start over."
+            "for an earlier checkpoint, move the newer ones out of checkpoints/) or start over."
         )
         if self.rank == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
@@ -507,7 +507,8 @@ class Trainer:
         if self.resume_from is None:
             return None
         client = load_checkpoint(self.engine, self.resume_from.path)
-        self.train_iter.load_state_dict(client["data"])
+        if "data" in client:  # absent in weights-only checkpoints (checkpoint_tool import / import-hf)
+            self.train_iter.load_state_dict(client["data"])
         self._parent = self.resume_from.path
         _say(
             self.rank,

@@ -129,6 +129,16 @@ def test_the_run_continues_at_another_layout_and_still_exports_exactly(run):
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
 
 
+def test_training_starts_from_an_imported_checkpoint(run):
+    """``import-hf`` writes a weights-only checkpoint (no data position, no optimizer state): a run
+    resumes from it at step 0 with the HF weights and trains on."""
+    tmp, model_dir = run
+    assert tool(["import-hf", str(model_dir), "--out", str(tmp / "imported")]) == 0
+    run_dir = tmp / "run_from_import"
+    train(run_dir, model_dir, tmp / "cache", 2, "parallel=ep2", f"train.resume={tmp / 'imported'}")
+    assert sorted(metrics(run_dir, "train/loss")) == [2]
+
+
 # ---------------------------------------------------------------- configuration (no processes)
 
 
