@@ -116,9 +116,20 @@ def _rewrite(path, rel, obj, manifest) -> None:
 
 
 def _refusals(rank, world, tmp):
+    from launch.checkpoint_tool import main as tool
+
     engine = _engine(ep=1)
     _train(engine, 2)
     trained = _bias(engine)
+
+    # export -> import keeps the buffer a buffer: the imported checkpoint loads it back.
+    save_checkpoint(engine, f"{tmp}/run")
+    assert tool(["export", f"{tmp}/run", "--out", f"{tmp}/model.pt"]) == 0
+    assert torch.equal(torch.load(f"{tmp}/model.pt")[BIAS], trained)
+    assert tool(["import", f"{tmp}/model.pt", "--out", f"{tmp}/imported"]) == 0
+    fresh = _engine(ep=1)
+    load_checkpoint(fresh, f"{tmp}/imported")
+    assert torch.equal(_bias(fresh), trained)
 
     path = save_checkpoint(engine, tmp, tag="corrupt")
     data = bytearray((path / "buffers" / "stage_0.pt").read_bytes())
