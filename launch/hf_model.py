@@ -30,7 +30,6 @@ from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load
 from moe_parallel.hf.upcycle import UpcycledSource
-from moe_parallel.layer import moe_layers
 from moe_parallel.models.decoder import DecoderConfig, decoder_pipeline
 from moe_parallel.parallel import ParallelState
 
@@ -154,7 +153,6 @@ def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     source = tensor_source(cfg, config)
     if cfg.parallel.pp == 1:
         model = build_and_load(config, source, ep_group=state.ep_group, dtype=torch.float32)
-        _mark_expert_params(model)
         return model, config
     interval = 1 if cfg.deepspeed.activation_checkpointing else 0
     model = decoder_pipeline(
@@ -162,16 +160,6 @@ def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     )
     hf.load_weights(model, source, check=False)  # checked in validate()
     return model, config
-
-
-def _mark_expert_params(model: torch.nn.Module) -> None:
-    """Re-apply MoELayer's DeepSpeed expert markers (``allreduce=False``, ``group_name``): building on
-    the meta device and materialising with ``to_empty`` makes new Parameter objects without them,
-    and DeepSpeed would then reduce expert gradients over the whole data-parallel group."""
-    for layer in moe_layers(model):
-        for param in layer.experts.parameters():
-            param.allreduce = False
-            param.group_name = layer.expert_group_name
 
 
 def save_identity(cfg: DictConfig, config: DecoderConfig, ckpt_dir: Path) -> Path:

@@ -74,6 +74,30 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
+def check_param_groups_agree(param_groups: list[dict[str, Any]], zero_stage: int) -> None:
+    """Under ZeRO 1/2, DeepSpeed's gradient-norm step makes one collective per optimizer param group
+    over the whole pipeline: ranks with different groups (a pipeline stage holding no MoE layer next
+    to one that does) would wait for each other forever. Refuse that on every rank, before
+    ``deepspeed.initialize``. One small all-gather of the group names."""
+    import torch.distributed as dist
+
+    if zero_stage == 0 or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = tuple(group.get("name", "") for group in param_groups)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        kinds = sorted(set(every))
+        ranks = {kind: [r for r, k in enumerate(every) if k == kind] for kind in kinds}
+        detail = "; ".join(f"ranks {ranks[k]}: {list(k)}" for k in kinds)
+        raise DeepSpeedConfigError(
+            f"deepspeed.zero_optimization.stage={zero_stage} needs the same optimizer param groups on every rank, "
+            f"but they differ ({detail}): a pipeline stage holds no MoE layer while another does, and "
+            "DeepSpeed's ZeRO gradient-norm step would hang. Use zero_optimization.stage=0 for this layout, or "
+            "choose parallel.pp / the layers' partition so that every stage holds at least one MoE layer"
+        )
+
+
 def make_optimizer(param_groups: list[dict[str, Any]], lr: float, betas=(0.9, 0.95), eps: float = 1e-8):
     """Apex's FusedAdam where a CUDA-built apex is importable, torch's AdamW otherwise (fused on GPU)."""
     if torch.cuda.is_available():
@@ -107,7 +131,9 @@ def build_engine(
     config = copy.deepcopy(ds_config)
     config.pop("optimizer", None)  # the optimizer is built here, from param groups DeepSpeed needs
     config.setdefault("zero_allow_untested_optimizer", True)
-    optimizer = make_optimizer(optimizer_param_groups(model, weight_decay), lr=lr, betas=betas)
+    param_groups = optimizer_param_groups(model, weight_decay)
+    check_param_groups_agree(param_groups, config.get("zero_optimization", {}).get("stage", 0))
+    optimizer = make_optimizer(param_groups, lr=lr, betas=betas)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler
     )

@@ -327,3 +327,19 @@ def test_saving_again_into_a_directory_leaves_no_stale_shards(hf_dirs, tmp_path)
     assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
     loaded, info = load_transformers(tmp_path / "out")
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_expert_parameters_carry_deepspeeds_expert_flags(hf_dirs, family):
+    """DeepSpeed reduces a parameter over the expert-data-parallel group only when it is flagged
+    (``allreduce=False``, ``group_name``); the meta-device build must not lose those flags."""
+    from moe_parallel.layer import moe_layers
+
+    model = hf.from_pretrained(hf_dirs[family, 0][0])
+    layers = moe_layers(model)
+    assert layers
+    for layer in layers:
+        for param in layer.experts.parameters():
+            assert param.allreduce is False and param.group_name == layer.expert_group_name
+    routed = {id(p) for layer in layers for p in layer.experts.parameters()}
+    assert all(getattr(p, "allreduce", True) for p in model.parameters() if id(p) not in routed)

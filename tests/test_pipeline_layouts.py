@@ -140,3 +140,22 @@ def test_checkpoint_from_pp2_ep2_loads_at_other_layouts(trained, pp, ep, world):
     run_distributed(_train_layout, world, pp, ep, str(trained), None, str(trained / "ckpt"), timeout=300)
     saved = _result(trained, 2, 2, 4)["eval"]
     assert _result(trained, pp, ep, world)["loaded_eval"] == pytest.approx(saved, rel=1e-5)
+
+
+def _stage_without_moe_under_zero1(rank: int, world_size: int) -> None:
+    from moe_parallel.engine import DeepSpeedConfigError
+
+    state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=1, num_experts=4)
+    cfg = GPTConfig(**{**CONFIG, "moe_every": 4})  # only block 3 is MoE: stage 0 holds none
+    model = gpt_pipeline(cfg, ep_group=state.ep_group, topology=state.deepspeed_topology())
+    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
+    with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization.stage=1 .*stage=0"):
+        build_engine(model, {**ds, "zero_optimization": {"stage": 1}}, lr=1e-3)
+    engine, _, _ = build_engine(model, {**ds, "zero_optimization": {"stage": 0}}, lr=1e-3)  # this one trains
+    assert engine.train_batch(data_iter=iter([micro_batch(0, 0)])).isfinite()
+
+
+def test_zero_refuses_a_stage_without_moe_layers_instead_of_hanging():
+    """DeepSpeed's ZeRO 1/2 gradient norm makes one collective per optimizer param group: a stage
+    with no MoE layer (fewer groups) would hang the job. build_engine refuses it on every rank."""
+    run_distributed(_stage_without_moe_under_zero1, 2)

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..comm import ProcessGroup
-from ..layer import MoELayer
+from ..deepspeed_integration import mark_expert_parameters
+from ..layer import MoELayer, moe_layers
 from ..models.decoder import Decoder, DecoderConfig, decoder_canonical_names
 from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config
 from .safetensors_io import SafetensorsDir
@@ -90,6 +91,8 @@ def build_and_load(
     with torch.device("meta"):
         model = Decoder(config, ep_group=ep_group)
     model.to_empty(device=device)
+    for layer in moe_layers(model):  # to_empty makes new Parameters: restore DeepSpeed's expert flags
+        mark_expert_parameters(layer.experts.parameters(), layer.ep_size)
     _zero_non_persistent_buffers(model)
     model.to(dtype)
     _keep_fp32(model, config)
