@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 TORCH_CPU_PIN ?= torch==2.13.0
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed JIT-builds a small CPU op at start-up; keep its build cache in this clone's venv, so clones
+# and venvs never rebuild over each other or wait on another one's stale build lock (~/.cache is shared).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv test train bench bench-sweep gpu-check gpu-wheels lint clean
 

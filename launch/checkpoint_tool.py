@@ -84,7 +84,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     state = export_consolidated(path, DTYPES[args.dtype])  # checks every file's checksum
     out = Path(args.out)
     torch.save(state, out)
-    meta = {"source": str(path), "step": manifest["step"], "expert_parameters": manifest["expert_parameters"]}
+    meta = {
+        "source": str(path),
+        "step": manifest["step"],
+        "expert_parameters": manifest["expert_parameters"],
+        "buffers": manifest.get("buffers", []),  # which tensors are buffers (e.g. routers' expert_bias)
+    }
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(meta, indent=1))
     print(f"wrote {out} ({len(state)} tensors, {args.dtype}) and {out.name}.json")
     return 0
@@ -97,10 +102,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         meta = json.loads(meta_path.read_text())
         expert_parameters = meta["expert_parameters"]
+        buffers = list(meta.get("buffers", []))  # absent in an export made before buffers were kept
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path} is damaged ({err}): export the weights again") from err
     state = torch.load(args.file, map_location="cpu", weights_only=True)
-    path = import_consolidated(state, expert_parameters, args.out, args.tag)
+    path = import_consolidated(state, expert_parameters, args.out, args.tag, buffers=buffers)
     print(f"wrote {path} (weights only; optimizer starts fresh)")
     return 0
 

@@ -54,7 +54,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from launch.hf_tokenizer import load_pretrained_tokenizer, tokenizer_stat
+from launch.hf_tokenizer import file_sha256, load_pretrained_tokenizer, tokenizer_stat
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +255,6 @@ def read_documents(source: CorpusFile | str | os.PathLike[str]) -> Iterator[str]
                 yield text
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -448,7 +440,7 @@ def train_tokenizer(cfg: DataConfig) -> Path:
     a second call with the same inputs loads the cached model and a changed file retrains.
     """
     sources = resolve_corpus(cfg)
-    digests = [_file_sha256(s.path) for s in sources]
+    digests = [file_sha256(s.path) for s in sources]
     return _ensure_tokenizer(cfg, sources, digests, _tokenizer_key(cfg, sources, digests))
 
 
@@ -665,7 +657,7 @@ def _stat_key(cfg: DataConfig, sources: Sequence[CorpusFile]) -> str:
 def _prepare_here(cfg: DataConfig) -> PreparedData:
     """Hash the corpus, reuse or build tokenizer and tokens, record the index entry, open the memmaps."""
     sources = resolve_corpus(cfg)
-    digests = [_file_sha256(s.path) for s in sources]
+    digests = [file_sha256(s.path) for s in sources]
     pretrained = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     if pretrained is None:
         tok_key = _tokenizer_key(cfg, sources, digests)

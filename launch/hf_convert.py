@@ -2,9 +2,10 @@
 ``import-hf`` / ``export-hf``).
 
 A converted or trained checkpoint directory holds, beside ``latest`` and its tags, ``hf_model/``:
-the model's identity as a Hugging Face config (config.json of its family, the tokenizer files, and
-``buffers.safetensors`` with the persistent non-parameter tensors such as GLM's correction bias,
-which checkpoints do not store). Training a ``model=hf`` run writes the same folder into its
+the model's identity as a Hugging Face config (config.json of its family and the tokenizer files).
+Checkpoints hold the persistent buffers too (GLM's correction bias, trained or not), so an export
+carries the bias of the step it exports; ``buffers.safetensors`` is only read, for checkpoints
+saved before checkpoints held buffers. Training a ``model=hf`` run writes the same folder into its
 ``checkpoints/``, so ``export-hf`` works from any run's checkpoint, saved at any (PP, EP, DP): the
 checkpoint's tensors are full values under global expert ids, and the export only renames and
 splits them.
@@ -24,7 +25,13 @@ import torch
 from torch import Tensor
 
 from moe_parallel import hf
-from moe_parallel.checkpoint import CheckpointError, export_consolidated, import_consolidated, resolve_checkpoint
+from moe_parallel.checkpoint import (
+    CheckpointError,
+    export_consolidated,
+    import_consolidated,
+    read_manifest,
+    resolve_checkpoint,
+)
 from moe_parallel.hf.families import family, read_config_json
 from moe_parallel.hf.load import TensorSource, check_source, local_tensors
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -33,8 +40,8 @@ from moe_parallel.layer import MoELayer
 from moe_parallel.models.decoder import Decoder, DecoderConfig
 
 HF_MODEL_DIR = "hf_model"  # beside `latest` in a checkpoint directory
-BUFFERS_FILE = "buffers.safetensors"
-TRAINING_FILE = "moe_parallel.json"  # how the run trained what checkpoints do not store
+BUFFERS_FILE = "buffers.safetensors"  # written by earlier versions: buffers of checkpoints without them
+TRAINING_FILE = "moe_parallel.json"  # how the run trained (refuses exporting an older checkpoint's lost bias)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,7 +70,7 @@ def expert_parameters(model: Decoder) -> dict[str, dict[str, str]]:
 
 
 def buffer_names(model: Decoder) -> list[str]:
-    """Persistent buffers (in the state dict, not parameters): what checkpoints leave out."""
+    """Persistent buffers (in the state dict, not parameters), e.g. GLM's correction bias."""
     params = {name for name, _ in model.named_parameters()}
     return [name for name in model.state_dict(keep_vars=True) if name not in params]
 
@@ -90,30 +97,14 @@ def write_hf_model_dir(
     dest: str | Path,
     *,
     tokenizer_dir: str | Path | None,
-    buffers: dict[str, Tensor] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the model's HF identity (config.json of its family, tokenizer files, buffers) to ``dest``."""
-    from safetensors.torch import save_file
-
+    """Write the model's HF identity (config.json of its family, tokenizer files) to ``dest``."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     hf.hf_config_from_decoder(config, dtype).save_pretrained(str(dest))
     hf.copy_tokenizer_files(tokenizer_dir, dest)
-    if buffers:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in buffers.items()}, str(dest / BUFFERS_FILE))
     return dest
-
-
-def read_buffers(config: DecoderConfig, source: TensorSource) -> dict[str, Tensor]:
-    """The persistent buffers of the plain model read from an HF ``source`` (e.g. GLM's correction bias)."""
-    fam = family(config.hf_model_type)
-    out = {}
-    for name in buffer_names(meta_decoder(config)):
-        tmap = tensor_map(name, fam)
-        if tmap is not None:
-            out[name] = assemble(tmap, {key: source.get(key) for key in tmap.hf_keys})
-    return out
 
 
 def config_dtype(hf_dir: Path) -> torch.dtype:
@@ -156,9 +147,8 @@ def import_hf(
         source = hf.SafetensorsDir(hf_dir)
     state = read_full_state(config, source)  # checks every tensor before writing anything
     model = meta_decoder(config)
-    buffers = {name: state.pop(name) for name in buffer_names(model)}
-    path = import_consolidated(state, expert_parameters(model), out, tag)
-    write_hf_model_dir(config, out / HF_MODEL_DIR, tokenizer_dir=hf_dir, buffers=buffers, dtype=source_dtype)
+    path = import_consolidated(state, expert_parameters(model), out, tag, buffers=buffer_names(model))
+    write_hf_model_dir(config, out / HF_MODEL_DIR, tokenizer_dir=hf_dir, dtype=source_dtype)
     return path
 
 
@@ -205,23 +195,13 @@ def export_hf(
             f"no {HF_MODEL_DIR}/config.json beside {path}: the checkpoint was not made by import-hf or a model=hf "
             "run; pass --hf-config with the Hugging Face directory the model was started from"
         )
-    trained = json.loads((identity / TRAINING_FILE).read_text()) if (identity / TRAINING_FILE).is_file() else {}
-    if trained.get("expert_bias_update_rate", 0) > 0:
-        raise ConversionError(
-            f"{identity}/{TRAINING_FILE}: the run trained with moe.expert_bias_update_rate="
-            f"{trained['expert_bias_update_rate']}, and the routers' expert_bias it learned is not stored in "
-            "checkpoints, so the export would route differently; train with moe.expert_bias_update_rate=0 to export"
-        )
     config = hf.load_config(identity)
     model = meta_decoder(config)
-    state = export_consolidated(path)
+    state = export_consolidated(path)  # the buffers too, for a checkpoint that holds them
     names = {name for name in model.state_dict(keep_vars=True)}
     missing = sorted(names - set(state))
-    saved_buffers = _saved_buffers(identity)
-    for name in list(missing):
-        if name in saved_buffers:
-            state[name] = saved_buffers[name]
-            missing.remove(name)
+    if "buffers" not in read_manifest(path, check_files=False):
+        missing = _older_checkpoint_buffers(path, identity, state, missing)
     extra = sorted(set(state) - names)
     if missing or extra:
         raise ConversionError(
@@ -239,11 +219,23 @@ def export_hf(
     return Path(out)
 
 
-def _saved_buffers(identity: Path) -> dict[str, Tensor]:
+def _older_checkpoint_buffers(path: Path, identity: Path, state: dict[str, Tensor], missing: list[str]) -> list[str]:
+    """A checkpoint saved before checkpoints held buffers: take them from ``hf_model/buffers.safetensors``
+    (their values at the start of the run), unless the run trained them. Returns what is still missing."""
     from safetensors.torch import load_file
 
+    trained = json.loads((identity / TRAINING_FILE).read_text()) if (identity / TRAINING_FILE).is_file() else {}
+    if trained.get("expert_bias_update_rate", 0) > 0:
+        raise ConversionError(
+            f"checkpoint {path} predates buffers in checkpoints, and {identity}/{TRAINING_FILE} says the run trained "
+            f"the routers' expert_bias (moe.expert_bias_update_rate={trained['expert_bias_update_rate']}): the bias "
+            "it learned is lost, so the export would route differently; export a checkpoint saved by this version"
+        )
     file = identity / BUFFERS_FILE
-    return load_file(str(file)) if file.is_file() else {}
+    saved = load_file(str(file)) if file.is_file() else {}
+    for name in [n for n in missing if n in saved]:
+        state[name] = saved[name]
+    return [n for n in missing if n not in saved]
 
 
 def describe(path: Path) -> str:

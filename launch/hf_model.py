@@ -9,8 +9,9 @@ the dense FFN, random routers).
 
 Each rank reads only the tensors it holds (its pipeline stage's blocks, its experts), and the whole
 checkpoint is checked from the file headers in :func:`validate`, before any collective. The run's
-``checkpoints/hf_model/`` records the model's HF identity (config.json, tokenizer files, persistent
-buffers) so that ``checkpoint_tool export-hf`` can turn any of its checkpoints into an HF directory.
+``checkpoints/hf_model/`` records the model's HF identity (config.json, tokenizer files; the
+checkpoints hold weights and persistent buffers) so that ``checkpoint_tool export-hf`` can turn any
+of its checkpoints into an HF directory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from launch.config import AppConfigError, ModelConf, MoEConf
-from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, read_buffers, write_hf_model_dir
+from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, write_hf_model_dir
 from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load
@@ -162,17 +163,10 @@ def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
 
 
 def save_identity(cfg: DictConfig, config: DecoderConfig, ckpt_dir: Path) -> Path:
-    """Write ``ckpt_dir/hf_model/`` (config.json of the family, tokenizer files, persistent buffers): what
-    ``checkpoint_tool export-hf`` needs beside the run's checkpoints. Rank 0 only."""
-    source = tensor_source(cfg, config)
+    """Write ``ckpt_dir/hf_model/`` (config.json of the family, tokenizer files): what ``checkpoint_tool
+    export-hf`` needs beside the run's checkpoints, which hold the weights and buffers. Rank 0 only."""
     path = _model_path(cfg)
-    dest = write_hf_model_dir(
-        config,
-        ckpt_dir / HF_MODEL_DIR,
-        tokenizer_dir=path,
-        buffers=read_buffers(config, source),
-        dtype=config_dtype(path),
-    )
+    dest = write_hf_model_dir(config, ckpt_dir / HF_MODEL_DIR, tokenizer_dir=path, dtype=config_dtype(path))
     rate = float(config.moe.expert_bias_update_rate) if config.moe else 0.0
     (dest / TRAINING_FILE).write_text(json.dumps({"expert_bias_update_rate": rate}))
     return dest

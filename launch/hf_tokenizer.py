@@ -55,7 +55,8 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (content hashes of data and tokenizers)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -83,7 +84,7 @@ class PretrainedTokenizer:
         """What decides the ids (content hashes, not paths): part of the dataset cache key."""
         return {
             "kind": self.kind,
-            "sha256": _sha256(self.file),
+            "sha256": file_sha256(self.file),
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
         }

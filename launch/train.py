@@ -50,6 +50,7 @@ from moe_parallel.checkpoint import (
 )
 from moe_parallel.comm import broadcast_from_rank0
 from moe_parallel.engine import build_engine
+from moe_parallel.layer import update_expert_biases
 from moe_parallel.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
 from moe_parallel.models import GPT, gpt_pipeline, lm_loss
 from moe_parallel.parallel import (
@@ -307,6 +308,9 @@ class Trainer:
                     return status
                 continue
             self._skipped_in_a_row = 0
+            # Aux-loss-free balancing (moe.expert_bias_update_rate > 0): one bias update per applied step,
+            # from the expert loads summed over the data-parallel ranks of this stage.
+            update_expert_biases(self.engine.module, self.state.dp_group)
             self.last_loss = loss
             step = self.engine.global_steps
             self._log_step(step, moe_metrics)

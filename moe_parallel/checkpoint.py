@@ -4,6 +4,7 @@ Layout of one checkpoint (``<dir>/<tag>/``)::
 
     manifest.json                      format, step, layers, experts, files (bytes and CRC-32 each), lineage
     dense/stage_<s>.pt                 {canonical name: {"param", "exp_avg", "exp_avg_sq"}}
+    buffers/stage_<s>.pt               {canonical name: tensor} of the stage's persistent buffers (router bias)
     experts/layer_<L>/expert_<id>.pt   {"w1": {"param", "exp_avg", ...}, "w2": ...} of one expert
     trainer.pt                         step, scheduler, client state (data position, W&B run id, ...)
     rng/rank_<r>.pt                    RNG states (restored when the world size is unchanged)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,48 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     if hasattr(model, "canonical_parameter_names"):
         return model.canonical_parameter_names()
     return {name: name for name, _ in model.named_parameters()}
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Local name -> buffer, for the buffers in the model's state dict (RoPE caches are not)."""
+    # By type, not by name: a tied parameter appears in the state dict under a second name.
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if not isinstance(t, nn.Parameter)}
+
+
+def canonical_buffer_names(model: nn.Module, names: dict[str, str] | None = None) -> dict[str, str]:
+    """Local name -> layout-independent name of each persistent buffer (a model may define
+    ``canonical_buffer_names``).
+
+    Otherwise derived from the parameters' renaming (``names``): a pipeline renames module paths
+    (``3.ffn.router`` -> ``blocks.1.ffn.router``), never a tensor's own name, so a buffer takes the
+    new path of the nearest module above it that holds a parameter.
+    """
+    if hasattr(model, "canonical_buffer_names"):
+        return model.canonical_buffer_names()
+    if not hasattr(model, "canonical_parameter_names"):
+        return {name: name for name in persistent_buffers(model)}  # the plain model's names already
+    names = canonical_names(model) if names is None else names
+    modules: dict[str, str] = {}  # local module path -> canonical module path
+    for local, canonical in names.items():
+        lp, cp = local.split("."), canonical.split(".")
+        while lp and cp and lp[-1] == cp[-1]:  # strip the unchanged tail: each step is an enclosing module
+            lp, cp = lp[:-1], cp[:-1]
+            if lp or not cp:  # the root maps only to the root
+                modules.setdefault(".".join(lp), ".".join(cp))
+    out = {}
+    for local in persistent_buffers(model):
+        parts = local.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            path = ".".join(parts[:cut])
+            if path in modules:
+                out[local] = ".".join(p for p in (modules[path], *parts[cut:]) if p)
+                break
+        else:
+            raise CheckpointError(
+                f"no canonical name for buffer {local}: no module above it holds a parameter; give the model "
+                "a canonical_buffer_names() method"
+            )
+    return out
 
 
 def _expert_params(model: nn.Module) -> dict[int, tuple[MoELayer, dict[str, nn.Parameter]]]:
@@ -333,17 +377,22 @@ def _save(engine, place, save_dir, staging, tag, step, client_state, parentage) 
     if place.rank == 0:
         try:
             _refuse_to_replace(save_dir / tag, step)
-            for sub in ("dense", "experts", "rng"):
+            for sub in ("dense", "buffers", "experts", "rng"):
                 (staging / sub).mkdir(parents=True, exist_ok=True)
         except CheckpointError as err:
             error = str(err)
         except OSError as err:
             error = describe_os_error(err, save_dir)
+    model = engine.module
+    names = canonical_names(model)
+    buffer_names: dict[str, str] = {}
+    try:
+        buffer_names = canonical_buffer_names(model, names)
+    except CheckpointError as err:
+        error = error or str(err)
     _agree(error)
 
-    model = engine.module
     _link_flat_optimizer_states(engine)
-    names = canonical_names(model)
     experts = _expert_params(model)
     masters = _masters(engine)
     dense: dict[str, dict[str, Tensor]] = {}
@@ -362,8 +411,11 @@ def _save(engine, place, save_dir, staging, tag, step, client_state, parentage) 
             dense[names[local_name]] = entry
 
     files: dict[str, Any] = {}
+    buffers = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model).items()}
     if place.dense_writer:
         files[f"dense/stage_{place.stage_id}.pt"] = dense
+        # Replicated on every rank of the stage (router biases move by all-reduced loads): one copy.
+        files[f"buffers/stage_{place.stage_id}.pt"] = {buffer_names[n]: b for n, b in buffers.items()}
     if place.expert_writer:
         for (layer_number, expert_id), state in expert_files.items():
             files[f"experts/layer_{layer_number}/expert_{expert_id}.pt"] = state
@@ -379,19 +431,21 @@ def _save(engine, place, save_dir, staging, tag, step, client_state, parentage) 
         }
     written, error = _write_files(files, staging, save_dir)
     # One exchange: every rank's outcome, its files' checksums, and the MoE layers of every stage.
-    gathered = _agree(error, (written, _expert_param_names(model, names)))
+    gathered = _agree(error, (written, _expert_param_names(model, names), sorted(buffer_names.values())))
 
     error = None
     if place.rank == 0:
-        entries = {rel: entry for part, _ in gathered for rel, entry in part.items()}
+        entries = {rel: entry for part, _, _ in gathered for rel, entry in part.items()}
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "saved_world_size": place.world_size,
             "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(entries).items()},
             "expert_parameters": dict(
-                sorted({k: v for _, part in gathered for k, v in part.items()}.items(), key=lambda kv: int(kv[0]))
+                sorted({k: v for _, part, _ in gathered for k, v in part.items()}.items(), key=lambda kv: int(kv[0]))
             ),
+            # Every persistent buffer's canonical name: a load finds each of them or fails naming it.
+            "buffers": sorted({n for _, _, part in gathered for n in part}),
             "files": dict(sorted(entries.items())),
         }
         try:
@@ -512,9 +566,10 @@ def load_checkpoint(
 
     ``load_dir``: a checkpoints folder (``tag``, default the one ``latest`` names) or one checkpoint.
     Every rank checks each file it reads against the manifest's checksum first. Strict: a corrupt
-    or missing file, a parameter missing from the checkpoint or present there but not in the model,
-    a missing expert shard or a shape mismatch is a :class:`CheckpointError`, raised on every rank,
-    before the model is changed.
+    or missing file, a parameter or persistent buffer missing from the checkpoint or present there
+    but not in the model, a missing expert shard or a shape mismatch is a :class:`CheckpointError`,
+    raised on every rank, before the model is changed. A checkpoint older than buffers in
+    checkpoints loads with a warning naming the buffers that keep their current values.
     """
     model = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -522,6 +577,7 @@ def load_checkpoint(
     path = None
     error = None
     try:
+        buffer_names = canonical_buffer_names(model)
         path = resolve_checkpoint(load_dir, tag)
         if path is not None:
             files = _read_rank_files(model, path, rank, world)
@@ -536,20 +592,38 @@ def load_checkpoint(
         raise CheckpointError(
             f"{load_dir}: some ranks find a checkpoint to load and others do not (not a shared filesystem?)"
         )
-    manifest, dense, expert_state, trainer, rng = files
+    manifest, dense, saved_buffers, expert_state, trainer, rng = files
 
     names = canonical_names(model)
     experts = _expert_params(model)
     model_dense = {names[n] for n, p in model.named_parameters() if id(p) not in experts}
-    all_dense_in_model = _all_dense_names_across_stages(model_dense)
+    all_dense_in_model, all_buffers_in_model = _names_across_stages(model_dense, set(buffer_names.values()))
     extra = sorted(set(dense) - all_dense_in_model)
     missing = sorted(model_dense - set(dense))
+    has_buffers = "buffers" in manifest  # absent: saved before checkpoints held buffers
+    if has_buffers:
+        listed = set(manifest["buffers"])
+        extra += sorted((set(saved_buffers) | listed) - all_buffers_in_model)
+        missing += sorted(n for n in buffer_names.values() if n not in saved_buffers)
     error = None
     if missing or extra:
         error = (
             f"checkpoint {path} does not match the model: missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
             f", unexpected {extra[:10]}{'...' if len(extra) > 10 else ''}"
         )
+    elif not has_buffers and buffer_names and rank == 0:
+        warnings.warn(
+            f"checkpoint {path} predates buffers in checkpoints: {sorted(all_buffers_in_model)} keep their "
+            "current values (the initial ones in a new run; a router's trained expert_bias is lost)",
+            stacklevel=2,
+        )
+    for local_name, canonical in buffer_names.items():
+        buf = persistent_buffers(model)[local_name]
+        if canonical in saved_buffers and saved_buffers[canonical].shape != buf.shape and error is None:
+            error = (
+                f"buffer {canonical}: checkpoint shape {tuple(saved_buffers[canonical].shape)} != model shape "
+                f"{tuple(buf.shape)}"
+            )
     entries = {}
     for local_name, param in model.named_parameters():
         if id(param) in experts:
@@ -583,6 +657,10 @@ def load_checkpoint(
             _set_optim_state(engine, param, optim_state, optimizer_step, master)
     if load_optimizer:
         _set_optimizer_step(engine, optimizer_step)
+    with torch.no_grad():
+        for local_name, buf in persistent_buffers(model).items():
+            if buffer_names[local_name] in saved_buffers:
+                buf.copy_(saved_buffers[buffer_names[local_name]].to(buf.dtype))
 
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and trainer["scheduler"] is not None:
@@ -601,13 +679,17 @@ def load_checkpoint(
 
 def _read_rank_files(model: nn.Module, path: Path, rank: int, world: int):
     """Everything this rank needs from the checkpoint, each file checked against its checksum:
-    (manifest, dense entries of every stage, {(layer, expert id): state} of its experts, trainer, rng)."""
+    (manifest, dense entries of every stage, buffers of every stage, {(layer, expert id): state} of
+    its experts, trainer, rng)."""
     manifest = read_manifest(path)
     _check_experts_listed(model, manifest, path)
     dense: dict[str, dict[str, Tensor]] = {}
+    buffers: dict[str, Tensor] = {}
     for rel in manifest["files"]:
         if rel.startswith("dense/"):
             dense.update(load_file(path, rel, manifest))
+        elif rel.startswith("buffers/"):
+            buffers.update(load_file(path, rel, manifest))
     expert_state = {}
     for layer in numbered_moe_layers(model):
         for j in range(layer.num_local_experts):
@@ -618,7 +700,7 @@ def _read_rank_files(model: nn.Module, path: Path, rank: int, world: int):
     rng = None
     if manifest["saved_world_size"] == world and rng_file in manifest["files"]:
         rng = load_file(path, rng_file, manifest, weights_only=False)
-    return manifest, dense, expert_state, trainer, rng
+    return manifest, dense, buffers, expert_state, trainer, rng
 
 
 def _barrier() -> None:
@@ -626,12 +708,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_dense_names_across_stages(local: set[str]) -> set[str]:
+def _names_across_stages(dense: set[str], buffers: set[str]) -> tuple[set[str], set[str]]:
+    """The union over every rank (so every stage) of the dense parameter and buffer names."""
     if not dist.is_initialized():
-        return set(local)
+        return set(dense), set(buffers)
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(local))
-    return set().union(*map(set, gathered))
+    dist.all_gather_object(gathered, (sorted(dense), sorted(buffers)))
+    return set().union(*(set(d) for d, _ in gathered)), set().union(*(set(b) for _, b in gathered))
 
 
 def _check_experts_listed(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:
@@ -654,8 +737,10 @@ def _check_experts_listed(model: nn.Module, manifest: dict[str, Any], path: Path
 def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Plain weights of a checkpoint as one state dict of canonical names (experts stacked by global id).
 
-    This is the state dict of the model built at PP=1, EP=1; optimizer state is left out. Every file
-    is checked against its checksum: a corrupt checkpoint is a :class:`CheckpointError` naming the file.
+    This is the state dict of the model built at PP=1, EP=1, persistent buffers included (kept in
+    their saved dtype: the router's float32 bias would lose its small updates in bf16); optimizer
+    state is left out. Every file is checked against its checksum: a corrupt checkpoint is a
+    :class:`CheckpointError` naming the file.
     """
     path = Path(checkpoint)
     manifest = read_manifest(path)
@@ -664,6 +749,12 @@ def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torc
         if rel.startswith("dense/"):
             for name, entry in load_file(path, rel, manifest).items():
                 state.setdefault(name, entry["param"].to(dtype))
+        elif rel.startswith("buffers/"):
+            for name, tensor in load_file(path, rel, manifest).items():
+                state.setdefault(name, tensor)
+    missing = sorted(set(manifest.get("buffers", ())) - set(state))
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: manifest.json lists buffers {missing[:8]} that no file holds")
     for layer, ids in _expert_ids_by_layer(manifest["files"]).items():
         per_expert = [load_file(path, f"experts/layer_{layer}/expert_{i}.pt", manifest) for i in ids]
         for short, canonical in manifest["expert_parameters"][str(layer)].items():
@@ -671,24 +762,36 @@ def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torc
     return state
 
 
+def _fp32(t: Tensor) -> Tensor:
+    return (t.float() if t.is_floating_point() else t).detach().cpu().clone()
+
+
 def import_consolidated(
-    state: dict[str, Tensor], expert_parameters: dict[str, dict[str, str]], out_dir: str | os.PathLike, tag: str
+    state: dict[str, Tensor],
+    expert_parameters: dict[str, dict[str, str]],
+    out_dir: str | os.PathLike,
+    tag: str,
+    buffers: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Write a consolidated state dict as a topology-free checkpoint (weights only, step 0).
 
     ``expert_parameters``: {layer number: {"w1": canonical name, ...}} naming the stacked expert
-    parameters (the ``expert_parameters`` of any manifest of the same model).
+    parameters (the ``expert_parameters`` of any manifest of the same model). ``buffers``: the keys
+    of ``state`` that are persistent buffers, not parameters (the ``buffers`` of such a manifest).
     """
     out = Path(out_dir)
     final = out / tag
     if final.exists():
         raise CheckpointError(f"{final} exists; choose another --tag")
     stacked = {canonical for names in expert_parameters.values() for canonical in names.values()}
-    missing = sorted(stacked - set(state))
+    missing = sorted((stacked | set(buffers)) - set(state))
     if missing:
-        raise CheckpointError(f"the state dict lacks expert parameters {missing[:8]}")
+        raise CheckpointError(f"the state dict lacks expert parameters or buffers {missing[:8]}")
     files: dict[str, Any] = {
-        "dense/stage_0.pt": {n: {"param": t.float()} for n, t in state.items() if n not in stacked}
+        "dense/stage_0.pt": {
+            n: {"param": t.float()} for n, t in state.items() if n not in stacked and n not in set(buffers)
+        },
+        "buffers/stage_0.pt": {n: _fp32(state[n]) for n in buffers},
     }
     for layer, names in expert_parameters.items():
         num_experts = {state[c].shape[0] for c in names.values()}
@@ -711,6 +814,7 @@ def import_consolidated(
             "saved_world_size": 0,
             "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(written).items()},
             "expert_parameters": dict(sorted(expert_parameters.items(), key=lambda kv: int(kv[0]))),
+            "buffers": sorted(buffers),
             "files": dict(sorted(written.items())),
             **lineage(out, None, None),
         }

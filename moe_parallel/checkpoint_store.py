@@ -10,6 +10,8 @@ One run's checkpoint directory::
 
 Guarantees (the README's "Failure behaviour" section states them for users):
 
+- Persistent buffers (a router's ``expert_bias``) are files like parameters: listed by name in
+  ``manifest.json`` (``buffers``), checksummed, and required by a load.
 - Every file's CRC-32 is computed while ``torch.save`` streams it to disk (no second read) and
   recorded in ``manifest.json``; every load checks the files it reads against it.
 - A save that fails on any rank (no space left, I/O error) fails on every rank, removes its staging
@@ -231,6 +233,9 @@ def _manifest_problem(manifest: Any) -> str | None:
             return f"'{key}' is {manifest.get(key)!r}, expected a {kind.__name__}"
     if not isinstance(manifest.get("expert_parameters", {}), dict):
         return "'expert_parameters' is not an object"
+    buffers = manifest.get("buffers", [])
+    if not (isinstance(buffers, list) and all(isinstance(name, str) for name in buffers)):
+        return f"'buffers' is {buffers!r}, expected a list of names"
     for rel, entry in manifest["files"].items():
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts or not parts:

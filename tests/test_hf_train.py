@@ -334,24 +334,65 @@ def test_upcycled_training_model_starts_with_the_dense_logits(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
-def test_run_identity_exports_glm_buffers_and_refuses_a_trained_selection_bias(tmp_path):
+def _train_the_bias(rank, world, ckpt: str, rate: float) -> None:
+    """A few steps of a GLM model with aux-loss-free balancing from the imported checkpoint, saved."""
+    from launch.hf_convert import HF_MODEL_DIR
+    from moe_parallel import hf, update_expert_biases
+    from moe_parallel.checkpoint import load_checkpoint, save_checkpoint
+    from moe_parallel.engine import build_engine
+    from moe_parallel.models import Decoder
+
+    config = hf.load_config(Path(ckpt) / HF_MODEL_DIR, moe_overrides={"expert_bias_update_rate": rate})
+    ds = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "zero_optimization": {"stage": 0}}
+    engine, _, _ = build_engine(Decoder(config), ds, lr=1e-3)
+    load_checkpoint(engine, ckpt)
+    for step in range(2):
+        tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(step))
+        engine.backward(Decoder.loss(engine(tokens[:, :-1]), tokens[:, 1:]))
+        engine.step()
+        update_expert_biases(engine.module)
+    save_checkpoint(engine, ckpt)
+    biases = {n: b for n, b in engine.module.state_dict().items() if n.endswith("router.expert_bias")}
+    torch.save(biases, Path(ckpt) / "trained_biases.pt")
+
+
+def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
     import shutil
 
     from launch import hf_convert, hf_model
+    from moe_parallel.checkpoint import read_manifest
+    from tests.dist_utils import run_distributed
     from tests.hf_app_fixtures import tiny_family_model
-    from tests.test_hf_cli import assert_same_tensors
+    from tests.test_hf_cli import assert_same_tensors, hf_tensors
 
-    src = tmp_path / "glm"
+    src, ckpt = tmp_path / "glm", tmp_path / "ckpt"
     tiny_family_model("glm4_moe", src, vocab_size=64, seed=4)  # non-zero e_score_correction_bias
-    assert tool(["import-hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
-    identity = tmp_path / "ckpt" / hf_convert.HF_MODEL_DIR
-    for rate, exported in ((0.0, True), (1e-3, False)):
-        shutil.rmtree(identity)
-        cfg = compose("model=hf", f"model.path={src}", f"moe.expert_bias_update_rate={rate}")
-        hf_model.save_identity(cfg, app_config.model_config(cfg, 0), tmp_path / "ckpt")  # what a run writes
-        out = tmp_path / f"out_{rate}"
-        assert (tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(out)]) == 0) == exported
-    assert_same_tensors(src, tmp_path / "out_0.0")  # the correction biases come from hf_model/
+    assert tool(["import-hf", str(src), "--out", str(ckpt)]) == 0
+    assert tool(["export-hf", str(ckpt), "--out", str(tmp_path / "imported")]) == 0
+    assert_same_tensors(src, tmp_path / "imported")  # the correction biases travel in the checkpoint
+
+    rate = 1e-2
+    cfg = compose("model=hf", f"model.path={src}", f"moe.expert_bias_update_rate={rate}")
+    shutil.rmtree(ckpt / hf_convert.HF_MODEL_DIR)
+    hf_model.save_identity(cfg, app_config.model_config(cfg, 0), ckpt)  # what a run writes
+    run_distributed(_train_the_bias, 1, str(ckpt), rate, timeout=300)
+    trained = torch.load(ckpt / "trained_biases.pt")
+    assert (ckpt / "latest").read_text() == "step_00000002" and trained
+    assert tool(["export-hf", str(ckpt), "--out", str(tmp_path / "trained")]) == 0
+    exported, original = hf_tensors(tmp_path / "trained"), hf_tensors(src)
+    for name, bias in trained.items():  # blocks.<i>.ffn.router.expert_bias
+        key = f"model.layers.{name.split('.')[1]}.mlp.gate.e_score_correction_bias"
+        assert torch.equal(exported[key], bias.to(exported[key].dtype)), key
+        assert not torch.equal(exported[key], original[key]), f"{key}: the bias did not move in training"
+
+    # A checkpoint saved before checkpoints held buffers lost the trained bias: its export is refused.
+    step = ckpt / "step_00000002"
+    manifest = read_manifest(step)
+    del manifest["buffers"], manifest["files"]["buffers/stage_0.pt"]
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert tool(["export-hf", str(ckpt), "--out", str(tmp_path / "older")]) == 2
+    assert "predates buffers in checkpoints" in capsys.readouterr().err
 
 
 def test_tokenizer_is_checked_with_the_model_before_training(tmp_path, model_dir):

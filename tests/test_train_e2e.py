@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.compare import read_wandb_history, read_wandb_run_info, wandb_files
 from tests.dist_utils import free_port
@@ -156,3 +157,21 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     )
     assert compare.returncode == 0, compare.stderr
     assert "train/loss" in compare.stdout and (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_path):
+    """moe.expert_bias_update_rate > 0: the app updates every router's selection bias once per step
+    (loads summed over DP) and checkpoints it. Each update moves an expert by -rate, 0 or +rate, so
+    after an odd number of steps a bias is an odd multiple of rate unless a load tied the mean."""
+    from moe_parallel.checkpoint import export_consolidated, resolve_checkpoint
+
+    run_dir, rate, steps = tmp_path / "run", 0.01, 5
+    train(run_dir, tmp_path / "cache", steps, f"moe.expert_bias_update_rate={rate}", "logger=disabled")
+    weights = export_consolidated(resolve_checkpoint(run_dir / "checkpoints"))
+    biases = {name: value for name, value in weights.items() if name.endswith("expert_bias")}
+    assert len(biases) == len(MOE_LAYERS), sorted(weights)
+    for name, bias_E in biases.items():
+        steps_taken = bias_E / rate
+        assert bias_E.shape == (4,) and torch.allclose(steps_taken, steps_taken.round(), atol=1e-4), (name, bias_E)
+        assert steps_taken.abs().max() <= steps, (name, bias_E)
+    assert any(bias_E.abs().max() > 0 for bias_E in biases.values()), biases  # it moved (never without updates)

@@ -23,8 +23,6 @@ A head dim, F FFN dim.
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +33,8 @@ from torch import Tensor, nn
 from ..comm import ProcessGroup
 from ..config import MoEConfig
 from ..layer import MoELayer
-from .gpt import LMHead, TokenEmbedding, _normal_, lm_loss, tied_lm_head
+from .gpt import LMHead, TokenEmbedding, _normal_, embedding_layer_specs, lm_loss
+from .pipeline import PipelineFamily
 
 if TYPE_CHECKING:
     from deepspeed.pipe import PipelineModule, ProcessTopology
@@ -46,8 +45,6 @@ ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-TIED_EMBEDDING_KEY = "embed"
-PIPELINE_PARTITION_METHOD = "type:DecoderBlock"
 
 
 class DecoderConfigError(ValueError):
@@ -440,35 +437,34 @@ def decoder_layer_names(config: DecoderConfig) -> list[str]:
     return ["embed", *(f"blocks.{i}" for i in range(config.num_layers)), "final_norm", "lm_head"]
 
 
+def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> list:
+    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`decoder_layer_names`."""
+    from deepspeed.pipe import LayerSpec
+
+    embed, head = embedding_layer_specs(config)
+    blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
+    return [embed, *blocks, LayerSpec(FinalNorm, config), head]
+
+
+DECODER_PIPELINE = PipelineFamily(
+    model="Decoder",
+    builder="decoder_pipeline",
+    block="DecoderBlock",
+    error=DecoderConfigError,
+    layer_names=decoder_layer_names,
+    layer_specs=decoder_layer_specs,
+    loss_fn=lm_loss,
+)
+
+
 def decoder_plain_to_pipeline(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
     """Rename a :class:`Decoder` state dict to :func:`decoder_pipeline`'s names (all stages together)."""
-    prefixes = {name: str(idx) for idx, name in enumerate(decoder_layer_names(config))}
-    if config.tie_embeddings:
-        prefixes["embed"] = f"tied_modules.{TIED_EMBEDDING_KEY}"
-        del prefixes["lm_head"]
-    out = {}
-    for key, value in state_dict.items():
-        match = re.match(r"(blocks\.\d+|[a-z_]+)\.(.+)", key)
-        if match is None or match.group(1) not in prefixes:
-            raise KeyError(f"{key!r} is not a parameter name of Decoder({config.num_layers} layers)")
-        out[f"{prefixes[match.group(1)]}.{match.group(2)}"] = value
-    return out
+    return DECODER_PIPELINE.plain_to_pipeline(state_dict, config)
 
 
 def decoder_pipeline_to_plain(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
     """Inverse of :func:`decoder_plain_to_pipeline` (for one stage's or all stages' keys)."""
-    names = decoder_layer_names(config)
-    tied = f"tied_modules.{TIED_EMBEDDING_KEY}."
-    out = {}
-    for key, value in state_dict.items():
-        if config.tie_embeddings and key.startswith(tied):
-            out[f"embed.{key[len(tied) :]}"] = value
-            continue
-        idx, _, rest = key.partition(".")
-        if not idx.isdigit() or int(idx) >= len(names) or not rest:
-            raise KeyError(f"{key!r} is not a parameter name of decoder_pipeline({config.num_layers} layers)")
-        out[f"{names[int(idx)]}.{rest}"] = value
-    return out
+    return DECODER_PIPELINE.pipeline_to_plain(state_dict, config)
 
 
 def decoder_pipeline_parts(config: DecoderConfig, num_stages: int) -> list[int]:
@@ -477,29 +473,7 @@ def decoder_pipeline_parts(config: DecoderConfig, num_stages: int) -> list[int]:
     DeepSpeed's ``partition_method="type:DecoderBlock"``: blocks balanced over the stages (at least
     one each), the embedding on the first stage and the final norm and LM head on the last.
     """
-    if not isinstance(num_stages, int) or not 1 <= num_stages <= config.num_layers:
-        raise DecoderConfigError(
-            f"num_stages={num_stages!r} is invalid: every pipeline stage needs at least one block, so use "
-            f"1 <= num_stages <= model.num_layers={config.num_layers}"
-        )
-    from deepspeed.runtime.utils import partition_balanced
-
-    return [int(p) for p in partition_balanced([0] + [1] * config.num_layers + [0, 0], num_stages)]
-
-
-def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> list:
-    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`decoder_layer_names`."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    if config.tie_embeddings:
-        embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
-        head = TiedLayerSpec(
-            TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
-        )
-    else:
-        embed, head = LayerSpec(TokenEmbedding, config), LayerSpec(LMHead, config)
-    blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
-    return [embed, *blocks, LayerSpec(FinalNorm, config), head]
+    return DECODER_PIPELINE.parts(config, num_stages)
 
 
 def decoder_pipeline(
@@ -514,53 +488,16 @@ def decoder_pipeline(
 
     Give ``num_stages`` or a ``topology`` with a ``pipe`` axis; ``ep_group`` is this rank's
     expert-parallel group. ``module.canonical_parameter_names()`` maps this stage's names to the
-    plain :class:`Decoder`'s, which checkpoints and ``moe_parallel.hf`` use.
+    plain :class:`Decoder`'s, which checkpoints and ``moe_parallel.hf`` use (``module.decoder_config``
+    is ``config``).
     """
-    import deepspeed
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-    from deepspeed.pipe import PipelineModule
-
-    if topology is not None:
-        if num_stages is not None and num_stages != topology.get_dim("pipe"):
-            raise DecoderConfigError(
-                f"num_stages={num_stages} disagrees with the topology's pipe size {topology.get_dim('pipe')}: "
-                "give one of them"
-            )
-        num_stages = topology.get_dim("pipe")
-    if num_stages is None:
-        raise DecoderConfigError("decoder_pipeline needs num_stages or a topology with a 'pipe' axis")
-    parts = decoder_pipeline_parts(config, num_stages)
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "decoder_pipeline needs torch.distributed: launch with deepspeed/torchrun and call "
-            "deepspeed.init_distributed() first (use Decoder for a single process)"
-        )
-    if "LOCAL_RANK" not in os.environ:
-        raise RuntimeError("decoder_pipeline needs LOCAL_RANK in the environment (the deepspeed launcher sets it)")
-    if not ds_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-
-    pipeline_kwargs.setdefault("checkpointable_layers", ["DecoderBlock"])
-    module = PipelineModule(
-        layers=decoder_layer_specs(config, ep_group),
-        num_stages=None if topology is not None else num_stages,
-        topology=topology,
-        loss_fn=lm_loss,
-        partition_method=PIPELINE_PARTITION_METHOD,
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        **pipeline_kwargs,
+    module = DECODER_PIPELINE.build(
+        config, num_stages, ep_group, topology, activation_checkpoint_interval, **pipeline_kwargs
     )
-    if [int(p) for p in module.parts] != parts:
-        raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {parts}")
-    module.canonical_parameter_names = lambda: decoder_canonical_names(module, config)
     module.decoder_config = config
     return module
 
 
 def decoder_canonical_names(module: nn.Module, config: DecoderConfig, buffers: bool = False) -> dict[str, str]:
     """This stage's parameter names (and persistent buffers with ``buffers``) -> the plain model's names."""
-    local = [name for name, _ in module.named_parameters()]
-    if buffers:
-        local += [name for name in module.state_dict(keep_vars=True) if name not in set(local)]
-    return dict(zip(local, decoder_pipeline_to_plain(dict.fromkeys(local), config)))
+    return DECODER_PIPELINE.canonical_names(module, config, buffers=buffers)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,15 +33,13 @@ from ..comm import ProcessGroup
 from ..config import ACTIVATIONS, Activation, MoEConfig
 from ..experts import activate
 from ..layer import MoELayer, moe_layers  # noqa: F401 (moe_layers is re-exported by models)
+from .pipeline import TIED_EMBEDDING_KEY, PipelineFamily
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and GPT does not need it
     from deepspeed.pipe import PipelineModule, ProcessTopology
 
 NormKind = Literal["rmsnorm", "layernorm"]
 NORM_KINDS = ("rmsnorm", "layernorm")
-
-TIED_EMBEDDING_KEY = "embed"  # TiedLayerSpec key: the pipeline names the tied module tied_modules.embed
-PIPELINE_PARTITION_METHOD = "type:TransformerBlock"
 
 
 class GPTConfigError(ValueError):
@@ -442,10 +439,38 @@ def pipeline_layer_names(config: GPTConfig) -> list[str]:
     return ["embed", "pos_embed", *blocks, "final_norm", "lm_head"]
 
 
-def _pipeline_prefix(config: GPTConfig, idx: int) -> str:
-    if idx == 0 and config.tie_embeddings:
-        return f"tied_modules.{TIED_EMBEDDING_KEY}"
-    return str(idx)
+def embedding_layer_specs(config: Any) -> tuple:
+    """The first and the last pipeline ``LayerSpec``: the token embedding and the LM head, one
+    ``TiedLayerSpec`` module if ``config.tie_embeddings`` (shared by the model families)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if not config.tie_embeddings:
+        return LayerSpec(TokenEmbedding, config), LayerSpec(LMHead, config)
+    embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
+    head = TiedLayerSpec(
+        TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
+    )
+    return embed, head
+
+
+def gpt_layer_specs(config: GPTConfig, ep_group: ProcessGroup | None = None) -> list:
+    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`pipeline_layer_names`."""
+    from deepspeed.pipe import LayerSpec
+
+    embed, head = embedding_layer_specs(config)
+    blocks = [LayerSpec(TransformerBlock, config, i, ep_group) for i in range(config.num_layers)]
+    return [embed, LayerSpec(PositionEmbedding, config), *blocks, LayerSpec(FinalNorm, config), head]
+
+
+GPT_PIPELINE = PipelineFamily(
+    model="GPT",
+    builder="gpt_pipeline",
+    block="TransformerBlock",
+    error=GPTConfigError,
+    layer_names=pipeline_layer_names,
+    layer_specs=gpt_layer_specs,
+    loss_fn=lm_loss,
+)
 
 
 def plain_to_pipeline_state_dict(state_dict: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
@@ -454,32 +479,12 @@ def plain_to_pipeline_state_dict(state_dict: dict[str, Tensor], config: GPTConfi
     A stage holds the subset of keys its ``state_dict()`` lists; with tied embeddings the first and
     the last stage both hold ``tied_modules.embed.weight``.
     """
-    prefixes = {name: _pipeline_prefix(config, idx) for idx, name in enumerate(pipeline_layer_names(config))}
-    if config.tie_embeddings:
-        del prefixes["lm_head"]  # the tied head is the embedding: GPT has no lm_head parameters
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        match = re.match(r"(blocks\.\d+|[a-z_]+)\.(.+)", key)
-        if match is None or match.group(1) not in prefixes:
-            raise KeyError(f"{key!r} is not a parameter name of GPT({config.num_layers} layers)")
-        out[f"{prefixes[match.group(1)]}.{match.group(2)}"] = value
-    return out
+    return GPT_PIPELINE.plain_to_pipeline(state_dict, config)
 
 
 def pipeline_to_plain_state_dict(state_dict: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     """Inverse of :func:`plain_to_pipeline_state_dict` (for one stage's or all stages' keys)."""
-    names = pipeline_layer_names(config)
-    tied = f"tied_modules.{TIED_EMBEDDING_KEY}."
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if config.tie_embeddings and key.startswith(tied):
-            out[f"embed.{key[len(tied) :]}"] = value
-            continue
-        idx, _, rest = key.partition(".")
-        if not idx.isdigit() or int(idx) >= len(names) or not rest:
-            raise KeyError(f"{key!r} is not a parameter name of gpt_pipeline({config.num_layers} layers)")
-        out[f"{names[int(idx)]}.{rest}"] = value
-    return out
+    return GPT_PIPELINE.pipeline_to_plain(state_dict, config)
 
 
 def pipeline_parts(config: GPTConfig, num_stages: int) -> list[int]:
@@ -489,31 +494,7 @@ def pipeline_parts(config: GPTConfig, num_stages: int) -> list[int]:
     balanced over the stages (each stage gets at least one), the embeddings go to the first stage
     and the LM head to the last. Depends only on ``num_layers`` and ``num_stages``.
     """
-    if not isinstance(num_stages, int) or not 1 <= num_stages <= config.num_layers:
-        raise GPTConfigError(
-            f"num_stages={num_stages!r} is invalid: every pipeline stage needs at least one block, so use "
-            f"1 <= num_stages <= model.num_layers={config.num_layers}"
-        )
-    from deepspeed.runtime.utils import partition_balanced
-
-    weights = [0, 0] + [1] * config.num_layers + [0, 0]
-    return [int(p) for p in partition_balanced(weights, num_stages)]
-
-
-def gpt_layer_specs(config: GPTConfig, ep_group: ProcessGroup | None = None) -> list:
-    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`pipeline_layer_names`."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    if config.tie_embeddings:
-        embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
-        head = TiedLayerSpec(
-            TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
-        )
-    else:
-        embed = LayerSpec(TokenEmbedding, config)
-        head = LayerSpec(LMHead, config)
-    blocks = [LayerSpec(TransformerBlock, config, i, ep_group) for i in range(config.num_layers)]
-    return [embed, LayerSpec(PositionEmbedding, config), *blocks, LayerSpec(FinalNorm, config), head]
+    return GPT_PIPELINE.parts(config, num_stages)
 
 
 def gpt_pipeline(
@@ -531,52 +512,11 @@ def gpt_pipeline(
     ``pipe`` axis. ``ep_group`` is this rank's expert-parallel group, inside its stage. Layer ``idx``
     sits on the stage given by :func:`pipeline_parts`; only ``x_BSD`` crosses stages. With
     ``activation_checkpoint_interval > 0`` only transformer blocks are recomputed.
+    ``module.canonical_parameter_names()`` maps this stage's names to the plain :class:`GPT`'s.
     """
-    import os
-
-    import deepspeed
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-    from deepspeed.pipe import PipelineModule
-
-    if topology is not None:
-        if num_stages is not None and num_stages != topology.get_dim("pipe"):
-            raise GPTConfigError(
-                f"num_stages={num_stages} disagrees with the topology's pipe size {topology.get_dim('pipe')}: "
-                "give one of them"
-            )
-        num_stages = topology.get_dim("pipe")
-    if num_stages is None:
-        raise GPTConfigError("gpt_pipeline needs num_stages or a topology with a 'pipe' axis")
-    parts = pipeline_parts(config, num_stages)
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "gpt_pipeline needs torch.distributed: launch with deepspeed/torchrun and call "
-            "deepspeed.init_distributed() first (use GPT for a single process)"
-        )
-    if "LOCAL_RANK" not in os.environ:
-        raise RuntimeError("gpt_pipeline needs LOCAL_RANK in the environment (the deepspeed launcher sets it)")
-    if not ds_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
-
-    pipeline_kwargs.setdefault("checkpointable_layers", ["TransformerBlock"])
-    module = PipelineModule(
-        layers=gpt_layer_specs(config, ep_group),
-        num_stages=None if topology is not None else num_stages,
-        topology=topology,
-        loss_fn=lm_loss,
-        partition_method=PIPELINE_PARTITION_METHOD,
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        **pipeline_kwargs,
-    )
-    if [int(p) for p in module.parts] != parts:  # a DeepSpeed change would silently move layers
-        raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {parts}")
-    # Checkpoints store parameters under the plain model's names, whatever the stage layout.
-    module.canonical_parameter_names = lambda: pipeline_canonical_names(module, config)
-    return module
+    return GPT_PIPELINE.build(config, num_stages, ep_group, topology, activation_checkpoint_interval, **pipeline_kwargs)
 
 
 def pipeline_canonical_names(module: nn.Module, config: GPTConfig) -> dict[str, str]:
     """This stage's parameter names -> the plain :class:`GPT`'s names (what checkpoints store)."""
-    local = [name for name, _ in module.named_parameters()]
-    return dict(zip(local, pipeline_to_plain_state_dict(dict.fromkeys(local), config)))
+    return GPT_PIPELINE.canonical_names(module, config)
