@@ -467,24 +467,6 @@ def measure_step_peak_mib(step: Step) -> float:
     return (_proc_status_kib("VmHWM") - base) / 1024
 
 
-def release_free_memory() -> None:
-    """Put glibc into MEMORY_ENV's regime at run time (after the timed rounds) and hand its free lists back.
-
-    The sweep measures peak memory in its timing processes instead of fresh ones: ``mallopt`` sets
-    the mmap threshold to 64 KiB and the trim threshold to 0 (as MEMORY_ENV does at start-up), and
-    ``malloc_trim(0)`` returns every free page, so that the next step's buffers fault in fresh pages
-    and show in VmHWM, as in a fresh process.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 65536)
-    libc.mallopt(m_trim_threshold, 0)
-    gc.collect()
-    libc.malloc_trim(0)
-
-
 def measure_step_peak_mib_cuda(step: Step) -> float:
     """GPU: peak allocated memory of one step over the memory allocated just before it (MiB)."""
     step()
@@ -610,9 +592,6 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             if problem.layer.ep_size > 1:
                 counts = routed_rows(problem)[1]
             conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
-        elif command == "peak_after_timing":  # the sweep: no fresh process, see release_free_memory
-            release_free_memory()
-            conn.send(measure_step_peak_mib(step))
         elif command == "profile":
             step()
             conn.send(profile_step(step))
@@ -1064,21 +1043,21 @@ class SweepRow:
 
 def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, memory: bool) -> SweepRow:
     """Interleaved rounds of ours, DeepSpeed, the drop-in and ``moved``, each in its own process(es);
-    then the peak memory of one more step in the same processes (see release_free_memory)."""
+    then the peak memory of ours, the drop-in and DeepSpeed, each in fresh processes (run_memory)."""
     impls, failed = start_implementations(cfg, SWEEP_IMPLS, target)
     try:
         rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps, failed)
         kept = impls["ours"].kept_rows if "ours" in impls else 0
         path = impls["ours"].request("path")[0] if "ours" in impls else "-"
-        peak = {}
-        if memory:
-            for name in SWEEP_MEMORY_IMPLS:
-                if name in rounds:
-                    peak[name] = max(impls[name].request("peak_after_timing"))
-        return SweepRow(cfg, Timing(rounds, kept, failed), peak, path)
     finally:
         for impl in impls.values():
             impl.close()
+    peak = {}
+    if memory:  # after the timing processes are gone: the fresh ones have the machine to themselves
+        for name in SWEEP_MEMORY_IMPLS:
+            if name in rounds:
+                peak[name] = run_memory(cfg, name, target)
+    return SweepRow(cfg, Timing(rounds, kept, failed), peak, path)
 
 
 def sweep_table(rows: list[SweepRow]) -> str:
