@@ -954,6 +954,10 @@ SWEEP_IMPLS = ("ours", "deepspeed", "compat", "moved")
 SWEEP_MEMORY_IMPLS = ("ours", "deepspeed", "compat")
 SWEEP_SEED = 12
 SWEEP_TARGET_S = 0.4  # estimated DeepSpeed step (the slowest of the three), seconds
+# What sizes T: this 2-core CPU's sustained fp32 GEMM rate and row-copy bandwidth, measured once at low
+# load (BENCHMARKS.md, "Shape sweep"). Fixed here, not read from the cost model, so the sweep's shapes
+# stay the same when the cost model is recalibrated.
+SWEEP_GEMM_FLOPS, SWEEP_MOVE_BYTES_PER_S = 1.3e11, 4.0e9
 # Rows moved per routed row and step, beyond the GEMMs (gathers, scatters, fills, activation passes),
 # in units of D (and of F for the activation): a rough count for DeepSpeed's padded layer.
 SWEEP_ROW_PASSES_D, SWEEP_ROW_PASSES_F = 12.0, 6.0
@@ -973,11 +977,10 @@ def sweep_tokens(
     fresh router): ``12 D F`` FLOPs each at the cost model's calibrated GEMM rate, plus the row passes
     above at its calibrated copy bandwidth. Rounded to a multiple of 64, within [256, 32768].
     """
-    cost = DEFAULT_COST_MODEL
     rows = top_k * (1.3 if capacity_factor is None else capacity_factor)
-    gemm_s = 12.0 * hidden * ffn / cost.gemm_flops
-    move_s = 4.0 * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / cost.move_bytes_per_s
-    per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / cost.move_bytes_per_s  # + the router's [T, E]
+    gemm_s = 12.0 * hidden * ffn / SWEEP_GEMM_FLOPS
+    move_s = 4.0 * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / SWEEP_MOVE_BYTES_PER_S
+    per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / SWEEP_MOVE_BYTES_PER_S  # + the router's [T, E]
     tokens = int(target_s / per_token_s) // 64 * 64
     return max(256, min(32768, tokens))
 

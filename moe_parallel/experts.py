@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation, ExpertGemm
+from .cpu_buffers import fresh_empty_like, fresh_zeros_like
 from .expert_cost import DEFAULT_COST_MODEL
 
 aten = torch.ops.aten
@@ -111,7 +112,7 @@ class _ExpertMLP(torch.autograd.Function):
             rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
             scales = weight_N.to(x.dtype).unsqueeze(-1).split(counts) if scaled else None
             w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
-            y = torch.zeros_like(x) if gather else torch.empty_like(x)
+            y = fresh_zeros_like(x) if gather else fresh_empty_like(x)
             saved: list[Tensor] = []
             for j, n in enumerate(counts):
                 if n == 0:
@@ -148,8 +149,9 @@ class _ExpertMLP(torch.autograd.Function):
         counts, activation, keep_output = ctx.counts, ctx.activation, ctx.keep_output
         scaled, gather = weight_N is not None, token_idx_N is not None
         rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
-        grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
-        grads = [None if p is None else torch.empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
+        grad_x = fresh_zeros_like(x) if gather else fresh_empty_like(x)
+        # Weight gradients are fresh [e, D, F] tensors every step: huge pages spare their page faults.
+        grads = [None if p is None else fresh_empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
         w1, w2, b2 = w1_eDH.unbind(0), w2_eFD.unbind(0), _unbind(b2_eD)
         if scaled:
@@ -286,12 +288,12 @@ class _PaddedExpertMLP(torch.autograd.Function):
         del g_ND
         grad_o_eCD = grad_o_SD.view(e, capacity, dim)
         a_eCF = activate(h_SH, activation).view(e, capacity, -1)
-        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD)
+        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=fresh_empty_like(w2_eFD))
         del a_eCF
         grad_a_eCF = torch.bmm(grad_o_eCD, w2_eFD.transpose(1, 2))
         grad_h_eCH = _activate_backward(grad_a_eCF, h_SH.view(e, capacity, -1), activation)
         del grad_a_eCF
-        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH)
+        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH, out=fresh_empty_like(w1_eDH))
         grad_b1 = grad_h_eCH.sum(1) if has_b1 else None
         grad_b2 = grad_o_eCD.sum(1) if has_b2 else None
         grad_x_PD = grad_y.new_empty(slots + 1, dim)  # the extra zero row again, for dropped tokens
