@@ -30,11 +30,11 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertCostModel:
-    # Measured here by calibrate() on 2026-11-30 (2 threads, 1-minute load about 3.4): BENCHMARKS.md.
-    gemm_flops: float = 8.05e10  # sustained fp32 GEMM rate, FLOP/s
-    expert_call_s: float = 8.3e-5  # operator calls of one active expert in the loop, fwd+bwd
-    padded_call_s: float = 5.6e-4  # operator calls of the padded path, fwd+bwd, whatever e
-    move_bytes_per_s: float = 6.06e8  # gather + scatter-add of activation rows into fresh memory
+    # Medians of four calibrate() runs here on 2026-12-01 (2 threads, load < 1): BENCHMARKS.md.
+    gemm_flops: float = 1.4e11  # sustained fp32 GEMM rate, FLOP/s
+    expert_call_s: float = 1.45e-4  # operator calls of one active expert in the loop, fwd+bwd
+    padded_call_s: float = 8.9e-4  # operator calls of the padded path, fwd+bwd, whatever e
+    move_bytes_per_s: float = 1.0e10  # gather + scatter-add of activation rows
 
     def loop_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
         rows = sum(counts)
