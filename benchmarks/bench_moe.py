@@ -1070,7 +1070,8 @@ def sweep_table(rows: list[SweepRow]) -> str:
         "|---" * 13 + "|",
     ]
     for r in rows:
-        peak = ["-" if r.peak_mib.get(n) is None else _mib(r.peak_mib[n]) for n in SWEEP_MEMORY_IMPLS]
+        # In the columns' order (ours, drop-in, DeepSpeed), whatever order the processes ran in.
+        peak = ["-" if r.peak_mib.get(n) is None else _mib(r.peak_mib[n]) for n in ("ours", "compat", "deepspeed")]
         failed = f" (failed: {', '.join(sorted(r.timing.failed))})" if r.timing.failed else ""
         lines.append(
             f"| {r.cfg.name}{failed} | {r.cfg.label()} | {r.path} "

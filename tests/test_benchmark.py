@@ -123,3 +123,21 @@ def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate() ->
     light = bench.sweep_tokens(256, 128, 1, 1.0, 8)
     heavy = bench.sweep_tokens(1024, 4096, 8, 2.0, 8)
     assert light > heavy >= 256 and light <= 32768 and light % 64 == 0
+
+
+def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
+    bench = _bench_module()
+    cfg = bench.BenchConfig("p1", 512, 32, 64, 8, 2, 1.25)
+    rounds = {"ours": [0.1, 0.1], "compat": [0.2, 0.2], "deepspeed": [0.4, 0.4], "moved": [0.05, 0.05]}
+    row = bench.SweepRow(cfg, bench.Timing(rounds, 0), {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
+    lines = bench.sweep_table([row]).splitlines()
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = dict(zip(columns, (c.strip() for c in lines[2].strip("|").split("|"))))
+    assert (cells["peak MiB ours"], cells["peak MiB drop-in"], cells["peak MiB DS"]) == ("10", "20", "30")
+    assert (cells["ours ms"], cells["drop-in ms"], cells["DeepSpeed ms"]) == ("100.0", "200.0", "400.0")
+    assert (cells["DS/ours"], cells["DS/drop-in"], cells["drop-in/ours"], cells["ours/moved"]) == (
+        "4.00",
+        "2.00",
+        "2.00",
+        "2.00",
+    )

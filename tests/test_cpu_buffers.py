@@ -1,0 +1,105 @@
+"""Huge-page CPU buffers: ordinary tensors, zero when asked, freed with their tensor, and the expert
+paths built on them still equal the oracle."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+
+from moe_parallel import MoEConfig, MoELayer, cpu_buffers
+from moe_parallel.cpu_buffers import fresh_empty_like, fresh_zeros_like
+from tests.reference import naive_moe
+
+
+@pytest.fixture
+def every_buffer_huge(monkeypatch):
+    """Send every buffer, however small, down the mapped path (where the kernel offers it)."""
+    monkeypatch.setattr(cpu_buffers, "HUGE_BUFFER_MIN_BYTES", 1)
+    monkeypatch.setattr(cpu_buffers, "HUGE_PAGES_AVAILABLE", cpu_buffers._HUGE_PAGE_ADVICE is not None)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 3, 11), (2, 1 << 20)])
+def test_buffers_behave_like_torch_empty_and_zeros(every_buffer_huge, shape, dtype) -> None:
+    ref = torch.ones(shape, dtype=dtype)
+    zeros = fresh_zeros_like(ref)
+    assert zeros.shape == ref.shape and zeros.dtype == dtype and zeros.is_contiguous()
+    assert torch.equal(zeros, torch.zeros_like(ref))
+    empty = fresh_empty_like(ref)
+    assert empty.shape == ref.shape and empty.dtype == dtype and empty.is_contiguous()
+    empty.copy_(ref)  # writable
+    assert torch.equal(empty, ref)
+    buf = io.BytesIO()
+    torch.save(empty, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), ref)
+
+
+def test_large_buffers_take_the_mapped_path_and_are_freed_with_their_tensor() -> None:
+    if not cpu_buffers.HUGE_PAGES_AVAILABLE:
+        pytest.skip("this kernel offers no transparent huge pages")
+    ref = torch.empty(cpu_buffers.HUGE_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+    start = _rss_mib()
+    for _ in range(12):  # 768 MiB in all if nothing were unmapped
+        buf = fresh_zeros_like(ref)
+        assert buf.untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, not heap memory
+        buf.fill_(1.0)
+        del buf
+    assert _rss_mib() - start < 3 * 64
+
+
+def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_huge) -> None:
+    weight = torch.nn.Parameter(torch.randn(4, 6, 5))
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w * 3.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = fresh_empty_like(grad)
+            out.copy_(grad * 3.0)
+            return out
+
+    for _ in range(2):  # the second backward accumulates into the first
+        Scale.apply(weight).sum().backward()
+    torch.testing.assert_close(weight.grad, torch.full_like(weight, 6.0))
+    torch.optim.SGD([weight], lr=0.1).step()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_huge, path: str, seed: int) -> None:
+    rng = random.Random(seed)
+    experts = rng.choice([2, 4, 8])
+    kwargs = dict(
+        hidden_size=rng.choice([4, 8]),
+        ffn_hidden_size=rng.choice([3, 16]),
+        num_experts=experts,
+        top_k=rng.randint(1, min(experts, 3)),
+        capacity_factor=rng.choice([1.0, None]),
+        expert_bias=rng.random() < 0.5,
+        init_std=0.4,
+    )
+    torch.manual_seed(seed)
+    layer = MoELayer(MoEConfig(expert_gemm=path, **kwargs)).double().train()
+    oracle = MoELayer(MoEConfig(expert_gemm="loop", **kwargs)).double().train()
+    oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(rng.choice([5, 33]), kwargs["hidden_size"], dtype=torch.float64)
+    grad = torch.randn_like(x)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (layer(x_ours) * grad).sum().backward()
+    y_ref, aux_ref = naive_moe(oracle, x_ref)
+    ((y_ref * grad).sum() + aux_ref).backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    for p, q in zip(layer.experts.parameters(), oracle.experts.parameters()):
+        torch.testing.assert_close(p.grad, torch.zeros_like(q) if q.grad is None else q.grad, rtol=1e-9, atol=1e-10)
