@@ -1,4 +1,4 @@
-"""Large fresh CPU buffers on transparent huge pages.
+"""Large fresh CPU weight-gradient buffers on transparent huge pages.
 
 The stacked experts' weight gradients are one ``[e, D, F]`` tensor per parameter, allocated fresh at
 every backward (autograd hands it to ``param.grad``; ZeRO copies and frees it). Above glibc's mmap
@@ -6,11 +6,13 @@ threshold (at most 32 MiB) such an allocation is a new anonymous mapping, and th
 of its 4 KiB pages is a page fault: 128 Ki faults for 512 MiB, about as long as the GEMMs that fill
 it (BENCHMARKS.md, "Weight-gradient buffers"). Module-per-expert layers (DeepSpeed's) allocate 4 MiB
 per expert, which glibc recycles from its heap. A mapping advised ``MADV_HUGEPAGE`` faults once per
-2 MiB instead, and the kernel's zeroed pages make a zero-filled buffer free.
+2 MiB instead.
 
-Only CPU tensors of at least ``HUGE_BUFFER_MIN_BYTES`` on Linux take this path; everything else (and
-any platform without ``madvise``) gets ``torch.empty``/``torch.zeros``. The returned tensors are
-ordinary tensors: the mapping lives as long as the tensor's storage and is unmapped with it.
+Used for weight gradients only, which ``AccumulateGrad`` takes over as ``param.grad``. An activation
+gradient on such a mapping was summed out of place with the router's (measured: an extra ``[T, D]``
+add per step; autograd adds in place only into a tensor whose storage it holds alone). Only CPU
+tensors of at least ``HUGE_BUFFER_MIN_BYTES`` on Linux with transparent huge pages take this path;
+everything else gets ``torch.empty``. The mapping is unmapped when the tensor's storage is freed.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def _huge_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor | None:
         mapping.madvise(_HUGE_PAGE_ADVICE)
     except (OSError, ValueError):
         return None
-    # The tensor's storage keeps the mapping alive; it is unmapped when the last view is freed.
-    return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)
+    # The storage keeps the mapping alive; it is unmapped when the storage is freed.
+    storage = torch.frombuffer(mapping, dtype=dtype, count=numel).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def fresh_empty_like(t: Tensor) -> Tensor:
@@ -57,12 +60,3 @@ def fresh_empty_like(t: Tensor) -> Tensor:
         if buffer is not None:
             return buffer
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
-def fresh_zeros_like(t: Tensor) -> Tensor:
-    """``torch.zeros_like(t)`` (contiguous); a large CPU one is a fresh mapping, zero without a fill pass."""
-    if t.device.type == "cpu":
-        buffer = _huge_buffer(t.shape, t.dtype)
-        if buffer is not None:
-            return buffer
-    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)

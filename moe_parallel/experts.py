@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation, ExpertGemm
-from .cpu_buffers import fresh_empty_like, fresh_zeros_like
+from .cpu_buffers import fresh_empty_like
 from .expert_cost import DEFAULT_COST_MODEL
 
 aten = torch.ops.aten
@@ -112,7 +112,7 @@ class _ExpertMLP(torch.autograd.Function):
             rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
             scales = weight_N.to(x.dtype).unsqueeze(-1).split(counts) if scaled else None
             w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
-            y = fresh_zeros_like(x) if gather else fresh_empty_like(x)
+            y = torch.zeros_like(x) if gather else torch.empty_like(x)
             saved: list[Tensor] = []
             for j, n in enumerate(counts):
                 if n == 0:
@@ -149,7 +149,7 @@ class _ExpertMLP(torch.autograd.Function):
         counts, activation, keep_output = ctx.counts, ctx.activation, ctx.keep_output
         scaled, gather = weight_N is not None, token_idx_N is not None
         rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
-        grad_x = fresh_zeros_like(x) if gather else fresh_empty_like(x)
+        grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
         # Weight gradients are fresh [e, D, F] tensors every step: huge pages spare their page faults.
         grads = [None if p is None else fresh_empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
