@@ -969,6 +969,9 @@ SWEEP_TARGET_S = 0.4  # estimated DeepSpeed step (the slowest of the three), sec
 # load (BENCHMARKS.md, "Shape sweep"). Fixed here, not read from the cost model, so the sweep's shapes
 # stay the same when the cost model is recalibrated.
 SWEEP_GEMM_FLOPS, SWEEP_MOVE_BYTES_PER_S = 1.3e11, 4.0e9
+# On a GPU (bf16): an H200's sustained grouped-GEMM rate and HBM copy bandwidth, roughly; T is
+# clamped higher there, so that a step is not all launch latency.
+SWEEP_GPU_GEMM_FLOPS, SWEEP_GPU_MOVE_BYTES_PER_S, SWEEP_GPU_MAX_TOKENS = 4.0e14, 2.0e12, 131072
 # Rows moved per routed row and step, beyond the GEMMs (gathers, scatters, fills, activation passes),
 # in units of D (and of F for the activation): a rough count for DeepSpeed's padded layer.
 SWEEP_ROW_PASSES_D, SWEEP_ROW_PASSES_F = 12.0, 6.0
@@ -980,7 +983,13 @@ SWEEP_NAMED = (
 
 
 def sweep_tokens(
-    hidden: int, ffn: int, top_k: int, capacity_factor: float | None, experts: int, target_s: float = SWEEP_TARGET_S
+    hidden: int,
+    ffn: int,
+    top_k: int,
+    capacity_factor: float | None,
+    experts: int,
+    target_s: float = SWEEP_TARGET_S,
+    device: str = "cpu",
 ) -> int:
     """T such that DeepSpeed's step takes about SWEEP_TARGET_S here, from a FLOP and traffic estimate.
 
@@ -988,12 +997,15 @@ def sweep_tokens(
     fresh router): ``12 D F`` FLOPs each at the cost model's calibrated GEMM rate, plus the row passes
     above at its calibrated copy bandwidth. Rounded to a multiple of 64, within [256, 32768].
     """
+    gpu = device == "cuda"
+    flops = SWEEP_GPU_GEMM_FLOPS if gpu else SWEEP_GEMM_FLOPS
+    bandwidth, elem_bytes = (SWEEP_GPU_MOVE_BYTES_PER_S, 2.0) if gpu else (SWEEP_MOVE_BYTES_PER_S, 4.0)
     rows = top_k * (1.3 if capacity_factor is None else capacity_factor)
-    gemm_s = 12.0 * hidden * ffn / SWEEP_GEMM_FLOPS
-    move_s = 4.0 * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / SWEEP_MOVE_BYTES_PER_S
-    per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / SWEEP_MOVE_BYTES_PER_S  # + the router's [T, E]
+    gemm_s = 12.0 * hidden * ffn / flops
+    move_s = elem_bytes * (SWEEP_ROW_PASSES_D * hidden + SWEEP_ROW_PASSES_F * ffn) / bandwidth
+    per_token_s = rows * (gemm_s + move_s) + 4.0 * 8 * experts / bandwidth  # + the router's [T, E]
     tokens = int(target_s / per_token_s) // 64 * 64
-    return max(256, min(32768, tokens))
+    return max(256, min(SWEEP_GPU_MAX_TOKENS if gpu else 32768, tokens))
 
 
 def _balanced(values: tuple, count: int, rng) -> list:
@@ -1004,7 +1016,7 @@ def _balanced(values: tuple, count: int, rng) -> list:
 
 
 def sweep_points(
-    count: int = 32, ep2: int = 3, quick: bool = False, target_s: float = SWEEP_TARGET_S
+    count: int = 32, ep2: int = 3, quick: bool = False, target_s: float = SWEEP_TARGET_S, device: str = "cpu"
 ) -> list[BenchConfig]:
     """The sampled sweep: ``count`` EP=1 points whose every axis is balanced (each value of each axis
     appears equally often), the issue's named shapes, and ``ep2`` of the points again at EP=2.
@@ -1031,7 +1043,7 @@ def sweep_points(
     points = []
     for i, (experts, k, hidden, ratio, cf, policy) in enumerate(zip(*axes)):
         ffn = int(hidden * ratio)
-        tokens = sweep_tokens(hidden, ffn, k, cf, experts, target_s)
+        tokens = sweep_tokens(hidden, ffn, k, cf, experts, target_s, device)
         points.append(BenchConfig(f"s{i + 1:02d}", tokens, hidden, ffn, experts, k, cf, drop_policy=policy))
     named = [dataclasses.replace(c) for c in SWEEP_NAMED]
     ep2_points = [
@@ -1158,10 +1170,18 @@ def sweep_summary(rows: list[SweepRow]) -> str:
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     target = target_of(args)
-    points = sweep_points(args.sweep_points, quick=args.quick, target_s=args.sweep_target_s)
+    points = sweep_points(args.sweep_points, quick=args.quick, target_s=args.sweep_target_s, device=args.device)
     if args.sweep_only:
         wanted = {n.strip() for n in args.sweep_only.split(",")}
         points = [p for p in points if p.name in wanted]
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        too_wide = [p.name for p in points if p.ep_size > torch.cuda.device_count()]
+        if too_wide:  # NCCL needs one GPU per rank
+            print(f"skipping {too_wide}: {torch.cuda.device_count()} GPU(s) visible, one per EP rank needed")
+            points = [p for p in points if p.name not in too_wide]
+    block = "sweep" if (args.device, args.dtype) == ("cpu", "float32") else f"sweep-{args.device}-{args.dtype}"
     rows: list[SweepRow] = []
     loads: list[float] = []
     started = time.monotonic()
@@ -1173,7 +1193,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
             table = f"(partial: {len(rows)} of {len(points)} points so far)\n\n" + table
         if not args.no_write:  # after every point, so that a cut-short run still leaves its points
             load = f"1-minute load average at the points' starts: min {min(loads):.1f}, max {max(loads):.1f}"
-            write_results(args.output, "sweep", command, f"{machine_line(target)}; {load}", table)
+            write_results(args.output, block, command, f"{machine_line(target)}; {load}", table)
         return table
 
     for i, cfg in enumerate(points):
@@ -1189,8 +1209,41 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
             report(final=False)
     table = report(final=True)
     print("\n" + table + f"\n\nwall time {time.monotonic() - started:.0f} s")
+    if args.json is not None:
+        results = {
+            "command": command,
+            "machine": machine_line(target),
+            "date": datetime.date.today().isoformat(),
+            "device": args.device,
+            "dtype": args.dtype,
+            "markdown": table,
+            "points": [sweep_row_json(r) for r in rows],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
     if not args.no_write:
-        print(f"wrote the sweep block of {args.output}")
+        print(f"wrote the {block} block of {args.output}")
+
+
+def sweep_row_json(row: SweepRow) -> dict:
+    """One sweep point's results as plain data."""
+    names = (*(n.split("+")[0] for n in SWEEP_IMPLS), PAIRED_OURS)
+    return {
+        "config": dataclasses.asdict(row.cfg),
+        "label": row.cfg.label(),
+        "path": row.path,
+        "median_ms": {n: row.timing.median_ms(n) for n in names},
+        "ratios": {
+            "deepspeed/ours": row.ratio("deepspeed", "ours"),
+            "deepspeed/compat": row.ratio("deepspeed", "compat"),
+            "compat/ours": row.dropin_over_ours(),
+            "ours/moved": row.ratio("ours", "moved"),
+        },
+        "peak_mib": row.peak_mib,
+        "failed": row.timing.failed,
+        "rounds_s": row.timing.rounds,
+    }
 
 
 # --------------------------------------------------------------------------- main

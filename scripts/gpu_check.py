@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 GEMM rate measured on the lent H200 (KINDS.md: 8192^3 products, 769-798 TFLOP/s).
 H200_BF16_TFLOPS = 790.0
 BLOCK_BEGIN, BLOCK_END = "<!-- gpu-check begin -->", "<!-- gpu-check end -->"
-STAGES = ("install", "env", "tests", "bench", "train")
+STAGES = ("install", "env", "tests", "bench", "sweep", "train")
 
 
 # --------------------------------------------------------------------------- model FLOPs
@@ -201,7 +201,7 @@ def collect(out: Path, work: Path, mode: str) -> dict[str, Any]:
     env_path = work / "env.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     peak = H200_BF16_TFLOPS
-    bench_path = work / "bench.json"
+    bench_path, sweep_path = work / "bench.json", work / "sweep.json"
     results: dict[str, Any] = {
         "dry_run": mode != "cuda",
         "mode": mode,
@@ -211,6 +211,7 @@ def collect(out: Path, work: Path, mode: str) -> dict[str, Any]:
         "stages": read_stages(work),
         "tests": read_tests(work / "tests.xml"),
         "bench": json.loads(bench_path.read_text()) if bench_path.exists() else None,
+        "sweep": json.loads(sweep_path.read_text()) if sweep_path.exists() else None,
         "train": read_train(work / "train_run", out / "train.log", peak),
     }
     failures = []
@@ -226,6 +227,8 @@ def collect(out: Path, work: Path, mode: str) -> dict[str, Any]:
         failures += [f"test {f['test']}: {f['message'][:200]}" for f in results["tests"]["failed"]]
     for row in (results["bench"] or {}).get("rows", []):
         failures += [f"bench {row['config']['name']}: {impl} failed" for impl in row["failed"]]
+    for point in (results["sweep"] or {}).get("points", []):
+        failures += [f"sweep {point['config']['name']}: {impl} failed" for impl in point["failed"]]
     results["failures"] = failures
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(markdown(results))
@@ -271,6 +274,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("No benchmark results (see bench.log).")
     else:
         lines += [f"Command: `{bench['command']}`  ", f"Machine: {bench['machine']}", "", bench["markdown"]]
+    lines += ["", "## Shape sweep (`benchmarks/bench_moe.py --sweep`, a sample of its points)", ""]
+    sweep = results.get("sweep")
+    if sweep is None:
+        lines.append("No sweep results (see sweep.log).")
+    else:
+        lines += [f"Command: `{sweep['command']}`  ", f"Machine: {sweep['machine']}", "", sweep["markdown"]]
     lines += ["", "## Training (`deepspeed` launcher, `+experiment=gpu_check`)", ""]
     train = results["train"]
     if train is None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check: CUDA correctness tests, the benchmark with the large config, 50 training
-# steps through the deepspeed launcher; one results file (results.md + results.json) in OUT_DIR.
+# One prepared GPU check: CUDA correctness tests, the benchmark with the large config, a sample of the
+# shape sweep, 50 training steps through the deepspeed launcher; one results file (results.md +
+# results.json) in OUT_DIR.
 #
-#   bash scripts/gpu_check.sh OUT_DIR            # CUDA visible: the real check, within 8 minutes
+#   bash scripts/gpu_check.sh OUT_DIR            # CUDA visible: the real check, within 9 minutes
 #   bash scripts/gpu_check.sh OUT_DIR --dry-run  # tiny shapes on the CPU (also the default without CUDA)
 #
 # Every stage runs under `timeout` with its own budget, and a failed or hung stage does not stop the
@@ -21,7 +22,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 # results file still reports the others from the first try.
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
 mkdir -p "$WORK"
-STAGES=${GPU_CHECK_STAGES:-install,env,tests,bench,train}
+STAGES=${GPU_CHECK_STAGES:-install,env,tests,bench,sweep,train}
 if [ -x .venv/bin/python ]; then PY=${PY:-$REPO/.venv/bin/python}; else PY=${PY:-python3}; fi
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
 started=$(date +%s)
@@ -44,6 +45,7 @@ stage() {
     case $name in  # this stage's earlier outputs must not pass for this run's
         tests) rm -f "$WORK/tests.xml" ;;
         bench) rm -f "$WORK/bench.json" ;;
+        sweep) rm -f "$WORK/sweep.json" ;;
         train) rm -rf "$WORK/train_run" ;;
         env) rm -f "$WORK/env.json" ;;
     esac
@@ -57,16 +59,16 @@ stage() {
     tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
 }
 
-# Budgets in seconds. On the GPU they add up to 455 s and the whole check stops at TOTAL_S = 470 s
-# (under 8 minutes, a hung stage's 10 s kill grace included); in a dry run they only catch hangs
+# Budgets in seconds. On the GPU they add up to 505 s and the whole check stops at TOTAL_S = 520 s
+# (under 9 minutes, a hung stage's 10 s kill grace included); in a dry run they only catch hangs
 # (a shared 2-core CI machine can be many times slower than its idle speed).
 if [ "$FORCE_DRY" != "--dry-run" ] && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     MODE=cuda
-    TOTAL_S=470 B_INSTALL=45 B_ENV=30 B_TESTS=80 B_BENCH=160 B_TRAIN=140
+    TOTAL_S=520 B_INSTALL=45 B_ENV=25 B_TESTS=75 B_BENCH=130 B_SWEEP=110 B_TRAIN=120
     echo "CUDA visible: the real GPU check (results in $OUT)"
 else
     MODE=dry-run
-    TOTAL_S=2400 B_INSTALL=200 B_ENV=120 B_TESTS=400 B_BENCH=400 B_TRAIN=500
+    TOTAL_S=2400 B_INSTALL=200 B_ENV=120 B_TESTS=400 B_BENCH=400 B_SWEEP=400 B_TRAIN=500
     echo "DRY RUN: no CUDA device (or --dry-run): the same stages at tiny shapes on the CPU; no GPU numbers (results in $OUT)"
 fi
 TOTAL_S=${GPU_CHECK_TOTAL_S:-$TOTAL_S}
@@ -111,6 +113,16 @@ else
     # fp32: bf16 GEMMs crawl on CPUs, and tests/test_benchmark.py covers the bf16 plumbing.
     stage bench $B_BENCH "$PY" benchmarks/bench_moe.py --quick --configs large --reps 1 --dtype float32 --no-memory \
         --peak-tflops 790 --json "$WORK/bench.json"
+fi
+
+# 2b. The shape sweep (issue 12) in bf16: 8 of its sampled points, sized for the GPU, EP=2 points
+# skipped on one GPU; no fresh memory processes (the budget). A dry run: the --quick machinery.
+if [ $MODE = cuda ]; then
+    stage sweep $B_SWEEP "$PY" benchmarks/bench_moe.py --sweep --device cuda --dtype bfloat16 --sweep-points 8 \
+        --sweep-target-s 0.02 --reps 3 --warmup 1 --no-memory --no-write --json "$WORK/sweep.json"
+else
+    stage sweep $B_SWEEP "$PY" benchmarks/bench_moe.py --sweep --quick --sweep-only q2 --reps 1 --warmup 0 \
+        --no-memory --no-write --json "$WORK/sweep.json"
 fi
 
 # 3. Training through the deepspeed launcher, world size 1 (NCCL and bf16 on a GPU; gloo and fp32 on the CPU).

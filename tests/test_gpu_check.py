@@ -20,7 +20,7 @@ import torch
 from moe_parallel.models import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("install", "env", "tests", "bench", "train")
+STAGES = ("install", "env", "tests", "bench", "sweep", "train")
 
 
 def _script(name: str):
@@ -54,10 +54,14 @@ def test_dry_run_runs_every_stage_and_writes_one_results_file(tmp_path):
     (row,) = results["bench"]["rows"]
     assert (row["config"]["name"], row["config"]["top_k"], row["failed"]) == ("large", 6, {})
     assert all(row["tflops"][impl] > 0 for impl in ("ours", "deepspeed", "floor", "moved"))
+    (point,) = results["sweep"]["points"]
+    assert point["config"]["name"] == "q2" and point["failed"] == {}
+    assert all(point["ratios"][r] > 0 for r in ("deepspeed/ours", "deepspeed/compat", "compat/ours", "ours/moved"))
     train = results["train"]
     assert train["steps"] == 4 and train["tokens_per_s"] > 0 and 0 < train["mfu"] < 1
     markdown = (out / "results.md").read_text()
     assert "**DRY RUN**" in markdown and "| large: T=" in markdown and "| 4 | 128 |" in markdown
+    assert "| q2 | T=" in markdown  # the sweep's table
     # What comes back from a lent machine: at most 8 plain files.
     assert len(list(out.iterdir())) <= 8 and all(p.is_file() for p in out.iterdir())
     with pytest.raises(SystemExit, match="dry run"):
