@@ -1226,6 +1226,34 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"wrote the {block} block of {args.output}")
 
 
+def merge_sweeps(paths: list[Path], output: Path) -> None:
+    """One sweep block from several runs' JSON (e.g. a full run and a rerun of points it lost to
+    other load): a point of a later file replaces the same point of an earlier one, in sweep order."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    order = {p.name: i for i, p in enumerate(sweep_points())}
+    points: dict[str, SweepRow] = {}
+    source: dict[str, str] = {}
+    for path, run in zip(paths, runs):
+        for point in run["points"]:
+            cfg = BenchConfig(**point["config"])
+            timing = Timing(point["rounds_s"], 0, point["failed"])
+            points[cfg.name] = SweepRow(cfg, timing, point["peak_mib"], point["path"])
+            source[cfg.name] = path.name
+    rows = sorted(points.values(), key=lambda r: order.get(r.cfg.name, len(order)))
+    commands = "; ".join(
+        f"`{run['command']}` ({', '.join(n for n in source if source[n] == p.name)})" for p, run in zip(paths, runs)
+    )
+    table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
+    machine = runs[-1]["machine"] + f"; merged from {len(runs)} runs by point: {commands}"
+    block = (
+        "sweep"
+        if (runs[-1]["device"], runs[-1]["dtype"]) == ("cpu", "float32")
+        else (f"sweep-{runs[-1]['device']}-{runs[-1]['dtype']}")
+    )
+    write_results(output, block, " + ".join(run["command"] for run in runs), machine, table)
+    print(table + f"\n\nwrote the {block} block of {output}")
+
+
 def sweep_row_json(row: SweepRow) -> dict:
     """One sweep point's results as plain data."""
     names = (*(n.split("+")[0] for n in SWEEP_IMPLS), PAIRED_OURS)
@@ -1298,6 +1326,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"estimated DeepSpeed step that sizes each point's T (default {SWEEP_TARGET_S})",
     )
     parser.add_argument("--sweep-only", default=None, help="comma-separated point names: run only these")
+    parser.add_argument(
+        "--sweep-merge",
+        default=None,
+        help="comma-separated --json files of sweep runs: write their points as one sweep block (a point "
+        "in a later file replaces the same point in an earlier one; runs nothing)",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument(
@@ -1372,6 +1406,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         print(f"measured ({torch.get_num_threads()} threads): {calibrate()}")
         print(f"in use:                 {DEFAULT_COST_MODEL}")
+        return
+    if args.sweep_merge:
+        merge_sweeps([Path(p) for p in args.sweep_merge.split(",")], args.output)
         return
     if args.sweep:
         run_sweep(args, argv)
