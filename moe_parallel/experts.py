@@ -153,7 +153,7 @@ class _ExpertMLP(torch.autograd.Function):
         # Weight gradients are fresh [e, D, F] tensors every step: huge pages spare their page faults.
         grads = [None if p is None else fresh_empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
-        w1, w2, b2 = w1_eDH.unbind(0), w2_eFD.unbind(0), _unbind(b2_eD)
+        w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
         if scaled:
             scales = weight_N.to(grad_y.dtype).unsqueeze(-1).split(counts)
             grad_weight_N = torch.empty_like(weight_N)
@@ -166,10 +166,17 @@ class _ExpertMLP(torch.autograd.Function):
                         grad[j].zero_()
                 continue
             h = next(saved_rows)
+            o = next(saved_rows) if keep_output else None
+            x_e = x.index_select(0, rows[j]) if gather else x[rows[j]]
+            if _released(h):  # a second backward through a retained graph: recompute what was freed
+                h = _linear(x_e, w1[j], None if b1 is None else b1[j])
             a = activate(h, activation)
             g = grad_y.index_select(0, rows[j]) if gather else grad_y[rows[j]]
-            if scaled and keep_output:  # out = s * o: dL/ds = <g, o>, then s * g feeds everything
-                grad_weights[j].copy_(_row_dot(g, next(saved_rows)))
+            if keep_output:  # out = s * o: dL/ds = <g, o>, then s * g feeds everything
+                if _released(o):
+                    o = _linear(a, w2[j], None if b2 is None else b2[j])
+                grad_weights[j].copy_(_row_dot(g, o))
+                _release(o)
                 g = g.mul_(scales[j]) if gather else g * scales[j]  # a gathered g is ours to scale
             if not scaled or keep_output:
                 torch.mm(a.t(), g, out=grad_w2[j])
@@ -187,7 +194,7 @@ class _ExpertMLP(torch.autograd.Function):
                 torch.mm((a * s).t(), g, out=grad_w2[j])
                 grad_a.mul_(s)
             grad_h = _activate_backward(grad_a, h, activation)
-            x_e = x.index_select(0, rows[j]) if gather else x[rows[j]]
+            _release(h)
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
                 torch.sum(grad_h, 0, out=grad_b1[j])
@@ -196,6 +203,18 @@ class _ExpertMLP(torch.autograd.Function):
             else:
                 torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
         return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None
+
+
+def _release(saved: Tensor) -> None:
+    """Free a saved intermediate's memory now, not when backward returns. Every expert's saved
+    pre-activation would otherwise live beside the whole stacked weight gradient at the end of
+    backward: the step's peak at large experts (BENCHMARKS.md, "Peak memory"), where a per-expert
+    layer like DeepSpeed's has freed them one by one."""
+    saved.untyped_storage().resize_(0)
+
+
+def _released(saved: Tensor) -> bool:
+    return saved.numel() > 0 and saved.untyped_storage().nbytes() == 0
 
 
 def _baddbmm(x_eCD: Tensor, w_eDF: Tensor, b_eF: Tensor | None, out: Tensor) -> Tensor:
