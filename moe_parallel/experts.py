@@ -112,7 +112,7 @@ class _ExpertMLP(torch.autograd.Function):
             rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
             scales = weight_N.to(x.dtype).unsqueeze(-1).split(counts) if scaled else None
             w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
-            y = torch.zeros_like(x) if gather else torch.empty_like(x)
+            y = _combine_buffer(x, token_idx_N, unique) if gather else torch.empty_like(x)
             saved: list[Tensor] = []
             for j, n in enumerate(counts):
                 if n == 0:
@@ -149,7 +149,7 @@ class _ExpertMLP(torch.autograd.Function):
         counts, activation, keep_output = ctx.counts, ctx.activation, ctx.keep_output
         scaled, gather = weight_N is not None, token_idx_N is not None
         rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
-        grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
+        grad_x = _combine_buffer(x, token_idx_N, ctx.unique) if gather else torch.empty_like(x)
         # Weight gradients are fresh [e, D, F] tensors every step: huge pages spare their page faults.
         grads = [None if p is None else fresh_empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
@@ -203,6 +203,18 @@ class _ExpertMLP(torch.autograd.Function):
             else:
                 torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
         return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None
+
+
+def _combine_buffer(x: Tensor, token_idx_N: Tensor, unique: bool) -> Tensor:
+    """The ``[T, D]`` buffer the experts' rows are combined into: zeros, except under top-1 routing,
+    where every kept row is written (not added) and only the dropped tokens' rows need zeroing, which
+    spares a full ``[T, D]`` fill pass."""
+    if not unique:
+        return torch.zeros_like(x)
+    buffer = torch.empty_like(x)
+    dropped_T = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    dropped_T[token_idx_N] = False
+    return buffer.index_fill_(0, dropped_T.nonzero().flatten(), 0)
 
 
 def _release(saved: Tensor) -> None:

@@ -217,3 +217,29 @@ def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_fr
     y.backward(grad)
     for want, p in zip(first, (x, *layer.experts.parameters())):
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_top1_dropped_tokens_get_exact_zeros_from_a_reused_buffer(path: str) -> None:
+    """Top-1 combines by writing into an uninitialised buffer; the dropped tokens' rows are zeroed
+    explicitly. Freed NaN-filled memory of the same size makes a missed row visible."""
+    torch.manual_seed(3)
+    layer = (
+        MoELayer(
+            MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=1, capacity_factor=0.5, expert_gemm=path)
+        )
+        .double()
+        .train()
+    )
+    x = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        del_me = torch.full_like(x, float("nan"))
+        del del_me
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        dropped = layer.last_stats.dropped_fraction.item()
+        assert dropped > 0
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        zero_rows = (y == 0).all(-1)
+        assert zero_rows.sum().item() == round(dropped * 64)
+        x.grad = None
