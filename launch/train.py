@@ -768,6 +768,12 @@ def main(cfg: DictConfig) -> float:
         status = EXIT_STALLED
     if status != EXIT_DONE:
         _exit_now(status)  # also ends a sweep: a preempted job is requeued as a whole
+    if _sweep_job() is None:
+        # A single run leaves at once after a clean finish too (checkpoints and W&B are closed by now):
+        # interpreter teardown with gloo's and the rendezvous store's threads still running aborted a
+        # finished run now and then (SIGABRT, "terminate called without an active exception"), which
+        # the launcher and Slurm report as a failed job.
+        _exit_now(EXIT_DONE)
     return trainer.val_loss
 
 
