@@ -1174,14 +1174,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     if args.sweep_only:
         wanted = {n.strip() for n in args.sweep_only.split(",")}
         points = [p for p in points if p.name in wanted]
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible to torch")
-        too_wide = [p.name for p in points if p.ep_size > torch.cuda.device_count()]
-        if too_wide:  # NCCL needs one GPU per rank
-            print(f"skipping {too_wide}: {torch.cuda.device_count()} GPU(s) visible, one per EP rank needed")
-            points = [p for p in points if p.name not in too_wide]
-    block = "sweep" if (args.device, args.dtype) == ("cpu", "float32") else f"sweep-{args.device}-{args.dtype}"
+    points = runnable_on(points, args.device)
+    block = sweep_block(args.device, args.dtype)
     rows: list[SweepRow] = []
     loads: list[float] = []
     started = time.monotonic()
@@ -1245,11 +1239,7 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
     )
     table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
     machine = runs[-1]["machine"] + f"; merged from {len(runs)} runs by point: {commands}"
-    block = (
-        "sweep"
-        if (runs[-1]["device"], runs[-1]["dtype"]) == ("cpu", "float32")
-        else (f"sweep-{runs[-1]['device']}-{runs[-1]['dtype']}")
-    )
+    block = sweep_block(runs[-1]["device"], runs[-1]["dtype"])
     write_results(output, block, " + ".join(run["command"] for run in runs), machine, table)
     print(table + f"\n\nwrote the {block} block of {output}")
 
@@ -1362,15 +1352,24 @@ def selected_configs(args: argparse.Namespace) -> list[BenchConfig]:
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(table)}")
-    configs = [table[n] for n in names]
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible to torch")
-        too_wide = [c.name for c in configs if c.ep_size > torch.cuda.device_count()]
-        if too_wide:  # NCCL needs one GPU per rank
-            print(f"skipping {too_wide}: {torch.cuda.device_count()} GPU(s) visible, one per EP rank needed")
-            configs = [c for c in configs if c.name not in too_wide]
-    return configs
+    return runnable_on([table[n] for n in names], device=args.device)
+
+
+def runnable_on(configs: list[BenchConfig], device: str) -> list[BenchConfig]:
+    """``configs`` without those this machine cannot run: on CUDA, NCCL needs one GPU per EP rank."""
+    if device != "cuda":
+        return configs
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    too_wide = [c.name for c in configs if c.ep_size > torch.cuda.device_count()]
+    if too_wide:
+        print(f"skipping {too_wide}: {torch.cuda.device_count()} GPU(s) visible, one per EP rank needed")
+    return [c for c in configs if c.name not in too_wide]
+
+
+def sweep_block(device: str, dtype: str) -> str:
+    """The sweep's results block of BENCHMARKS.md: one per device and dtype."""
+    return "sweep" if (device, dtype) == ("cpu", "float32") else f"sweep-{device}-{dtype}"
 
 
 def results_block(args: argparse.Namespace) -> str:
