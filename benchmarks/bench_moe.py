@@ -249,6 +249,15 @@ def build_ours(problem: Problem) -> Step:
     return Step(run, [x_TD, *layer.parameters()])
 
 
+def build_ours_twin(problem: Problem) -> Step:
+    """Ours again, on a second copy of the layer (its own weights, same values): timed beside ``ours``
+    in one process, the two say how finely a run resolves a ratio (they should read 1.00)."""
+    twin = MoELayer(problem.layer.config, ep_group=problem.layer.ep_group)
+    twin.load_state_dict(problem.layer.state_dict())
+    twin.to(device=problem.x_TD.device, dtype=problem.x_TD.dtype).train()
+    return build_ours(dataclasses.replace(problem, layer=twin))
+
+
 def build_deepspeed(problem: Problem) -> Step:
     """DeepSpeed's MoE layer with our gate and expert weights (so it routes exactly as we do for k=2)."""
     from deepspeed.moe.layer import MoE
@@ -430,6 +439,7 @@ def build_moved(problem: Problem) -> Step:
 
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
     "ours": build_ours,
+    "ours_twin": build_ours_twin,
     "deepspeed": build_deepspeed,
     "compat_module": build_compat_module,
     "compat_parallel_mlp": build_compat_parallel_mlp,
@@ -562,7 +572,7 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
     if target.threads:
         torch.set_num_threads(target.threads)
     quiet_deepspeed(target)
-    distributed = cfg.ep_size > 1 or impl == "deepspeed"
+    distributed = cfg.ep_size > 1 or "deepspeed" in impl.split("+")
     if distributed:
         init_distributed(rank, cfg.ep_size, port, target)
     elif target.device == "cuda":
@@ -574,8 +584,8 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             dist.barrier()
 
     problem = make_problem(cfg, ep_group=dist.group.WORLD if cfg.ep_size > 1 else None, rank=rank, target=target)
-    # "a+b": both implementations in this one process ("step:b" runs b), for a ratio with no
-    # process-to-process difference in it (heap layout, page placement; see PAIRED_IMPLS).
+    # "a+b+...": these implementations in this one process ("step:b" runs b), for ratios with no
+    # process-to-process difference in them (heap layout, page placement; see SWEEP_PROCESS).
     steps = {name: BUILDERS[name](problem) for name in impl.split("+")}
     step = steps[impl.split("+")[0]]
     conn.send(kept_rows(problem))
@@ -585,9 +595,18 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             gc.collect()
             fence()
             start = time.perf_counter()
-            chosen()
+            try:
+                chosen()
+            except RuntimeError as err:  # e.g. out of memory: this implementation fails, the others go on
+                if cfg.ep_size > 1:  # the other rank may wait in a collective: end the process group
+                    raise
+                conn.send(StepFailed(str(err)[:500]))
+                chosen.clear_grads()
+                continue
             fence()
             conn.send(time.perf_counter() - start)
+            # The next step, of whichever implementation, starts with no gradients alive.
+            chosen.clear_grads()
         elif command == "peak":
             measure = measure_step_peak_mib_cuda if target.device == "cuda" else measure_step_peak_mib
             conn.send(measure(step))
@@ -602,6 +621,10 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             conn.send(profile_step(step))
     if distributed:
         dist.destroy_process_group()
+
+
+class StepFailed(str):
+    """A worker's answer to "step" when the step raised (the message)."""
 
 
 class Implementation:
@@ -638,10 +661,15 @@ class Implementation:
     def _recv_all(self) -> list:
         results = []
         for conn, proc in zip(self.conns, self.procs):
+            died = "a benchmark worker died (exit code {{}}); see its stderr above"
             while not conn.poll(1.0):
                 if not proc.is_alive():
-                    raise RuntimeError(f"a benchmark worker died (exit code {proc.exitcode}); see its stderr above")
-            results.append(conn.recv())
+                    raise RuntimeError(died.format(proc.exitcode))
+            try:
+                results.append(conn.recv())
+            except EOFError:  # it died after the poll
+                proc.join(timeout=10)
+                raise RuntimeError(died.format(proc.exitcode)) from None
         return results
 
     def request(self, command: str) -> list:
@@ -651,8 +679,13 @@ class Implementation:
 
     def step(self, name: str | None = None) -> float:
         """Seconds of one forward+backward: the slowest rank's (the step ends when all are done).
-        ``name``: which implementation of a paired process ("a+b") runs; default the first."""
-        return max(self.request("step" if name is None else f"step:{name}"))
+        ``name``: which implementation of a shared process ("a+b+...") runs; default the first.
+        Raises RuntimeError if it failed on any rank."""
+        results = self.request("step" if name is None else f"step:{name}")
+        failures = [str(r) for r in results if isinstance(r, StepFailed)]
+        if failures:
+            raise RuntimeError(failures[0])
+        return max(results)
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
@@ -956,12 +989,15 @@ SWEEP_HIDDEN = (256, 512, 1024)
 SWEEP_FFN_RATIO = (0.5, 1, 2, 4)
 SWEEP_CAPACITY = (1.0, 1.25, 2.0, None)  # None: dropless
 SWEEP_POLICY = ("position", "probs")
-SWEEP_IMPLS = ("ours", "deepspeed", "compat+ours", "moved")
-# The drop-in and ours differ by a few percent at most, less than two processes of one implementation
-# differ here (measured: 0.99-1.26 for "drop-in / ours" across processes at one point); so that ratio
-# comes from one process running both, interleaved ("ours_paired"), and DeepSpeed's from processes
-# of their own as before.
-PAIRED_OURS = "ours_paired"
+# Every implementation of a sweep point runs in one process (one per EP rank), round by round, as the
+# issue asks: two processes running identical code differed by 0.91-1.14 here (10th-90th percentile
+# over a sweep), more than the gaps to resolve. "ours_twin" is ours on a second copy of the layer:
+# twin / ours is what the run resolves at that point.
+SWEEP_PROCESS = ("ours", "deepspeed", "compat", "moved", "ours_twin")
+# That process's glibc: the mmap and trim thresholds at the values its dynamic threshold settles on in
+# a training process (32 MiB, the cap, once any larger buffer has been freed; trim at twice that),
+# fixed, so that no implementation's frees change how the next one's buffers are allocated.
+SWEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 SWEEP_MEMORY_IMPLS = ("ours", "deepspeed", "compat")
 SWEEP_SEED = 12
 SWEEP_TARGET_S = 0.4  # estimated DeepSpeed step (the slowest of the three), seconds
@@ -1063,33 +1099,30 @@ class SweepRow:
     def ratio(self, num: str, den: str) -> float | None:
         return self.timing.ratio(num, den)
 
-    def dropin_over_ours(self) -> float | None:
-        """The drop-in's step over ours, both timed in one process (see PAIRED_OURS)."""
-        paired = self.ratio("compat", PAIRED_OURS)
-        return paired if paired is not None else self.ratio("compat", "ours")
-
     def fine_grained(self) -> bool:
         return self.cfg.experts >= 64 and self.cfg.top_k >= 6
 
 
 def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, memory: bool) -> SweepRow:
-    """Interleaved rounds of ours, DeepSpeed, the drop-in and ``moved``, each in its own process(es);
-    then the peak memory of ours, the drop-in and DeepSpeed, each in fresh processes (run_memory)."""
-    impls, failed = start_implementations(cfg, SWEEP_IMPLS, target)
-    steps = {}
-    for name, impl in impls.items():
-        first, *second = name.split("+")
-        steps[first] = impl.step
-        if second:
-            steps[PAIRED_OURS] = functools.partial(impl.step, second[0])
-    failed = {name.split("+")[0]: reason for name, reason in failed.items()}
+    """Interleaved rounds of ours, DeepSpeed, the drop-in, ``moved`` and ours' twin, all in one process
+    (one per EP rank, see SWEEP_PROCESS); then the peak memory of ours, the drop-in and DeepSpeed, each
+    in fresh processes (run_memory)."""
+    env = SWEEP_MALLOC_ENV if target.device == "cpu" else None
+    shared = Implementation(cfg, "+".join(SWEEP_PROCESS), target.for_config(cfg), env=env, wait=False)
+    failed: dict[str, str] = {}
+    rounds: dict[str, list[float]] = {}
+    kept, path = 0, "-"
     try:
+        shared.wait_ready()
+        steps = {name: functools.partial(shared.step, name) for name in SWEEP_PROCESS}
         rounds = time_interleaved(steps, warmup, reps, failed)
-        kept = impls["ours"].kept_rows if "ours" in impls else 0
-        path = impls["ours"].request("path")[0] if "ours" in impls else "-"
+        kept = shared.kept_rows
+        path = shared.request("path")[0]
+    except RuntimeError as err:  # the process died (out of memory, a rank's error at EP=2)
+        failed = {name: str(err) for name in SWEEP_PROCESS}
+        rounds = {}
     finally:
-        for impl in impls.values():
-            impl.close()
+        shared.close()
     peak = {}
     if memory:  # after the timing processes are gone: the fresh ones have the machine to themselves
         for name in SWEEP_MEMORY_IMPLS:
@@ -1101,8 +1134,8 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
 def sweep_table(rows: list[SweepRow]) -> str:
     lines = [
         "| point | shape | our path | ours ms | drop-in ms | DeepSpeed ms | DS/ours | DS/drop-in | drop-in/ours "
-        "| ours/moved | peak MiB ours | peak MiB drop-in | peak MiB DS |",
-        "|---" * 13 + "|",
+        "| ours/moved | twin/ours | peak MiB ours | peak MiB drop-in | peak MiB DS |",
+        "|---" * 14 + "|",
     ]
     for r in rows:
         # In the columns' order (ours, drop-in, DeepSpeed), whatever order the processes ran in.
@@ -1112,8 +1145,9 @@ def sweep_table(rows: list[SweepRow]) -> str:
             f"| {r.cfg.name}{failed} | {r.cfg.label()} | {r.path} "
             f"| {_cell(r.timing.median_ms('ours'), '.1f')} | {_cell(r.timing.median_ms('compat'), '.1f')} "
             f"| {_cell(r.timing.median_ms('deepspeed'), '.1f')} | {_cell(r.ratio('deepspeed', 'ours'), '.2f')} "
-            f"| {_cell(r.ratio('deepspeed', 'compat'), '.2f')} | {_cell(r.dropin_over_ours(), '.2f')} "
-            f"| {_cell(r.ratio('ours', 'moved'), '.2f')} | {peak[0]} | {peak[1]} | {peak[2]} |"
+            f"| {_cell(r.ratio('deepspeed', 'compat'), '.2f')} | {_cell(r.ratio('compat', 'ours'), '.2f')} "
+            f"| {_cell(r.ratio('ours', 'moved'), '.2f')} | {_cell(r.ratio('ours_twin', 'ours'), '.2f')} "
+            f"| {peak[0]} | {peak[1]} | {peak[2]} |"
         )
     return "\n".join(lines)
 
@@ -1138,14 +1172,21 @@ def sweep_summary(rows: list[SweepRow]) -> str:
                 out.append((value, r.cfg.name))
         return out
 
+    def spread(values: list[tuple[float, str]]) -> str:
+        if len(values) < 2:
+            return "-"
+        deciles = statistics.quantiles([v for v, _ in values], n=10)
+        return f"10th-90th percentile {deciles[0]:.2f}-{deciles[-1]:.2f}"
+
     def count(values: list[tuple[float, str]], ok) -> str:
         return f"{sum(1 for v, _ in values if ok(v))}/{len(values)}"
 
     ds_ours, ds_compat = column("deepspeed", "ours"), column("deepspeed", "compat")
     fine_ours = column("deepspeed", "ours", SweepRow.fine_grained)
     fine_compat = column("deepspeed", "compat", SweepRow.fine_grained)
-    compat_ours = [(v, r.cfg.name) for r in rows if (v := r.dropin_over_ours()) is not None]
+    compat_ours = [(v, r.cfg.name) for r in rows if (v := r.ratio("compat", "ours")) is not None]
     ours_moved = column("ours", "moved")
+    twin_ours = column("ours_twin", "ours")
     memory = [r for r in rows if all(n in r.peak_mib for n in SWEEP_MEMORY_IMPLS)]
     lines = [
         "| summary over the sweep | values | target met at |",
@@ -1160,6 +1201,8 @@ def sweep_summary(rows: list[SweepRow]) -> str:
         f"| {count(fine_compat, lambda v: v >= 1.5)} points >= 1.5 |",
         f"| drop-in / ours | {stats(compat_ours, False)} | {count(compat_ours, lambda v: v <= 1.03)} points <= 1.03 |",
         f"| ours / moved | {stats(ours_moved, False)} | {count(ours_moved, lambda v: v <= 1.05)} points <= 1.05 |",
+        f"| twin / ours (identical code: the run's resolution) | {stats(twin_ours, False)}; {spread(twin_ours)} "
+        f"| {count(twin_ours, lambda v: abs(v - 1.0) <= 0.03)} points within 3% of 1.00 |",
         f"| peak memory ours <= DeepSpeed's | - "
         f"| {sum(1 for r in memory if r.peak_mib['ours'] <= r.peak_mib['deepspeed'])}/{len(memory)} points |",
         f"| peak memory drop-in <= DeepSpeed's | - "
@@ -1246,7 +1289,7 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
 
 def sweep_row_json(row: SweepRow) -> dict:
     """One sweep point's results as plain data."""
-    names = (*(n.split("+")[0] for n in SWEEP_IMPLS), PAIRED_OURS)
+    names = SWEEP_PROCESS
     return {
         "config": dataclasses.asdict(row.cfg),
         "label": row.cfg.label(),
@@ -1255,8 +1298,9 @@ def sweep_row_json(row: SweepRow) -> dict:
         "ratios": {
             "deepspeed/ours": row.ratio("deepspeed", "ours"),
             "deepspeed/compat": row.ratio("deepspeed", "compat"),
-            "compat/ours": row.dropin_over_ours(),
+            "compat/ours": row.ratio("compat", "ours"),
             "ours/moved": row.ratio("ours", "moved"),
+            "ours_twin/ours": row.ratio("ours_twin", "ours"),
         },
         "peak_mib": row.peak_mib,
         "failed": row.timing.failed,

@@ -92,7 +92,16 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
     assert "EP=2" in rows["q1-ep2"]["shape"] and "dropless" in rows["q2"]["shape"]
     for row in rows.values():
         assert row["our path"] in ("loop", "padded")
-        for column in ("ours ms", "drop-in ms", "DeepSpeed ms", "DS/ours", "DS/drop-in", "drop-in/ours", "ours/moved"):
+        for column in (
+            "ours ms",
+            "drop-in ms",
+            "DeepSpeed ms",
+            "DS/ours",
+            "DS/drop-in",
+            "drop-in/ours",
+            "ours/moved",
+            "twin/ours",
+        ):
             assert float(row[column]) > 0, (column, row)
         for column in ("peak MiB ours", "peak MiB drop-in", "peak MiB DS"):
             float(row[column])  # measured (tiny shapes may need less than a page more)
@@ -128,7 +137,13 @@ def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate() ->
 def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
     bench = _bench_module()
     cfg = bench.BenchConfig("p1", 512, 32, 64, 8, 2, 1.25)
-    rounds = {"ours": [0.1, 0.1], "compat": [0.2, 0.2], "deepspeed": [0.4, 0.4], "moved": [0.05, 0.05]}
+    rounds = {
+        "ours": [0.1, 0.1],
+        "compat": [0.2, 0.2],
+        "deepspeed": [0.4, 0.4],
+        "moved": [0.05, 0.05],
+        "ours_twin": [0.11, 0.11],
+    }
     row = bench.SweepRow(cfg, bench.Timing(rounds, 0), {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
     lines = bench.sweep_table([row]).splitlines()
     columns = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -141,3 +156,4 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
         "2.00",
         "2.00",
     )
+    assert cells["twin/ours"] == "1.10"
