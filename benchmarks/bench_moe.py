@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
+from moe_parallel.cpu_buffers import release_cached_buffers  # noqa: E402
 from moe_parallel.expert_cost import DEFAULT_COST_MODEL  # noqa: E402
 from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
 
@@ -472,6 +473,7 @@ def measure_step_peak_mib(step: Step) -> float:
     step()
     step.clear_grads()
     gc.collect()
+    release_cached_buffers()  # our idle gradient buffers: this step maps them again, and they count
     base = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     step()

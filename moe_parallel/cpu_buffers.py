@@ -1,28 +1,29 @@
-"""Large fresh CPU weight-gradient buffers on transparent huge pages.
+"""Large CPU weight-gradient buffers, recycled from step to step.
 
-The stacked experts' weight gradients are one ``[e, D, F]`` tensor per parameter, allocated fresh at
-every backward (autograd hands it to ``param.grad``; ZeRO copies and frees it). Above glibc's mmap
-threshold (at most 32 MiB) such an allocation is a new anonymous mapping, and the first write to each
-of its 4 KiB pages is a page fault: 128 Ki faults for 512 MiB, about as long as the GEMMs that fill
-it (BENCHMARKS.md, "Weight-gradient buffers"). Module-per-expert layers (DeepSpeed's) allocate 4 MiB
-per expert, which glibc recycles from its heap. A mapping advised ``MADV_HUGEPAGE`` faults once per
-2 MiB instead.
+The stacked experts' weight gradients are one ``[e, D, F]`` tensor per parameter, allocated at every
+backward (autograd hands it to ``param.grad``; ZeRO copies and frees it; ``zero_grad`` drops it).
+Above glibc's mmap threshold (at most 32 MiB) each such allocation is a new anonymous mapping whose
+every page faults on first write, and the step pays for that inside its GEMMs. A module-per-expert
+layer (DeepSpeed's) allocates 4 MiB per expert, which glibc recycles from its heap. This module keeps
+the large buffers in a pool instead, as glibc keeps small blocks: a buffer whose tensors are all gone
+is handed out again, warm (BENCHMARKS.md, "Weight-gradient buffers"). New ones are mappings advised
+``MADV_HUGEPAGE`` where the kernel offers transparent huge pages: a fault per 2 MiB, not per 4 KiB.
 
-Used for weight gradients only, which ``AccumulateGrad`` takes over as ``param.grad``. An activation
-gradient on such a mapping was summed out of place with the router's (measured: an extra ``[T, D]``
-add per step; autograd adds in place only into a tensor whose storage it holds alone). Only CPU
-tensors of at least ``HUGE_BUFFER_MIN_BYTES`` on Linux with transparent huge pages take this path;
-everything else gets ``torch.empty``. The mapping is unmapped when the tensor's storage is freed.
+The pool holds as many buffers as were ever alive at once, like any caching allocator;
+:func:`release_cached_buffers` returns the idle ones to the OS. Only weight gradients come from it:
+an activation gradient in a buffer that something else holds would be summed out of place by
+autograd (it adds in place only into a tensor it holds alone).
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
 
 import torch
 from torch import Tensor
 
-HUGE_BUFFER_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller buffers come from its heap
+POOLED_BUFFER_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller buffers come from its heap
 _HUGE_PAGE_ADVICE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
@@ -37,26 +38,51 @@ def _thp_mode() -> str:
 # "always": the kernel already backs large mappings with huge pages; "madvise": only when asked; "never": off.
 HUGE_PAGES_AVAILABLE = _HUGE_PAGE_ADVICE is not None and _thp_mode() in ("always", "madvise")
 
-
-def _huge_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor | None:
-    numel = shape.numel()
-    nbytes = numel * dtype.itemsize
-    if not HUGE_PAGES_AVAILABLE or nbytes < HUGE_BUFFER_MIN_BYTES:
-        return None
-    try:
-        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(_HUGE_PAGE_ADVICE)
-    except (OSError, ValueError):
-        return None
-    # The storage keeps the mapping alive; it is unmapped when the storage is freed.
-    storage = torch.frombuffer(mapping, dtype=dtype, count=numel).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+_pool: list[torch.UntypedStorage] = []
+_pool_lock = threading.Lock()
 
 
-def fresh_empty_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)`` (contiguous), on huge pages when ``t`` is a large CPU tensor."""
-    if t.device.type == "cpu":
-        buffer = _huge_buffer(t.shape, t.dtype)
-        if buffer is not None:
-            return buffer
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+def _idle(storage: torch.UntypedStorage) -> bool:
+    """No tensor (nor anyone else) holds this pooled storage: only the pool's own reference is left."""
+    return torch._C._storage_Use_Count(storage._cdata) == 1
+
+
+def _new_storage(nbytes: int) -> torch.UntypedStorage:
+    if HUGE_PAGES_AVAILABLE:
+        try:
+            mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            mapping.madvise(_HUGE_PAGE_ADVICE)
+            # The storage keeps the mapping alive; it is unmapped when the storage is freed.
+            return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).untyped_storage()
+        except (OSError, ValueError):
+            pass
+    return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+
+
+def grad_buffer_like(t: Tensor) -> Tensor:
+    """``torch.empty_like(t)`` (contiguous, uninitialised); for a large CPU ``t``, recycled memory."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < POOLED_BUFFER_MIN_BYTES:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    with _pool_lock:  # the tensor exists before another thread can see the storage idle
+        storage = next((s for s in _pool if s.nbytes() == nbytes and _idle(s)), None)
+        if storage is None:
+            storage = _new_storage(nbytes)
+            _pool.append(storage)
+        return torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
+
+
+def release_cached_buffers() -> int:
+    """Free the pooled buffers no tensor holds (as ``torch.cuda.empty_cache`` does on a GPU); returns
+    the bytes released."""
+    with _pool_lock:
+        idle = [s for s in _pool if _idle(s)]
+        _pool[:] = [s for s in _pool if not _idle(s)]
+    return sum(s.nbytes() for s in idle)
+
+
+def cached_bytes() -> tuple[int, int]:
+    """(bytes in use, bytes idle) of the pool."""
+    with _pool_lock:
+        idle = sum(s.nbytes() for s in _pool if _idle(s))
+        return sum(s.nbytes() for s in _pool) - idle, idle

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation, ExpertGemm
-from .cpu_buffers import fresh_empty_like
+from .cpu_buffers import grad_buffer_like
 from .expert_cost import DEFAULT_COST_MODEL
 
 aten = torch.ops.aten
@@ -150,8 +150,8 @@ class _ExpertMLP(torch.autograd.Function):
         scaled, gather = weight_N is not None, token_idx_N is not None
         rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
         grad_x = _combine_buffer(x, token_idx_N, ctx.unique) if gather else torch.empty_like(x)
-        # Weight gradients are fresh [e, D, F] tensors every step: huge pages spare their page faults.
-        grads = [None if p is None else fresh_empty_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
+        # Weight gradients are [e, D, F] tensors every step: recycled memory spares their page faults.
+        grads = [None if p is None else grad_buffer_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
         w1, w2, b1, b2 = (_unbind(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD))
         if scaled:
@@ -319,12 +319,12 @@ class _PaddedExpertMLP(torch.autograd.Function):
         del g_ND
         grad_o_eCD = grad_o_SD.view(e, capacity, dim)
         a_eCF = activate(h_SH, activation).view(e, capacity, -1)
-        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=fresh_empty_like(w2_eFD))
+        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_buffer_like(w2_eFD))
         del a_eCF
         grad_a_eCF = torch.bmm(grad_o_eCD, w2_eFD.transpose(1, 2))
         grad_h_eCH = _activate_backward(grad_a_eCF, h_SH.view(e, capacity, -1), activation)
         del grad_a_eCF
-        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH, out=fresh_empty_like(w1_eDH))
+        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH, out=grad_buffer_like(w1_eDH))
         grad_b1 = grad_h_eCH.sum(1) if has_b1 else None
         grad_b2 = grad_o_eCD.sum(1) if has_b2 else None
         grad_x_PD = grad_y.new_empty(slots + 1, dim)  # the extra zero row again, for dropped tokens

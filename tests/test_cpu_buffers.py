@@ -1,5 +1,6 @@
-"""Huge-page CPU buffers: ordinary tensors, taken over as gradients, freed with their tensor, and the
-expert paths built on them still equal the oracle."""
+"""Pooled CPU gradient buffers: ordinary tensors, taken over as gradients, handed out again only when no
+tensor holds them, released on request, and the expert paths built on them still equal the oracle,
+step after step."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoELayer, cpu_buffers
-from moe_parallel.cpu_buffers import fresh_empty_like
+from moe_parallel.cpu_buffers import grad_buffer_like
 from tests.reference import naive_moe
 
 
-@pytest.fixture
-def every_buffer_huge(monkeypatch):
-    """Send every buffer, however small, down the mapped path (where the kernel offers it)."""
-    monkeypatch.setattr(cpu_buffers, "HUGE_BUFFER_MIN_BYTES", 1)
-    monkeypatch.setattr(cpu_buffers, "HUGE_PAGES_AVAILABLE", cpu_buffers._HUGE_PAGE_ADVICE is not None)
+@pytest.fixture(params=["huge pages", "heap"])
+def every_buffer_pooled(monkeypatch, request):
+    """Send every buffer, however small, through the pool: on mappings (where the kernel offers huge
+    pages) and on plain ``torch.empty`` storage."""
+    monkeypatch.setattr(cpu_buffers, "POOLED_BUFFER_MIN_BYTES", 1)
+    huge = request.param == "huge pages" and cpu_buffers._HUGE_PAGE_ADVICE is not None
+    monkeypatch.setattr(cpu_buffers, "HUGE_PAGES_AVAILABLE", huge)
+    monkeypatch.setattr(cpu_buffers, "_pool", [])
 
 
 def _rss_mib() -> float:
@@ -28,9 +32,9 @@ def _rss_mib() -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 3, 11), (2, 1 << 20)])
-def test_buffers_behave_like_torch_empty(every_buffer_huge, shape, dtype) -> None:
+def test_buffers_behave_like_torch_empty(every_buffer_pooled, shape, dtype) -> None:
     ref = torch.ones(shape, dtype=dtype)
-    empty = fresh_empty_like(ref)
+    empty = grad_buffer_like(ref)
     assert empty.shape == ref.shape and empty.dtype == dtype and empty.is_contiguous()
     empty.copy_(ref)  # writable
     assert torch.equal(empty, ref)
@@ -40,20 +44,42 @@ def test_buffers_behave_like_torch_empty(every_buffer_huge, shape, dtype) -> Non
     assert torch.equal(torch.load(buf), ref)
 
 
-def test_large_buffers_take_the_mapped_path_and_are_freed_with_their_tensor() -> None:
+def test_a_buffer_is_handed_out_again_only_when_no_tensor_holds_it(every_buffer_pooled) -> None:
+    ref = torch.empty(3, 5)
+    first = grad_buffer_like(ref)
+    ptr = first.data_ptr()
+    second = grad_buffer_like(ref)
+    assert second.data_ptr() != ptr  # first is alive: never shared
+    view = first[1:]
+    del first
+    assert grad_buffer_like(ref).data_ptr() not in (ptr, second.data_ptr())  # a view keeps it busy
+    del view
+    again = grad_buffer_like(torch.empty(5, 3))  # same size, any shape
+    assert again.data_ptr() == ptr
+    assert grad_buffer_like(torch.empty(4, 5)).data_ptr() not in (ptr, second.data_ptr())  # other sizes: new
+    assert cpu_buffers.cached_bytes() == (2 * 60, 60 + 80)  # in use: first (again) and second
+
+
+def test_large_buffers_are_recycled_and_released_on_request() -> None:
     if not cpu_buffers.HUGE_PAGES_AVAILABLE:
         pytest.skip("this kernel offers no transparent huge pages")
-    ref = torch.empty(cpu_buffers.HUGE_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+    cpu_buffers.release_cached_buffers()
+    ref = torch.empty(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
     start = _rss_mib()
-    for _ in range(12):  # 768 MiB in all if nothing were unmapped
-        buf = fresh_empty_like(ref)
+    ptrs = set()
+    for _ in range(12):  # 768 MiB in all if nothing were recycled
+        buf = grad_buffer_like(ref)
         assert buf.untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, not heap memory
         buf.fill_(1.0)
+        ptrs.add(buf.data_ptr())
         del buf
-    assert _rss_mib() - start < 3 * 64
+    assert len(ptrs) == 1 and _rss_mib() - start < 2 * 64
+    assert cpu_buffers.cached_bytes() == (0, 64 << 20)
+    assert cpu_buffers.release_cached_buffers() == 64 << 20
+    assert cpu_buffers.cached_bytes() == (0, 0) and _rss_mib() - start < 32
 
 
-def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_huge) -> None:
+def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_pooled) -> None:
     weight = torch.nn.Parameter(torch.randn(4, 6, 5))
 
     class Scale(torch.autograd.Function):
@@ -63,7 +89,7 @@ def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_huge) -> None:
 
         @staticmethod
         def backward(ctx, grad):
-            out = fresh_empty_like(grad)
+            out = grad_buffer_like(grad)
             out.copy_(grad * 3.0)
             return out
 
@@ -77,7 +103,7 @@ def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_huge) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("path", ["loop", "padded"])
-def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_huge, path: str, seed: int) -> None:
+def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_pooled, path: str, seed: int) -> None:
     rng = random.Random(seed)
     experts = rng.choice([2, 4, 8])
     kwargs = dict(
@@ -102,3 +128,39 @@ def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_huge, path
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
     for p, q in zip(layer.experts.parameters(), oracle.experts.parameters()):
         torch.testing.assert_close(p.grad, torch.zeros_like(q) if q.grad is None else q.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_recycled_gradients_stay_right_over_steps_and_accumulation(every_buffer_pooled, path: str, seed: int) -> None:
+    """Steps that drop their gradients (set_to_none) and steps that accumulate into them: a recycled
+    buffer must never be one that a live gradient still uses."""
+    rng = random.Random(100 + seed)
+    experts = rng.choice([2, 4])
+    kwargs = dict(
+        hidden_size=rng.choice([4, 8]),
+        ffn_hidden_size=rng.choice([3, 16]),
+        num_experts=experts,
+        top_k=rng.randint(1, experts),
+        capacity_factor=rng.choice([1.25, None]),
+        expert_bias=rng.random() < 0.5,
+        init_std=0.4,
+    )
+    torch.manual_seed(seed)
+    layer = MoELayer(MoEConfig(expert_gemm=path, **kwargs)).double().train()
+    oracle = MoELayer(MoEConfig(expert_gemm="loop", **kwargs)).double().train()
+    oracle.load_state_dict(layer.state_dict())
+    for accumulate in (False, False, True, True, False):
+        if not accumulate:
+            layer.zero_grad(set_to_none=True)
+            oracle.zero_grad(set_to_none=True)
+        x = torch.randn(rng.choice([6, 21]), kwargs["hidden_size"], dtype=torch.float64)
+        grad = torch.randn_like(x)
+        (layer(x) * grad).sum().backward()
+        y_ref, aux_ref = naive_moe(oracle, x)
+        ((y_ref * grad).sum() + aux_ref).backward()
+        for p, q in zip(layer.experts.parameters(), oracle.experts.parameters()):
+            expected = torch.zeros_like(q) if q.grad is None else q.grad
+            torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-10)
+        held = [p.grad.data_ptr() for p in layer.experts.parameters()]
+        assert len(set(held)) == len(held)  # no two live gradients share a buffer
