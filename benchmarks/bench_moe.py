@@ -844,13 +844,27 @@ def run_profile(cfg: BenchConfig, target: Target) -> str:
     return "\n".join(lines)
 
 
-def run_memory(cfg: BenchConfig, impl: str, target: Target) -> float:
-    """Peak MiB of one step in fresh processes (the larger rank's, at EP > 1); on CPU under MEMORY_ENV."""
-    procs = Implementation(cfg, impl, target.for_config(cfg), env=MEMORY_ENV if target.device == "cpu" else None)
+def run_memory(cfg: BenchConfig, impls: tuple[str, ...], target: Target) -> dict[str, float]:
+    """Peak MiB of one step of each implementation, each in fresh processes of its own (the larger
+    rank's, at EP > 1); on CPU under MEMORY_ENV. The processes run side by side: a peak is a
+    per-process count, unaffected by what the others do. One that fails has no entry."""
+    env = MEMORY_ENV if target.device == "cpu" else None
+    procs = {impl: Implementation(cfg, impl, target.for_config(cfg), env=env, wait=False) for impl in impls}
+    peak = {}
     try:
-        return max(procs.request("peak"))
+        for proc in procs.values():
+            for conn in proc.conns:
+                conn.send("peak")
+        for impl, proc in procs.items():
+            try:
+                proc.wait_ready()
+                peak[impl] = max(proc._recv_all())
+            except RuntimeError as err:
+                print(f"peak memory of {impl}: {err}", file=sys.stderr)
     finally:
-        procs.close()
+        for proc in procs.values():
+            proc.close()
+    return peak
 
 
 # --------------------------------------------------------------------------- report
@@ -1126,10 +1140,8 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
     finally:
         shared.close()
     peak = {}
-    if memory:  # after the timing processes are gone: the fresh ones have the machine to themselves
-        for name in SWEEP_MEMORY_IMPLS:
-            if name in rounds:
-                peak[name] = run_memory(cfg, name, target)
+    if memory:  # after the timing process is gone
+        peak = run_memory(cfg, tuple(name for name in SWEEP_MEMORY_IMPLS if name in rounds), target)
     return SweepRow(cfg, Timing(rounds, kept, failed), peak, path)
 
 
@@ -1432,7 +1444,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     on_gpu = target.device == "cuda"
     timing, peak = run_timing(cfg, args.warmup, args.reps, target, cuda_memory=on_gpu and not args.no_memory)
     if not on_gpu and not args.no_memory:
-        peak = {impl: run_memory(cfg, impl, target) for impl in MEMORY_IMPLS if impl not in timing.failed}
+        peak = run_memory(cfg, tuple(impl for impl in MEMORY_IMPLS if impl not in timing.failed), target)
     row = Row(cfg, timing, peak)
     print(markdown_table([row], args.peak_tflops), flush=True)
     return row
