@@ -1010,10 +1010,12 @@ SWEEP_POLICY = ("position", "probs")
 # over a sweep), more than the gaps to resolve. "ours_twin" is ours on a second copy of the layer:
 # twin / ours is what the run resolves at that point.
 SWEEP_PROCESS = ("ours", "deepspeed", "compat", "moved", "ours_twin")
-# That process's glibc: the mmap and trim thresholds at the values its dynamic threshold settles on in
-# a training process (32 MiB, the cap, once any larger buffer has been freed; trim at twice that),
-# fixed, so that no implementation's frees change how the next one's buffers are allocated.
-SWEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+# That process's glibc keeps what is freed (TUNED_MALLOC_ENV): no implementation page-faults memory in
+# after warm-up, whatever ran before it. With glibc's trimming, one implementation's frees decided
+# whether the next one's buffers came back warm: DeepSpeed at s17 took 788 ms alone in a process and
+# 1,629 ms next to two others (its GEMMs writing freshly faulted gradients), ours about the same in
+# both. Keeping freed memory, both slowed alike (730 -> 958, 428 -> 582). BENCHMARKS.md, "Shape sweep".
+SWEEP_MALLOC_ENV = TUNED_MALLOC_ENV
 SWEEP_MEMORY_IMPLS = ("ours", "deepspeed", "compat")
 SWEEP_SEED = 12
 SWEEP_TARGET_S = 0.4  # estimated DeepSpeed step (the slowest of the three), seconds
