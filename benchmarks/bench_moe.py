@@ -658,12 +658,17 @@ class Implementation:
 
     def wait_ready(self) -> None:
         """Until every rank has built its model (raises if a worker died)."""
-        self.kept_rows = sum(self._recv_all())
+        self.kept_rows = sum(self.receive())
 
-    def _recv_all(self) -> list:
+    def send(self, command: str) -> None:
+        for conn in self.conns:
+            conn.send(command)
+
+    def receive(self) -> list:
+        """One answer from every rank, in rank order (raises if a worker died)."""
         results = []
         for conn, proc in zip(self.conns, self.procs):
-            died = "a benchmark worker died (exit code {{}}); see its stderr above"
+            died = "a benchmark worker died (exit code {}); see its stderr above"
             while not conn.poll(1.0):
                 if not proc.is_alive():
                     raise RuntimeError(died.format(proc.exitcode))
@@ -675,9 +680,8 @@ class Implementation:
         return results
 
     def request(self, command: str) -> list:
-        for conn in self.conns:
-            conn.send(command)
-        return self._recv_all()
+        self.send(command)
+        return self.receive()
 
     def step(self, name: str | None = None) -> float:
         """Seconds of one forward+backward: the slowest rank's (the step ends when all are done).
@@ -853,12 +857,11 @@ def run_memory(cfg: BenchConfig, impls: tuple[str, ...], target: Target) -> dict
     peak = {}
     try:
         for proc in procs.values():
-            for conn in proc.conns:
-                conn.send("peak")
+            proc.send("peak")  # queued behind the build
         for impl, proc in procs.items():
             try:
                 proc.wait_ready()
-                peak[impl] = max(proc._recv_all())
+                peak[impl] = max(proc.receive())
             except RuntimeError as err:
                 print(f"peak memory of {impl}: {err}", file=sys.stderr)
     finally:
