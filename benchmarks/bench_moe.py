@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
-from moe_parallel.cpu_buffers import release_cached_buffers  # noqa: E402
+from moe_parallel.cpu_buffers import cached_bytes  # noqa: E402
 from moe_parallel.expert_cost import DEFAULT_COST_MODEL  # noqa: E402
 from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
 
@@ -468,13 +468,14 @@ def measure_step_peak_mib(step: Step) -> float:
     After a warm-up step (lazy init, kernel caches) and with its gradients freed, the kernel's
     high-water mark is reset (``/proc/self/clear_refs`` = 5), one step runs, and its peak VmHWM is
     compared with the VmRSS before it: the extra memory the step needed at its worst moment
-    (activations, saved tensors, temporaries, gradients of weights and input).
+    (activations, saved tensors, temporaries, gradients of weights and input). Our pooled gradient
+    buffers (``cpu_buffers.py``) stay resident between steps, idle: they are counted as the step's,
+    not as the baseline's, since a layer that frees its gradients leaves that memory to the forward.
     """
     step()
     step.clear_grads()
     gc.collect()
-    release_cached_buffers()  # our idle gradient buffers: this step maps them again, and they count
-    base = _proc_status_kib("VmRSS")
+    base = _proc_status_kib("VmRSS") - cached_bytes()[1] // 1024
     Path("/proc/self/clear_refs").write_text("5")
     step()
     return (_proc_status_kib("VmHWM") - base) / 1024
