@@ -1,4 +1,4 @@
-"""Large CPU weight-gradient buffers, recycled from step to step.
+"""Large CPU weight-gradient buffers: huge-page mappings, optionally recycled from step to step.
 
 The stacked experts' weight gradients are one ``[e, D, F]`` tensor per parameter, allocated at every
 backward (autograd hands it to ``param.grad``; ZeRO copies and frees it; ``zero_grad`` drops it).
@@ -9,7 +9,10 @@ the large buffers in a pool instead, as glibc keeps small blocks: a buffer whose
 is handed out again, warm (BENCHMARKS.md, "Weight-gradient buffers"). New ones are mappings advised
 ``MADV_HUGEPAGE`` where the kernel offers transparent huge pages: a fault per 2 MiB, not per 4 KiB.
 
-The pool holds as many buffers as were ever alive at once, like any caching allocator;
+The pool is off by default (``MOE_PARALLEL_GRAD_POOL=1`` or :func:`set_gradient_pool` turns it on):
+its idle buffers stay resident through the next forward, where a layer that frees its gradients
+leaves that memory to the activations, so it raises a step's peak by up to the size of the expert
+weights. It holds as many buffers as were ever alive at once, like any caching allocator;
 :func:`release_cached_buffers` returns the idle ones to the OS. Only weight gradients come from it:
 an activation gradient in a buffer that something else holds would be summed out of place by
 autograd (it adds in place only into a tensor it holds alone).
@@ -18,6 +21,7 @@ autograd (it adds in place only into a tensor it holds alone).
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 
 import torch
@@ -40,6 +44,17 @@ HUGE_PAGES_AVAILABLE = _HUGE_PAGE_ADVICE is not None and _thp_mode() in ("always
 
 _pool: list[torch.UntypedStorage] = []
 _pool_lock = threading.Lock()
+_pool_enabled = os.environ.get("MOE_PARALLEL_GRAD_POOL", "0") == "1"
+
+
+def set_gradient_pool(enabled: bool) -> None:
+    """Recycle large CPU weight-gradient buffers from step to step (faster: no page faults; costs the
+    idle buffers' memory between steps) or map each one afresh (the default). Turning it off
+    releases the idle buffers."""
+    global _pool_enabled
+    _pool_enabled = enabled
+    if not enabled:
+        release_cached_buffers()
 
 
 def _idle(storage: torch.UntypedStorage) -> bool:
@@ -60,10 +75,13 @@ def _new_storage(nbytes: int) -> torch.UntypedStorage:
 
 
 def grad_buffer_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)`` (contiguous, uninitialised); for a large CPU ``t``, recycled memory."""
+    """``torch.empty_like(t)`` (contiguous, uninitialised); for a large CPU ``t``, a huge-page mapping,
+    recycled from the pool when it is on."""
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or nbytes < POOLED_BUFFER_MIN_BYTES:
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if not _pool_enabled:  # a fresh mapping, on huge pages where offered; freed with its tensor
+        return torch.empty(0, dtype=t.dtype).set_(_new_storage(nbytes), 0, t.shape)
     with _pool_lock:  # the tensor exists before another thread can see the storage idle
         storage = next((s for s in _pool if s.nbytes() == nbytes and _idle(s)), None)
         if storage is None:

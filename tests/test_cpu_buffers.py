@@ -15,14 +15,23 @@ from moe_parallel.cpu_buffers import grad_buffer_like
 from tests.reference import naive_moe
 
 
-@pytest.fixture(params=["huge pages", "heap"])
+@pytest.fixture(params=["pool on huge pages", "pool on the heap", "fresh mappings"])
 def every_buffer_pooled(monkeypatch, request):
-    """Send every buffer, however small, through the pool: on mappings (where the kernel offers huge
-    pages) and on plain ``torch.empty`` storage."""
+    """Send every buffer, however small, down the large-buffer path: through the pool (on mappings
+    where the kernel offers huge pages, and on plain ``torch.empty`` storage) or, with the pool off
+    (the default), a fresh mapping each."""
     monkeypatch.setattr(cpu_buffers, "POOLED_BUFFER_MIN_BYTES", 1)
-    huge = request.param == "huge pages" and cpu_buffers._HUGE_PAGE_ADVICE is not None
+    huge = request.param != "pool on the heap" and cpu_buffers._HUGE_PAGE_ADVICE is not None
     monkeypatch.setattr(cpu_buffers, "HUGE_PAGES_AVAILABLE", huge)
     monkeypatch.setattr(cpu_buffers, "_pool", [])
+    monkeypatch.setattr(cpu_buffers, "_pool_enabled", request.param != "fresh mappings")
+    return request.param
+
+
+@pytest.fixture
+def pool_on(monkeypatch):
+    monkeypatch.setattr(cpu_buffers, "_pool", [])
+    monkeypatch.setattr(cpu_buffers, "_pool_enabled", True)
 
 
 def _rss_mib() -> float:
@@ -45,6 +54,8 @@ def test_buffers_behave_like_torch_empty(every_buffer_pooled, shape, dtype) -> N
 
 
 def test_a_buffer_is_handed_out_again_only_when_no_tensor_holds_it(every_buffer_pooled) -> None:
+    if every_buffer_pooled == "fresh mappings":
+        pytest.skip("the pool is off")
     ref = torch.empty(3, 5)
     first = grad_buffer_like(ref)
     ptr = first.data_ptr()
@@ -60,10 +71,31 @@ def test_a_buffer_is_handed_out_again_only_when_no_tensor_holds_it(every_buffer_
     assert cpu_buffers.cached_bytes() == (2 * 60, 60 + 80)  # in use: first (again) and second
 
 
-def test_large_buffers_are_recycled_and_released_on_request() -> None:
+@pytest.mark.parametrize("pooled", [True, False])
+def test_large_buffers_map_afresh_unless_the_pool_is_on(monkeypatch, pooled: bool) -> None:
     if not cpu_buffers.HUGE_PAGES_AVAILABLE:
         pytest.skip("this kernel offers no transparent huge pages")
-    cpu_buffers.release_cached_buffers()
+    monkeypatch.setattr(cpu_buffers, "_pool", [])
+    monkeypatch.setattr(cpu_buffers, "_pool_enabled", cpu_buffers._pool_enabled)  # restored afterwards
+    cpu_buffers.set_gradient_pool(pooled)
+    try:
+        ref = torch.empty(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+        start = _rss_mib()
+        for _ in range(6):  # 384 MiB in all if nothing were freed or recycled
+            buf = grad_buffer_like(ref)
+            assert buf.untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, not heap memory
+            buf.fill_(1.0)
+            del buf
+        assert _rss_mib() - start < 2 * 64
+        assert cpu_buffers.cached_bytes() == ((0, 64 << 20) if pooled else (0, 0))
+    finally:
+        cpu_buffers.set_gradient_pool(False)
+    assert cpu_buffers.cached_bytes() == (0, 0)  # turning it off released the idle buffer
+
+
+def test_large_buffers_are_recycled_and_released_on_request(pool_on) -> None:
+    if not cpu_buffers.HUGE_PAGES_AVAILABLE:
+        pytest.skip("this kernel offers no transparent huge pages")
     ref = torch.empty(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
     start = _rss_mib()
     ptrs = set()
