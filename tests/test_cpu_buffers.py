@@ -133,17 +133,17 @@ def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_pooled) -> None:
     torch.optim.SGD([weight], lr=0.1).step()
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("path", ["loop", "padded"])
-def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_pooled, path: str, seed: int) -> None:
-    rng = random.Random(seed)
-    experts = rng.choice([2, 4, 8])
+def _layer_and_oracle(
+    rng: random.Random, path: str, seed: int, experts: tuple, max_top_k: int, capacities: tuple
+) -> tuple[MoELayer, MoELayer]:
+    """A random small fp64 layer on expert path ``path`` and a loop-path copy of it (the oracle's)."""
+    num_experts = rng.choice(experts)
     kwargs = dict(
         hidden_size=rng.choice([4, 8]),
         ffn_hidden_size=rng.choice([3, 16]),
-        num_experts=experts,
-        top_k=rng.randint(1, min(experts, 3)),
-        capacity_factor=rng.choice([1.0, None]),
+        num_experts=num_experts,
+        top_k=rng.randint(1, min(num_experts, max_top_k)),
+        capacity_factor=rng.choice(capacities),
         expert_bias=rng.random() < 0.5,
         init_std=0.4,
     )
@@ -151,7 +151,15 @@ def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_pooled, pa
     layer = MoELayer(MoEConfig(expert_gemm=path, **kwargs)).double().train()
     oracle = MoELayer(MoEConfig(expert_gemm="loop", **kwargs)).double().train()
     oracle.load_state_dict(layer.state_dict())
-    x = torch.randn(rng.choice([5, 33]), kwargs["hidden_size"], dtype=torch.float64)
+    return layer, oracle
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_expert_paths_on_mapped_buffers_equal_the_oracle(every_buffer_pooled, path: str, seed: int) -> None:
+    rng = random.Random(seed)
+    layer, oracle = _layer_and_oracle(rng, path, seed, experts=(2, 4, 8), max_top_k=3, capacities=(1.0, None))
+    x = torch.randn(rng.choice([5, 33]), layer.config.hidden_size, dtype=torch.float64)
     grad = torch.randn_like(x)
     x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     (layer(x_ours) * grad).sum().backward()
@@ -168,25 +176,12 @@ def test_recycled_gradients_stay_right_over_steps_and_accumulation(every_buffer_
     """Steps that drop their gradients (set_to_none) and steps that accumulate into them: a recycled
     buffer must never be one that a live gradient still uses."""
     rng = random.Random(100 + seed)
-    experts = rng.choice([2, 4])
-    kwargs = dict(
-        hidden_size=rng.choice([4, 8]),
-        ffn_hidden_size=rng.choice([3, 16]),
-        num_experts=experts,
-        top_k=rng.randint(1, experts),
-        capacity_factor=rng.choice([1.25, None]),
-        expert_bias=rng.random() < 0.5,
-        init_std=0.4,
-    )
-    torch.manual_seed(seed)
-    layer = MoELayer(MoEConfig(expert_gemm=path, **kwargs)).double().train()
-    oracle = MoELayer(MoEConfig(expert_gemm="loop", **kwargs)).double().train()
-    oracle.load_state_dict(layer.state_dict())
+    layer, oracle = _layer_and_oracle(rng, path, seed, experts=(2, 4), max_top_k=4, capacities=(1.25, None))
     for accumulate in (False, False, True, True, False):
         if not accumulate:
             layer.zero_grad(set_to_none=True)
             oracle.zero_grad(set_to_none=True)
-        x = torch.randn(rng.choice([6, 21]), kwargs["hidden_size"], dtype=torch.float64)
+        x = torch.randn(rng.choice([6, 21]), layer.config.hidden_size, dtype=torch.float64)
         grad = torch.randn_like(x)
         (layer(x) * grad).sum().backward()
         y_ref, aux_ref = naive_moe(oracle, x)
