@@ -9,6 +9,11 @@ the large buffers in a pool instead, as glibc keeps small blocks: a buffer whose
 is handed out again, warm (BENCHMARKS.md, "Weight-gradient buffers"). New ones are mappings advised
 ``MADV_HUGEPAGE`` where the kernel offers transparent huge pages: a fault per 2 MiB, not per 4 KiB.
 
+Where the process's allocator is configured to keep freed memory of that size (glibc's
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, or their ``GLIBC_TUNABLES``, above the
+buffer's size; jemalloc, tcmalloc or mimalloc preloaded), the buffers come from it like any tensor:
+freed memory comes back warm and serves activations too, which neither a mapping nor the pool can.
+
 The pool is off by default (``MOE_PARALLEL_GRAD_POOL=1`` or :func:`set_gradient_pool` turns it on):
 its idle buffers stay resident through the next forward, where a layer that frees its gradients
 leaves that memory to the activations, so it raises a step's peak by up to the size of the expert
@@ -47,6 +52,38 @@ _pool_lock = threading.Lock()
 _pool_enabled = os.environ.get("MOE_PARALLEL_GRAD_POOL", "0") == "1"
 
 
+_KEEPING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def _glibc_setting(env_name: str, tunable: str) -> int | None:
+    """A glibc malloc setting from its environment variable or from ``GLIBC_TUNABLES`` (bytes)."""
+    values = [os.environ.get(env_name)]
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == f"glibc.malloc.{tunable}":
+            values.append(value)
+    for value in reversed(values):  # GLIBC_TUNABLES is read after the environment variables
+        try:
+            return int(value, 0)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def allocator_keeps(nbytes: int) -> bool:
+    """Whether the process's allocator, as configured, serves a freed block of ``nbytes`` again
+    without returning it to the OS: a preloaded caching allocator, or glibc told (mmap and trim
+    thresholds above ``nbytes``, or mmap off) to keep blocks that large on its heap."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _KEEPING_ALLOCATORS):
+        return True
+    mmap_max = _glibc_setting("MALLOC_MMAP_MAX_", "mmap_max")
+    mmap_threshold = _glibc_setting("MALLOC_MMAP_THRESHOLD_", "mmap_threshold")
+    trim_threshold = _glibc_setting("MALLOC_TRIM_THRESHOLD_", "trim_threshold")
+    on_heap = mmap_max == 0 or (mmap_threshold is not None and mmap_threshold > nbytes)
+    return on_heap and trim_threshold is not None and trim_threshold > nbytes
+
+
 def set_gradient_pool(enabled: bool) -> None:
     """Recycle large CPU weight-gradient buffers from step to step (faster: no page faults; costs the
     idle buffers' memory between steps) or map each one afresh (the default). Turning it off
@@ -75,10 +112,10 @@ def _new_storage(nbytes: int) -> torch.UntypedStorage:
 
 
 def grad_buffer_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)`` (contiguous, uninitialised); for a large CPU ``t``, a huge-page mapping,
-    recycled from the pool when it is on."""
+    """``torch.empty_like(t)`` (contiguous, uninitialised); for a large CPU ``t`` that the allocator
+    would not keep, a huge-page mapping, recycled from the pool when it is on."""
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < POOLED_BUFFER_MIN_BYTES:
+    if t.device.type != "cpu" or nbytes < POOLED_BUFFER_MIN_BYTES or allocator_keeps(nbytes):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     if not _pool_enabled:  # a fresh mapping, on huge pages where offered; freed with its tensor
         return torch.empty(0, dtype=t.dtype).set_(_new_storage(nbytes), 0, t.shape)

@@ -5,7 +5,10 @@ step after step."""
 from __future__ import annotations
 
 import io
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,15 @@ import torch
 from moe_parallel import MoEConfig, MoELayer, cpu_buffers
 from moe_parallel.cpu_buffers import grad_buffer_like
 from tests.reference import naive_moe
+
+ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.fixture(autouse=True)
+def glibc_defaults(monkeypatch):
+    """Whatever the environment the suite runs in: glibc's defaults, which keep no large block."""
+    for name in ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(params=["pool on huge pages", "pool on the heap", "fresh mappings"])
@@ -109,6 +121,80 @@ def test_large_buffers_are_recycled_and_released_on_request(pool_on) -> None:
     assert cpu_buffers.cached_bytes() == (0, 64 << 20)
     assert cpu_buffers.release_cached_buffers() == 64 << 20
     assert cpu_buffers.cached_bytes() == (0, 0) and _rss_mib() - start < 32
+
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize(
+    "env, nbytes, keeps",
+    [
+        ({}, 64 * MIB, False),  # glibc's defaults: above 32 MiB every block is a fresh mapping
+        ({"MALLOC_MMAP_THRESHOLD_": str(4 * GIB), "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 64 * MIB, True),
+        ({"MALLOC_MMAP_THRESHOLD_": str(4 * GIB), "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 8 * GIB, False),
+        ({"MALLOC_MMAP_THRESHOLD_": str(4 * GIB)}, 64 * MIB, False),  # kept off mmap, but trimmed when freed
+        ({"MALLOC_TRIM_THRESHOLD_": str(4 * GIB)}, 64 * MIB, False),  # still a mapping
+        ({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 * GIB)}, 64 * MIB, True),  # mmap off
+        ({"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, 64 * MIB, False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x100000000:glibc.malloc.trim_threshold=0x1000000000"},
+         64 * MIB, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296", "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)},
+         64 * MIB, True),  # the two ways mix
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536", "MALLOC_MMAP_THRESHOLD_": str(4 * GIB),
+          "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 64 * MIB, False),  # the tunable wins, as in glibc
+        ({"MALLOC_MMAP_THRESHOLD_": "lots", "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 64 * MIB, False),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, 64 * MIB, True),
+        ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, 8 * GIB, True),
+        ({"LD_PRELOAD": "libfaketime.so.1"}, 64 * MIB, False),
+    ],
+)
+def test_allocator_keeps_reads_the_allocator_configuration(monkeypatch, env, nbytes, keeps) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cpu_buffers.allocator_keeps(nbytes) is keeps
+
+
+def test_a_size_the_allocator_keeps_comes_from_it_not_from_the_pool(monkeypatch, pool_on) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(4 * GIB))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(64 * GIB))
+    ref = torch.ones(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+    buf = grad_buffer_like(ref)
+    assert buf.shape == ref.shape and buf.is_contiguous()
+    buf.copy_(ref)
+    assert torch.equal(buf, ref) and cpu_buffers.cached_bytes() == (0, 0)
+
+
+_FAULTS_PER_BUFFER = """
+import resource, torch
+from moe_parallel.cpu_buffers import grad_buffer_like
+ref = torch.empty(16 << 20)  # 64 MiB of float32
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf = grad_buffer_like(ref); buf.fill_(1.0); del buf
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_a_configured_allocator_hands_freed_gradient_memory_back_warm(keeps: bool) -> None:
+    """Under glibc told to keep large blocks, freed 64 MiB gradient buffers come back without page
+    faults; under its defaults (pool off), every one is faulted in again."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    if keeps:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(4 * GIB), MALLOC_TRIM_THRESHOLD_=str(64 * GIB))
+    env["MOE_PARALLEL_GRAD_POOL"] = "0"
+    run = subprocess.run(
+        [sys.executable, "-c", _FAULTS_PER_BUFFER], env=env, capture_output=True, text=True, check=True
+    )
+    faults = [int(n) for n in run.stdout.split()]
+    # 64 MiB is 16,384 pages of 4 KiB, or 32 huge pages. glibc may place the first few buffers at new
+    # heap addresses (a small block splits a freed one) before it settles on a warm one.
+    if keeps:
+        assert all(n < 32 for n in faults[-6:]), faults
+    else:
+        assert all(n >= (32 if cpu_buffers.HUGE_PAGES_AVAILABLE else 16384) for n in faults), faults
 
 
 def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_pooled) -> None:
