@@ -75,8 +75,10 @@ COMPAT_IMPLS = ("deepspeed", "compat_module", "compat_parallel_mlp")  # the Deep
 MEMORY_IMPLS = ("ours", "deepspeed", "floor")
 AUX_LOSS_COEFF = 0.01
 # Every tensor buffer above 64 KiB gets its own mmap, returned to the OS when freed, so that RSS
-# follows the live tensors instead of glibc's cached free lists (see measure_step_peak_mib).
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# follows the live tensors instead of glibc's cached free lists (see measure_step_peak_mib). The
+# memory processes of a point run side by side, more threads than cores: OpenMP threads that sleep
+# instead of spinning at a barrier halve their wall time here (peaks unchanged).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -591,6 +593,7 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
     # process-to-process difference in them (heap layout, page placement; see SWEEP_PROCESS).
     steps = {name: BUILDERS[name](problem) for name in impl.split("+")}
     step = steps[impl.split("+")[0]]
+    gc.freeze()  # the gc.collect() before each step then scans the step's garbage, not the whole heap
     conn.send(kept_rows(problem))
     while (command := conn.recv()) != "stop":
         if command.startswith("step"):
