@@ -1,18 +1,20 @@
-"""Large CPU weight-gradient buffers: huge-page mappings, optionally recycled from step to step.
+"""Large CPU weight-gradient buffers: from the allocator where it keeps them, else huge-page mappings,
+optionally recycled from step to step.
 
 The stacked experts' weight gradients are one ``[e, D, F]`` tensor per parameter, allocated at every
 backward (autograd hands it to ``param.grad``; ZeRO copies and frees it; ``zero_grad`` drops it).
-Above glibc's mmap threshold (at most 32 MiB) each such allocation is a new anonymous mapping whose
-every page faults on first write, and the step pays for that inside its GEMMs. A module-per-expert
-layer (DeepSpeed's) allocates 4 MiB per expert, which glibc recycles from its heap. This module keeps
-the large buffers in a pool instead, as glibc keeps small blocks: a buffer whose tensors are all gone
-is handed out again, warm (BENCHMARKS.md, "Weight-gradient buffers"). New ones are mappings advised
-``MADV_HUGEPAGE`` where the kernel offers transparent huge pages: a fault per 2 MiB, not per 4 KiB.
+Above glibc's mmap threshold (at most 32 MiB by default) each such allocation is a new anonymous
+mapping whose every page faults on first write, and the step pays for that inside its GEMMs. A
+module-per-expert layer (DeepSpeed's) allocates 4 MiB per expert, which glibc recycles from its heap.
 
 Where the process's allocator is configured to keep freed memory of that size (glibc's
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, or their ``GLIBC_TUNABLES``, above the
 buffer's size; jemalloc, tcmalloc or mimalloc preloaded), the buffers come from it like any tensor:
 freed memory comes back warm and serves activations too, which neither a mapping nor the pool can.
+Otherwise a new buffer is a mapping advised ``MADV_HUGEPAGE`` where the kernel offers transparent
+huge pages (a fault per 2 MiB, not per 4 KiB), and with the pool on, a buffer whose tensors are all
+gone is handed out again, warm, as glibc keeps small blocks (BENCHMARKS.md, "Weight-gradient
+buffers").
 
 The pool is off by default (``MOE_PARALLEL_GRAD_POOL=1`` or :func:`set_gradient_pool` turns it on):
 its idle buffers stay resident through the next forward, where a layer that frees its gradients
