@@ -64,7 +64,7 @@ def _glibc_setting(env_name: str, tunable: str) -> int | None:
         name, _, value = item.partition("=")
         if name == f"glibc.malloc.{tunable}":
             values.append(value)
-    for value in reversed(values):  # GLIBC_TUNABLES is read after the environment variables
+    for value in reversed(values):  # as in glibc, a GLIBC_TUNABLES entry wins over the variable
         try:
             return int(value, 0)
         except (TypeError, ValueError):
