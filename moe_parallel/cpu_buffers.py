@@ -27,9 +27,12 @@ autograd (it adds in place only into a tensor it holds alone).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -57,10 +60,22 @@ _pool_enabled = os.environ.get("MOE_PARALLEL_GRAD_POOL", "0") == "1"
 _KEEPING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
-def _glibc_setting(env_name: str, tunable: str) -> int | None:
+@functools.cache
+def process_environ() -> dict[str, str]:
+    """The environment this process started with: what the allocator read at startup (later changes to
+    ``os.environ`` do not reconfigure it)."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def _glibc_setting(environ: Mapping[str, str], env_name: str, tunable: str) -> int | None:
     """A glibc malloc setting from its environment variable or from ``GLIBC_TUNABLES`` (bytes)."""
-    values = [os.environ.get(env_name)]
-    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    values = [environ.get(env_name)]
+    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
         name, _, value = item.partition("=")
         if name == f"glibc.malloc.{tunable}":
             values.append(value)
@@ -72,16 +87,19 @@ def _glibc_setting(env_name: str, tunable: str) -> int | None:
     return None
 
 
-def allocator_keeps(nbytes: int) -> bool:
+def allocator_keeps(nbytes: int, environ: Mapping[str, str] | None = None) -> bool:
     """Whether the process's allocator, as configured, serves a freed block of ``nbytes`` again
     without returning it to the OS: a preloaded caching allocator, or glibc told (mmap and trim
-    thresholds above ``nbytes``, or mmap off) to keep blocks that large on its heap."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    if any(name in preload for name in _KEEPING_ALLOCATORS):
+    thresholds above ``nbytes``, or mmap off) to keep blocks that large on its heap.
+
+    ``environ``: the environment to read the configuration from (default: the one this process
+    started with, :func:`process_environ`)."""
+    env = process_environ() if environ is None else environ
+    if any(name in env.get("LD_PRELOAD", "") for name in _KEEPING_ALLOCATORS):
         return True
-    mmap_max = _glibc_setting("MALLOC_MMAP_MAX_", "mmap_max")
-    mmap_threshold = _glibc_setting("MALLOC_MMAP_THRESHOLD_", "mmap_threshold")
-    trim_threshold = _glibc_setting("MALLOC_TRIM_THRESHOLD_", "trim_threshold")
+    mmap_max = _glibc_setting(env, "MALLOC_MMAP_MAX_", "mmap_max")
+    mmap_threshold = _glibc_setting(env, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold")
+    trim_threshold = _glibc_setting(env, "MALLOC_TRIM_THRESHOLD_", "trim_threshold")
     on_heap = mmap_max == 0 or (mmap_threshold is not None and mmap_threshold > nbytes)
     return on_heap and trim_threshold is not None and trim_threshold > nbytes
 

@@ -23,8 +23,7 @@ ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMA
 @pytest.fixture(autouse=True)
 def glibc_defaults(monkeypatch):
     """Whatever the environment the suite runs in: glibc's defaults, which keep no large block."""
-    for name in ALLOCATOR_ENV:
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_buffers, "process_environ", lambda: {})
 
 
 @pytest.fixture(params=["pool on huge pages", "pool on the heap", "fresh mappings"])
@@ -148,15 +147,13 @@ GIB, MIB = 1 << 30, 1 << 20
         ({"LD_PRELOAD": "libfaketime.so.1"}, 64 * MIB, False),
     ],
 )
-def test_allocator_keeps_reads_the_allocator_configuration(monkeypatch, env, nbytes, keeps) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cpu_buffers.allocator_keeps(nbytes) is keeps
+def test_allocator_keeps_reads_the_allocator_configuration(env, nbytes, keeps) -> None:
+    assert cpu_buffers.allocator_keeps(nbytes, env) is keeps
 
 
 def test_a_size_the_allocator_keeps_comes_from_it_not_from_the_pool(monkeypatch, pool_on) -> None:
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(4 * GIB))
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(64 * GIB))
+    keeping = {"MALLOC_MMAP_THRESHOLD_": str(4 * GIB), "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}
+    monkeypatch.setattr(cpu_buffers, "process_environ", lambda: keeping)
     ref = torch.ones(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
     buf = grad_buffer_like(ref)
     assert buf.shape == ref.shape and buf.is_contiguous()
@@ -175,6 +172,26 @@ for _ in range(12):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(*faults)
 """
+
+_READS_THE_STARTUP_ENVIRONMENT = """
+import os
+from moe_parallel.cpu_buffers import allocator_keeps
+before = allocator_keeps(64 << 20)
+os.environ.update(MALLOC_MMAP_THRESHOLD_="0", MALLOC_TRIM_THRESHOLD_="0", LD_PRELOAD="")
+print(before, allocator_keeps(64 << 20))
+"""
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_the_configuration_is_the_one_the_process_started_with(keeps: bool) -> None:
+    """glibc reads its settings once, at startup: so does allocator_keeps, whatever os.environ says later."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    if keeps:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(4 * GIB), MALLOC_TRIM_THRESHOLD_=str(64 * GIB))
+    run = subprocess.run(
+        [sys.executable, "-c", _READS_THE_STARTUP_ENVIRONMENT], env=env, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.split() == [str(keeps), str(keeps)]
 
 
 @pytest.mark.parametrize("keeps", [True, False])
