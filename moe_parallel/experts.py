@@ -95,6 +95,9 @@ class _ExpertMLP(torch.autograd.Function):
     ``w * g`` feeds both weight gradients, so no ``[n, F]`` pass is spent on the scale. When D > F it
     scales the ``[n, F]`` activation in place.
 
+    ``reuse_grad`` (grouped rows only): the caller owns the output's gradient and nothing else reads it,
+    so the input gradient is written over it in place, one ``[N, D]`` buffer less at backward's peak.
+
     Only the pre-activation (and ``o``) is saved, per expert; backward gathers the input rows again
     and recomputes the activation. Measured on CPU, saving the gathered rows and the activation as
     autograd would was slower, not faster: the extra live memory costs more in page faults and cold
@@ -103,7 +106,9 @@ class _ExpertMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False, reuse_grad=False
+    ):
         # The caller cast everything to the activations' dtype; autocast must not recast the products.
         with torch.autocast(x.device.type, enabled=False):
             scaled = weight_N is not None
@@ -136,6 +141,7 @@ class _ExpertMLP(torch.autograd.Function):
                     (y.index_copy_ if unique else y.index_add_)(0, rows[j], out)
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
         ctx.counts, ctx.activation, ctx.keep_output, ctx.unique = counts, activation, keep_output, unique
+        ctx.reuse_grad = reuse_grad and not gather
         return y
 
     @staticmethod
@@ -149,7 +155,10 @@ class _ExpertMLP(torch.autograd.Function):
         counts, activation, keep_output = ctx.counts, ctx.activation, ctx.keep_output
         scaled, gather = weight_N is not None, token_idx_N is not None
         rows = token_idx_N.split(counts) if gather else _row_blocks(counts)
-        grad_x = _combine_buffer(x, token_idx_N, ctx.unique) if gather else torch.empty_like(x)
+        if gather:
+            grad_x = _combine_buffer(x, token_idx_N, ctx.unique)
+        else:  # expert j's rows of grad_y are last read before its rows of grad_x are written
+            grad_x = grad_y if ctx.reuse_grad else torch.empty_like(x)
         # Weight gradients are [e, D, F] tensors every step: recycled memory spares their page faults.
         grads = [None if p is None else grad_buffer_like(p) for p in (w1_eDH, w2_eFD, b1_eH, b2_eD)]
         grad_w1, grad_w2, grad_b1, grad_b2 = (_unbind(g) for g in grads)
@@ -202,7 +211,7 @@ class _ExpertMLP(torch.autograd.Function):
                 (grad_x.index_copy_ if ctx.unique else grad_x.index_add_)(0, rows[j], torch.mm(grad_h, w1[j].t()))
             else:
                 torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
-        return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None
+        return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None, None
 
 
 def _combine_buffer(x: Tensor, token_idx_N: Tensor, unique: bool) -> Tensor:
@@ -492,7 +501,10 @@ class GroupedExperts(nn.Module):
         ``y[token_idx_N[i]]``, so ``y`` sums each token's weighted expert outputs.
         ``tokens_unique=True`` promises that no token appears twice in ``token_idx_N`` (top-1
         routing): the combine then writes instead of scatter-adding. None: ``self.tokens_unique``,
-        which :class:`MoELayer` sets for top-1 routing.
+        which :class:`MoELayer` sets for top-1 routing. ``self.owns_output_grad = True`` (set by
+        :class:`MoELayer` at EP > 1, whose dispatcher alone consumes ``y``) promises that the
+        gradient reaching ``y`` is read by nothing else: without ``token_idx_N``, the loop then
+        writes the input gradient over it.
         """
         if tokens_unique is None:
             tokens_unique = getattr(self, "tokens_unique", False)
@@ -510,9 +522,9 @@ class GroupedExperts(nn.Module):
                 x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation, tokens_unique
             )
         if path == "loop":
-            return _ExpertMLP.apply(
-                x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation, tokens_unique
-            )
+            reuse_grad = getattr(self, "owns_output_grad", False)
+            args = (tokens_per_expert, self.activation, tokens_unique, reuse_grad)
+            return _ExpertMLP.apply(x.contiguous(), weight_N, token_idx_N, *params, *args)
         with torch.autocast(x.device.type, enabled=False):
             x_ND = x if token_idx_N is None else x.index_select(0, token_idx_N)
             out_ND = _grouped_mlp(x_ND, weight_N, tokens_per_expert, *params, self.activation)

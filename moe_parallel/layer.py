@@ -112,6 +112,9 @@ class MoELayer(nn.Module):
         self.experts = experts
         # Top-1 routing sends each token to at most one expert: the combine can write, not accumulate.
         self.experts.tokens_unique = config.top_k == 1
+        # At EP > 1 the experts' output goes to the dispatcher alone, whose backward hands them a fresh
+        # gradient: they may write their input gradient over it (not so for the shared expert).
+        self.experts.owns_output_grad = ep_size > 1
         self.shared_expert = None
         if config.shared_expert_ffn_hidden_size > 0:
             # One always-on expert, seeded with the id after the routed ones; replicated, not expert-parallel.

@@ -159,6 +159,63 @@ def test_padded_path_under_expert_parallelism(cfg_kwargs: dict) -> None:
     run_distributed(_ep2_paths_equal_oracle, 2, "padded", cfg_kwargs)
 
 
+@pytest.mark.parametrize(
+    "cfg_kwargs",
+    [
+        dict(num_experts=4, top_k=2, capacity_factor=1.0, drop_policy="position", min_capacity=0),
+        dict(num_experts=8, top_k=3, capacity_factor=None, activation="swiglu", expert_bias=True),
+        dict(num_experts=2, top_k=1, capacity_factor=1.25, shared_expert_ffn_hidden_size=5),
+    ],
+    ids=["top2-dropping", "top3-dropless-swiglu-bias", "one-expert-per-rank-shared-expert"],
+)
+def test_loop_path_under_expert_parallelism(cfg_kwargs: dict) -> None:
+    """At EP > 1 the loop writes its input gradient over the output gradient the dispatcher hands it
+    (``owns_output_grad``); the shared expert, whose output gradient is shared, must not."""
+    run_distributed(_ep2_paths_equal_oracle, 2, "loop", cfg_kwargs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_owning_the_output_gradient_writes_the_input_gradient_over_it(seed: int) -> None:
+    """Grouped rows with ``owns_output_grad``: the same gradients as with a buffer of their own, and the
+    input gradient is the output gradient's memory (one ``[N, D]`` buffer less at backward's peak)."""
+    rng = random.Random(seed)
+    experts_count, dim, ffn = rng.choice([1, 3, 6]), rng.choice([4, 9]), rng.choice([3, 12])
+    counts = [rng.choice([0, 1, 4, 7]) for _ in range(experts_count)]
+    rows = sum(counts)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    weight = torch.rand(rows, generator=gen, dtype=torch.float64) if rng.random() < 0.7 else None
+    grad = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    kwargs = dict(activation=rng.choice(["gelu", "swiglu", "relu"]), bias=rng.random() < 0.5, init_std=0.4)
+    results = []
+    for owns in (False, True):
+        experts = GroupedExperts(experts_count, dim, ffn, expert_gemm="loop", **kwargs).double()
+        experts.owns_output_grad = owns
+        x_ = x.clone().requires_grad_()
+        w_ = None if weight is None else weight.clone().requires_grad_()
+        grad_ = grad.clone()
+        experts(x_, counts, w_).backward(grad_)
+        if owns:  # the gradient handed in now holds the input gradient (a leaf's .grad is a copy of it)
+            assert torch.equal(grad_, x_.grad)
+        else:
+            assert torch.equal(grad_, grad)
+        results.append([x_.grad, None if w_ is None else w_.grad, *(p.grad for p in experts.parameters())])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_layer_lets_only_its_routed_experts_own_their_output_gradient() -> None:
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=6, num_experts=4, shared_expert_ffn_hidden_size=4)
+    single = MoELayer(cfg)
+    expert_parallel = MoELayer(cfg, ep_size=2)  # its group is bound later
+    assert not single.experts.owns_output_grad  # EP=1 gathers per expert: the flag would not apply
+    assert expert_parallel.experts.owns_output_grad
+    assert not getattr(expert_parallel.shared_expert, "owns_output_grad", False)
+
+
 def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
     model = ExpertCostModel()
     even = [16] * 128  # many small experts, no padding: the calls dominate
