@@ -182,15 +182,20 @@ print(before, allocator_keeps(64 << 20))
 """
 
 
-@pytest.mark.parametrize("keeps", [True, False])
-def test_the_configuration_is_the_one_the_process_started_with(keeps: bool) -> None:
-    """glibc reads its settings once, at startup: so does allocator_keeps, whatever os.environ says later."""
+def _run_child(code: str, keeps: bool) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, started under glibc's defaults or told to keep large blocks
+    (the sweep's environment), with the pool off."""
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     if keeps:
         env.update(MALLOC_MMAP_THRESHOLD_=str(4 * GIB), MALLOC_TRIM_THRESHOLD_=str(64 * GIB))
-    run = subprocess.run(
-        [sys.executable, "-c", _READS_THE_STARTUP_ENVIRONMENT], env=env, capture_output=True, text=True, check=True
-    )
+    env["MOE_PARALLEL_GRAD_POOL"] = "0"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_the_configuration_is_the_one_the_process_started_with(keeps: bool) -> None:
+    """glibc reads its settings once, at startup: so does allocator_keeps, whatever os.environ says later."""
+    run = _run_child(_READS_THE_STARTUP_ENVIRONMENT, keeps)
     assert run.stdout.split() == [str(keeps), str(keeps)]
 
 
@@ -198,13 +203,7 @@ def test_the_configuration_is_the_one_the_process_started_with(keeps: bool) -> N
 def test_a_configured_allocator_hands_freed_gradient_memory_back_warm(keeps: bool) -> None:
     """Under glibc told to keep large blocks, freed 64 MiB gradient buffers come back without page
     faults; under its defaults (pool off), every one is faulted in again."""
-    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-    if keeps:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(4 * GIB), MALLOC_TRIM_THRESHOLD_=str(64 * GIB))
-    env["MOE_PARALLEL_GRAD_POOL"] = "0"
-    run = subprocess.run(
-        [sys.executable, "-c", _FAULTS_PER_BUFFER], env=env, capture_output=True, text=True, check=True
-    )
+    run = _run_child(_FAULTS_PER_BUFFER, keeps)
     faults = [int(n) for n in run.stdout.split()]
     # 64 MiB is 16,384 pages of 4 KiB, or 32 huge pages. glibc may place the first few buffers at new
     # heap addresses (a small block splits a freed one) before it settles on a warm one.
