@@ -12,11 +12,14 @@
   expert-parallel groups in ``deepspeed.utils.groups``.
 - :func:`use_topology_free_checkpoints`: ``engine.save_checkpoint`` / ``load_checkpoint`` routed to
   :mod:`moe_parallel.checkpoint` (for engines built by ``build_engine``).
+- :func:`unlink_shm_allreduce_buffers`: the ``/dev/shm`` files DeepSpeed's CPU communication leaves
+  behind, removed once every rank has mapped them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -188,3 +191,35 @@ def use_topology_free_checkpoints(engine: Any) -> None:
 
     engine.save_checkpoint = save
     engine.load_checkpoint = load
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_allreduce_buffer(rank: int, environ: dict[str, str] | None = None) -> str:
+    """The ``/dev/shm`` file of ``rank``'s all-reduce buffer in DeepSpeed's CPU communication
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: named by user, ``MASTER_ADDR``, ``MASTER_PORT`` and rank)."""
+    env = os.environ if environ is None else environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    return os.path.join(SHM_DIR, name)
+
+
+def unlink_shm_allreduce_buffers() -> bool:
+    """Remove this rank's DeepSpeed shared-memory all-reduce file once every rank has mapped it.
+
+    On CPU with every rank on one host, ``deepspeed.init_distributed`` creates a ~70 MB file per rank in
+    ``/dev/shm`` (RAM) and never unlinks it: every run leaves its files behind until ``/dev/shm``
+    fills the memory of the box. The mappings outlive the name, so the run is unaffected and the memory
+    returns when its processes exit. Collective: every rank of the world group calls it after
+    ``init_distributed``. Returns whether a file was removed.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+        return False
+    dist.barrier()  # every rank has finished init_distributed: each has opened every other rank's file
+    try:
+        os.unlink(shm_allreduce_buffer(dist.get_rank()))
+    except FileNotFoundError:  # DeepSpeed's shm path not in use (ranks on several hosts, or no DeepSpeed)
+        return False
+    return True

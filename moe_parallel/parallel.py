@@ -29,7 +29,7 @@ from types import TracebackType
 import torch
 import torch.distributed as dist
 
-from .deepspeed_integration import expert_group_name, register_expert_groups
+from .deepspeed_integration import expert_group_name, register_expert_groups, unlink_shm_allreduce_buffers
 
 ProcessGroup = dist.ProcessGroup
 
@@ -210,6 +210,7 @@ def initialize_parallel(
         expert_dp_group=_new_groups(layout.expert_data_parallel_groups(), rank, wait, "moe_expert_dp"),
     )
     _register_with_deepspeed(state)
+    unlink_shm_allreduce_buffers()
     return state
 
 

@@ -61,3 +61,28 @@ def _groups_work(rank, world):
 
 def test_groups_on_four_processes():
     run_distributed(_groups_work, 4, timeout=120)
+
+
+def _deepspeed_shm_files_are_unlinked(rank: int, world_size: int) -> None:
+    import os
+
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    from moe_parallel.deepspeed_integration import shm_allreduce_buffer
+
+    os.environ["LOCAL_SIZE"] = str(world_size)  # as the deepspeed launcher sets it: every rank on this host
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    own = shm_allreduce_buffer(rank)
+    assert os.path.exists(own), f"DeepSpeed's CPU communication made no {own}: the test would prove nothing"
+    initialize_parallel(1, world_size, 2 * world_size)
+    assert not os.path.exists(own)
+    for step in range(3):  # DeepSpeed's shared-memory all-reduce still works through the mappings
+        t = torch.full((1000,), float(rank + step))
+        ds_comm.inference_all_reduce(t)
+        assert torch.equal(t, torch.full((1000,), float(sum(range(world_size)) + world_size * step)))
+
+
+def test_deepspeed_shared_memory_files_do_not_outlive_the_run():
+    """DeepSpeed's CPU all-reduce leaves a ~70 MB /dev/shm file per rank; initialize_parallel removes them."""
+    run_distributed(_deepspeed_shm_files_are_unlinked, 2)
