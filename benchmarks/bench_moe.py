@@ -67,6 +67,7 @@ from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
 from moe_parallel.cpu_buffers import cached_bytes  # noqa: E402
+from moe_parallel.deepspeed_integration import unlink_shm_allreduce_buffers  # noqa: E402
 from moe_parallel.expert_cost import DEFAULT_COST_MODEL  # noqa: E402
 from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
 
@@ -179,6 +180,7 @@ def init_distributed(rank: int, world_size: int, port: int, target: Target) -> N
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world_size)
     with contextlib.redirect_stdout(io.StringIO()):  # "... built successfully" banners
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    unlink_shm_allreduce_buffers()
 
 
 def quiet_deepspeed(target: Target) -> None:
@@ -452,8 +454,12 @@ BUILDERS: dict[str, Callable[[Problem], Step]] = {
 }
 
 
-def kept_rows(problem: Problem) -> int:
-    return sum(routed_rows(problem)[1])
+def row_counts(problem: Problem) -> tuple[int, int]:
+    """This rank's kept rows (what our experts compute on) and its busiest expert's routed rows
+    (before dropping: what DeepSpeed pads every expert to when dropless)."""
+    with torch.no_grad():
+        busiest = int(problem.layer.router(problem.x_TD).tokens_per_expert_E.max())
+    return sum(routed_rows(problem)[1]), busiest
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -594,7 +600,7 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
     steps = {name: BUILDERS[name](problem) for name in impl.split("+")}
     step = steps[impl.split("+")[0]]
     gc.freeze()  # the gc.collect() before each step then scans the step's garbage, not the whole heap
-    conn.send(kept_rows(problem))
+    conn.send(row_counts(problem))
     while (command := conn.recv()) != "stop":
         if command.startswith("step"):
             chosen = steps[command.split(":", 1)[1]] if ":" in command else step
@@ -657,12 +663,14 @@ class Implementation:
             os.environ.clear()
             os.environ.update(saved)
         self.kept_rows = 0
+        self.busiest_routed = 0
         if wait:
             self.wait_ready()
 
     def wait_ready(self) -> None:
         """Until every rank has built its model (raises if a worker died)."""
-        self.kept_rows = sum(self.receive())
+        kept, busiest = zip(*self.receive())
+        self.kept_rows, self.busiest_routed = sum(kept), max(busiest)
 
     def send(self, command: str) -> None:
         for conn in self.conns:
@@ -722,6 +730,11 @@ class Timing:
     rounds: dict[str, list[float]]
     kept_rows: int
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    deepspeed_rows: int = 0  # the rows DeepSpeed's experts compute on, padding included (ds_buffer_rows)
+
+    def padding_ratio(self) -> float | None:
+        """DeepSpeed's expert rows over ours: DS / ours if both ran nothing but their expert GEMMs."""
+        return self.deepspeed_rows / self.kept_rows if self.kept_rows and self.deepspeed_rows else None
 
     def median_ms(self, name: str) -> float | None:
         return statistics.median(self.rounds[name]) * 1e3 if self.rounds.get(name) else None
@@ -794,7 +807,9 @@ def run_timing(
     try:
         steps = {name: impl.step for name, impl in impls.items()}
         rounds = time_interleaved(steps, warmup, reps, failed)
-        kept = next((impl.kept_rows for impl in impls.values()), 0)
+        any_impl = next(iter(impls.values()), None)
+        kept = any_impl.kept_rows if any_impl else 0
+        ds_rows = ds_buffer_rows(cfg, any_impl.busiest_routed) if any_impl else 0
         peak = None
         if cuda_memory:
             peak = {}
@@ -804,7 +819,7 @@ def run_timing(
                         peak[name] = max(impls[name].request("peak"))
                     except RuntimeError as err:
                         failed[name] = f"peak memory: {err}"
-        return Timing(rounds, kept, failed), peak
+        return Timing(rounds, kept, failed, ds_rows), peak
     finally:
         for impl in impls.values():
             impl.close()
@@ -815,7 +830,8 @@ def run_compat_timing(cfg: BenchConfig, warmup: int, reps: int, target: Target) 
     impls = {name: Implementation(cfg, name, target.for_config(cfg)) for name in COMPAT_IMPLS}
     try:
         rounds = time_interleaved({name: impl.step for name, impl in impls.items()}, warmup, reps)
-        return Timing(rounds, impls["deepspeed"].kept_rows)
+        ds = impls["deepspeed"]
+        return Timing(rounds, ds.kept_rows, deepspeed_rows=ds_buffer_rows(cfg, ds.busiest_routed))
     finally:
         for impl in impls.values():
             impl.close()
@@ -884,12 +900,13 @@ class Row:
     peak_mib: dict[str, float] | None
 
 
-def ds_buffer_rows(cfg: BenchConfig) -> int:
-    """Rows DeepSpeed's experts compute on: E x capacity (padded), summed over ranks."""
+def ds_buffer_rows(cfg: BenchConfig, busiest_routed: int = 0) -> int:
+    """Rows DeepSpeed's experts compute on: E x capacity (padded), summed over ranks. Dropless, the
+    capacity is the busiest expert's load on any rank (``busiest_routed``; 0 when not known)."""
     local_tokens = cfg.tokens // cfg.ep_size
     capacity = expert_capacity(local_tokens, cfg.top_k, cfg.experts, cfg.capacity_factor, 4)
-    if capacity is None:  # dropless: DeepSpeed pads every expert to the largest load; not known here
-        return 0
+    if capacity is None:
+        capacity = min(busiest_routed, local_tokens)
     return cfg.ep_size * cfg.experts * capacity
 
 
@@ -923,7 +940,7 @@ def markdown_table(rows: list[Row], peak_tflops: float | None = None) -> str:
         mem = row.peak_mib or {}
         mem_cells = [_mib(mem[i]) if i in mem else "-" for i in MEMORY_IMPLS]
         line = (
-            f"| {row.cfg.name}: {row.cfg.label()} | {t.kept_rows} / {ds_buffer_rows(row.cfg)} "
+            f"| {row.cfg.name}: {row.cfg.label()} | {t.kept_rows} / {t.deepspeed_rows} "
             + "".join(f"| {_cell(t.median_ms(i), '.1f')} " for i in IMPLS)
             + "".join(
                 f"| {_cell(t.ratio(a, b), '.2f')} "
@@ -949,7 +966,7 @@ def row_json(row: Row, peak_tflops: float | None = None) -> dict:
         "config": dataclasses.asdict(row.cfg),
         "label": row.cfg.label(),
         "kept_rows": t.kept_rows,
-        "deepspeed_buffer_rows": ds_buffer_rows(row.cfg),
+        "deepspeed_buffer_rows": t.deepspeed_rows,
         "median_ms": {i: t.median_ms(i) for i in IMPLS},
         "ratios": {
             f"{a}/{b}": t.ratio(a, b)
@@ -1136,12 +1153,12 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
     shared = Implementation(cfg, "+".join(SWEEP_PROCESS), target.for_config(cfg), env=env, wait=False)
     failed: dict[str, str] = {}
     rounds: dict[str, list[float]] = {}
-    kept, path = 0, "-"
+    kept, ds_rows, path = 0, 0, "-"
     try:
         shared.wait_ready()
         steps = {name: functools.partial(shared.step, name) for name in SWEEP_PROCESS}
         rounds = time_interleaved(steps, warmup, reps, failed)
-        kept = shared.kept_rows
+        kept, ds_rows = shared.kept_rows, ds_buffer_rows(cfg, shared.busiest_routed)
         path = shared.request("path")[0]
     except RuntimeError as err:  # the process died (out of memory, a rank's error at EP=2)
         failed = {name: str(err) for name in SWEEP_PROCESS}
@@ -1151,14 +1168,14 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
     peak = {}
     if memory:  # after the timing process is gone
         peak = run_memory(cfg, tuple(name for name in SWEEP_MEMORY_IMPLS if name in rounds), target)
-    return SweepRow(cfg, Timing(rounds, kept, failed), peak, path)
+    return SweepRow(cfg, Timing(rounds, kept, failed, ds_rows), peak, path)
 
 
 def sweep_table(rows: list[SweepRow]) -> str:
     lines = [
         "| point | shape | our path | ours ms | drop-in ms | DeepSpeed ms | DS/ours | DS/drop-in | drop-in/ours "
-        "| ours/moved | twin/ours | peak MiB ours | peak MiB drop-in | peak MiB DS |",
-        "|---" * 14 + "|",
+        "| ours/moved | twin/ours | DS rows/ours | peak MiB ours | peak MiB drop-in | peak MiB DS |",
+        "|---" * 15 + "|",
     ]
     for r in rows:
         # In the columns' order (ours, drop-in, DeepSpeed), whatever order the processes ran in.
@@ -1170,7 +1187,7 @@ def sweep_table(rows: list[SweepRow]) -> str:
             f"| {_cell(r.timing.median_ms('deepspeed'), '.1f')} | {_cell(r.ratio('deepspeed', 'ours'), '.2f')} "
             f"| {_cell(r.ratio('deepspeed', 'compat'), '.2f')} | {_cell(r.ratio('compat', 'ours'), '.2f')} "
             f"| {_cell(r.ratio('ours', 'moved'), '.2f')} | {_cell(r.ratio('ours_twin', 'ours'), '.2f')} "
-            f"| {peak[0]} | {peak[1]} | {peak[2]} |"
+            f"| {_cell(r.timing.padding_ratio(), '.2f')} | {peak[0]} | {peak[1]} | {peak[2]} |"
         )
     return "\n".join(lines)
 
@@ -1210,6 +1227,7 @@ def sweep_summary(rows: list[SweepRow]) -> str:
     compat_ours = [(v, r.cfg.name) for r in rows if (v := r.ratio("compat", "ours")) is not None]
     ours_moved = column("ours", "moved")
     twin_ours = column("ours_twin", "ours")
+    padding = [(v, r.cfg.name) for r in rows if (v := r.timing.padding_ratio()) is not None]
     memory = [r for r in rows if all(n in r.peak_mib for n in SWEEP_MEMORY_IMPLS)]
     lines = [
         "| summary over the sweep | values | target met at |",
@@ -1226,6 +1244,8 @@ def sweep_summary(rows: list[SweepRow]) -> str:
         f"| ours / moved | {stats(ours_moved, False)} | {count(ours_moved, lambda v: v <= 1.05)} points <= 1.05 |",
         f"| twin / ours (identical code: the run's resolution) | {stats(twin_ours, False)}; {spread(twin_ours)} "
         f"| {count(twin_ours, lambda v: abs(v - 1.0) <= 0.03)} points within 3% of 1.00 |",
+        f"| DeepSpeed's expert rows / ours (DS / ours if both ran only their expert GEMMs) | {stats(padding, True)} "
+        f"| {count(padding, lambda v: v >= 1.25)} points >= 1.25 |",
         f"| peak memory ours <= DeepSpeed's | - "
         f"| {sum(1 for r in memory if r.peak_mib['ours'] <= r.peak_mib['deepspeed'])}/{len(memory)} points |",
         f"| peak memory drop-in <= DeepSpeed's | - "
@@ -1296,7 +1316,8 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
     for path, run in zip(paths, runs):
         for point in run["points"]:
             cfg = BenchConfig(**point["config"])
-            timing = Timing(point["rounds_s"], 0, point["failed"])
+            rows = (point.get("kept_rows", 0), point.get("deepspeed_rows", 0))  # absent from older files
+            timing = Timing(point["rounds_s"], rows[0], point["failed"], rows[1])
             points[cfg.name] = SweepRow(cfg, timing, point["peak_mib"], point["path"])
             source[cfg.name] = path.name
     rows = sorted(points.values(), key=lambda r: order.get(r.cfg.name, len(order)))
@@ -1325,6 +1346,8 @@ def sweep_row_json(row: SweepRow) -> dict:
             "ours/moved": row.ratio("ours", "moved"),
             "ours_twin/ours": row.ratio("ours_twin", "ours"),
         },
+        "kept_rows": row.timing.kept_rows,
+        "deepspeed_rows": row.timing.deepspeed_rows,
         "peak_mib": row.peak_mib,
         "failed": row.timing.failed,
         "rounds_s": row.timing.rounds,

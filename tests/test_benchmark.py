@@ -6,6 +6,7 @@ fact that each implementation ran are.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
             "twin/ours",
         ):
             assert float(row[column]) > 0, (column, row)
+        assert float(row["DS rows/ours"]) >= 1.0, row  # padding only adds rows
         for column in ("peak MiB ours", "peak MiB drop-in", "peak MiB DS"):
             float(row[column])  # measured (tiny shapes may need less than a page more)
     summary = [line for line in lines if line.startswith("| DeepSpeed / ours (MoELayer) |")]
@@ -144,7 +146,8 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
         "moved": [0.05, 0.05],
         "ours_twin": [0.11, 0.11],
     }
-    row = bench.SweepRow(cfg, bench.Timing(rounds, 0), {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
+    timing = bench.Timing(rounds, 400, deepspeed_rows=500)
+    row = bench.SweepRow(cfg, timing, {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
     lines = bench.sweep_table([row]).splitlines()
     columns = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = dict(zip(columns, (c.strip() for c in lines[2].strip("|").split("|"))))
@@ -157,3 +160,14 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
         "2.00",
     )
     assert cells["twin/ours"] == "1.10"
+    assert cells["DS rows/ours"] == "1.25"
+
+
+def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropless() -> None:
+    bench = _bench_module()
+    capped = bench.BenchConfig("p1", 4096, 32, 64, 8, 2, 1.25)
+    assert bench.ds_buffer_rows(capped, busiest_routed=4000) == 8 * 1280  # ceil(4096 * 2 / 8 * 1.25)
+    dropless = bench.BenchConfig("p2", 4096, 32, 64, 8, 2, None)
+    assert bench.ds_buffer_rows(dropless, busiest_routed=1100) == 8 * 1100
+    assert bench.ds_buffer_rows(dataclasses.replace(dropless, ep_size=2), busiest_routed=600) == 2 * 8 * 600
+    assert bench.Timing({}, 0).padding_ratio() is None  # no rows known: no ratio
