@@ -3,21 +3,23 @@
 Two CPU paths compute the same MLP (``experts.py``):
 
 - ``loop``: per expert, gather its kept rows, two GEMMs, scatter-add the output. GEMM work on the
-  ``N`` kept rows only, but about 30 operator calls per active expert per step (forward+backward);
-- ``padded``: one gather into a ``[e, C, D]`` buffer (``C`` = the largest row count of any local
-  expert), two batched products (``bmm``), one combine. A fixed handful of calls, but GEMM work and
-  memory traffic on all ``e * C`` slots.
+  ``N`` kept rows only, but ~20 operator calls per active expert, and each expert's GEMMs are small,
+  multi-threaded products: an expert costs as if it had ``expert_rows`` rows more than it has;
+- ``padded``: runs of consecutive experts (``padded_blocks``), each padded to its largest row count
+  and computed as batched products (``bmm``): a handful of calls per run, but GEMM work on all
+  ``S`` padded slots, and every row copied into and out of the padded layout.
 
-The padding pays when the calls it saves cost more than the extra rows: many small experts, or
-tight, even routing (``e * C`` close to ``N``). Estimated step time of each path, forward+backward::
+Estimated step time of each path, forward+backward::
 
-    loop   = 12 N D F / gemm_flops + active * expert_call_s + 5 N D b / move_bytes_per_s
-    padded = 12 S D F / gemm_flops + padded_call_s          + (3 S + 4 N) D b / move_bytes_per_s
+    loop   = 12 (N + active * expert_rows) D F / gemm_flops + active * expert_call_s + 5 N D b / move
+    padded = 12 S D F / gemm_flops + runs * padded_call_s + (3 S + 4 N) D b / move
 
-(``S = e * C`` slots, ``b`` bytes per element; the row passes count the gathers, scatters and
-zero-fills each path makes). The constants are measured by :func:`calibrate` (``benchmarks/
-bench_moe.py --calibrate``); the defaults below are this project's 2-core CPU (BENCHMARKS.md, "Cost
-model"). On CUDA the grouped GEMM is chosen before this model is asked (``GroupedExperts``).
+(``b`` bytes per element, ``move`` = ``move_bytes_per_s``; the row passes count the gathers,
+scatters and zero-fills of each path). The padding pays where experts are many and small, the loop
+where each expert has many rows and narrow products, so that moving rows costs more than the calls
+it saves. The constants are measured by :func:`calibrate` (``benchmarks/bench_moe.py --calibrate``);
+the defaults are this project's 2-core CPU (BENCHMARKS.md, "Cost model"). On CUDA the grouped GEMM
+is chosen before this model is asked (``GroupedExperts``).
 """
 
 from __future__ import annotations
@@ -30,26 +32,31 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertCostModel:
-    # Medians of four calibrate() runs here on 2026-12-01 (2 threads, load < 1): BENCHMARKS.md.
-    gemm_flops: float = 1.4e11  # sustained fp32 GEMM rate, FLOP/s
-    expert_call_s: float = 1.45e-4  # operator calls of one active expert in the loop, fwd+bwd
-    padded_call_s: float = 8.9e-4  # operator calls of the padded path, fwd+bwd, whatever e
-    move_bytes_per_s: float = 1.0e10  # gather + scatter-add of activation rows
+    # Medians of seven calibrate() runs here on 2026-12-02 (2 threads, load 1.0-1.5): BENCHMARKS.md.
+    gemm_flops: float = 1.12e11  # sustained fp32 GEMM rate of a large product, FLOP/s
+    expert_call_s: float = 2.86e-4  # operator calls of one active expert in the loop, fwd+bwd
+    expert_rows: float = 76.0  # the loop's small per-expert GEMMs, as rows of large-GEMM work
+    padded_call_s: float = 1.63e-3  # operator calls of one run of experts in the padded path, fwd+bwd
+    move_bytes_per_s: float = 2.04e9  # gather + scatter of activation rows larger than the caches
 
     def loop_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
         rows = sum(counts)
         active = sum(1 for n in counts if n)
         return (
-            12.0 * rows * hidden * ffn / self.gemm_flops
+            12.0 * (rows + active * self.expert_rows) * hidden * ffn / self.gemm_flops
             + active * self.expert_call_s
             + 5.0 * rows * hidden * elem_bytes / self.move_bytes_per_s
         )
 
     def padded_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
-        rows, slots = sum(counts), len(counts) * max(counts, default=0)
+        from .experts import padded_blocks  # experts imports this module
+
+        runs = padded_blocks(counts, max(hidden, ffn), elem_bytes)
+        rows = sum(counts)
+        slots = sum(len(run) * max(counts[run.start : run.stop]) for run in runs)
         return (
             12.0 * slots * hidden * ffn / self.gemm_flops
-            + self.padded_call_s
+            + len(runs) * self.padded_call_s
             + (3.0 * slots + 4.0 * rows) * hidden * elem_bytes / self.move_bytes_per_s
         )
 
@@ -74,42 +81,48 @@ def _median_s(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _expert_step_s(path: str, counts: list[int], hidden: int, ffn: int, reps: int, gen: torch.Generator) -> float:
+    """One forward+backward of ``path`` on grouped rows, ``counts[j]`` for expert j."""
+    from .experts import GroupedExperts  # experts imports this module
+
+    layer = GroupedExperts(len(counts), hidden, ffn, expert_gemm=path)
+    rows = sum(counts)
+    x = torch.randn(rows, hidden, generator=gen).requires_grad_()
+    weight = torch.rand(rows, generator=gen).requires_grad_()
+    token_idx = torch.randperm(rows, generator=gen)
+
+    def run() -> None:
+        layer(x, counts, weight, token_idx).sum().backward()
+
+    return _median_s(run, reps)
+
+
 def calibrate(reps: int = 7, hidden: int = 512, ffn: int = 1024) -> ExpertCostModel:
     """Measure the model's constants on this machine (CPU, float32, torch's current thread count).
 
     - ``gemm_flops``: one ``[4096, hidden] x [hidden, ffn]`` product;
-    - ``move_bytes_per_s``: an ``index_select`` of 8192 random rows plus the ``index_add_`` back;
-    - ``expert_call_s``: the loop path on 64 experts of 1 row each, forward+backward, per expert;
-    - ``padded_call_s``: the padded path on the same input (its fixed cost).
+    - ``move_bytes_per_s``: an ``index_select`` of 65536 random rows of 256 floats plus the
+      ``index_add_`` back (64 MiB: larger than the caches, as a step's activations are);
+    - ``expert_call_s``: the loop on 64 experts of 1 row each, per expert (calls, no GEMM work);
+    - ``padded_call_s``: the padded path on the same input (one run of experts);
+    - ``expert_rows``: the loop on 32 experts of 64 rows each, ``hidden x hidden``, less what the other
+      terms account for, per expert, in rows of GEMM work.
     """
-    from .experts import GroupedExperts  # experts imports this module
-
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4096, hidden, generator=gen)
     b = torch.randn(hidden, ffn, generator=gen)
     gemm_flops = 2.0 * 4096 * hidden * ffn / _median_s(lambda: torch.mm(a, b), reps)
 
-    x = torch.randn(8192, hidden, generator=gen)
-    idx = torch.randperm(8192, generator=gen)
+    x = torch.randn(65536, 256, generator=gen)
+    idx = torch.randperm(65536, generator=gen)
     move_bytes_per_s = 3.0 * x.numel() * 4 / _median_s(lambda: torch.zeros_like(x).index_add_(0, idx, x[idx]), reps)
 
-    experts = 64
-    tiny = torch.randn(experts, 64, generator=gen)
-    counts = [1] * experts
+    tiny = [1] * 64
+    expert_call_s = _expert_step_s("loop", tiny, 64, 64, reps, gen) / len(tiny)
+    padded_call_s = _expert_step_s("padded", tiny, 64, 64, reps, gen)
 
-    def step(path: str) -> float:
-        layer = GroupedExperts(experts, 64, 64, expert_gemm=path)
-        x_ = tiny.clone().requires_grad_()
-        weight = torch.rand(experts, generator=gen).requires_grad_()
-
-        def run() -> None:
-            layer(x_, counts, weight, torch.arange(experts)).sum().backward()
-
-        return _median_s(run, reps)
-
-    return ExpertCostModel(
-        gemm_flops=gemm_flops,
-        expert_call_s=step("loop") / experts,
-        padded_call_s=step("padded"),
-        move_bytes_per_s=move_bytes_per_s,
-    )
+    small = [64] * 32
+    model = ExpertCostModel(gemm_flops, expert_call_s, 0.0, padded_call_s, move_bytes_per_s)
+    excess_s = _expert_step_s("loop", small, hidden, hidden, reps, gen) - model.loop_s(small, hidden, hidden, 4)
+    expert_rows = max(0.0, excess_s * gemm_flops / (12.0 * hidden * hidden * len(small)))
+    return ExpertCostModel(gemm_flops, expert_call_s, expert_rows, padded_call_s, move_bytes_per_s)

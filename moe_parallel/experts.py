@@ -238,12 +238,6 @@ def _released(saved: Tensor) -> bool:
     return saved.numel() > 0 and saved.untyped_storage().nbytes() == 0
 
 
-def _baddbmm(x_eCD: Tensor, w_eDF: Tensor, b_eF: Tensor | None, out: Tensor) -> Tensor:
-    if b_eF is None:
-        return torch.bmm(x_eCD, w_eDF, out=out)
-    return torch.baddbmm(b_eF.unsqueeze(1), x_eCD, w_eDF, out=out)
-
-
 def padded_slots(counts: list[int], capacity: int, device: torch.device) -> Tensor:
     """Slot of every grouped row in a padded ``[e, capacity]`` buffer: ``expert * capacity + rank in expert``."""
     num_rows = sum(counts)
@@ -252,58 +246,116 @@ def padded_slots(counts: list[int], capacity: int, device: torch.device) -> Tens
     return torch.repeat_interleave(shift_e, counts_e, output_size=num_rows) + torch.arange(num_rows, device=device)
 
 
+# One block's widest padded buffer ([slots, max(D, H)]): small enough to stay in cache and to come
+# from any allocator's heap warm (glibc maps blocks above 32 MiB afresh, page fault by page fault).
+PADDED_BLOCK_BYTES = 4 << 20
+
+
+def padded_blocks(counts: list[int], width: int, elem_bytes: int, budget: int | None = None) -> list[range]:
+    """Runs of consecutive experts with rows, each run's padded ``[len(run) * C, width]`` buffer (``C``:
+    its largest row count) within ``budget`` bytes; an expert over budget alone is a run of its own."""
+    budget = PADDED_BLOCK_BYTES if budget is None else budget
+    blocks, j = [], 0
+    while j < len(counts):
+        if counts[j] == 0:
+            j += 1
+            continue
+        end, capacity = j + 1, counts[j]
+        while end < len(counts) and counts[end] > 0:
+            widest = max(capacity, counts[end])
+            if (end + 1 - j) * widest * width * elem_bytes > budget:
+                break
+            end, capacity = end + 1, widest
+        blocks.append(range(j, end))
+        j = end
+    return blocks
+
+
+class _Block:
+    """The rows of a run of experts in a padded ``[e, C, D]`` buffer: ``slot_n`` is where each of the
+    run's ``n`` rows sits, ``source_S`` which row of ``x`` each slot reads (pad slots: zeroed rows)."""
+
+    def __init__(self, counts: list[int], experts: range, starts: list[int], token_idx_N: Tensor | None, device):
+        self.experts = experts
+        self.rows = slice(starts[experts.start], starts[experts.stop])
+        block_counts = counts[experts.start : experts.stop]
+        self.capacity = max(block_counts)
+        self.num_slots = len(experts) * self.capacity
+        self.slot_n = padded_slots(block_counts, self.capacity, device)
+        rows = self.rows
+        self.source_n = (
+            token_idx_N[rows] if token_idx_N is not None else torch.arange(rows.start, rows.stop, device=device)
+        )
+        self.padded = self.num_slots > self.slot_n.numel()
+        if self.padded:
+            pad_S = torch.ones(self.num_slots, dtype=torch.bool, device=device)
+            pad_S[self.slot_n] = False
+            self.pad_slots = pad_S.nonzero().flatten()
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The run's rows of ``x`` in padded ``[e, C, D]`` layout, pad rows zero."""
+        if not self.padded:  # every expert of the run has C rows: the slots are the rows, in order
+            return x.index_select(0, self.source_n).view(len(self.experts), self.capacity, -1)
+        source_S = torch.zeros(self.num_slots, dtype=torch.long, device=x.device)
+        source_S.index_copy_(0, self.slot_n, self.source_n)
+        return x.index_select(0, source_S).index_fill_(0, self.pad_slots, 0).view(len(self.experts), self.capacity, -1)
+
+    def scatter(self, rows_nD: Tensor) -> Tensor:
+        """``rows_nD`` placed in padded ``[e, C, D]`` layout, pad rows zero."""
+        if not self.padded:
+            return rows_nD.view(len(self.experts), self.capacity, -1)
+        out = rows_nD.new_zeros(self.num_slots, rows_nD.shape[-1])
+        return out.index_copy_(0, self.slot_n, rows_nD).view(len(self.experts), self.capacity, -1)
+
+    def rows_of(self, padded_eCD: Tensor) -> Tensor:
+        """The ``[n, D]`` rows of the run's experts out of a padded ``[e, C, D]`` result."""
+        flat = padded_eCD.reshape(self.num_slots, -1)
+        return flat.index_select(0, self.slot_n) if self.padded else flat
+
+
 class _PaddedExpertMLP(torch.autograd.Function):
-    """The same MLP as :class:`_ExpertMLP`, as two batched products over a padded ``[e, C, D]`` buffer.
+    """The same MLP as :class:`_ExpertMLP`, as batched products over runs of experts padded to ``[e, C, D]``.
 
-    ``C`` is the largest row count of any local expert (never more than the capacity), so the
-    padding costs ``e * C - N`` rows of GEMM work; in exchange every product is one ``bmm`` and the
-    whole layer a fixed handful of operator calls, whatever ``e``. One gather fills the buffer (a
-    permutation of the routed rows, pad rows zeroed), and the combine weight scales the output rows.
-
-    With ``token_idx_N``, row i reads token ``token_idx_N[i]`` of ``x`` and adds into that row of
-    ``y``. ``unique`` says that no token appears twice (top-1 routing): then the combine is a gather
-    from the padded output (dropped tokens read an extra zero row) and the input gradient a gather,
-    with no scatter-add and no zero-filled ``[T, D]`` buffer. Without ``token_idx_N`` row i is row i.
+    Consecutive experts form a run (:func:`padded_blocks`) whose widest padded buffer stays within
+    ``PADDED_BLOCK_BYTES``; ``C`` is the run's largest row count, so padding costs the rows by which
+    the run's experts fall short of it. Each run is one gather, two ``bmm``s and one combine, a fixed
+    handful of operator calls for up to dozens of small experts, where the loop makes ~20 per expert.
+    As in the loop, only the pre-activation and the unscaled output rows are saved (freed during
+    backward), the input rows are gathered again and the activation recomputed, and with
+    ``token_idx_N`` row i reads and adds into token ``token_idx_N[i]`` (``unique``: writes, top-1).
     """
 
     @staticmethod
-    def forward(ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, unique=False, reuse_grad=False
+    ):
         with torch.autocast(x.device.type, enabled=False):
-            e, dim = len(counts), x.shape[-1]
-            capacity = max(counts)
-            slots = e * capacity
-            slot_N = padded_slots(counts, capacity, x.device)
-            gather = token_idx_N is not None
-            # The source row of every slot: pad slots read row 0 and are zeroed after the gather.
-            source_S = torch.zeros(slots, dtype=torch.long, device=x.device)
-            source_S.index_copy_(0, slot_N, token_idx_N if gather else torch.arange(x.shape[0], device=x.device))
-            x_SD = x.index_select(0, source_S)
-            pad_mask_S = torch.ones(slots, dtype=torch.bool, device=x.device)
-            pad_mask_S[slot_N] = False
-            x_SD.index_fill_(0, pad_mask_S.nonzero().flatten(), 0)
-            h_SH = x.new_empty(slots, w1_eDH.shape[-1])
-            _baddbmm(x_SD.view(e, capacity, dim), w1_eDH, b1_eH, h_SH.view(e, capacity, -1))
-            a_SF = activate(h_SH, activation)
-            o_PD = x.new_empty(slots + 1, dim)  # one extra zero row: what a dropped token reads
-            o_PD[slots].zero_()
-            _baddbmm(a_SF.view(e, capacity, -1), w2_eFD, b2_eD, o_PD[:slots].view(e, capacity, dim))
-            del a_SF
-            scaled = weight_N is not None
-            w_N = weight_N.to(x.dtype) if scaled else None
-            if gather and unique:
-                slot_T = torch.full((x.shape[0],), slots, dtype=torch.long, device=x.device)
-                slot_T.index_copy_(0, token_idx_N, slot_N)
-                y = o_PD.index_select(0, slot_T)
+            gather, scaled = token_idx_N is not None, weight_N is not None
+            y = _combine_buffer(x, token_idx_N, unique) if gather else torch.empty_like(x)
+            scale_N1 = weight_N.to(x.dtype).unsqueeze(-1) if scaled else None
+            starts = list(accumulate(counts, initial=0))
+            blocks = padded_blocks(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
+            saved: list[Tensor] = []
+            for experts in blocks:
+                block = _Block(counts, experts, starts, token_idx_N, x.device)
+                run = slice(experts.start, experts.stop)
+                h_eCH = _batched_linear(block.gather(x), w1_eDH[run], b1_eH, experts)
+                o_eCD = _batched_linear(activate(h_eCH, activation), w2_eFD[run], b2_eD, experts)
+                saved.append(h_eCH)
+                o_nD = block.rows_of(o_eCD)
+                dest = None if gather else y[block.rows]
                 if scaled:
-                    w_T = x.new_zeros(x.shape[0]).index_copy_(0, token_idx_N, w_N)
-                    y.mul_(w_T.unsqueeze(-1))
-            else:
-                out_ND = o_PD.index_select(0, slot_N)
-                if scaled:
-                    out_ND.mul_(w_N.unsqueeze(-1))
-                y = torch.zeros_like(x).index_add_(0, token_idx_N, out_ND) if gather else out_ND
-        ctx.save_for_backward(x_SD, h_SH, o_PD if scaled else None, weight_N, token_idx_N, slot_N, w1_eDH, w2_eFD)
-        ctx.meta = (counts, capacity, activation, gather and unique, x.shape[0], b1_eH is not None, b2_eD is not None)
+                    saved.append(o_nD)
+                    out = torch.mul(o_nD, scale_N1[block.rows], out=dest)
+                elif dest is not None:
+                    out = dest.copy_(o_nD)
+                else:
+                    out = o_nD
+                if gather:
+                    (y.index_copy_ if unique else y.index_add_)(0, block.source_n, out)
+        ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
+        ctx.counts, ctx.activation, ctx.unique = counts, activation, unique
+        ctx.reuse_grad = reuse_grad and not gather
         return y
 
     @staticmethod
@@ -313,42 +365,70 @@ class _PaddedExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
-        x_SD, h_SH, o_PD, weight_N, token_idx_N, slot_N, w1_eDH, w2_eFD = ctx.saved_tensors
-        counts, capacity, activation, unique, num_x, has_b1, has_b2 = ctx.meta
-        e, dim = len(counts), x_SD.shape[-1]
-        slots = e * capacity
+        x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
+        counts, activation = ctx.counts, ctx.activation
         gather, scaled = token_idx_N is not None, weight_N is not None
-        g_ND = grad_y.index_select(0, token_idx_N) if gather else grad_y
-        grad_weight_N = None
-        if scaled:
-            grad_weight_N = _row_dot(g_ND, o_PD.index_select(0, slot_N)).to(weight_N.dtype)
-            scale_N1 = weight_N.to(g_ND.dtype).unsqueeze(-1)
-            g_ND = g_ND.mul_(scale_N1) if gather else g_ND * scale_N1  # a gathered g is ours to scale
-        grad_o_SD = grad_y.new_zeros(slots, dim).index_copy_(0, slot_N, g_ND)
-        del g_ND
-        grad_o_eCD = grad_o_SD.view(e, capacity, dim)
-        a_eCF = activate(h_SH, activation).view(e, capacity, -1)
-        grad_w2 = torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_buffer_like(w2_eFD))
-        del a_eCF
-        grad_a_eCF = torch.bmm(grad_o_eCD, w2_eFD.transpose(1, 2))
-        grad_h_eCH = _activate_backward(grad_a_eCF, h_SH.view(e, capacity, -1), activation)
-        del grad_a_eCF
-        grad_w1 = torch.bmm(x_SD.view(e, capacity, dim).transpose(1, 2), grad_h_eCH, out=grad_buffer_like(w1_eDH))
-        grad_b1 = grad_h_eCH.sum(1) if has_b1 else None
-        grad_b2 = grad_o_eCD.sum(1) if has_b2 else None
-        grad_x_PD = grad_y.new_empty(slots + 1, dim)  # the extra zero row again, for dropped tokens
-        grad_x_PD[slots].zero_()
-        torch.bmm(grad_h_eCH, w1_eDH.transpose(1, 2), out=grad_x_PD[:slots].view(e, capacity, dim))
-        del grad_h_eCH
-        if not gather:
-            grad_x = grad_x_PD.index_select(0, slot_N)
-        elif unique:
-            slot_T = torch.full((num_x,), slots, dtype=torch.long, device=grad_y.device)
-            slot_T.index_copy_(0, token_idx_N, slot_N)
-            grad_x = grad_x_PD.index_select(0, slot_T)
-        else:
-            grad_x = torch.zeros_like(grad_y).index_add_(0, token_idx_N, grad_x_PD.index_select(0, slot_N))
-        return grad_x, grad_weight_N, None, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None
+        if gather:
+            grad_x = _combine_buffer(x, token_idx_N, ctx.unique)
+        else:  # a run's rows of grad_y are last read before its rows of grad_x are written
+            grad_x = grad_y if ctx.reuse_grad else torch.empty_like(x)
+        params = (w1_eDH, w2_eFD, b1_eH, b2_eD)
+        grads = [None if p is None else grad_buffer_like(p) for p in params]
+        grad_w1, grad_w2, grad_b1, grad_b2 = grads
+        for j, n in enumerate(counts):  # experts with no rows: zero gradients
+            if n == 0:
+                for grad in grads:
+                    if grad is not None:
+                        grad[j].zero_()
+        grad_weight_N = torch.empty_like(weight_N) if scaled else None
+        scale_N1 = weight_N.to(grad_y.dtype).unsqueeze(-1) if scaled else None
+        starts = list(accumulate(counts, initial=0))
+        blocks = padded_blocks(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
+        saved_rows = iter(saved)
+        for experts in blocks:
+            block = _Block(counts, experts, starts, token_idx_N, x.device)
+            run = slice(experts.start, experts.stop)
+            w1, w2 = w1_eDH[run], w2_eFD[run]
+            h_eCH = next(saved_rows)
+            if _released(h_eCH):  # a second backward through a retained graph: recompute what was freed
+                h_eCH = _batched_linear(block.gather(x), w1, b1_eH, experts)
+            a_eCF = activate(h_eCH, activation)
+            g_nD = grad_y.index_select(0, block.source_n) if gather else grad_y[block.rows]
+            if scaled:  # out = s * o: dL/ds = <g, o>, then s * g feeds everything
+                o_nD = next(saved_rows)
+                if _released(o_nD):
+                    o_nD = block.rows_of(_batched_linear(a_eCF, w2, b2_eD, experts))
+                grad_weight_N[block.rows] = _row_dot(g_nD, o_nD)
+                _release(o_nD)
+                g_nD = g_nD.mul_(scale_N1[block.rows]) if gather else g_nD * scale_N1[block.rows]
+            # Each padded buffer is freed as soon as it is used: at most two of them are alive at a time.
+            grad_o_eCD = block.scatter(g_nD)
+            del g_nD
+            torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_w2[run])
+            del a_eCF
+            if grad_b2 is not None:
+                torch.sum(grad_o_eCD, 1, out=grad_b2[run])
+            grad_a_eCF = torch.bmm(grad_o_eCD, w2.transpose(1, 2))
+            del grad_o_eCD
+            grad_h_eCH = _activate_backward(grad_a_eCF, h_eCH, activation)
+            del grad_a_eCF
+            _release(h_eCH)
+            torch.bmm(block.gather(x).transpose(1, 2), grad_h_eCH, out=grad_w1[run])
+            if grad_b1 is not None:
+                torch.sum(grad_h_eCH, 1, out=grad_b1[run])
+            grad_x_nD = block.rows_of(torch.bmm(grad_h_eCH, w1.transpose(1, 2)))
+            del grad_h_eCH
+            if gather:
+                (grad_x.index_copy_ if ctx.unique else grad_x.index_add_)(0, block.source_n, grad_x_nD)
+            else:
+                grad_x[block.rows] = grad_x_nD
+        return grad_x, grad_weight_N, None, *grads, None, None, None, None
+
+
+def _batched_linear(x_eCD: Tensor, w_eDF: Tensor, b_eF: Tensor | None, experts: range) -> Tensor:
+    if b_eF is None:
+        return torch.bmm(x_eCD, w_eDF)
+    return torch.baddbmm(b_eF[experts.start : experts.stop].unsqueeze(1), x_eCD, w_eDF)
 
 
 def _grouped_mlp(
@@ -517,14 +597,11 @@ class GroupedExperts(nn.Module):
         # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
         params = [None if p is None else p.to(x.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
         path = self.execution_path(x, tokens_per_expert)
-        if path == "padded":
-            return _PaddedExpertMLP.apply(
-                x.contiguous(), weight_N, token_idx_N, *params, tokens_per_expert, self.activation, tokens_unique
-            )
-        if path == "loop":
-            reuse_grad = getattr(self, "owns_output_grad", False)
-            args = (tokens_per_expert, self.activation, tokens_unique, reuse_grad)
-            return _ExpertMLP.apply(x.contiguous(), weight_N, token_idx_N, *params, *args)
+        reuse_grad = getattr(self, "owns_output_grad", False)
+        args = (tokens_per_expert, self.activation, tokens_unique, reuse_grad)
+        if path in ("loop", "padded"):
+            mlp = _ExpertMLP if path == "loop" else _PaddedExpertMLP
+            return mlp.apply(x.contiguous(), weight_N, token_idx_N, *params, *args)
         with torch.autocast(x.device.type, enabled=False):
             x_ND = x if token_idx_N is None else x.index_select(0, token_idx_N)
             out_ND = _grouped_mlp(x_ND, weight_N, tokens_per_expert, *params, self.activation)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer
+from moe_parallel import experts as experts_module
 from moe_parallel.expert_cost import ExpertCostModel
 from moe_parallel.experts import _PaddedExpertMLP
 from tests.dist_utils import run_distributed
@@ -118,6 +119,65 @@ def test_padded_equals_the_loop_on_raw_rows(unique: bool, gathered: bool, scaled
         assert torch.count_nonzero(results[1][1][dropped]) == 0
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_padded_runs_of_any_size_equal_the_loop(seed: int, monkeypatch) -> None:
+    """The padded path split into runs of experts (one expert per run up to all in one), every branch
+    of the combine, idle experts anywhere, against the loop on the same rows."""
+    rng = random.Random(seed)
+    experts, hidden, ffn = rng.choice([3, 5, 9]), rng.choice([4, 6]), rng.choice([3, 10])
+    activation = rng.choice(["gelu", "swiglu", "silu"])
+    counts = [rng.choice([0, 1, 2, 5, 7]) for _ in range(experts)]
+    counts[rng.randrange(experts)] = rng.randint(1, 6)  # at least one expert with rows
+    rows = sum(counts)
+    width = max(hidden, 2 * ffn if activation == "swiglu" else ffn)
+    monkeypatch.setattr(experts_module, "PADDED_BLOCK_BYTES", rng.choice([1, 3, 12, 10**6]) * width * 8)
+    layout = rng.choice(["grouped-rows", "token-index", "top1"])
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "grouped-rows":
+        token_idx, x = None, torch.randn(rows, hidden, generator=gen, dtype=torch.float64)
+    elif layout == "top1":  # every token at most once; the others were dropped
+        x = torch.randn(rows + 3, hidden, generator=gen, dtype=torch.float64)
+        token_idx = torch.randperm(rows + 3, generator=gen)[:rows]
+    else:
+        x = torch.randn(max(rows // 2, 1), hidden, generator=gen, dtype=torch.float64)
+        token_idx = torch.randint(0, x.shape[0], (rows,), generator=gen)
+    weight = torch.rand(rows, generator=gen, dtype=torch.float64) if seed % 3 else None
+    grad = torch.randn_like(x)
+    results = []
+    for path in ("loop", "padded"):
+        module = GroupedExperts(experts, hidden, ffn, activation, bias=seed % 2 == 0, expert_gemm=path, init_std=0.3)
+        module = module.double()
+        if module.b1 is not None:
+            with torch.no_grad():
+                module.b1.normal_(generator=torch.Generator().manual_seed(2))
+                module.b2.normal_(generator=torch.Generator().manual_seed(3))
+        x_ = x.clone().requires_grad_()
+        w_ = None if weight is None else weight.clone().requires_grad_()
+        y = module(x_, counts, w_, token_idx, tokens_unique=layout == "top1")
+        y.backward(grad)
+        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_padded_blocks_cover_the_active_experts_in_runs_within_budget(seed: int) -> None:
+    rng = random.Random(seed)
+    counts = [rng.choice([0, 0, 1, 3, 8, 40]) for _ in range(rng.randint(1, 30))]
+    width, elem, budget = rng.choice([4, 64]), rng.choice([2, 4]), rng.choice([1, 512, 4096, 1 << 20])
+    runs = experts_module.padded_blocks(counts, width, elem, budget)
+    assert [j for run in runs for j in run] == [j for j, n in enumerate(counts) if n]  # each active one, once, in order
+    for run, following in zip(runs, runs[1:] + [None]):
+        size = len(run) * max(counts[run.start : run.stop]) * width * elem
+        assert len(run) == 1 or size <= budget  # an expert over budget runs alone
+        if following is not None and following.start == run.stop:  # greedy: the next one did not fit
+            widest = max(counts[run.start : following.start + 1])
+            assert (len(run) + 1) * widest * width * elem > budget
+
+
 def _ep2_paths_equal_oracle(rank: int, world: int, path: str, cfg_kwargs: dict) -> None:
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=6, init_std=0.4, expert_gemm=path, **cfg_kwargs)
     ep_layer = MoELayer(cfg, ep_group=dist.group.WORLD).double().train()
@@ -220,8 +280,14 @@ def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
     model = ExpertCostModel()
     even = [16] * 128  # many small experts, no padding: the calls dominate
     assert model.choose(even, 256, 128) == "padded"
-    skewed = [4096] + [1] * 7  # one expert holds nearly every row: padding would multiply the work by 8
-    assert model.choose(skewed, 512, 2048) == "loop"
+    # Few experts with thousands of rows each and narrow products: copying every row into the padded
+    # layout and out again costs more than the handful of calls it saves.
+    gen = random.Random(0)
+    busy = [gen.randint(2600, 3200) for _ in range(16)]
+    assert model.choose(busy, 256, 128) == "loop"
+    # One expert holds nearly every row: it runs alone, so the padding never multiplies its rows.
+    skewed = [4096] + [1] * 7
+    assert model.padded_s(skewed, 512, 2048, 4) < model.loop_s(skewed, 512, 2048, 4) * 1.5
     assert model.choose([0, 0, 0], 8, 8) == "loop"
     # The estimate grows with the padded slots and never with the loop's idle experts.
     assert model.padded_s([10, 20], 64, 64, 4) < model.padded_s([10, 40], 64, 64, 4)
