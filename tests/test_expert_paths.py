@@ -80,6 +80,29 @@ def test_every_path_equals_the_oracle(path: str, seed: int) -> None:
         torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def _padded_equals_loop(build, x, counts, weight, token_idx, unique: bool, grad) -> list[list]:
+    """Forward and backward of ``build(path)`` on both CPU paths, asserted equal; per path: the output,
+    the gradients of the input and of the combine weights, and every parameter's gradient."""
+    results = []
+    for path in ("loop", "padded"):
+        module = build(path)
+        if module.b1 is not None:
+            with torch.no_grad():
+                module.b1.normal_(generator=torch.Generator().manual_seed(2))
+                module.b2.normal_(generator=torch.Generator().manual_seed(3))
+        x_ = x.clone().requires_grad_()
+        w_ = None if weight is None else weight.clone().requires_grad_()
+        y = module(x_, counts, w_, token_idx, tokens_unique=unique)
+        y.backward(grad)
+        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    return results
+
+
 @pytest.mark.parametrize(
     "gathered, unique", [(False, False), (True, False), (True, True)], ids=["grouped-rows", "token-index", "top1"]
 )
@@ -96,22 +119,11 @@ def test_padded_equals_the_loop_on_raw_rows(unique: bool, gathered: bool, scaled
         token_idx, x = torch.tensor([0, 2, 3, 5, 1, 2, 5, 0]), torch.randn(7, 6, dtype=torch.float64)
     weight = torch.rand(8, dtype=torch.float64) if scaled else None
     grad = torch.randn_like(x)
-    results = []
-    for path in ("loop", "padded"):
-        experts = GroupedExperts(4, 6, 10, expert_gemm=path, init_std=0.3, bias=True).double()
-        with torch.no_grad():
-            experts.b1.normal_(generator=torch.Generator().manual_seed(2))
-            experts.b2.normal_(generator=torch.Generator().manual_seed(3))
-        x_ = x.clone().requires_grad_()
-        w_ = None if weight is None else weight.clone().requires_grad_()
-        y = experts(x_, counts, w_, token_idx, tokens_unique=unique)
-        y.backward(grad)
-        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in experts.parameters())])
-    for got, want in zip(results[1], results[0]):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    def build(path: str) -> GroupedExperts:
+        return GroupedExperts(4, 6, 10, expert_gemm=path, init_std=0.3, bias=True).double()
+
+    results = _padded_equals_loop(build, x, counts, weight, token_idx, unique, grad)
     assert torch.count_nonzero(results[1][3][1]) == 0  # the idle expert's w1 gradient
     if unique:
         dropped = torch.tensor([1, 4, 9])
@@ -143,24 +155,12 @@ def test_padded_runs_of_any_size_equal_the_loop(seed: int, monkeypatch) -> None:
         token_idx = torch.randint(0, x.shape[0], (rows,), generator=gen)
     weight = torch.rand(rows, generator=gen, dtype=torch.float64) if seed % 3 else None
     grad = torch.randn_like(x)
-    results = []
-    for path in ("loop", "padded"):
-        module = GroupedExperts(experts, hidden, ffn, activation, bias=seed % 2 == 0, expert_gemm=path, init_std=0.3)
-        module = module.double()
-        if module.b1 is not None:
-            with torch.no_grad():
-                module.b1.normal_(generator=torch.Generator().manual_seed(2))
-                module.b2.normal_(generator=torch.Generator().manual_seed(3))
-        x_ = x.clone().requires_grad_()
-        w_ = None if weight is None else weight.clone().requires_grad_()
-        y = module(x_, counts, w_, token_idx, tokens_unique=layout == "top1")
-        y.backward(grad)
-        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in module.parameters())])
-    for got, want in zip(results[1], results[0]):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    def build(path: str) -> GroupedExperts:
+        bias = seed % 2 == 0
+        return GroupedExperts(experts, hidden, ffn, activation, bias=bias, expert_gemm=path, init_std=0.3).double()
+
+    _padded_equals_loop(build, x, counts, weight, token_idx, layout == "top1", grad)
 
 
 @pytest.mark.parametrize("seed", range(20))
