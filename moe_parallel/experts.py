@@ -40,7 +40,14 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.silu(gate) * up
 
 
-def _activate_backward(grad_a: Tensor, h: Tensor, activation: str) -> Tensor:
+def _activate_backward(grad_a: Tensor, h: Tensor, activation: str, in_place: bool = False) -> Tensor:
+    """``dL/dh`` from ``dL/da``; ``in_place``: written over ``grad_a`` where the activation allows it."""
+    if in_place and activation in ("gelu", "relu", "silu"):
+        if activation == "gelu":
+            return aten.gelu_backward.grad_input(grad_a, h, grad_input=grad_a)
+        if activation == "relu":
+            return aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=grad_a)
+        return aten.silu_backward.grad_input(grad_a, h, grad_input=grad_a)
     if activation == "gelu":
         return aten.gelu_backward(grad_a, h)
     if activation == "relu":
@@ -410,7 +417,7 @@ class _PaddedExpertMLP(torch.autograd.Function):
                 torch.sum(grad_o_eCD, 1, out=grad_b2[run])
             grad_a_eCF = torch.bmm(grad_o_eCD, w2.transpose(1, 2))
             del grad_o_eCD
-            grad_h_eCH = _activate_backward(grad_a_eCF, h_eCH, activation)
+            grad_h_eCH = _activate_backward(grad_a_eCF, h_eCH, activation, in_place=True)
             del grad_a_eCF
             _release(h_eCH)
             torch.bmm(block.gather(x).transpose(1, 2), grad_h_eCH, out=grad_w1[run])
