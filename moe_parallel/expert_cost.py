@@ -5,7 +5,7 @@ Two CPU paths compute the same MLP (``experts.py``):
 - ``loop``: per expert, gather its kept rows, two GEMMs, scatter-add the output. GEMM work on the
   ``N`` kept rows only, but ~20 operator calls per active expert, and each expert's GEMMs are small,
   multi-threaded products: an expert costs as if it had ``expert_rows`` rows more than it has;
-- ``padded``: runs of consecutive experts (``padded_blocks``), each padded to its largest row count
+- ``padded``: runs of consecutive experts (``padded_runs``), each padded to its largest row count
   and computed as batched products (``bmm``): a handful of calls per run, but GEMM work on all
   ``S`` padded slots, and every row copied into and out of the padded layout.
 
@@ -49,9 +49,9 @@ class ExpertCostModel:
         )
 
     def padded_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
-        from .experts import padded_blocks  # experts imports this module
+        from .experts import padded_runs  # experts imports this module
 
-        runs = padded_blocks(counts, max(hidden, ffn), elem_bytes)
+        runs = padded_runs(counts, max(hidden, ffn), elem_bytes)
         rows = sum(counts)
         slots = sum(len(run) * max(counts[run.start : run.stop]) for run in runs)
         return (

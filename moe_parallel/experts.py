@@ -253,16 +253,16 @@ def padded_slots(counts: list[int], capacity: int, device: torch.device) -> Tens
     return torch.repeat_interleave(shift_e, counts_e, output_size=num_rows) + torch.arange(num_rows, device=device)
 
 
-# One block's widest padded buffer ([slots, max(D, H)]): small enough to stay in cache and to come
-# from any allocator's heap warm (glibc maps blocks above 32 MiB afresh, page fault by page fault).
-PADDED_BLOCK_BYTES = 4 << 20
+# A run's widest padded buffer ([slots, max(D, H)]): small enough to stay in cache and to come from
+# any allocator's heap warm (glibc maps blocks above 32 MiB afresh, page fault by page fault).
+PADDED_RUN_BYTES = 4 << 20
 
 
-def padded_blocks(counts: list[int], width: int, elem_bytes: int, budget: int | None = None) -> list[range]:
+def padded_runs(counts: list[int], width: int, elem_bytes: int, budget: int | None = None) -> list[range]:
     """Runs of consecutive experts with rows, each run's padded ``[len(run) * C, width]`` buffer (``C``:
     its largest row count) within ``budget`` bytes; an expert over budget alone is a run of its own."""
-    budget = PADDED_BLOCK_BYTES if budget is None else budget
-    blocks, j = [], 0
+    budget = PADDED_RUN_BYTES if budget is None else budget
+    runs, j = [], 0
     while j < len(counts):
         if counts[j] == 0:
             j += 1
@@ -273,22 +273,22 @@ def padded_blocks(counts: list[int], width: int, elem_bytes: int, budget: int | 
             if (end + 1 - j) * widest * width * elem_bytes > budget:
                 break
             end, capacity = end + 1, widest
-        blocks.append(range(j, end))
+        runs.append(range(j, end))
         j = end
-    return blocks
+    return runs
 
 
-class _Block:
-    """The rows of a run of experts in a padded ``[e, C, D]`` buffer: ``slot_n`` is where each of the
-    run's ``n`` rows sits, ``source_S`` which row of ``x`` each slot reads (pad slots: zeroed rows)."""
+class _PaddedRun:
+    """The rows of a run of experts in a padded ``[e, C, D]`` layout: ``slot_n`` is where each of the
+    run's ``n`` rows sits, ``source_n`` which row of ``x`` it reads; pad slots hold zero rows."""
 
     def __init__(self, counts: list[int], experts: range, starts: list[int], token_idx_N: Tensor | None, device):
         self.experts = experts
         self.rows = slice(starts[experts.start], starts[experts.stop])
-        block_counts = counts[experts.start : experts.stop]
-        self.capacity = max(block_counts)
+        run_counts = counts[experts.start : experts.stop]
+        self.capacity = max(run_counts)
         self.num_slots = len(experts) * self.capacity
-        self.slot_n = padded_slots(block_counts, self.capacity, device)
+        self.slot_n = padded_slots(run_counts, self.capacity, device)
         rows = self.rows
         self.source_n = (
             token_idx_N[rows] if token_idx_N is not None else torch.arange(rows.start, rows.stop, device=device)
@@ -323,8 +323,8 @@ class _Block:
 class _PaddedExpertMLP(torch.autograd.Function):
     """The same MLP as :class:`_ExpertMLP`, as batched products over runs of experts padded to ``[e, C, D]``.
 
-    Consecutive experts form a run (:func:`padded_blocks`) whose widest padded buffer stays within
-    ``PADDED_BLOCK_BYTES``; ``C`` is the run's largest row count, so padding costs the rows by which
+    Consecutive experts form a run (:func:`padded_runs`) whose widest padded buffer stays within
+    ``PADDED_RUN_BYTES``; ``C`` is the run's largest row count, so padding costs the rows by which
     the run's experts fall short of it. Each run is one gather, two ``bmm``s and one combine, a fixed
     handful of operator calls for up to dozens of small experts, where the loop makes ~20 per expert.
     As in the loop, only the pre-activation and the unscaled output rows are saved (freed during
@@ -341,25 +341,25 @@ class _PaddedExpertMLP(torch.autograd.Function):
             y = _combine_buffer(x, token_idx_N, unique) if gather else torch.empty_like(x)
             scale_N1 = weight_N.to(x.dtype).unsqueeze(-1) if scaled else None
             starts = list(accumulate(counts, initial=0))
-            blocks = padded_blocks(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
+            runs = padded_runs(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
             saved: list[Tensor] = []
-            for experts in blocks:
-                block = _Block(counts, experts, starts, token_idx_N, x.device)
+            for experts in runs:
+                layout = _PaddedRun(counts, experts, starts, token_idx_N, x.device)
                 run = slice(experts.start, experts.stop)
-                h_eCH = _batched_linear(block.gather(x), w1_eDH[run], b1_eH, experts)
+                h_eCH = _batched_linear(layout.gather(x), w1_eDH[run], b1_eH, experts)
                 o_eCD = _batched_linear(activate(h_eCH, activation), w2_eFD[run], b2_eD, experts)
                 saved.append(h_eCH)
-                o_nD = block.rows_of(o_eCD)
-                dest = None if gather else y[block.rows]
+                o_nD = layout.rows_of(o_eCD)
+                dest = None if gather else y[layout.rows]
                 if scaled:
                     saved.append(o_nD)
-                    out = torch.mul(o_nD, scale_N1[block.rows], out=dest)
+                    out = torch.mul(o_nD, scale_N1[layout.rows], out=dest)
                 elif dest is not None:
                     out = dest.copy_(o_nD)
                 else:
                     out = o_nD
                 if gather:
-                    (y.index_copy_ if unique else y.index_add_)(0, block.source_n, out)
+                    (y.index_copy_ if unique else y.index_add_)(0, layout.source_n, out)
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
         ctx.counts, ctx.activation, ctx.unique = counts, activation, unique
         ctx.reuse_grad = reuse_grad and not gather
@@ -390,26 +390,26 @@ class _PaddedExpertMLP(torch.autograd.Function):
         grad_weight_N = torch.empty_like(weight_N) if scaled else None
         scale_N1 = weight_N.to(grad_y.dtype).unsqueeze(-1) if scaled else None
         starts = list(accumulate(counts, initial=0))
-        blocks = padded_blocks(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
+        runs = padded_runs(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
         saved_rows = iter(saved)
-        for experts in blocks:
-            block = _Block(counts, experts, starts, token_idx_N, x.device)
+        for experts in runs:
+            layout = _PaddedRun(counts, experts, starts, token_idx_N, x.device)
             run = slice(experts.start, experts.stop)
             w1, w2 = w1_eDH[run], w2_eFD[run]
             h_eCH = next(saved_rows)
             if _released(h_eCH):  # a second backward through a retained graph: recompute what was freed
-                h_eCH = _batched_linear(block.gather(x), w1, b1_eH, experts)
+                h_eCH = _batched_linear(layout.gather(x), w1, b1_eH, experts)
             a_eCF = activate(h_eCH, activation)
-            g_nD = grad_y.index_select(0, block.source_n) if gather else grad_y[block.rows]
+            g_nD = grad_y.index_select(0, layout.source_n) if gather else grad_y[layout.rows]
             if scaled:  # out = s * o: dL/ds = <g, o>, then s * g feeds everything
                 o_nD = next(saved_rows)
                 if _released(o_nD):
-                    o_nD = block.rows_of(_batched_linear(a_eCF, w2, b2_eD, experts))
-                grad_weight_N[block.rows] = _row_dot(g_nD, o_nD)
+                    o_nD = layout.rows_of(_batched_linear(a_eCF, w2, b2_eD, experts))
+                grad_weight_N[layout.rows] = _row_dot(g_nD, o_nD)
                 _release(o_nD)
-                g_nD = g_nD.mul_(scale_N1[block.rows]) if gather else g_nD * scale_N1[block.rows]
+                g_nD = g_nD.mul_(scale_N1[layout.rows]) if gather else g_nD * scale_N1[layout.rows]
             # Each padded buffer is freed as soon as it is used: at most two of them are alive at a time.
-            grad_o_eCD = block.scatter(g_nD)
+            grad_o_eCD = layout.scatter(g_nD)
             del g_nD
             torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_w2[run])
             del a_eCF
@@ -420,15 +420,15 @@ class _PaddedExpertMLP(torch.autograd.Function):
             grad_h_eCH = _activate_backward(grad_a_eCF, h_eCH, activation, in_place=True)
             del grad_a_eCF
             _release(h_eCH)
-            torch.bmm(block.gather(x).transpose(1, 2), grad_h_eCH, out=grad_w1[run])
+            torch.bmm(layout.gather(x).transpose(1, 2), grad_h_eCH, out=grad_w1[run])
             if grad_b1 is not None:
                 torch.sum(grad_h_eCH, 1, out=grad_b1[run])
-            grad_x_nD = block.rows_of(torch.bmm(grad_h_eCH, w1.transpose(1, 2)))
+            grad_x_nD = layout.rows_of(torch.bmm(grad_h_eCH, w1.transpose(1, 2)))
             del grad_h_eCH
             if gather:
-                (grad_x.index_copy_ if ctx.unique else grad_x.index_add_)(0, block.source_n, grad_x_nD)
+                (grad_x.index_copy_ if ctx.unique else grad_x.index_add_)(0, layout.source_n, grad_x_nD)
             else:
-                grad_x[block.rows] = grad_x_nD
+                grad_x[layout.rows] = grad_x_nD
         return grad_x, grad_weight_N, None, *grads, None, None, None, None
 
 

@@ -142,7 +142,7 @@ def test_padded_runs_of_any_size_equal_the_loop(seed: int, monkeypatch) -> None:
     counts[rng.randrange(experts)] = rng.randint(1, 6)  # at least one expert with rows
     rows = sum(counts)
     width = max(hidden, 2 * ffn if activation == "swiglu" else ffn)
-    monkeypatch.setattr(experts_module, "PADDED_BLOCK_BYTES", rng.choice([1, 3, 12, 10**6]) * width * 8)
+    monkeypatch.setattr(experts_module, "PADDED_RUN_BYTES", rng.choice([1, 3, 12, 10**6]) * width * 8)
     layout = rng.choice(["grouped-rows", "token-index", "top1"])
     gen = torch.Generator().manual_seed(seed)
     if layout == "grouped-rows":
@@ -164,11 +164,11 @@ def test_padded_runs_of_any_size_equal_the_loop(seed: int, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_padded_blocks_cover_the_active_experts_in_runs_within_budget(seed: int) -> None:
+def test_padded_runs_cover_the_active_experts_in_runs_within_budget(seed: int) -> None:
     rng = random.Random(seed)
     counts = [rng.choice([0, 0, 1, 3, 8, 40]) for _ in range(rng.randint(1, 30))]
     width, elem, budget = rng.choice([4, 64]), rng.choice([2, 4]), rng.choice([1, 512, 4096, 1 << 20])
-    runs = experts_module.padded_blocks(counts, width, elem, budget)
+    runs = experts_module.padded_runs(counts, width, elem, budget)
     assert [j for run in runs for j in run] == [j for j, n in enumerate(counts) if n]  # each active one, once, in order
     for run, following in zip(runs, runs[1:] + [None]):
         size = len(run) * max(counts[run.start : run.stop]) * width * elem
