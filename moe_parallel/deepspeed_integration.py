@@ -215,9 +215,10 @@ def unlink_shm_allreduce_buffers() -> bool:
     """
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
         return False
-    dist.barrier()  # every rank has finished init_distributed: each has opened every other rank's file
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank has finished init_distributed: each has opened every other rank's file
     try:
         os.unlink(shm_allreduce_buffer(dist.get_rank()))
     except FileNotFoundError:  # DeepSpeed's shm path not in use (ranks on several hosts, or no DeepSpeed)

@@ -83,6 +83,7 @@ def _deepspeed_shm_files_are_unlinked(rank: int, world_size: int) -> None:
         assert torch.equal(t, torch.full((1000,), float(sum(range(world_size)) + world_size * step)))
 
 
-def test_deepspeed_shared_memory_files_do_not_outlive_the_run():
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_deepspeed_shared_memory_files_do_not_outlive_the_run(world_size: int):
     """DeepSpeed's CPU all-reduce leaves a ~70 MB /dev/shm file per rank; initialize_parallel removes them."""
-    run_distributed(_deepspeed_shm_files_are_unlinked, 2)
+    run_distributed(_deepspeed_shm_files_are_unlinked, world_size)
