@@ -82,7 +82,7 @@ def _median_s(fn, reps: int) -> float:
 
 
 def _expert_step_s(path: str, counts: list[int], hidden: int, ffn: int, reps: int, gen: torch.Generator) -> float:
-    """One forward+backward of ``path`` on grouped rows, ``counts[j]`` for expert j."""
+    """Seconds of one forward+backward of ``path``, ``counts[j]`` rows for expert j, gathered by token index."""
     from .experts import GroupedExperts  # experts imports this module
 
     layer = GroupedExperts(len(counts), hidden, ffn, expert_gemm=path)
