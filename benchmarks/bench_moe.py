@@ -365,10 +365,10 @@ def routing_plan(problem: Problem) -> DispatchPlan:
         return problem.layer.route_and_plan(problem.x_TD)[2]
 
 
-def routed_rows(problem: Problem) -> tuple[Tensor, list[int]]:
+def routed_rows(problem: Problem, plan: DispatchPlan | None = None) -> tuple[Tensor, list[int]]:
     """The rows our local experts receive for this input (kept assignments only), and rows per expert."""
     layer, x_TD = problem.layer, problem.x_TD
-    plan = routing_plan(problem)
+    plan = routing_plan(problem) if plan is None else plan
     with torch.no_grad():
         if layer.ep_size == 1:
             return x_TD.index_select(0, plan.token_idx_N), plan.tokens_per_expert_E.tolist()
@@ -457,9 +457,8 @@ BUILDERS: dict[str, Callable[[Problem], Step]] = {
 def row_counts(problem: Problem) -> tuple[int, int]:
     """This rank's kept rows (what our experts compute on) and its busiest expert's routed rows
     (before dropping: what DeepSpeed pads every expert to when dropless)."""
-    with torch.no_grad():
-        busiest = int(problem.layer.router(problem.x_TD).tokens_per_expert_E.max())
-    return sum(routed_rows(problem)[1]), busiest
+    plan = routing_plan(problem)
+    return sum(routed_rows(problem, plan)[1]), int(plan.routed_per_expert_E.max())
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -623,10 +622,7 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             measure = measure_step_peak_mib_cuda if target.device == "cuda" else measure_step_peak_mib
             conn.send(measure(step))
         elif command == "path":  # which expert path our layer takes on this input (expert_cost.py)
-            plan = routing_plan(problem)
-            counts = plan.tokens_per_expert_E.tolist()
-            if problem.layer.ep_size > 1:
-                counts = routed_rows(problem)[1]
+            counts = routed_rows(problem)[1]  # this rank's local experts' rows
             conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
         elif command == "profile":
             step()

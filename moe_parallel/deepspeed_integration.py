@@ -196,10 +196,10 @@ def use_topology_free_checkpoints(engine: Any) -> None:
 SHM_DIR = "/dev/shm"
 
 
-def shm_allreduce_buffer(rank: int, environ: dict[str, str] | None = None) -> str:
+def shm_allreduce_buffer(rank: int) -> str:
     """The ``/dev/shm`` file of ``rank``'s all-reduce buffer in DeepSpeed's CPU communication
     (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: named by user, ``MASTER_ADDR``, ``MASTER_PORT`` and rank)."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
     return os.path.join(SHM_DIR, name)
 

@@ -40,20 +40,18 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.silu(gate) * up
 
 
+_ELEMENTWISE_BACKWARD = {
+    "gelu": (aten.gelu_backward, ()),
+    "relu": (aten.threshold_backward, (0,)),
+    "silu": (aten.silu_backward, ()),
+}
+
+
 def _activate_backward(grad_a: Tensor, h: Tensor, activation: str, in_place: bool = False) -> Tensor:
     """``dL/dh`` from ``dL/da``; ``in_place``: written over ``grad_a`` where the activation allows it."""
-    if in_place and activation in ("gelu", "relu", "silu"):
-        if activation == "gelu":
-            return aten.gelu_backward.grad_input(grad_a, h, grad_input=grad_a)
-        if activation == "relu":
-            return aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=grad_a)
-        return aten.silu_backward.grad_input(grad_a, h, grad_input=grad_a)
-    if activation == "gelu":
-        return aten.gelu_backward(grad_a, h)
-    if activation == "relu":
-        return aten.threshold_backward(grad_a, h, 0)
-    if activation == "silu":
-        return aten.silu_backward(grad_a, h)
+    if activation in _ELEMENTWISE_BACKWARD:
+        op, args = _ELEMENTWISE_BACKWARD[activation]
+        return op.grad_input(grad_a, h, *args, grad_input=grad_a) if in_place else op(grad_a, h, *args)
     gate, up = h.chunk(2, dim=-1)
     silu_gate = F.silu(gate)
     return torch.cat([aten.silu_backward(grad_a * up, gate), grad_a * silu_gate], dim=-1)
@@ -294,18 +292,19 @@ class _PaddedRun:
             token_idx_N[rows] if token_idx_N is not None else torch.arange(rows.start, rows.stop, device=device)
         )
         self.padded = self.num_slots > self.slot_n.numel()
-        if self.padded:
+        if self.padded:  # pad slots read row 0 and are zeroed after the gather
             pad_S = torch.ones(self.num_slots, dtype=torch.bool, device=device)
             pad_S[self.slot_n] = False
             self.pad_slots = pad_S.nonzero().flatten()
+            self.source_S = torch.zeros(self.num_slots, dtype=torch.long, device=device)
+            self.source_S.index_copy_(0, self.slot_n, self.source_n)
 
     def gather(self, x: Tensor) -> Tensor:
         """The run's rows of ``x`` in padded ``[e, C, D]`` layout, pad rows zero."""
         if not self.padded:  # every expert of the run has C rows: the slots are the rows, in order
             return x.index_select(0, self.source_n).view(len(self.experts), self.capacity, -1)
-        source_S = torch.zeros(self.num_slots, dtype=torch.long, device=x.device)
-        source_S.index_copy_(0, self.slot_n, self.source_n)
-        return x.index_select(0, source_S).index_fill_(0, self.pad_slots, 0).view(len(self.experts), self.capacity, -1)
+        padded_SD = x.index_select(0, self.source_S).index_fill_(0, self.pad_slots, 0)
+        return padded_SD.view(len(self.experts), self.capacity, -1)
 
     def scatter(self, rows_nD: Tensor) -> Tensor:
         """``rows_nD`` placed in padded ``[e, C, D]`` layout, pad rows zero."""
@@ -342,9 +341,10 @@ class _PaddedExpertMLP(torch.autograd.Function):
             scale_N1 = weight_N.to(x.dtype).unsqueeze(-1) if scaled else None
             starts = list(accumulate(counts, initial=0))
             runs = padded_runs(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
+            layouts = [_PaddedRun(counts, experts, starts, token_idx_N, x.device) for experts in runs]
             saved: list[Tensor] = []
-            for experts in runs:
-                layout = _PaddedRun(counts, experts, starts, token_idx_N, x.device)
+            for layout in layouts:
+                experts = layout.experts
                 run = slice(experts.start, experts.stop)
                 h_eCH = _batched_linear(layout.gather(x), w1_eDH[run], b1_eH, experts)
                 o_eCD = _batched_linear(activate(h_eCH, activation), w2_eFD[run], b2_eD, experts)
@@ -361,7 +361,7 @@ class _PaddedExpertMLP(torch.autograd.Function):
                 if gather:
                     (y.index_copy_ if unique else y.index_add_)(0, layout.source_n, out)
         ctx.save_for_backward(x, weight_N, token_idx_N, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
-        ctx.counts, ctx.activation, ctx.unique = counts, activation, unique
+        ctx.counts, ctx.activation, ctx.unique, ctx.layouts = counts, activation, unique, layouts  # index tensors
         ctx.reuse_grad = reuse_grad and not gather
         return y
 
@@ -389,11 +389,9 @@ class _PaddedExpertMLP(torch.autograd.Function):
                         grad[j].zero_()
         grad_weight_N = torch.empty_like(weight_N) if scaled else None
         scale_N1 = weight_N.to(grad_y.dtype).unsqueeze(-1) if scaled else None
-        starts = list(accumulate(counts, initial=0))
-        runs = padded_runs(counts, max(x.shape[-1], w1_eDH.shape[-1]), x.element_size())
         saved_rows = iter(saved)
-        for experts in runs:
-            layout = _PaddedRun(counts, experts, starts, token_idx_N, x.device)
+        for layout in ctx.layouts:
+            experts = layout.experts
             run = slice(experts.start, experts.stop)
             w1, w2 = w1_eDH[run], w2_eFD[run]
             h_eCH = next(saved_rows)
