@@ -18,16 +18,28 @@ Estimated step time of each path, forward+backward::
 scatters and zero-fills of each path). The padding pays where experts are many and small, the loop
 where each expert has many rows and narrow products, so that moving rows costs more than the calls
 it saves. The constants are measured by :func:`calibrate` (``benchmarks/bench_moe.py --calibrate``);
-the defaults are this project's 2-core CPU (BENCHMARKS.md, "Cost model"). On CUDA the grouped GEMM
-is chosen before this model is asked (``GroupedExperts``).
+the defaults are this project's 2-core CPU (BENCHMARKS.md, "Cost model").
+
+What one expert's small products cost in each path depends on the CPU and its BLAS more than on
+any constant: the same shapes favour the padded path by 10-30% on one machine and the loop by 5-20%
+on another (BENCHMARKS.md). So :func:`choose_expert_path` lets the model above only rule the padded
+path out (where moving rows into its layout costs more than the calls it saves); where it does
+not, both paths are timed on this machine at the step's own shape, once per shape and process, and
+the faster runs from then on. On CUDA the grouped GEMM is chosen before any of this is asked
+(``GroupedExperts``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,9 +82,67 @@ class ExpertCostModel:
 
 DEFAULT_COST_MODEL = ExpertCostModel()
 
+# A measured padded step must be this much faster than the loop's to replace it: the measurement
+# takes the faster of two steps per path, and the two paths are within a few percent at many shapes.
+PADDED_MIN_GAIN = 0.03
+# One expert's weights above this: the loop, unmeasured. Its products then stream the weights (the
+# same in both paths) and dwarf the calls that padding saves.
+MAX_MEASURED_EXPERT_BYTES = 64 << 20
+
+_measured_paths: dict[tuple, str] = {}
+
+
+def measurement_key(counts: list[int], hidden: int, ffn: int, activation: str, dtype: torch.dtype) -> tuple:
+    """Steps whose shapes share a key share one measurement: same expert shape, dtype, threads,
+    number of local and active experts, and mean rows per active expert within a half-octave."""
+    active = [n for n in counts if n]
+    mean_rows = sum(active) / len(active)
+    half_octave = round(2.0 * math.log2(mean_rows))
+    return hidden, ffn, activation, dtype, torch.get_num_threads(), len(counts), len(active), half_octave
+
+
+def choose_expert_path(
+    counts: list[int],
+    hidden: int,
+    ffn: int,
+    activation: str = "gelu",
+    dtype: torch.dtype = torch.float32,
+    step_s: Callable[[str], float] | None = None,
+) -> str:
+    """``"padded"`` or ``"loop"`` for one CPU step with ``counts[j]`` rows for local expert j.
+
+    The loop where :data:`DEFAULT_COST_MODEL` expects it to be faster, or where one expert's weights
+    exceed ``MAX_MEASURED_EXPERT_BYTES``. Elsewhere ``step_s(path)`` (the seconds of one forward +
+    backward of ``path`` at these counts) decides, measured once per :func:`measurement_key` in a
+    process: the padded path if it is ``PADDED_MIN_GAIN`` faster. Without ``step_s``, the model's
+    choice.
+    """
+    if sum(counts) == 0 or DEFAULT_COST_MODEL.choose(counts, hidden, ffn, dtype.itemsize) == "loop":
+        return "loop"
+    up = 2 * ffn if activation == "swiglu" else ffn
+    if hidden * (up + ffn) * dtype.itemsize > MAX_MEASURED_EXPERT_BYTES:
+        return "loop"
+    if step_s is None:
+        return "padded"
+    key = measurement_key(counts, hidden, ffn, activation, dtype)
+    if key not in _measured_paths:
+        _measured_paths[key] = _faster_path(step_s)
+        log.info("expert path at %s: %s", key, _measured_paths[key])
+    return _measured_paths[key]
+
+
+def _faster_path(step_s: Callable[[str], float]) -> str:
+    """Each path once to warm it up, then two interleaved rounds; the faster step of each path."""
+    for path in ("loop", "padded"):
+        step_s(path)
+    best = {"loop": float("inf"), "padded": float("inf")}
+    for order in (("loop", "padded"), ("padded", "loop")):
+        for path in order:
+            best[path] = min(best[path], step_s(path))
+    return "padded" if best["padded"] <= (1.0 - PADDED_MIN_GAIN) * best["loop"] else "loop"
+
 
 def _median_s(fn, reps: int) -> float:
-    fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -81,8 +151,16 @@ def _median_s(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _expert_step_s(path: str, counts: list[int], hidden: int, ffn: int, reps: int, gen: torch.Generator) -> float:
-    """Seconds of one forward+backward of ``path``, ``counts[j]`` rows for expert j, gathered by token index."""
+def _expert_step_s(
+    path: str,
+    counts: list[int],
+    hidden: int,
+    ffn: int,
+    reps: int,
+    gen: torch.Generator,
+) -> float:
+    """Seconds of one forward+backward of ``path``, ``counts[j]`` rows for expert j, gathered by token
+    index (median of ``reps`` steps after a warm-up step)."""
     from .experts import GroupedExperts  # experts imports this module
 
     layer = GroupedExperts(len(counts), hidden, ffn, expert_gemm=path)
@@ -93,7 +171,10 @@ def _expert_step_s(path: str, counts: list[int], hidden: int, ffn: int, reps: in
 
     def run() -> None:
         layer(x, counts, weight, token_idx).sum().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = weight.grad = None
 
+    run()  # first-touch pages, lazy init
     return _median_s(run, reps)
 
 

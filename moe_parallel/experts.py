@@ -9,7 +9,9 @@ stored.
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 from itertools import accumulate
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import Activation, ExpertGemm
 from .cpu_buffers import grad_buffer_like
-from .expert_cost import DEFAULT_COST_MODEL
+from .expert_cost import choose_expert_path
 
 aten = torch.ops.aten
 
@@ -618,8 +620,8 @@ class GroupedExperts(nn.Module):
         """``"grouped"``, ``"padded"`` or ``"loop"``: how a forward on ``x`` with these row counts runs.
 
         ``expert_gemm`` forces a path; ``"auto"`` takes the grouped GEMM on a CUDA GPU where it can
-        run, else the cost model's choice (``expert_cost.py``) between the padded batched product
-        and the per-expert loop.
+        run, else the choice of ``expert_cost.choose_expert_path`` (a cost model and a measurement on
+        this machine) between the padded batched product and the per-expert loop.
         """
         if self.expert_gemm == "loop" or sum(tokens_per_expert) == 0:
             return "loop"
@@ -629,7 +631,43 @@ class GroupedExperts(nn.Module):
             return "grouped"
         if x.is_cuda:
             return "loop"
-        return DEFAULT_COST_MODEL.choose(tokens_per_expert, self.w1.shape[1], self.w2.shape[1], x.element_size())
+        step_s = self._path_timer(tokens_per_expert, x.dtype)
+        return choose_expert_path(
+            tokens_per_expert, self.w1.shape[1], self.w2.shape[1], self.activation, x.dtype, step_s
+        )
+
+    def _path_timer(self, tokens_per_expert: list[int], dtype: torch.dtype) -> Callable[[str], float]:
+        """Seconds of one forward + backward of a CPU path at these row counts: random rows, this
+        layer's weights (detached: their gradients go nowhere), its own generator (torch's global RNG
+        untouched). The inputs are built on the first call, outside the timing."""
+        inputs: list = []
+
+        def step_s(path: str) -> float:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+                if not inputs:
+                    inputs.extend(self._timing_inputs(sum(tokens_per_expert), dtype))
+                *operands, grad_ND = inputs
+                mlp = _ExpertMLP if path == "loop" else _PaddedExpertMLP
+                start = time.perf_counter()
+                mlp.apply(*operands, tokens_per_expert, self.activation, False, False).backward(grad_ND)
+                seconds = time.perf_counter() - start
+            for t in operands:
+                if t is not None and t.requires_grad:
+                    t.grad = None
+            return seconds
+
+        return step_s
+
+    def _timing_inputs(self, rows: int, dtype: torch.dtype) -> list[Tensor | None]:
+        gen = torch.Generator().manual_seed(0)
+        x_ND = torch.randn(rows, self.w1.shape[1], generator=gen).to(dtype).requires_grad_()
+        weight_N = torch.rand(rows, generator=gen).to(dtype).requires_grad_()
+        token_idx_N = torch.randperm(rows, generator=gen)
+        params = [
+            None if p is None else p.detach().to(dtype).requires_grad_() for p in (self.w1, self.w2, self.b1, self.b2)
+        ]
+        grad_ND = torch.randn(x_ND.shape, generator=gen).to(dtype)
+        return [x_ND, weight_N, token_idx_N, *params, grad_ND]
 
     def uses_grouped_gemm(self, x: Tensor) -> bool:
         """Whether a forward on ``x`` runs the grouped GEMM path (see ``MoEConfig.expert_gemm``)."""

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer
+from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer, expert_cost
 from moe_parallel import experts as experts_module
-from moe_parallel.expert_cost import ExpertCostModel
+from moe_parallel.expert_cost import DEFAULT_COST_MODEL, ExpertCostModel, choose_expert_path
 from moe_parallel.experts import _PaddedExpertMLP
 from tests.dist_utils import run_distributed
 from tests.reference import naive_moe
@@ -294,10 +294,99 @@ def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
     assert model.loop_s([10, 0, 0], 64, 64, 4) < model.loop_s([10, 1, 1], 64, 64, 4)
 
 
-def test_auto_follows_the_cost_model_and_expert_gemm_forces_a_path() -> None:
+@pytest.fixture
+def fresh_measurements(monkeypatch):
+    """No path measured earlier in this process decides for the test."""
+    monkeypatch.setattr(expert_cost, "_measured_paths", {})
+
+
+class _FakeTimer:
+    """Step seconds per path as given; counts the calls."""
+
+    def __init__(self, loop_s: float, padded_s: float) -> None:
+        self.seconds = {"loop": loop_s, "padded": padded_s}
+        self.calls = 0
+
+    def __call__(self, path: str) -> float:
+        self.calls += 1
+        return self.seconds[path]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auto_measures_both_paths_once_per_shape_and_keeps_the_loop_without_a_clear_gain(
+    seed: int, fresh_measurements
+) -> None:
+    rng = random.Random(seed)
+    hidden, ffn = rng.choice([64, 128, 256]), rng.choice([64, 128, 512])
+    experts = rng.choice([64, 128])
+    counts = [rng.randint(8, 24) for _ in range(experts)]  # many small experts: the model allows padding
+    assert DEFAULT_COST_MODEL.choose(counts, hidden, ffn) == "padded"
+    gain = rng.uniform(0.05, 0.5)
+    faster = _FakeTimer(1.0, 1.0 - gain)
+    assert choose_expert_path(counts, hidden, ffn, step_s=faster) == "padded"
+    calls = faster.calls
+    assert calls >= 4  # a warm-up and at least one timed step per path
+    # The same shape again, or counts that moved within the half-octave: no second measurement.
+    nudged = [n + rng.choice([0, 1]) for n in counts]
+    assert choose_expert_path(nudged, hidden, ffn, step_s=faster) == "padded"
+    assert faster.calls == calls
+    # Another shape is measured afresh; a gain within PADDED_MIN_GAIN keeps the loop.
+    marginal = _FakeTimer(1.0, 1.0 - expert_cost.PADDED_MIN_GAIN / 2)
+    assert choose_expert_path([4 * n for n in counts], hidden, ffn, step_s=marginal) == "loop"
+    assert marginal.calls == calls
+    slower = _FakeTimer(1.0, 1.0 + gain)
+    assert choose_expert_path(counts, hidden, ffn, "swiglu", step_s=slower) == "loop"
+
+
+def test_auto_does_not_measure_where_the_model_or_the_expert_size_rules_padding_out(fresh_measurements) -> None:
+    def never(path: str) -> float:
+        raise AssertionError("measured")
+
+    gen = random.Random(0)
+    busy = [gen.randint(2600, 3200) for _ in range(16)]  # the model: the loop
+    assert choose_expert_path(busy, 256, 128, step_s=never) == "loop"
+    assert choose_expert_path([0, 0, 0], 8, 8, step_s=never) == "loop"
+    # Experts of 4096 x 16384: each streams 512 MiB of weights per product; padding saves nothing.
+    few_rows = [2] * 64
+    assert DEFAULT_COST_MODEL.choose(few_rows, 4096, 16384) == "padded"
+    assert choose_expert_path(few_rows, 4096, 16384, step_s=never) == "loop"
+    assert choose_expert_path([16] * 128, 256, 128) == "padded"  # no timer: the model decides
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_auto_times_the_real_paths_without_touching_the_layer_or_the_rng(
+    activation: str, fresh_measurements, monkeypatch
+) -> None:
+    layer = GroupedExperts(128, 16, 16, activation, bias=True)
+    counts = [3] * 128
+    x = torch.randn(384, 16)
+    timed = []
+    for mlp in (experts_module._ExpertMLP, experts_module._PaddedExpertMLP):
+        monkeypatch.setattr(mlp, "apply", _recording(mlp.apply, timed, mlp.__name__))
+    params_before = [p.detach().clone() for p in layer.parameters()]
+    torch.manual_seed(11)
+    rng_before = torch.get_rng_state()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        path = layer.execution_path(x, counts)
+    assert path in ("loop", "padded")
+    assert {"_ExpertMLP", "_PaddedExpertMLP"} <= set(timed)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(p.grad is None for p in layer.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params_before, layer.parameters()))
+    timed.clear()
+    assert layer.execution_path(x, counts) == path and not timed  # measured once
+
+
+def _recording(apply, log: list, name: str):
+    def wrapped(*args):
+        log.append(name)
+        return apply(*args)
+
+    return wrapped
+
+
+def test_expert_gemm_forces_a_path() -> None:
     x = torch.zeros(4, 8)
-    auto = GroupedExperts(128, 8, 8)
-    assert auto.execution_path(x, [1] * 128) == ExpertCostModel().choose([1] * 128, 8, 8)
     assert GroupedExperts(2, 8, 8, expert_gemm="loop").execution_path(x, [1, 1]) == "loop"
     assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [5, 0]) == "padded"
     assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [0, 0]) == "loop"  # nothing to pad
