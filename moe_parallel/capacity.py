@@ -1,7 +1,7 @@
 """Expert capacity and the keep/drop decision per (token, choice).
 
 The result is a *plan*: the kept assignments sorted by expert, which is all the dispatcher needs.
-No ``[T, E, C]`` masks are built: one or two stable sorts over the T*k assignments do the work.
+No ``[T, E, C]`` masks are built: one stable sort over the T*k assignments does the work.
 """
 
 from __future__ import annotations
@@ -40,6 +40,25 @@ class DispatchPlan:
     num_dropped: Tensor  # int64 scalar
 
 
+def order_by_expert(expert_A: Tensor, priority_A: Tensor | None = None) -> Tensor:
+    """Assignment indices grouped by expert, in assignment order; with ``priority_A``, highest
+    priority first inside each expert (ties in assignment order).
+
+    One stable sort: a float32 priority (or narrower) becomes the low 32 bits of an int64 key, through
+    the order-preserving map of IEEE bit patterns, behind the expert id. Two stable sorts (priority,
+    then expert) give the same order at 2.5-4x the time; float64 priorities still take them.
+    """
+    if priority_A is None:
+        return torch.argsort(expert_A, stable=True)
+    priority_A = priority_A.detach()
+    if priority_A.dtype == torch.float64:
+        by_priority_A = torch.argsort(priority_A, descending=True, stable=True)
+        return by_priority_A[torch.argsort(expert_A[by_priority_A], stable=True)]
+    bits_A = (priority_A.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties with 0.0
+    ascending_A = torch.where(bits_A >= 0, bits_A + 2**31, -1 - bits_A)  # in [0, 2^32), monotone in the value
+    return torch.argsort(expert_A.to(torch.int64) * 2**32 + (2**32 - 1 - ascending_A), stable=True)
+
+
 def plan_dispatch(
     expert_TK: Tensor,
     weight_TK: Tensor,
@@ -58,11 +77,7 @@ def plan_dispatch(
     # Assignment a = k * T + t: choice-major, so a stable sort keeps the GShard priority.
     expert_A = expert_TK.t().reshape(-1)
     weight_A = weight_TK.t().reshape(-1)
-    if drop_policy == "probs" and capacity is not None:
-        by_weight_A = torch.argsort(weight_A.detach(), descending=True, stable=True)
-        order_A = by_weight_A[torch.argsort(expert_A[by_weight_A], stable=True)]
-    else:
-        order_A = torch.argsort(expert_A, stable=True)
+    order_A = order_by_expert(expert_A, weight_A if drop_policy == "probs" and capacity is not None else None)
 
     kept_per_expert_E = tokens_per_expert_E
     if capacity is not None:

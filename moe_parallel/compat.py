@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import deepspeed_integration
-from .capacity import DispatchPlan
+from .capacity import DispatchPlan, order_by_expert
 from .config import MoEConfig, MoEConfigError
 from .layer import MoELayer
 from .module_experts import ModuleExperts, StackedExperts, build_module_experts
@@ -134,11 +134,8 @@ def deepspeed_plan(
     """
     num_tokens, top_k = expert_TK.shape
     expert_A = expert_TK.t().reshape(-1)  # assignment a = choice * T + token
-    if priority_TK is None or capacity is None:
-        order_A = torch.argsort(expert_A, stable=True)
-    else:
-        by_priority_A = torch.argsort(priority_TK.t().reshape(-1), descending=True, stable=True)
-        order_A = by_priority_A[torch.argsort(expert_A[by_priority_A], stable=True)]
+    priority_A = None if priority_TK is None or capacity is None else priority_TK.t().reshape(-1)
+    order_A = order_by_expert(expert_A, priority_A)
     kept_E = tokens_per_expert_E
     if capacity is not None:
         starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoEConfigError, MoEInputError, MoELayer, expert_capacity, plan_dispatch
+from moe_parallel.capacity import order_by_expert
 from moe_parallel.experts import _ExpertMLP
 from tests.reference import naive_keep, naive_moe
 
@@ -93,6 +94,27 @@ def test_plan_matches_naive_keep(policy, k, capacity):
     expected = sorted((t, int(expert_TK[t, kk])) for t, kk in keep.nonzero().tolist())
     assert _kept_pairs(plan, T) == expected
     assert int(plan.num_dropped) == T * k - len(expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_one_sort_orders_like_priority_then_expert_sorts(seed):
+    """order_by_expert's single int64-key sort equals two stable sorts (priority descending, then
+    expert) for every dtype, with ties, zeros of both signs, negatives, infinities and huge values."""
+    gen = torch.Generator().manual_seed(seed)
+    num = int(torch.randint(0, 3000, (1,), generator=gen))
+    experts = int(torch.randint(1, 300, (1,), generator=gen))
+    expert_A = torch.randint(0, experts, (num,), generator=gen)
+    pool = torch.cat([torch.rand(7, generator=gen), torch.tensor([0.0, -0.0, -1.5, 1e30, -1e-30, float("inf")])])
+    if seed % 3 == 0:  # many ties
+        priority_A = pool[torch.randint(0, len(pool), (num,), generator=gen)]
+    else:
+        priority_A = torch.randn(num, generator=gen) * 10 ** float(torch.randint(-3, 4, (1,), generator=gen))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        p = priority_A.to(dtype)
+        by_priority = torch.argsort(p, descending=True, stable=True)
+        expected = by_priority[torch.argsort(expert_A[by_priority], stable=True)]
+        assert torch.equal(order_by_expert(expert_A, p), expected), dtype
+    assert torch.equal(order_by_expert(expert_A), torch.argsort(expert_A, stable=True))
 
 
 # ---------------------------------------------------------------- the layer against the oracle
