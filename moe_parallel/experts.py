@@ -221,6 +221,10 @@ class _ExpertMLP(torch.autograd.Function):
         return grad_x, grad_weight_N if scaled else None, None, *grads, None, None, None, None
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _combine_buffer(x: Tensor, token_idx_N: Tensor, unique: bool) -> Tensor:
     """The ``[T, D]`` buffer the experts' rows are combined into: zeros, except under top-1 routing,
     where every kept row is written (not added) and only the dropped tokens' rows need zeroing, which
@@ -639,11 +643,19 @@ class GroupedExperts(nn.Module):
     def _path_timer(self, tokens_per_expert: list[int], dtype: torch.dtype) -> Callable[[str], float]:
         """Seconds of one forward + backward of a CPU path at these row counts: random rows, this
         layer's weights (detached: their gradients go nowhere), its own generator (torch's global RNG
-        untouched). The inputs are built on the first call, outside the timing."""
+        untouched), whatever grad, inference, autocast or saved-tensor hooks mode the caller is in.
+        The inputs are built on the first call, outside the timing."""
         inputs: list = []
 
         def step_s(path: str) -> float:
-            with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            # Identity hooks shadow any the caller set (activation checkpointing, offloading): this
+            # graph is our own and is gone before the caller's forward goes on.
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast("cpu", enabled=False),
+                torch.autograd.graph.saved_tensors_hooks(_same, _same),
+            ):
                 if not inputs:
                     inputs.extend(self._timing_inputs(sum(tokens_per_expert), dtype))
                 *operands, grad_ND = inputs

@@ -377,6 +377,25 @@ def test_auto_times_the_real_paths_without_touching_the_layer_or_the_rng(
     assert layer.execution_path(x, counts) == path and not timed  # measured once
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_auto_measures_inside_activation_checkpointing(reentrant: bool, fresh_measurements) -> None:
+    """The first step measures inside a checkpointed forward (saved-tensor hooks, or no grad): the
+    checkpoint still recomputes what it saved, and the gradients equal an unchecked step's."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=128, top_k=2, capacity_factor=2.0))
+    x = torch.randn(512, 32, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    assert expert_cost._measured_paths  # the auto path was measured in that step
+    checked = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    layer(x).sum().backward()
+    for a, b in zip(checked, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)
+
+
 def _recording(apply, log: list, name: str):
     def wrapped(*args):
         log.append(name)
