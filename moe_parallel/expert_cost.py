@@ -21,8 +21,8 @@ it saves. The constants are measured by :func:`calibrate` (``benchmarks/bench_mo
 the defaults are this project's 2-core CPU (BENCHMARKS.md, "Cost model").
 
 What one expert's small products cost in each path depends on the CPU and its BLAS more than on
-any constant: the same shapes favour the padded path by 10-30% on one machine and the loop by 5-20%
-on another (BENCHMARKS.md). So :func:`choose_expert_path` lets the model above only rule the padded
+any constant: weight-bound shapes ran 4-14% faster padded on one 2-core VM and 5-21% slower on
+another (BENCHMARKS.md, "A second CPU"). So :func:`choose_expert_path` lets the model above only rule the padded
 path out (where moving rows into its layout costs more than the calls it saves); where it does
 not, both paths are timed on this machine at the step's own shape, once per shape and process, and
 the faster runs from then on. On CUDA the grouped GEMM is chosen before any of this is asked
@@ -92,13 +92,17 @@ MAX_MEASURED_EXPERT_BYTES = 64 << 20
 _measured_paths: dict[tuple, str] = {}
 
 
-def measurement_key(counts: list[int], hidden: int, ffn: int, activation: str, dtype: torch.dtype) -> tuple:
+def measurement_key(
+    counts: list[int], hidden: int, ffn: int, activation: str, dtype: torch.dtype, backward: bool = True
+) -> tuple:
     """Steps whose shapes share a key share one measurement: same expert shape, dtype, threads,
-    number of local and active experts, and mean rows per active expert within a half-octave."""
+    forward + backward or forward only, number of local and active experts, and mean rows per
+    active expert within a half-octave."""
     active = [n for n in counts if n]
     mean_rows = sum(active) / len(active)
     half_octave = round(2.0 * math.log2(mean_rows))
-    return hidden, ffn, activation, dtype, torch.get_num_threads(), len(counts), len(active), half_octave
+    threads = torch.get_num_threads()
+    return hidden, ffn, activation, dtype, threads, backward, len(counts), len(active), half_octave
 
 
 def choose_expert_path(
@@ -108,14 +112,15 @@ def choose_expert_path(
     activation: str = "gelu",
     dtype: torch.dtype = torch.float32,
     step_s: Callable[[str], float] | None = None,
+    backward: bool = True,
 ) -> str:
     """``"padded"`` or ``"loop"`` for one CPU step with ``counts[j]`` rows for local expert j.
 
     The loop where :data:`DEFAULT_COST_MODEL` expects it to be faster, or where one expert's weights
-    exceed ``MAX_MEASURED_EXPERT_BYTES``. Elsewhere ``step_s(path)`` (the seconds of one forward +
-    backward of ``path`` at these counts) decides, measured once per :func:`measurement_key` in a
-    process: the padded path if it is ``PADDED_MIN_GAIN`` faster. Without ``step_s``, the model's
-    choice.
+    exceed ``MAX_MEASURED_EXPERT_BYTES``. Elsewhere ``step_s(path)`` (the seconds of one forward,
+    plus backward if ``backward``, of ``path`` at these counts) decides, measured once per
+    :func:`measurement_key` in a process: the padded path if it is ``PADDED_MIN_GAIN`` faster.
+    Without ``step_s``, the model's choice.
     """
     if sum(counts) == 0 or DEFAULT_COST_MODEL.choose(counts, hidden, ffn, dtype.itemsize) == "loop":
         return "loop"
@@ -124,7 +129,7 @@ def choose_expert_path(
         return "loop"
     if step_s is None:
         return "padded"
-    key = measurement_key(counts, hidden, ffn, activation, dtype)
+    key = measurement_key(counts, hidden, ffn, activation, dtype, backward)
     if key not in _measured_paths:
         _measured_paths[key] = _faster_path(step_s)
         log.info("expert path at %s: %s", key, _measured_paths[key])

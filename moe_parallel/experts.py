@@ -635,15 +635,17 @@ class GroupedExperts(nn.Module):
             return "grouped"
         if x.is_cuda:
             return "loop"
-        step_s = self._path_timer(tokens_per_expert, x.dtype)
+        # Without autograd (evaluation, inference) only forwards run: they are what is measured.
+        backward = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        step_s = self._path_timer(tokens_per_expert, x.dtype, backward)
         return choose_expert_path(
-            tokens_per_expert, self.w1.shape[1], self.w2.shape[1], self.activation, x.dtype, step_s
+            tokens_per_expert, self.w1.shape[1], self.w2.shape[1], self.activation, x.dtype, step_s, backward
         )
 
-    def _path_timer(self, tokens_per_expert: list[int], dtype: torch.dtype) -> Callable[[str], float]:
-        """Seconds of one forward + backward of a CPU path at these row counts: random rows, this
+    def _path_timer(self, tokens_per_expert: list[int], dtype: torch.dtype, backward: bool) -> Callable[[str], float]:
+        """Seconds of one forward (+ backward) of a CPU path at these row counts: random rows, this
         layer's weights (detached: their gradients go nowhere), its own generator (torch's global RNG
-        untouched), whatever grad, inference, autocast or saved-tensor hooks mode the caller is in.
+        untouched), whatever inference, autocast or saved-tensor hooks mode the caller is in.
         The inputs are built on the first call, outside the timing."""
         inputs: list = []
 
@@ -652,7 +654,7 @@ class GroupedExperts(nn.Module):
             # graph is our own and is gone before the caller's forward goes on.
             with (
                 torch.inference_mode(False),
-                torch.enable_grad(),
+                torch.set_grad_enabled(backward),
                 torch.autocast("cpu", enabled=False),
                 torch.autograd.graph.saved_tensors_hooks(_same, _same),
             ):
@@ -661,7 +663,9 @@ class GroupedExperts(nn.Module):
                 *operands, grad_ND = inputs
                 mlp = _ExpertMLP if path == "loop" else _PaddedExpertMLP
                 start = time.perf_counter()
-                mlp.apply(*operands, tokens_per_expert, self.activation, False, False).backward(grad_ND)
+                y_ND = mlp.apply(*operands, tokens_per_expert, self.activation, False, False)
+                if backward:
+                    y_ND.backward(grad_ND)
                 seconds = time.perf_counter() - start
             for t in operands:
                 if t is not None and t.requires_grad:

@@ -374,7 +374,13 @@ def test_auto_times_the_real_paths_without_touching_the_layer_or_the_rng(
     assert all(p.grad is None for p in layer.parameters())
     assert all(torch.equal(a, b) for a, b in zip(params_before, layer.parameters()))
     timed.clear()
-    assert layer.execution_path(x, counts) == path and not timed  # measured once
+    with torch.no_grad():
+        assert layer.execution_path(x, counts) == path and not timed  # measured once, forwards only
+    (key,) = expert_cost._measured_paths
+    assert not key[5]  # no autograd: only forwards were timed (no weight gradients allocated)
+    assert layer.execution_path(x, counts) in ("loop", "padded")  # training steps: measured afresh
+    assert {"_ExpertMLP", "_PaddedExpertMLP"} <= set(timed)
+    assert all(p.grad is None for p in layer.parameters())
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
