@@ -624,6 +624,9 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
         elif command == "path":  # which expert path our layer takes on this input (expert_cost.py)
             counts = routed_rows(problem)[1]  # this rank's local experts' rows
             conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
+        elif command.startswith("expert_gemm:"):  # this rank's experts run the named path from now on
+            problem.layer.experts.expert_gemm = command.split(":", 1)[1].split(",")[rank]
+            conn.send(None)
         elif command == "profile":
             step()
             conn.send(profile_step(step))
@@ -801,6 +804,10 @@ def run_timing(
     """
     impls, failed = start_implementations(cfg, IMPLS, target)
     try:
+        if "ours" in impls and "moved" in impls:
+            # moved is ours without the routing: the same expert path on every rank, whichever path
+            # ours' process measured to be faster (expert_cost.py), and not its own measurement's.
+            impls["moved"].request("expert_gemm:" + ",".join(impls["ours"].request("path")))
         steps = {name: impl.step for name, impl in impls.items()}
         rounds = time_interleaved(steps, warmup, reps, failed)
         any_impl = next(iter(impls.values()), None)
