@@ -85,8 +85,9 @@ class MoEConfig:
     # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
     # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows),
     # "padded" (two batched products over a padded [e, C, D] buffer), "auto" (grouped on CUDA in
-    # bf16 on SM >= 80; elsewhere loop or padded, whichever the cost model in expert_cost.py expects
-    # to be faster for the step's row counts).
+    # bf16 on SM >= 80; elsewhere loop or padded: the loop where the cost model in expert_cost.py
+    # expects it to be faster, else whichever of the two measured faster at this shape, once per
+    # process). Force "loop" or "padded" for the same path in every process.
     expert_gemm: ExpertGemm = "auto"
     init_std: float = 0.02
     output_init_std: float | None = None  # std of the experts' second weight; None: init_std
