@@ -149,6 +149,7 @@ def _faster_path(step_s: Callable[[str], float], rounds: int = 3) -> str:
 
 
 def _median_s(fn, reps: int) -> float:
+    fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -157,16 +158,8 @@ def _median_s(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _expert_step_s(
-    path: str,
-    counts: list[int],
-    hidden: int,
-    ffn: int,
-    reps: int,
-    gen: torch.Generator,
-) -> float:
-    """Seconds of one forward+backward of ``path``, ``counts[j]`` rows for expert j, gathered by token
-    index (median of ``reps`` steps after a warm-up step)."""
+def _expert_step_s(path: str, counts: list[int], hidden: int, ffn: int, reps: int, gen: torch.Generator) -> float:
+    """Seconds of one forward+backward of ``path``, ``counts[j]`` rows for expert j, gathered by token index."""
     from .experts import GroupedExperts  # experts imports this module
 
     layer = GroupedExperts(len(counts), hidden, ffn, expert_gemm=path)
@@ -177,10 +170,7 @@ def _expert_step_s(
 
     def run() -> None:
         layer(x, counts, weight, token_idx).sum().backward()
-        layer.zero_grad(set_to_none=True)
-        x.grad = weight.grad = None
 
-    run()  # first-touch pages, lazy init
     return _median_s(run, reps)
 
 
