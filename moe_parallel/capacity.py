@@ -40,16 +40,17 @@ class DispatchPlan:
     num_dropped: Tensor  # int64 scalar
 
 
-def order_by_expert(expert_A: Tensor, priority_A: Tensor | None = None) -> Tensor:
+def order_by_expert(expert_A: Tensor, priority_A: Tensor | None = None, num_experts: int | None = None) -> Tensor:
     """Assignment indices grouped by expert, in assignment order; with ``priority_A``, highest
-    priority first inside each expert (ties in assignment order).
+    priority first inside each expert (ties in assignment order). ``num_experts``: a bound on the
+    ids (all in ``[0, num_experts)``) that lets the sort use narrower keys.
 
     One stable sort: a float32 priority (or narrower) becomes the low 32 bits of an int64 key, through
     the order-preserving map of IEEE bit patterns, behind the expert id. Two stable sorts (priority,
     then expert) give the same order at 2.5-4x the time; float64 priorities still take them.
     """
     if priority_A is None:
-        return torch.argsort(expert_A, stable=True)
+        return torch.argsort(_narrowest_ids(expert_A, num_experts), stable=True)
     priority_A = priority_A.detach()
     if priority_A.dtype == torch.float64:
         by_priority_A = torch.argsort(priority_A, descending=True, stable=True)
@@ -57,6 +58,16 @@ def order_by_expert(expert_A: Tensor, priority_A: Tensor | None = None) -> Tenso
     bits_A = (priority_A.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties with 0.0
     ascending_A = torch.where(bits_A >= 0, bits_A + 2**31, -1 - bits_A)  # in [0, 2^32), monotone in the value
     return torch.argsort(expert_A.to(torch.int64) * 2**32 + (2**32 - 1 - ascending_A), stable=True)
+
+
+def _narrowest_ids(ids_A: Tensor, num_ids: int | None) -> Tensor:
+    """``ids_A``, all in ``[0, num_ids)``, in the narrowest integer type that holds them: a stable
+    sort of uint8 or int16 keys takes a quarter to a half of an int64 sort's time (fewer radix
+    passes). Unknown ``num_ids``: as they are."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if num_ids is not None and num_ids - 1 <= torch.iinfo(dtype).max:
+            return ids_A.to(dtype)
+    return ids_A
 
 
 def plan_dispatch(
@@ -77,7 +88,8 @@ def plan_dispatch(
     # Assignment a = k * T + t: choice-major, so a stable sort keeps the GShard priority.
     expert_A = expert_TK.t().reshape(-1)
     weight_A = weight_TK.t().reshape(-1)
-    order_A = order_by_expert(expert_A, weight_A if drop_policy == "probs" and capacity is not None else None)
+    priority_A = weight_A if drop_policy == "probs" and capacity is not None else None
+    order_A = order_by_expert(expert_A, priority_A, num_experts=tokens_per_expert_E.numel())
 
     kept_per_expert_E = tokens_per_expert_E
     if capacity is not None:

@@ -135,7 +135,7 @@ def deepspeed_plan(
     num_tokens, top_k = expert_TK.shape
     expert_A = expert_TK.t().reshape(-1)  # assignment a = choice * T + token
     priority_A = None if priority_TK is None or capacity is None else priority_TK.t().reshape(-1)
-    order_A = order_by_expert(expert_A, priority_A)
+    order_A = order_by_expert(expert_A, priority_A, num_experts=tokens_per_expert_E.numel())
     kept_E = tokens_per_expert_E
     if capacity is not None:
         starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E

@@ -117,6 +117,18 @@ def test_one_sort_orders_like_priority_then_expert_sorts(seed):
     assert torch.equal(order_by_expert(expert_A), torch.argsort(expert_A, stable=True))
 
 
+@pytest.mark.parametrize("experts", [1, 2, 255, 256, 257, 32768, 32769, 70000])
+def test_narrow_sort_keys_keep_the_stable_order(experts):
+    """With ``num_experts`` the ids are sorted as uint8, int16 or int32: the same stable order as the
+    int64 sort, at the edges of each type and at sizes where the sort switches algorithm."""
+    gen = torch.Generator().manual_seed(experts)
+    for num in (0, 1, 17, 3000, 70000):
+        expert_A = torch.randint(0, experts, (num,), generator=gen)
+        if num:
+            expert_A[0] = experts - 1  # the largest id is always there
+        assert torch.equal(order_by_expert(expert_A, num_experts=experts), torch.argsort(expert_A, stable=True))
+
+
 # ---------------------------------------------------------------- the layer against the oracle
 
 

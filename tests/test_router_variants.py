@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.config import MoEConfigError
-from moe_parallel.router import TopKRouter
+from moe_parallel.router import TopKRouter, top_k_indices
 
 
 def naive_route(router: TopKRouter, x_TD: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
@@ -80,6 +80,26 @@ def test_router_matches_naive_reference(draw):
     torch.testing.assert_close(out.weight_TK.double(), torch.tensor(weights, dtype=torch.float64), rtol=1e-6, atol=1e-7)
     counts = torch.bincount(torch.tensor(experts).flatten(), minlength=cfg.num_experts)
     assert out.tokens_per_expert_E.tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("draw", range(8))
+def test_top_1_selection_is_the_first_maximum(draw):
+    """k = 1 takes an argmax instead of topk: the same expert on distinct scores, the lowest index
+    among tied maxima, -inf (experts outside the chosen groups) never chosen while a finite score is."""
+    gen = torch.Generator().manual_seed(draw)
+    tokens, experts = int(torch.randint(1, 5000, (1,), generator=gen)), int(torch.randint(1, 130, (1,), generator=gen))
+    scores_TE = torch.rand(tokens, experts, generator=gen)
+    assert torch.equal(top_k_indices(scores_TE, 1), torch.topk(scores_TE, 1, dim=-1).indices)
+    coarse_TE = torch.randint(0, 3, (tokens, experts), generator=gen).float()  # many tied maxima
+    coarse_TE[torch.rand(tokens, experts, generator=gen) < 0.3] = float("-inf")
+    coarse_TE[:, -1] = -1.0  # every row keeps a finite score
+    chosen_T = top_k_indices(coarse_TE, 1)[:, 0]
+    best_T = coarse_TE.max(dim=-1).values
+    positions_TE = torch.arange(experts).expand(tokens, experts)
+    first_T = torch.where(coarse_TE == best_T[:, None], positions_TE, experts).min(dim=-1).values
+    assert torch.equal(chosen_T, first_T)
+    for k in range(2, min(experts, 8) + 1):
+        assert torch.equal(top_k_indices(scores_TE, k), torch.topk(scores_TE, k, dim=-1).indices)
 
 
 def test_group_limited_routing_keeps_tokens_inside_their_best_groups():
