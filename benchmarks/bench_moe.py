@@ -229,10 +229,19 @@ def make_problem(
 
 @dataclass
 class Step:
-    """One forward+backward of an implementation; the gradients of ``leaves`` start from None."""
+    """One forward+backward of an implementation; the gradients of ``leaves`` start from None.
+    ``modules``: what it runs, where an ``expert_gemm`` command pins our experts' path."""
 
     run: Callable[[], None]
     leaves: list[Tensor]
+    modules: list[nn.Module] = dataclasses.field(default_factory=list)
+
+    def pin_expert_path(self, path: str) -> None:
+        """Our experts in this step (``GroupedExperts``, the drop-in's experts) run ``path`` from now on."""
+        for module in self.modules:
+            for sub in module.modules():
+                if hasattr(sub, "execution_path"):
+                    sub.expert_gemm = path
 
     def clear_grads(self) -> None:
         for t in self.leaves:
@@ -251,7 +260,7 @@ def build_ours(problem: Problem) -> Step:
         y_TD = layer(x_TD)  # the aux loss (coefficient included) reaches the gradient through y
         y_TD.backward(grad_TD)
 
-    return Step(run, [x_TD, *layer.parameters()])
+    return Step(run, [x_TD, *layer.parameters()], [layer])
 
 
 def build_ours_twin(problem: Problem) -> Step:
@@ -331,7 +340,7 @@ def build_compat(problem: Problem, expert: nn.Module) -> Step:
         y_TD, l_aux, _ = moe(x_TD)
         torch.autograd.backward([y_TD, l_aux], [problem.grad_TD, torch.full_like(l_aux, AUX_LOSS_COEFF)])
 
-    return Step(run, [x_TD, *moe.parameters()])
+    return Step(run, [x_TD, *moe.parameters()], [moe])
 
 
 def build_compat_module(problem: Problem) -> Step:
@@ -439,7 +448,7 @@ def build_moved(problem: Problem) -> Step:
             y_TD = layer.dispatcher.combine(layer.experts(x_local, counts), state)
         y_TD.backward(grad_TD)
 
-    return Step(run, [x_TD, *layer.experts.parameters()])
+    return Step(run, [x_TD, *layer.experts.parameters()], [layer.experts])
 
 
 BUILDERS: dict[str, Callable[[Problem], Step]] = {
@@ -625,7 +634,8 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             counts = routed_rows(problem)[1]  # this rank's local experts' rows
             conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
         elif command.startswith("expert_gemm:"):  # this rank's experts run the named path from now on
-            problem.layer.experts.expert_gemm = command.split(":", 1)[1].split(",")[rank]
+            for pinned in steps.values():
+                pinned.pin_expert_path(command.split(":", 1)[1].split(",")[rank])
             conn.send(None)
         elif command == "profile":
             step()
@@ -871,19 +881,30 @@ def run_profile(cfg: BenchConfig, target: Target) -> str:
     return "\n".join(lines)
 
 
-def run_memory(cfg: BenchConfig, impls: tuple[str, ...], target: Target) -> dict[str, float]:
+def run_memory(
+    cfg: BenchConfig, impls: tuple[str, ...], target: Target, expert_paths: list[str] | None = None
+) -> dict[str, float]:
     """Peak MiB of one step of each implementation, each in fresh processes of its own (the larger
     rank's, at EP > 1); on CPU under MEMORY_ENV. The processes run side by side: a peak is a
-    per-process count, unaffected by what the others do. One that fails has no entry."""
+    per-process count, unaffected by what the others do. One that fails has no entry.
+
+    ``expert_paths`` (one per rank): the path our experts took where they were timed, pinned here so
+    that the memory is that path's (``auto`` would measure its choice again, under MEMORY_ENV's
+    allocator, and could take the other path at a near-tie)."""
     env = MEMORY_ENV if target.device == "cpu" else None
     procs = {impl: Implementation(cfg, impl, target.for_config(cfg), env=env, wait=False) for impl in impls}
+    pinned = {impl for impl in impls if expert_paths and impl != "deepspeed"}
     peak = {}
     try:
-        for proc in procs.values():
-            proc.send("peak")  # queued behind the build
+        for impl, proc in procs.items():  # queued behind the build
+            if impl in pinned:
+                proc.send("expert_gemm:" + ",".join(expert_paths))
+            proc.send("peak")
         for impl, proc in procs.items():
             try:
                 proc.wait_ready()
+                if impl in pinned:
+                    proc.receive()
                 peak[impl] = max(proc.receive())
             except RuntimeError as err:
                 print(f"peak memory of {impl}: {err}", file=sys.stderr)
@@ -1156,22 +1177,22 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
     shared = Implementation(cfg, "+".join(SWEEP_PROCESS), target.for_config(cfg), env=env, wait=False)
     failed: dict[str, str] = {}
     rounds: dict[str, list[float]] = {}
-    kept, ds_rows, path = 0, 0, "-"
+    kept, ds_rows, paths = 0, 0, None
     try:
         shared.wait_ready()
         steps = {name: functools.partial(shared.step, name) for name in SWEEP_PROCESS}
         rounds = time_interleaved(steps, warmup, reps, failed)
         kept, ds_rows = shared.kept_rows, ds_buffer_rows(cfg, shared.busiest_routed)
-        path = shared.request("path")[0]
+        paths = shared.request("path")
     except RuntimeError as err:  # the process died (out of memory, a rank's error at EP=2)
         failed = {name: str(err) for name in SWEEP_PROCESS}
         rounds = {}
     finally:
         shared.close()
     peak = {}
-    if memory:  # after the timing process is gone
-        peak = run_memory(cfg, tuple(name for name in SWEEP_MEMORY_IMPLS if name in rounds), target)
-    return SweepRow(cfg, Timing(rounds, kept, failed, ds_rows), peak, path)
+    if memory:  # after the timing process is gone; on the path that was timed
+        peak = run_memory(cfg, tuple(name for name in SWEEP_MEMORY_IMPLS if name in rounds), target, paths)
+    return SweepRow(cfg, Timing(rounds, kept, failed, ds_rows), peak, paths[0] if paths else "-")
 
 
 def sweep_table(rows: list[SweepRow]) -> str:

@@ -171,3 +171,24 @@ def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropl
     assert bench.ds_buffer_rows(dropless, busiest_routed=1100) == 8 * 1100
     assert bench.ds_buffer_rows(dataclasses.replace(dropless, ep_size=2), busiest_routed=600) == 2 * 8 * 600
     assert bench.Timing({}, 0).padding_ratio() is None  # no rows known: no ratio
+
+
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_pinning_a_path_reaches_ours_the_drop_in_and_moved(path: str) -> None:
+    """The sweep's memory processes run the path the timing process took: ``pin_expert_path`` sets it
+    on every experts module a step runs (ours, ``moved``, the drop-in's stacked experts)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_moe
+
+    cfg = bench_moe.BenchConfig("tiny", 64, 16, 32, 4, 2, 1.25)
+    problem = bench_moe.make_problem(cfg)
+    steps = [bench_moe.BUILDERS[name](problem) for name in ("ours", "moved", "compat")]
+    for step in steps:
+        step.pin_expert_path(path)
+    for step in steps:
+        experts = [m for module in step.modules for m in module.modules() if hasattr(m, "execution_path")]
+        assert experts  # every step names the experts it runs
+        for module in experts:
+            assert module.execution_path(problem.x_TD, [16] * module.num_local_experts) == path
+    for step in steps:
+        step()  # and they run
