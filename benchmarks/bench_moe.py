@@ -634,8 +634,9 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
             counts = routed_rows(problem)[1]  # this rank's local experts' rows
             conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
         elif command.startswith("expert_gemm:"):  # this rank's experts run the named path from now on
+            path = command.split(":", 1)[1].split(",")[rank]
             for pinned in steps.values():
-                pinned.pin_expert_path(command.split(":", 1)[1].split(",")[rank])
+                pinned.pin_expert_path(path)
             conn.send(None)
         elif command == "profile":
             step()
@@ -740,6 +741,7 @@ class Timing:
     kept_rows: int
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     deepspeed_rows: int = 0  # the rows DeepSpeed's experts compute on, padding included (ds_buffer_rows)
+    expert_paths: list[str] | None = None  # the path ours' experts ran, per rank (None: ours did not run)
 
     def padding_ratio(self) -> float | None:
         """DeepSpeed's expert rows over ours: DS / ours if both ran nothing but their expert GEMMs."""
@@ -814,10 +816,11 @@ def run_timing(
     """
     impls, failed = start_implementations(cfg, IMPLS, target)
     try:
-        if "ours" in impls and "moved" in impls:
+        paths = impls["ours"].request("path") if "ours" in impls else None
+        if paths and "moved" in impls:
             # moved is ours without the routing: the same expert path on every rank, whichever path
             # ours' process measured to be faster (expert_cost.py), and not its own measurement's.
-            impls["moved"].request("expert_gemm:" + ",".join(impls["ours"].request("path")))
+            impls["moved"].request("expert_gemm:" + ",".join(paths))
         steps = {name: impl.step for name, impl in impls.items()}
         rounds = time_interleaved(steps, warmup, reps, failed)
         any_impl = next(iter(impls.values()), None)
@@ -832,7 +835,7 @@ def run_timing(
                         peak[name] = max(impls[name].request("peak"))
                     except RuntimeError as err:
                         failed[name] = f"peak memory: {err}"
-        return Timing(rounds, kept, failed, ds_rows), peak
+        return Timing(rounds, kept, failed, ds_rows, paths), peak
     finally:
         for impl in impls.values():
             impl.close()
@@ -1192,7 +1195,7 @@ def run_sweep_point(cfg: BenchConfig, warmup: int, reps: int, target: Target, me
     peak = {}
     if memory:  # after the timing process is gone; on the path that was timed
         peak = run_memory(cfg, tuple(name for name in SWEEP_MEMORY_IMPLS if name in rounds), target, paths)
-    return SweepRow(cfg, Timing(rounds, kept, failed, ds_rows), peak, paths[0] if paths else "-")
+    return SweepRow(cfg, Timing(rounds, kept, failed, ds_rows, paths), peak, paths[0] if paths else "-")
 
 
 def sweep_table(rows: list[SweepRow]) -> str:
@@ -1500,7 +1503,9 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
     on_gpu = target.device == "cuda"
     timing, peak = run_timing(cfg, args.warmup, args.reps, target, cuda_memory=on_gpu and not args.no_memory)
     if not on_gpu and not args.no_memory:
-        peak = run_memory(cfg, tuple(impl for impl in MEMORY_IMPLS if impl not in timing.failed), target)
+        peak = run_memory(
+            cfg, tuple(impl for impl in MEMORY_IMPLS if impl not in timing.failed), target, timing.expert_paths
+        )
     row = Row(cfg, timing, peak)
     print(markdown_table([row], args.peak_tflops), flush=True)
     return row
