@@ -38,7 +38,7 @@ bench: venv
 
 # The sampled shape sweep (issue 12): ours and the drop-in against DeepSpeed at 35+ shapes, about 15 minutes;
 # writes the sweep block of BENCHMARKS.md.
-SWEEP_ARGS ?= --reps 7 --warmup 1
+SWEEP_ARGS ?= --reps 8 --warmup 1
 bench-sweep: venv
 	$(PY) benchmarks/bench_moe.py --sweep $(SWEEP_ARGS)
 

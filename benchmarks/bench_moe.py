@@ -15,10 +15,11 @@ For every config, four implementations run on the same input:
   too. No router, no capacity plan, no combine weight: what is left between ``moved`` and ``ours``
   is the routing itself.
 
-Times are medians over interleaved repetitions in one process (the order rotates every repetition,
-so background load hits all implementations alike). Peak memory is measured in a fresh subprocess
-per implementation: see ``BENCHMARKS.md`` for the method. Config ``ep2`` is expert parallelism over
-two processes (gloo on CPU, NCCL on GPU): the global batch of ``c1``, half of its tokens on each rank.
+Times are medians over interleaved repetitions in one process (the order changes every repetition,
+so background load hits all implementations alike, and each runs after each other one equally
+often). Peak memory is measured in a fresh subprocess per implementation: see ``BENCHMARKS.md``
+for the method. Config ``ep2`` is expert parallelism over two processes (gloo on CPU, NCCL on GPU):
+the global batch of ``c1``, half of its tokens on each rank.
 
     .venv/bin/python benchmarks/bench_moe.py                  # everything, writes BENCHMARKS.md
     .venv/bin/python benchmarks/bench_moe.py --quick          # small smoke run, writes nothing
@@ -757,10 +758,47 @@ class Timing:
         return statistics.median(a / b for a, b in zip(self.rounds[num], self.rounds[den]))
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """``n - 1`` round orders of ``n`` implementations (each order a permutation) such that, run one
+    after another and over again, each implementation runs right after each other one exactly once
+    per cycle, across the rounds' boundaries too.
+
+    A plain rotation keeps every implementation behind the same predecessor in all but one round, and
+    the predecessor matters: a step right after DeepSpeed's, whose buffers push the others' data out
+    of the caches, read 2-4% slower here (BENCHMARKS.md, "Shape sweep"). Found by a depth-first search
+    (instant up to a dozen implementations; a bench runs 4-5).
+    """
+    if n <= 2:
+        return [list(range(n))] if n else []
+    length = n * (n - 1)
+    sequence, followed = [0], set()
+
+    def extend() -> bool:
+        if len(sequence) == length:  # closing the cycle must add the one pair not yet used
+            return sequence[-1] != sequence[0] and (sequence[-1], sequence[0]) not in followed
+        in_round = sequence[len(sequence) - len(sequence) % n :]
+        for nxt in range(n):
+            pair = (sequence[-1], nxt)
+            if nxt in in_round or nxt == sequence[-1] or pair in followed:
+                continue
+            followed.add(pair)
+            sequence.append(nxt)
+            if extend():
+                return True
+            sequence.pop()
+            followed.discard(pair)
+        return False
+
+    if not extend():
+        raise RuntimeError(f"no balanced round orders for {n} implementations")
+    return [sequence[i : i + n] for i in range(0, length, n)]
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], float]], warmup: int, reps: int, failed: dict[str, str] | None = None
 ) -> dict[str, list[float]]:
-    """Seconds per step of each implementation; the order rotates every round.
+    """Seconds per step of each implementation, in rounds whose orders balance which implementation
+    runs right before which (``balanced_orders``).
 
     With ``failed`` given, an implementation whose step raises RuntimeError is dropped (the reason goes
     into ``failed``) and the others go on.
@@ -782,13 +820,10 @@ def time_interleaved(
         if record:
             rounds[name].append(seconds)
 
-    for _ in range(warmup):
-        for name in names:
-            one(name, record=False)
-    for rep in range(reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            one(name, record=True)
+    orders = balanced_orders(len(names))
+    for rnd in range(-warmup, reps):  # warm-up rounds end with the order the first timed one follows in a cycle
+        for i in orders[rnd % len(orders)]:
+            one(names[i], record=rnd >= 0)
     return rounds
 
 
@@ -1121,16 +1156,22 @@ def _balanced(values: tuple, count: int, rng) -> list:
 
 
 def sweep_points(
-    count: int = 32, ep2: int = 3, quick: bool = False, target_s: float = SWEEP_TARGET_S, device: str = "cpu"
+    count: int = 32,
+    ep2: int = 3,
+    quick: bool = False,
+    target_s: float = SWEEP_TARGET_S,
+    device: str = "cpu",
+    seed: int = SWEEP_SEED,
 ) -> list[BenchConfig]:
     """The sampled sweep: ``count`` EP=1 points whose every axis is balanced (each value of each axis
     appears equally often), the issue's named shapes, and ``ep2`` of the points again at EP=2.
 
-    Deterministic (seeded). ``quick``: the same machinery at tiny sizes, two points and one EP=2 point.
+    Deterministic for a ``seed``; another seed draws a held-out sample of the same space. ``quick``:
+    the same machinery at tiny sizes, two points and one EP=2 point.
     """
     import random
 
-    rng = random.Random(SWEEP_SEED)
+    rng = random.Random(seed)
     if quick:
         points = [
             BenchConfig("q1", 256, 32, 64, 8, 1, 1.0),
@@ -1283,12 +1324,14 @@ def sweep_summary(rows: list[SweepRow]) -> str:
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     target = target_of(args)
-    points = sweep_points(args.sweep_points, quick=args.quick, target_s=args.sweep_target_s, device=args.device)
+    points = sweep_points(
+        args.sweep_points, quick=args.quick, target_s=args.sweep_target_s, device=args.device, seed=args.sweep_seed
+    )
     if args.sweep_only:
         wanted = {n.strip() for n in args.sweep_only.split(",")}
         points = [p for p in points if p.name in wanted]
     points = runnable_on(points, args.device)
-    block = sweep_block(args.device, args.dtype)
+    block = sweep_block(args.device, args.dtype, args.sweep_seed)
     rows: list[SweepRow] = []
     loads: list[float] = []
     started = time.monotonic()
@@ -1323,6 +1366,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
             "date": datetime.date.today().isoformat(),
             "device": args.device,
             "dtype": args.dtype,
+            "seed": args.sweep_seed,
             "markdown": table,
             "points": [sweep_row_json(r) for r in rows],
         }
@@ -1337,7 +1381,11 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
     """One sweep block from several runs' JSON (e.g. a full run and a rerun of points it lost to
     other load): a point of a later file replaces the same point of an earlier one, in sweep order."""
     runs = [json.loads(p.read_text()) for p in paths]
-    order = {p.name: i for i, p in enumerate(sweep_points())}
+    seeds = {run.get("seed", SWEEP_SEED) for run in runs}  # absent from older files: the default seed
+    if len(seeds) > 1:
+        raise SystemExit(f"--sweep-merge: the runs sampled different seeds {sorted(seeds)}; merge runs of one seed")
+    seed = seeds.pop()
+    order = {p.name: i for i, p in enumerate(sweep_points(seed=seed))}
     points: dict[str, SweepRow] = {}
     source: dict[str, str] = {}
     for path, run in zip(paths, runs):
@@ -1353,7 +1401,7 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
     )
     table = sweep_table(rows) + "\n\n" + sweep_summary(rows)
     machine = runs[-1]["machine"] + f"; merged from {len(runs)} runs by point: {commands}"
-    block = sweep_block(runs[-1]["device"], runs[-1]["dtype"])
+    block = sweep_block(runs[-1]["device"], runs[-1]["dtype"], seed)
     write_results(output, block, " + ".join(run["command"] for run in runs), machine, table)
     print(table + f"\n\nwrote the {block} block of {output}")
 
@@ -1432,6 +1480,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=SWEEP_TARGET_S,
         help=f"estimated DeepSpeed step that sizes each point's T (default {SWEEP_TARGET_S})",
     )
+    parser.add_argument(
+        "--sweep-seed",
+        type=int,
+        default=SWEEP_SEED,
+        help=f"seed of the sampled points (default {SWEEP_SEED}; another seed: a held-out sample, its own block)",
+    )
     parser.add_argument("--sweep-only", default=None, help="comma-separated point names: run only these")
     parser.add_argument(
         "--sweep-merge",
@@ -1484,9 +1538,10 @@ def runnable_on(configs: list[BenchConfig], device: str) -> list[BenchConfig]:
     return [c for c in configs if c.name not in too_wide]
 
 
-def sweep_block(device: str, dtype: str) -> str:
-    """The sweep's results block of BENCHMARKS.md: one per device and dtype."""
-    return "sweep" if (device, dtype) == ("cpu", "float32") else f"sweep-{device}-{dtype}"
+def sweep_block(device: str, dtype: str, seed: int = SWEEP_SEED) -> str:
+    """The sweep's results block of BENCHMARKS.md: one per device and dtype, and one per held-out seed."""
+    block = "sweep" if (device, dtype) == ("cpu", "float32") else f"sweep-{device}-{dtype}"
+    return block if seed == SWEEP_SEED else f"{block}-seed{seed}"
 
 
 def results_block(args: argparse.Namespace) -> str:

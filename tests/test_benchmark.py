@@ -6,6 +6,7 @@ fact that each implementation ran are.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import subprocess
@@ -48,6 +49,27 @@ def _bench_module():
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_round_orders_put_each_implementation_after_each_other_equally_often(n: int) -> None:
+    bench = _bench_module()
+    orders = bench.balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)  # a round runs each one once
+    cycle = [i for order in orders for i in order]
+    after = collections.Counter(zip(cycle, cycle[1:] + cycle[:1])) if n > 1 else collections.Counter()
+    assert all(a != b for a, b in after) and len(after) == n * (n - 1) and set(after.values()) <= {1}
+    # The rounds as timed: warm-up rounds lead into the first timed one as the cycle does.
+    ran: list[str] = []
+    names = [f"impl{i}" for i in range(n)]
+    steps = {name: (lambda name=name: ran.append(name) or 0.001) for name in names}
+    reps = 2 * len(orders)
+    rounds = bench.time_interleaved(steps, warmup=1, reps=reps, failed={})
+    assert all(len(rounds[name]) == reps for name in names)
+    timed = ran[n:]
+    after = collections.Counter(zip(ran[n - 1 :], timed))
+    if n > 1:
+        assert {after[(a, b)] for a in names for b in names if a != b} == {2}
 
 
 def test_device_and_dtype_pick_their_own_results_block() -> None:
@@ -112,12 +134,17 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
     assert not output.exists()  # --quick never writes the results page
 
 
-def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate() -> None:
+@pytest.mark.parametrize("seed, count", [(None, 32), (2026, 16), (5, 40)])
+def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate(seed: int | None, count: int) -> None:
     bench = _bench_module()
-    points = bench.sweep_points()
-    assert points == bench.sweep_points()  # seeded
+    seed = bench.SWEEP_SEED if seed is None else seed
+    points = bench.sweep_points(count, seed=seed)
+    assert points == bench.sweep_points(count, seed=seed)  # seeded
+    if seed != bench.SWEEP_SEED:  # another seed: another sample of the same space, in a block of its own
+        assert points[:count] != bench.sweep_points(count)[:count]
+        assert bench.sweep_block("cpu", "float32", seed) == f"sweep-seed{seed}"
     single = [p for p in points if p.ep_size == 1 and p.name.startswith("s")]
-    assert len(single) >= 30 and sum(p.ep_size == 2 for p in points) >= 2
+    assert len(single) == count and sum(p.ep_size == 2 for p in points) >= 2
     for axis, values in (
         ("experts", bench.SWEEP_EXPERTS),
         ("top_k", bench.SWEEP_TOP_K),
@@ -129,7 +156,8 @@ def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate() ->
         per_value = [seen.count(v) for v in values]
         assert min(per_value) >= len(single) // len(values), (axis, per_value)  # every value, evenly
     assert {p.ffn / p.hidden for p in single} == set(bench.SWEEP_FFN_RATIO)
-    assert any(p.experts >= 64 and p.top_k >= 6 for p in single)  # fine-grained shapes are in
+    if seed == bench.SWEEP_SEED:
+        assert any(p.experts >= 64 and p.top_k >= 6 for p in single)  # fine-grained shapes are in
     # T follows the estimate: more work per token, fewer tokens (within the clamp).
     light = bench.sweep_tokens(256, 128, 1, 1.0, 8)
     heavy = bench.sweep_tokens(1024, 4096, 8, 2.0, 8)
