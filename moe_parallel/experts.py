@@ -193,9 +193,13 @@ class _ExpertMLP(torch.autograd.Function):
                     o = _linear(a, w2[j], None if b2 is None else b2[j])
                 grad_weights[j].copy_(_row_dot(g, o))
                 _release(o)
-                g = g.mul_(scales[j]) if gather else g * scales[j]  # a gathered g is ours to scale
+                ours = gather or ctx.reuse_grad  # a gathered g, or rows of a grad_y we own, are ours to scale
+                g = g.mul_(scales[j]) if ours else g * scales[j]
+            # At most two [n, F] tensors live at once (a, then grad_a written over by grad_h): the last
+            # experts' backward runs beside the whole weight gradient, the step's peak at EP > 1.
             if not scaled or keep_output:
                 torch.mm(a.t(), g, out=grad_w2[j])
+                del a
                 if grad_b2 is not None:
                     torch.sum(g, 0, out=grad_b2[j])
                 grad_a = torch.mm(g, w2[j].t())
@@ -207,9 +211,10 @@ class _ExpertMLP(torch.autograd.Function):
                     dot += g.to(dot.dtype) @ b2[j].to(dot.dtype)
                     torch.sum(g * s, 0, out=grad_b2[j])
                 grad_weights[j].copy_(dot)
-                torch.mm((a * s).t(), g, out=grad_w2[j])
+                torch.mm(a.mul_(s).t(), g, out=grad_w2[j])  # a is recomputed here: ours to scale
+                del a
                 grad_a.mul_(s)
-            grad_h = _activate_backward(grad_a, h, activation)
+            grad_h = _activate_backward(grad_a, h, activation, in_place=True)
             _release(h)
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
