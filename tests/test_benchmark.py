@@ -191,6 +191,40 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
     assert cells["DS rows/ours"] == "1.25"
 
 
+def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None) -> dict:
+    rounds = {"ours": [ours_s] * 2, "compat": [0.2] * 2, "deepspeed": [0.4] * 2, "moved": [0.05] * 2}
+    rounds["ours_twin"] = [ours_s] * 2
+    rows = [bench.SweepRow(c, bench.Timing(rounds, 400, deepspeed_rows=500), {"ours": 1.0}, "loop") for c in cfgs]
+    run = {"command": f"run ours={ours_s}", "machine": "test", "device": "cpu", "dtype": "float32"}
+    run["points"] = [bench.sweep_row_json(r) for r in rows]
+    if seed is not None:  # files written before --sweep-seed have no seed: the default one
+        run["seed"] = seed
+    return run
+
+
+@pytest.mark.parametrize("seed", [None, 2026])
+def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path, seed: int | None) -> None:
+    import json
+
+    bench = _bench_module()
+    points = bench.sweep_points(8, seed=bench.SWEEP_SEED if seed is None else seed)
+    first, rerun = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(_sweep_run_json(bench, points[:4], 0.1, seed)))
+    rerun.write_text(json.dumps(_sweep_run_json(bench, [points[2]], 0.2, seed)))
+    output = tmp_path / "BENCHMARKS.md"
+    bench.merge_sweeps([first, rerun], output)
+    block = "sweep" if seed is None else f"sweep-seed{seed}"
+    text = output.read_text()
+    assert f"<!-- bench_moe {block} begin -->" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if re.match(r"\| s\d", line)}
+    assert list(rows) == [p.name for p in points[:4]]  # in sweep order, each point once
+    assert "| 200.0 |" in rows[points[2].name] and "| 100.0 |" in rows[points[0].name]
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps(_sweep_run_json(bench, points[:1], 0.1, 7)))
+    with pytest.raises(SystemExit, match="different seeds"):
+        bench.merge_sweeps([first, other], output)
+
+
 def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropless() -> None:
     bench = _bench_module()
     capped = bench.BenchConfig("p1", 4096, 32, 64, 8, 2, 1.25)
