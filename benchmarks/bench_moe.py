@@ -1367,6 +1367,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
             "device": args.device,
             "dtype": args.dtype,
             "seed": args.sweep_seed,
+            "sweep_points": args.sweep_points,
             "markdown": table,
             "points": [sweep_row_json(r) for r in rows],
         }
@@ -1381,11 +1382,15 @@ def merge_sweeps(paths: list[Path], output: Path) -> None:
     """One sweep block from several runs' JSON (e.g. a full run and a rerun of points it lost to
     other load): a point of a later file replaces the same point of an earlier one, in sweep order."""
     runs = [json.loads(p.read_text()) for p in paths]
-    seeds = {run.get("seed", SWEEP_SEED) for run in runs}  # absent from older files: the default seed
-    if len(seeds) > 1:
-        raise SystemExit(f"--sweep-merge: the runs sampled different seeds {sorted(seeds)}; merge runs of one seed")
-    seed = seeds.pop()
-    order = {p.name: i for i, p in enumerate(sweep_points(seed=seed))}
+    # Which sample a run drew: its seed and size (absent from older files: the defaults).
+    samples = {(run.get("seed", SWEEP_SEED), run.get("sweep_points", 32)) for run in runs}
+    if len(samples) > 1:
+        raise SystemExit(
+            f"--sweep-merge: the runs sampled different points (seed, --sweep-points) {sorted(samples)}; "
+            "merge runs of one sample"
+        )
+    seed, count = samples.pop()
+    order = {p.name: i for i, p in enumerate(sweep_points(count, seed=seed))}
     points: dict[str, SweepRow] = {}
     source: dict[str, str] = {}
     for path, run in zip(paths, runs):

@@ -195,8 +195,9 @@ class _ExpertMLP(torch.autograd.Function):
                 _release(o)
                 ours = gather or ctx.reuse_grad  # a gathered g, or rows of a grad_y we own, are ours to scale
                 g = g.mul_(scales[j]) if ours else g * scales[j]
-            # At most two [n, F] tensors live at once (a, then grad_a written over by grad_h): the last
-            # experts' backward runs beside the whole weight gradient, the step's peak at EP > 1.
+            # Beside h, one [n, F] tensor at a time (a, then grad_a, which grad_h overwrites; the
+            # D > F form needs a and grad_a together for dL/ds): the last experts' backward runs
+            # beside the whole weight gradient, the step's peak at EP > 1.
             if not scaled or keep_output:
                 torch.mm(a.t(), g, out=grad_w2[j])
                 del a

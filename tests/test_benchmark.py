@@ -191,14 +191,14 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
     assert cells["DS rows/ours"] == "1.25"
 
 
-def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None) -> dict:
+def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None, count: int = 8) -> dict:
     rounds = {"ours": [ours_s] * 2, "compat": [0.2] * 2, "deepspeed": [0.4] * 2, "moved": [0.05] * 2}
     rounds["ours_twin"] = [ours_s] * 2
     rows = [bench.SweepRow(c, bench.Timing(rounds, 400, deepspeed_rows=500), {"ours": 1.0}, "loop") for c in cfgs]
     run = {"command": f"run ours={ours_s}", "machine": "test", "device": "cpu", "dtype": "float32"}
     run["points"] = [bench.sweep_row_json(r) for r in rows]
-    if seed is not None:  # files written before --sweep-seed have no seed: the default one
-        run["seed"] = seed
+    if seed is not None:  # files written before --sweep-seed have neither: the default sample
+        run["seed"], run["sweep_points"] = seed, count
     return run
 
 
@@ -207,9 +207,10 @@ def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path,
     import json
 
     bench = _bench_module()
-    points = bench.sweep_points(8, seed=bench.SWEEP_SEED if seed is None else seed)
+    points = bench.sweep_points(32 if seed is None else 8, seed=bench.SWEEP_SEED if seed is None else seed)
     first, rerun = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps(_sweep_run_json(bench, points[:4], 0.1, seed)))
+    ep2 = [p for p in points if p.ep_size == 2][:1]  # named as the sample it was drawn from names it
+    first.write_text(json.dumps(_sweep_run_json(bench, [*ep2, *points[:4]], 0.1, seed)))
     rerun.write_text(json.dumps(_sweep_run_json(bench, [points[2]], 0.2, seed)))
     output = tmp_path / "BENCHMARKS.md"
     bench.merge_sweeps([first, rerun], output)
@@ -217,12 +218,13 @@ def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path,
     text = output.read_text()
     assert f"<!-- bench_moe {block} begin -->" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if re.match(r"\| s\d", line)}
-    assert list(rows) == [p.name for p in points[:4]]  # in sweep order, each point once
+    assert list(rows) == [p.name for p in [*points[:4], *ep2]]  # in the sample's order, each point once
     assert "| 200.0 |" in rows[points[2].name] and "| 100.0 |" in rows[points[0].name]
     other = tmp_path / "c.json"
-    other.write_text(json.dumps(_sweep_run_json(bench, points[:1], 0.1, 7)))
-    with pytest.raises(SystemExit, match="different seeds"):
-        bench.merge_sweeps([first, other], output)
+    for other_seed, other_count in ((7, 8), (seed or bench.SWEEP_SEED, 16)):
+        other.write_text(json.dumps(_sweep_run_json(bench, points[:1], 0.1, other_seed, other_count)))
+        with pytest.raises(SystemExit, match="different points"):
+            bench.merge_sweeps([first, other], output)
 
 
 def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropless() -> None:
