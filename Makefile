@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # and venvs never rebuild over each other or wait on another one's stale build lock (~/.cache is shared).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test train bench bench-sweep gpu-check gpu-wheels lint clean
+.PHONY: venv test test-slow train bench bench-sweep gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(VENV)/.installed: setup.py Makefile
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The full fault sweeps (kills at every step of save, rotation, export and conversion; every cache
+# file damaged; many concurrent jobs): the sample of each runs in `make test`.
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
 
 # The reference MoE-GPT on 2 local processes (CPU: gloo; GPUs: NCCL), experts split over both.
 # Extra Hydra overrides: make train ARGS="train.steps=1000 moe.capacity_factor=2.0"
