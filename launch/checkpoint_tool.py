@@ -8,10 +8,15 @@ elsewhere from weights alone.
     python -m launch.checkpoint_tool verify runs/x/checkpoints [--all]   # every file's size and checksum
     python -m launch.checkpoint_tool export runs/x/checkpoints --out model.pt [--dtype bf16]
     python -m launch.checkpoint_tool import model.pt --out new_ckpts [--tag imported]
+    python -m launch.checkpoint_tool migrate runs/x/checkpoints --trust  # earlier formats -> tensors and plain data
     python -m launch.checkpoint_tool import-hf HF_DIR --out CKPT_DIR [--upcycle-experts E --top-k K]
     python -m launch.checkpoint_tool export-hf CKPT_DIR --out HF_DIR [--dtype bf16]
 
 DIR is a checkpoints folder (the checkpoint ``latest`` names, or ``--tag``) or one checkpoint.
+Every file is read as tensors and plain data (``weights_only=True``): a file that holds anything else
+is refused by name, and nothing from it runs. ``migrate --trust`` is the one command that unpickles
+fully, once, to convert checkpoints of earlier formats. Outputs (``export``'s weights and their
+``.json``) are written under a temporary name and renamed, so a kill keeps the previous ones.
 Exit status: 0 when all is well, 2 on any fault (a corrupt or missing file, a damaged manifest).
 """
 
@@ -34,6 +39,9 @@ from moe_parallel.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from moe_parallel.checkpoint_migrate import migrate_folder
+from moe_parallel.checkpoint_store import check_file, clear_interrupted, publish_file, publish_text
+from moe_parallel.safe_files import UnsafeFileError, load_plain
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +56,8 @@ def _checkpoint(directory: str, tag: str | None) -> Path:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    for trash in clear_interrupted(args.dir, saves=False):  # checkpoints a killed rotation was deleting
+        print(f"removed {trash} (left by a rotation that was cut short)")
     if args.all:
         paths = [c.path for c in list_checkpoints(args.dir)]
         if not paths:
@@ -83,31 +93,67 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = read_manifest(path)
     state = export_consolidated(path, DTYPES[args.dtype])  # checks every file's checksum
     out = Path(args.out)
-    torch.save(state, out)
+    weights = publish_file(state, out)
     meta = {
         "source": str(path),
         "step": manifest["step"],
         "expert_parameters": manifest["expert_parameters"],
         "buffers": manifest.get("buffers", []),  # which tensors are buffers (e.g. routers' expert_bias)
+        "weights": weights,  # the size and checksum of the file beside it: import checks the pair
     }
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(meta, indent=1))
+    publish_text(json.dumps(meta, indent=1), _meta_path(out))
     print(f"wrote {out} ({len(state)} tensors, {args.dtype}) and {out.name}.json")
     return 0
 
 
+def _meta_path(weights: Path) -> Path:
+    return weights.with_name(weights.name + ".json")
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    meta_path = Path(args.file + ".json")
+    weights = Path(args.file)
+    meta_path = _meta_path(weights)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} does not exist")
     if not meta_path.exists():
         raise CheckpointError(f"{meta_path} not found: it is written by 'export' beside the weights")
     try:
         meta = json.loads(meta_path.read_text())
         expert_parameters = meta["expert_parameters"]
         buffers = list(meta.get("buffers", []))  # absent in an export made before buffers were kept
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        entry = meta.get("weights")  # absent in an export made before exports recorded it
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{meta_path} is damaged ({err}): export the weights again") from err
-    state = torch.load(args.file, map_location="cpu", weights_only=True)
+    if entry is not None:
+        try:
+            check_file(weights.parent, weights.name, entry)
+        except (CheckpointError, TypeError, KeyError) as err:
+            raise CheckpointError(
+                f"{weights} does not match {meta_path.name} ({err}): the file is damaged, or an export was cut "
+                "short between writing the two; export the weights again"
+            ) from None
+    try:
+        state = load_plain(weights)
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{err}: export it again from a checkpoint, or load it only if you trust it") from None
+    except Exception as err:  # a truncated or damaged file (an export from before exports were checksummed)
+        raise CheckpointError(f"{weights} cannot be read ({type(err).__name__}: {err}): export it again") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{weights} is not a state dict of tensors (one that 'export' writes)")
     path = import_consolidated(state, expert_parameters, args.out, args.tag, buffers=buffers)
     print(f"wrote {path} (weights only; optimizer starts fresh)")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    for done in migrate_folder(args.dir, trust=args.trust):
+        if done.resumed:
+            what = f"finished an interrupted migration ({len(done.converted)} file(s) were left to rename)"
+        elif done.converted:
+            what = f"format {done.from_version} -> 3, rewrote {', '.join(done.converted)}"
+        else:
+            what = f"format {done.from_version}: every file already loads as tensors and plain data"
+        print(f"{done.path}: {what}")
     return 0
 
 
@@ -131,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True)
     imp.add_argument("--tag", default="imported")
     imp.set_defaults(func=cmd_import)
+    migrate = sub.add_parser(
+        "migrate", help="convert checkpoints of earlier formats, once, to files that load without running code"
+    )
+    migrate.add_argument("dir", help="a checkpoints folder (every checkpoint in it) or one checkpoint")
+    migrate.add_argument(
+        "--trust",
+        action="store_true",
+        help="required: old files are read with pickle, which runs any code they name; only for checkpoints you trust",
+    )
+    migrate.set_defaults(func=cmd_migrate)
     for name, handler in hf_convert.add_commands(sub).items():  # import-hf / export-hf
         sub.choices[name].set_defaults(func=lambda args, handler=handler: handler(args) or 0)
     return parser

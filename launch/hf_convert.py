@@ -13,12 +13,20 @@ splits them.
     import-hf HF_DIR --out CKPT_DIR                       # HF -> checkpoint (weights, step 0)
     import-hf DENSE_DIR --out CKPT_DIR --upcycle-experts 8 --top-k 2   # a dense Llama/Qwen3, upcycled
     export-hf CKPT_DIR --out HF_DIR [--dtype bf16]        # checkpoint -> HF (config, shards, tokenizer)
+
+Both write their whole output under a temporary name beside ``--out`` and rename it into place at
+the end, so ``--out`` holds a complete result or nothing: a killed conversion leaves only the
+temporary directory, which the next run of the same command removes (it names its writer's host
+and PID; one whose process is still running is left alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +40,7 @@ from moe_parallel.checkpoint import (
     read_manifest,
     resolve_checkpoint,
 )
+from moe_parallel.checkpoint_store import clear_dead_staging, owned_staging, remove_tree, sync_dir
 from moe_parallel.hf.families import family, read_config_json
 from moe_parallel.hf.load import TensorSource, check_source, local_tensors
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -136,8 +145,7 @@ def import_hf(
         raise ConversionError(
             "--upcycle-experts and --top-k go together: give both to upcycle a dense model, or neither"
         )
-    if (out / HF_MODEL_DIR).exists() or (out / tag).exists():
-        raise ConversionError(f"{out} already holds a checkpoint ({tag} or {HF_MODEL_DIR}/): choose another --out")
+    _require_new_or_empty(out, "a checkpoint")
     source_dtype = config_dtype(hf_dir)
     if upcycle_experts is not None:
         config = hf.upcycle_config(hf_dir, num_experts=upcycle_experts, top_k=top_k)
@@ -147,9 +155,33 @@ def import_hf(
         source = hf.SafetensorsDir(hf_dir)
     state = read_full_state(config, source)  # checks every tensor before writing anything
     model = meta_decoder(config)
-    path = import_consolidated(state, expert_parameters(model), out, tag, buffers=buffer_names(model))
-    write_hf_model_dir(config, out / HF_MODEL_DIR, tokenizer_dir=hf_dir, dtype=source_dtype)
-    return path
+    with _written_whole(out) as staging:
+        import_consolidated(state, expert_parameters(model), staging, tag, buffers=buffer_names(model))
+        write_hf_model_dir(config, staging / HF_MODEL_DIR, tokenizer_dir=hf_dir, dtype=source_dtype)
+    return out / tag
+
+
+def _require_new_or_empty(out: Path, what: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        held = sorted(p.name for p in out.iterdir())[:4] if out.is_dir() else "a file"
+        raise ConversionError(f"--out {out} already holds {held}: choose a new or empty directory for {what}")
+
+
+@contextlib.contextmanager
+def _written_whole(out: Path) -> Iterator[Path]:
+    """A fresh directory to write ``out`` into, renamed to ``out`` when the body succeeds; removed when
+    it fails. Leftovers of earlier runs killed on this host are removed first."""
+    clear_dead_staging(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = owned_staging(out)
+    staging.mkdir()
+    try:
+        yield staging
+        sync_dir(staging)
+        os.replace(staging, out)  # onto a missing or empty directory: atomic
+        sync_dir(out.parent)
+    finally:
+        remove_tree(staging)
 
 
 # ---------------------------------------------------------------- export-hf
@@ -179,8 +211,7 @@ def export_hf(
     config.json declares.
     """
     root, out = Path(ckpt_dir), Path(out)
-    if any(out.glob("*.safetensors")):  # stale shards of another save would sit beside the new index
-        raise ConversionError(f"--out {out} already holds safetensors files: choose a new or empty directory")
+    _require_new_or_empty(out, "the Hugging Face model")
     path = resolve_checkpoint(root, tag) if (root / "latest").exists() or tag else None
     if path is None:
         if (root / "manifest.json").is_file():
@@ -215,8 +246,11 @@ def export_hf(
                 f"{list(tensor.shape)}; pass --hf-config with the model the run was started from"
             )
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    hf.save_state_dict(state, config, out, dtype=dtype or config_dtype(identity), tokenizer_dir=identity, **kwargs)
-    return Path(out)
+    with _written_whole(out) as staging:
+        hf.save_state_dict(
+            state, config, staging, dtype=dtype or config_dtype(identity), tokenizer_dir=identity, **kwargs
+        )
+    return out
 
 
 def _older_checkpoint_buffers(path: Path, identity: Path, state: dict[str, Tensor], missing: list[str]) -> list[str]:

@@ -40,12 +40,14 @@ from .checkpoint_store import (
     CheckpointInfo,
     ResumeChoice,
     check_resume_step,
+    clear_dead_staging,
     describe_os_error,
     earlier_checkpoint_hint,
     inspect_checkpoint,
     lineage,
     list_checkpoints,
     load_file,
+    owned_staging,
     read_latest,
     read_manifest,
     remove_tree,
@@ -542,15 +544,34 @@ def _expert_ids_by_layer(files) -> dict[int, list[int]]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain data (NumPy's key as an int64 tensor)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": numpy_rng_state(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def numpy_rng_state(legacy: tuple) -> dict[str, Any]:
+    """NumPy's legacy global state ``('MT19937', key, pos, has_gauss, cached_gaussian)`` as plain data."""
+    name, key, pos, has_gauss, cached = legacy
+    return {
+        "bit_generator": str(name),
+        "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    key = numpy["key"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["bit_generator"], key, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -695,11 +716,11 @@ def _read_rank_files(model: nn.Module, path: Path, rank: int, world: int):
         for j in range(layer.num_local_experts):
             key = (layer.layer_number, layer.experts.first_expert_id + j)
             expert_state[key] = load_file(path, f"experts/layer_{key[0]}/expert_{key[1]}.pt", manifest)
-    trainer = load_file(path, "trainer.pt", manifest, weights_only=False)
+    trainer = load_file(path, "trainer.pt", manifest)
     rng_file = f"rng/rank_{rank}.pt"
     rng = None
     if manifest["saved_world_size"] == world and rng_file in manifest["files"]:
-        rng = load_file(path, rng_file, manifest, weights_only=False)
+        rng = load_file(path, rng_file, manifest)
     return manifest, dense, buffers, expert_state, trainer, rng
 
 
@@ -802,7 +823,8 @@ def import_consolidated(
                 s: {"param": state[c][i].float()} for s, c in names.items()
             }
     files["trainer.pt"] = {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}
-    staging = out / staging_name(tag)
+    clear_dead_staging(final)  # an import of this tag killed earlier on this host
+    staging = owned_staging(final)
     try:
         staging.mkdir(parents=True)
         written, error = _write_files(files, staging, out)

@@ -10,6 +10,9 @@ One run's checkpoint directory::
 
 Guarantees (the README's "Failure behaviour" section states them for users):
 
+- Every file holds only tensors and plain data and is read with ``weights_only=True``
+  (:mod:`.safe_files`): loading a checkpoint never runs code from it, and a file that holds anything
+  else is refused by name (checksums prove integrity, not authorship).
 - Persistent buffers (a router's ``expert_bias``) are files like parameters: listed by name in
   ``manifest.json`` (``buffers``), checksummed, and required by a load.
 - Every file's CRC-32 is computed while ``torch.save`` streams it to disk (no second read) and
@@ -20,15 +23,19 @@ Guarantees (the README's "Failure behaviour" section states them for users):
   :func:`select_resume` refuses to start such a run, and a save refuses to replace a newer tag.
 - Rotation keeps the newest ``keep`` checkpoints, the newest known-good one (see
   :func:`rotate_checkpoints`) and the checkpoint the run resumed from until a newer one is known-good.
+  It renames a checkpoint out of the listing before deleting it, so a kill mid-delete leaves only a
+  staging-marked directory that :func:`clear_interrupted` removes.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -37,11 +44,17 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2  # 2: per-file {"bytes", "crc32"} and lineage fields; 1: {"file": bytes}
-READABLE_VERSIONS = (1, 2)
+from .safe_files import UnsafeFileError, load_plain, to_plain
+
+# 3: every file loads with weights_only=True (RNG states without NumPy objects); 2: per-file
+# {"bytes", "crc32"} and lineage fields; 1: {"file": bytes}
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CHECKSUM = "crc32"
 LATEST = "latest"
 STAGING_MARK = ".tmp-"
+DELETED_MARK = f"{STAGING_MARK}deleted-"  # a checkpoint that rotation has taken out of the listing
+MIGRATION_JOURNAL = "manifest.migrating.json"  # a `checkpoint_tool migrate` in progress (see checkpoint_migrate)
 _STEP_TAG = re.compile(r"step_(\d+)")
 _CHUNK = 8 << 20
 
@@ -95,8 +108,11 @@ class _ChecksumWriter:
 def write_file(obj: Any, path: Path) -> dict[str, Any]:
     """``torch.save`` ``obj`` to ``path`` (synced to disk); returns its manifest entry ``{"bytes", "crc32"}``.
 
-    An ``OSError`` (e.g. ENOSPC) is raised as itself, not as torch's wrapper of it.
+    ``obj`` must be tensors and plain data (NumPy values are converted): anything else is a
+    ``TypeError`` naming where it sits, raised before the file is created. An ``OSError`` (e.g.
+    ENOSPC) is raised as itself, not as torch's wrapper of it.
     """
+    obj = to_plain(obj, path.name)
     with open(path, "wb") as file:
         writer = _ChecksumWriter(file)
         try:
@@ -140,18 +156,37 @@ def check_file(checkpoint: Path, rel: str, entry: dict[str, Any], *, content: bo
             )
 
 
-def load_file(checkpoint: Path, rel: str, manifest: dict[str, Any], *, weights_only: bool = True) -> Any:
-    """``torch.load`` one file of a checkpoint after checking it against the manifest."""
+def load_file(checkpoint: Path, rel: str, manifest: dict[str, Any], *, mmap: bool = False) -> Any:
+    """One file of a checkpoint, after checking it against the manifest: tensors and plain data only.
+
+    A file that holds anything else is a :class:`CheckpointError` that names it and says what to do:
+    nothing from it has run.
+    """
     entry = manifest["files"].get(rel)
     if entry is None:
         raise CheckpointError(f"checkpoint {checkpoint}: manifest.json does not list {rel}")
     check_file(checkpoint, rel, entry)
     try:
-        return torch.load(checkpoint / rel, map_location="cpu", weights_only=weights_only)
+        return load_plain(checkpoint / rel, mmap=mmap)
+    except UnsafeFileError as err:
+        raise CheckpointError(f"checkpoint file {err}. {_unsafe_file_fix(checkpoint, manifest)}") from None
     except Exception as err:  # a damaged zip, or a format-1 file without a checksum
         raise CheckpointError(
             f"checkpoint file {checkpoint / rel} cannot be read: {type(err).__name__}: {err}"
         ) from err
+
+
+def _unsafe_file_fix(checkpoint: Path, manifest: dict[str, Any]) -> str:
+    if manifest["format_version"] < 3:
+        return (
+            f"Checkpoints of format {manifest['format_version']} (moe_parallel before format 3) stored RNG states as "
+            "NumPy objects: if this checkpoint is your own or comes from someone you trust, convert it once with "
+            f"`python -m launch.checkpoint_tool migrate --trust {checkpoint.parent}`"
+        )
+    return (
+        f"moe_parallel writes only tensors and plain data, so {checkpoint} was changed after it was written (its "
+        "checksums recomputed to match): do not use it; restore the checkpoint from a copy you trust"
+    )
 
 
 def sync_dir(path: Path) -> None:
@@ -184,11 +219,76 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- outputs written whole or not at all
+
+
+def owned_staging(target: Path) -> Path:
+    """A temporary name beside ``target`` for writing it whole before one rename; the name records
+    its writer (host and PID), so that a later run can tell a dead writer's leftover from a live one."""
+    return target.with_name(f".{target.name}{STAGING_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def clear_dead_staging(target: Path) -> list[Path]:
+    """Remove the leftovers of :func:`owned_staging` for ``target`` whose writer is provably gone (this
+    host, that PID no longer running); returns them. Another host's leftovers stay: nothing proves
+    their writer dead."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}{re.escape(STAGING_MARK)}(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    removed = []
+    for entry in target.parent.glob(f".{glob.escape(target.name)}{STAGING_MARK}*"):
+        match = pattern.fullmatch(entry.name)
+        if match and match["host"] == socket.gethostname() and not pid_running(int(match["pid"])):
+            remove_tree(entry)
+            removed.append(entry)
+    return removed
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (a PID of another user counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish_file(obj: Any, target: Path) -> dict[str, Any]:
+    """``torch.save`` ``obj`` to ``target`` through a temporary file and one rename: a kill leaves the
+    previous ``target`` as it was. Returns the file's ``{"bytes", "crc32"}``."""
+    clear_dead_staging(target)
+    tmp = owned_staging(target)
+    try:
+        entry = write_file(obj, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sync_dir(target.parent)
+    return entry
+
+
+def publish_text(text: str, target: Path) -> None:
+    """Write ``text`` to ``target`` through a temporary file and one rename (synced)."""
+    clear_dead_staging(target)
+    tmp = owned_staging(target)
+    try:
+        with open(tmp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sync_dir(target.parent)
+
+
 # ---------------------------------------------------------------- manifest and pointer
 
 
-def write_manifest(checkpoint: Path, manifest: dict[str, Any]) -> None:
-    with open(checkpoint / "manifest.json", "w") as file:
+def write_manifest(checkpoint: Path, manifest: dict[str, Any], name: str = "manifest.json") -> None:
+    with open(checkpoint / name, "w") as file:
         file.write(json.dumps(manifest, indent=1))
         file.flush()
         os.fsync(file.fileno())
@@ -202,6 +302,11 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> dict[
     """
     path = Path(path)
     file = path / "manifest.json"
+    if (path / MIGRATION_JOURNAL).exists():
+        raise CheckpointError(
+            f"{path} is half converted by an interrupted `checkpoint_tool migrate` ({MIGRATION_JOURNAL} is there): "
+            f"run `python -m launch.checkpoint_tool migrate --trust {path}` again to finish it"
+        )
     if not file.is_file():
         raise CheckpointError(
             f"{file} does not exist: {path} is incomplete (a copy cut short, a hand-edited directory) "
@@ -253,13 +358,14 @@ def _manifest_problem(manifest: Any) -> str | None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
-    """(manifest, problems): every listed file's presence, size and checksum (reads the whole checkpoint)."""
+    """(manifest, problems): every listed file's presence, size and checksum, and that it loads as
+    tensors and plain data (reads the whole checkpoint; tensors are mapped, not copied)."""
     path = Path(path)
     manifest = read_manifest(path, check_files=False)
     problems = []
-    for rel, entry in manifest["files"].items():
+    for rel in manifest["files"]:
         try:
-            check_file(path, rel, entry)
+            load_file(path, rel, manifest, mmap=True)
         except (CheckpointError, OSError) as err:
             problems.append(str(err))
     return manifest, problems
@@ -596,12 +702,30 @@ def rotate_checkpoints(checkpoints_dir: str | os.PathLike, keep: int, *, protect
         if protect_info is not None:
             if not any(c.step > protect_info.step for c in good_infos):
                 kept.add(protect_info.path.resolve())
+    removed = [c.path for c in rotatable if c.path.resolve() not in kept]
+    for path in removed:
+        # Out of the listing first: a kill mid-delete leaves a staging-marked directory, never a
+        # half-deleted checkpoint that reads as damaged.
+        trash = path.with_name(f"{path.name}{DELETED_MARK}{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        remove_tree(trash)
+    sync_dir(checkpoints_dir)
+    return removed + clear_interrupted(checkpoints_dir)
+
+
+def clear_interrupted(checkpoints_dir: str | os.PathLike, *, saves: bool = True) -> list[Path]:
+    """Remove what interrupted saves and rotations left in ``checkpoints_dir``; returns what went.
+
+    Rotation's deleted checkpoints always go (they are out of the listing for good). ``saves``: also
+    staging directories of saves and pointer updates; only for a caller that knows no save is in
+    progress (the run directory's lock holder, or a save that has just completed).
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
     removed = []
-    for c in rotatable:
-        if c.path.resolve() not in kept:
-            shutil.rmtree(c.path, ignore_errors=True)
-            removed.append(c.path)
-    for stale in checkpoints_dir.glob(f"*{STAGING_MARK}*"):  # saves that crashed, pointer updates cut short
-        remove_tree(stale)
-        removed.append(stale)
+    for stale in checkpoints_dir.glob(f"*{STAGING_MARK}*"):
+        if saves or DELETED_MARK in stale.name:
+            remove_tree(stale)
+            removed.append(stale)
     return removed

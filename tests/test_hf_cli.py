@@ -193,7 +193,7 @@ def test_bad_input_is_refused_naming_the_key_and_the_fix(tmp_path, capsys):
     assert not (tmp_path / "ckpt").exists()  # nothing written by a refused import
 
     assert tool(["import-hf", str(src), "--out", out]) == 0
-    assert "choose another --out" in _error(capsys, ["import-hf", str(src), "--out", out])
+    assert "choose a new or empty directory" in _error(capsys, ["import-hf", str(src), "--out", out])
     assert "choose a new or empty directory" in _error(capsys, ["export-hf", out, "--out", str(src)])
     shutil.rmtree(tmp_path / "ckpt" / hf_convert.HF_MODEL_DIR)
     assert "--hf-config" in _error(capsys, ["export-hf", out, "--out", str(tmp_path / "x")])

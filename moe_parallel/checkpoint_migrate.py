@@ -1,0 +1,144 @@
+"""Convert checkpoints of earlier formats, once, into files that load with ``weights_only=True``.
+
+Before format 3, every rank's RNG file held NumPy's state as NumPy objects, which only a full
+unpickler reads, and a full unpickler runs whatever code a file names. Loads now refuse such files;
+:func:`migrate_checkpoint` reads them once with the full unpickler (``trust=True``: the caller vouches
+for where the checkpoint came from), converts them to tensors and plain data and rewrites them.
+
+A migration never leaves a checkpoint that loads wrongly. Converted files are written beside the
+originals (``<file>.migrated``), then the new manifest as ``manifest.migrating.json`` (the
+journal); only then are the files renamed over the originals and the journal over ``manifest.json``.
+A migration cut short before the journal exists is undone by the next run of it, one cut short after
+is finished by it; meanwhile :func:`.checkpoint_store.read_manifest` refuses the checkpoint, naming
+the command that completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import numpy_rng_state
+from .checkpoint_store import (
+    CHECKSUM,
+    FORMAT_VERSION,
+    MIGRATION_JOURNAL,
+    CheckpointError,
+    check_file,
+    file_checksum,
+    lineage,
+    list_checkpoints,
+    read_manifest,
+    remove_tree,
+    sync_dir,
+    write_file,
+    write_manifest,
+)
+from .safe_files import UnsafeFileError, load_plain
+
+CONVERTED_SUFFIX = ".migrated"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What migrating one checkpoint did."""
+
+    path: Path
+    converted: list[str]  # files rewritten as plain data
+    from_version: int
+    resumed: bool  # an interrupted migration was finished
+
+
+def migrate_checkpoint(path: str | os.PathLike, *, trust: bool) -> Migration:
+    """Rewrite one checkpoint so that every file loads with ``weights_only=True``; format 3 after.
+
+    ``trust`` must be True: files that the restricted loader refuses are read with the full
+    unpickler, which runs any code they name. Every file is checked against its checksum first;
+    a damaged checkpoint is refused, not converted.
+    """
+    if not trust:
+        raise CheckpointError(
+            "migrate reads old checkpoint files with pickle, which runs any code a file names: pass --trust "
+            "only for checkpoints you wrote or got from someone you trust"
+        )
+    path = Path(path)
+    if (path / MIGRATION_JOURNAL).exists():
+        return _finish(path)
+    for leftover in path.rglob(f"*{CONVERTED_SUFFIX}"):  # a run cut short before its journal: undo it
+        remove_tree(leftover)
+    manifest = read_manifest(path)
+    version = manifest["format_version"]
+    if version >= 3:
+        return Migration(path, [], version, False)
+    files, converted = {}, []
+    for rel, entry in manifest["files"].items():
+        check_file(path, rel, entry)
+        try:
+            load_plain(path / rel, mmap=True)
+            # Format 1 recorded sizes only: the caller's trust stands in for the checksum it lacked.
+            files[rel] = entry if CHECKSUM in entry else {**entry, CHECKSUM: file_checksum(path / rel)}
+            continue
+        except UnsafeFileError:
+            pass
+        value = _plain_state(rel, torch.load(path / rel, map_location="cpu", weights_only=False))
+        target = path / f"{rel}{CONVERTED_SUFFIX}"
+        files[rel] = write_file(value, target)
+        load_plain(target)  # proof that the rewritten file loads without the full unpickler
+        converted.append(rel)
+    journal = {**manifest, "format_version": FORMAT_VERSION, "migrated_from": version, "files": files}
+    if version < 2:  # format 2 added the lineage fields; a format-1 checkpoint has no known parent
+        journal = {**lineage(path.parent, None, None), **journal}
+    write_manifest(path, journal, name=f"{MIGRATION_JOURNAL}.tmp")
+    os.replace(path / f"{MIGRATION_JOURNAL}.tmp", path / MIGRATION_JOURNAL)
+    sync_dir(path)
+    return _finish(path, converted)
+
+
+def migrate_folder(directory: str | os.PathLike, *, trust: bool) -> list[Migration]:
+    """Migrate one checkpoint, or every checkpoint of a checkpoints folder (incomplete ones included:
+    an interrupted migration makes a checkpoint read as incomplete until it is finished)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory} does not exist")
+    if (directory / "manifest.json").exists() or (directory / MIGRATION_JOURNAL).exists():
+        return [migrate_checkpoint(directory, trust=trust)]
+    found = [c.path for c in list_checkpoints(directory)]
+    if not found:
+        raise CheckpointError(f"{directory} holds no checkpoint")
+    return [migrate_checkpoint(p, trust=trust) for p in found]
+
+
+def _plain_state(rel: str, value: Any) -> Any:
+    """A file's content in the format-3 form: RNG files get NumPy's state as plain data."""
+    if rel.startswith("rng/") and isinstance(value, dict) and isinstance(value.get("numpy"), tuple):
+        value = {**value, "numpy": numpy_rng_state(value["numpy"])}
+    return value
+
+
+def _finish(path: Path, converted: list[str] | None = None) -> Migration:
+    """Roll a journaled migration forward: converted files over the originals, then the manifest.
+    ``converted``: the files this run converted (None: finishing a run that was cut short)."""
+    journal = path / MIGRATION_JOURNAL
+    try:
+        manifest = json.loads(journal.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{journal} is damaged ({err}): restore {path} from a copy") from None
+    names = list(converted or [])
+    for rel in files:
+        staged = path / f"{rel}{CONVERTED_SUFFIX}"
+        if staged.exists():
+            os.replace(staged, path / rel)
+            if converted is None:
+                names.append(rel)
+    for rel in names:
+        check_file(path, rel, files[rel])
+    write_manifest(path, manifest)
+    journal.unlink()
+    sync_dir(path)
+    return Migration(path, sorted(names), int(manifest.get("migrated_from", 2)), converted is None)
