@@ -13,8 +13,9 @@ setup(
     packages=find_packages(include=["moe_parallel", "moe_parallel.*", "launch", "launch.*"]),
     install_requires=[
         # The Makefile installs a CPU build of torch first on CPU machines; a range keeps an
-        # existing (cluster) torch untouched.
-        "torch>=2.4",
+        # existing (cluster) torch untouched. 2.6: the first whose weights_only=True loader is a
+        # safe boundary (checkpoints are read with it).
+        "torch>=2.6",
         "deepspeed>=0.16",
         "hydra-core>=1.3",
         "omegaconf>=2.3",

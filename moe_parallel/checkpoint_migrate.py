@@ -1,9 +1,11 @@
 """Convert checkpoints of earlier formats, once, into files that load with ``weights_only=True``.
 
-Before format 3, every rank's RNG file held NumPy's state as NumPy objects, which only a full
-unpickler reads, and a full unpickler runs whatever code a file names. Loads now refuse such files;
-:func:`migrate_checkpoint` reads them once with the full unpickler (``trust=True``: the caller vouches
-for where the checkpoint came from), converts them to tensors and plain data and rewrites them.
+Before format 3, every rank's RNG file held NumPy's state as NumPy objects, which the restricted
+unpickler refuses. Loads now refuse such files; :func:`migrate_checkpoint` reads them once more with
+the restricted unpickler plus exactly the globals those files hold (NumPy's ``ndarray``, ``dtype``
+and array reconstructor), converts them to tensors and plain data and rewrites them. A file that asks
+for anything else is refused, not converted: migrating runs no code from a file either. ``trust=True``
+is the caller's word that the checkpoints are theirs, or from someone they trust.
 
 A migration never leaves a checkpoint that loads wrongly. Converted files are written beside the
 originals (``<file>.migrated``), then the new manifest as ``manifest.migrating.json`` (the
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import numpy_rng_state
@@ -57,14 +61,13 @@ class Migration:
 def migrate_checkpoint(path: str | os.PathLike, *, trust: bool) -> Migration:
     """Rewrite one checkpoint so that every file loads with ``weights_only=True``; format 3 after.
 
-    ``trust`` must be True: files that the restricted loader refuses are read with the full
-    unpickler, which runs any code they name. Every file is checked against its checksum first;
-    a damaged checkpoint is refused, not converted.
+    ``trust`` must be True (the checkpoints come from a source the caller trusts). Every file is
+    checked against its checksum first; a damaged checkpoint is refused, not converted.
     """
     if not trust:
         raise CheckpointError(
-            "migrate reads old checkpoint files with pickle, which runs any code a file names: pass --trust "
-            "only for checkpoints you wrote or got from someone you trust"
+            "migrate rewrites the files of checkpoints written by earlier versions: pass --trust to confirm "
+            "that they are yours or come from someone you trust"
         )
     path = Path(path)
     if (path / MIGRATION_JOURNAL).exists():
@@ -85,7 +88,7 @@ def migrate_checkpoint(path: str | os.PathLike, *, trust: bool) -> Migration:
             continue
         except UnsafeFileError:
             pass
-        value = _plain_state(rel, torch.load(path / rel, map_location="cpu", weights_only=False))
+        value = _plain_state(rel, _load_earlier_format(path / rel))
         target = path / f"{rel}{CONVERTED_SUFFIX}"
         files[rel] = write_file(value, target)
         load_plain(target)  # proof that the rewritten file loads without the full unpickler
@@ -111,6 +114,27 @@ def migrate_folder(directory: str | os.PathLike, *, trust: bool) -> list[Migrati
     if not found:
         raise CheckpointError(f"{directory} holds no checkpoint")
     return [migrate_checkpoint(p, trust=trust) for p in found]
+
+
+def _earlier_format_globals() -> list:
+    """The globals of NumPy arrays, as earlier formats pickled them (NumPy 1 and 2 module names)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    reconstruct = multiarray._reconstruct
+    numeric = {type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}  # NumPy 2 gives each dtype its class
+    return [np.ndarray, np.dtype, *numeric, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _load_earlier_format(file: Path) -> Any:
+    """A file of an earlier format: the restricted unpickler with NumPy's array globals allowed."""
+    try:
+        with torch.serialization.safe_globals(_earlier_format_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        raise CheckpointError(
+            f"{file} asks for {sorted(names)[:6]}, beyond the NumPy arrays that earlier moe_parallel versions "
+            "stored: it is not converted (loading it could run code); restore the checkpoint from a copy you trust"
+        ) from None
 
 
 def _plain_state(rel: str, value: Any) -> Any:

@@ -6,9 +6,9 @@ refuses anything but the types below) and read back with ``weights_only=True``, 
 unpickler, which builds exactly these types and refuses every other global *before* calling
 anything (:func:`load_plain`). A file that needs more is refused by name.
 
-Plain data: ``dict`` (and ``OrderedDict``), ``list``, ``tuple``, ``set``, ``str``, ``bytes``,
-``bytearray``, ``int``, ``float``, ``complex``, ``bool``, ``None``, ``torch.Tensor``,
-``torch.Size``, ``torch.dtype``, ``torch.device``. NumPy scalars and arrays are converted (to Python
+Plain data: ``dict`` (and ``OrderedDict``), ``list``, ``tuple``, ``set``, ``str``, ``int``,
+``float``, ``complex``, ``bool``, ``None``, ``torch.Tensor``, ``torch.Size``, ``torch.dtype``,
+``torch.device`` (bytes go in uint8 tensors). NumPy scalars and arrays are converted (to Python
 numbers and tensors) on the way out, since RNG and data-loader states hold them.
 
 ``weights_only=True`` is only a boundary from torch 2.6 on (earlier releases had bypasses):
@@ -21,6 +21,7 @@ import collections
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ import torch
 
 SAFE_TORCH = (2, 6)
 
-_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
+# Not bytes: an empty bytes object pickles as a call of builtins.bytes, which the restricted loader refuses.
+_SCALARS = (str, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 
 class UnsafeFileError(RuntimeError):
@@ -87,8 +89,10 @@ def load_plain(path: str | os.PathLike, *, mmap: bool = False) -> Any:
 
     A file that holds anything else raises :class:`UnsafeFileError` naming the file and the globals it
     asks for; nothing from it has run. Other failures (a truncated or damaged file) propagate.
+    ``mmap``: map tensors instead of reading them (torch's zip format; other files are read).
     """
     require_safe_torch()
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

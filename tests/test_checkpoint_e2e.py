@@ -156,3 +156,36 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, smal
     assert not list(ckpts.glob("*.tmp-*"))  # the staging directory is removed
     assert (ckpts / "latest").read_text() == "step_00000004"
     assert checkpoint_tool(["verify", str(ckpts)]) == 0
+
+
+@pytest.mark.parametrize("rel", ["trainer.pt", "rng/rank_0.pt"])
+def test_a_checkpoint_file_that_would_run_a_command_is_refused_and_runs_nothing(run, rel):
+    """The attack as it would come: a file replaced by a pickle that runs a shell command, its size
+    and checksum recorded anew in the manifest; the next resume (plain auto-resume, a Slurm requeue)."""
+    from tests.test_checkpoint_security import _payloads, tamper
+
+    run_dir, cache = run
+    marker = run_dir.parent / "pwned"
+    step = run_dir / "checkpoints" / "step_00000004"
+    tamper(step, rel, _payloads(marker)["zip"])
+    before = snapshot(run_dir)
+    msg = refused(train(run_dir, cache, "train.steps=6"))
+    assert f"{step / rel} holds objects other than tensors and plain data (asks for posix.system)" in msg
+    assert "restore the checkpoint from a copy you trust" in msg
+    assert not marker.exists() and snapshot(run_dir) == before
+    assert checkpoint_tool(["verify", str(run_dir / "checkpoints"), "--all"]) == 2
+    assert not marker.exists()
+
+
+def test_a_run_of_an_earlier_format_is_refused_then_resumes_after_migrate(run):
+    from tests.test_checkpoint_security import to_format_2
+
+    run_dir, cache = run
+    ckpts = run_dir / "checkpoints"
+    for step in ("step_00000002", "step_00000004"):
+        to_format_2(ckpts / step)
+    msg = refused(train(run_dir, cache, "train.steps=6"))
+    assert f"convert it once with `python -m launch.checkpoint_tool migrate --trust {ckpts}`" in msg
+    assert checkpoint_tool(["migrate", str(ckpts), "--trust"]) == 0
+    out = ok(train(run_dir, cache, "train.steps=6"))
+    assert f"resumed from {ckpts / 'step_00000004'} at step 4" in out
