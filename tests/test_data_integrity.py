@@ -55,7 +55,8 @@ def write_corpus(folder: Path) -> list[str]:
 
 def tiny_cfg(tmp_path: Path, cache: str = "cache", **kw) -> DataConfig:
     files = write_corpus(tmp_path / "corpus")
-    return DataConfig(files=files, vocab_size=400, val_fraction=0.3, seq_len=SEQ, cache_dir=str(tmp_path / cache), **kw)
+    settings = dict(vocab_size=400, val_fraction=0.3, seq_len=SEQ, cache_dir=str(tmp_path / cache))
+    return DataConfig(files=files, **{**settings, **kw})
 
 
 def pretrained_json_tokenizer(folder: Path) -> Path:
@@ -87,7 +88,7 @@ def pretrained_spm_tokenizer(folder: Path) -> Path:
     buf = io.BytesIO()
     lines = [line for line in (stdlib / "textwrap.py").read_text().splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, byte_fallback=True, minloglevel=2
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=400, byte_fallback=True, minloglevel=2
     )
     folder.mkdir(parents=True)
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
@@ -343,11 +344,13 @@ def test_damaged_pretrained_tokenizer_copies(tmp_path, monkeypatch, kind):
 # ------------------------------------------------------------------------------------------- the sweep
 
 
-def damage_in_place(path: Path, rng: np.random.Generator) -> tuple[int, str]:
-    """Change the file's bytes at a random offset without changing its size; returns (offset, how)."""
+def damage_in_place(path: Path, rng: np.random.Generator) -> tuple[int, int, str]:
+    """Change the file's bytes at a random offset without changing its size; returns (start, end, how)
+    of the bytes written (some of them may be unchanged, at least one is changed)."""
     raw = bytearray(path.read_bytes())
     offset = int(rng.integers(len(raw)))
     how = str(rng.choice(["bit", "byte", "zeros", "random"]))
+    end = offset + 1
     if how == "bit":
         raw[offset] ^= 1 << int(rng.integers(8))
     elif how == "byte":
@@ -359,22 +362,22 @@ def damage_in_place(path: Path, rng: np.random.Generator) -> tuple[int, str]:
             new = bytes(b ^ 0xFF for b in new)
         raw[offset:end] = new
     path.write_bytes(bytes(raw))
-    return offset, how
+    return offset, end, how
 
 
-def read_everything(data, pristine: dict[str, np.ndarray], damaged: Path, offset: int) -> None:
+def read_everything(data, pristine: dict[str, np.ndarray], damaged: Path, start: int, end: int) -> None:
     """Read every window of both splits through PackedDataset: each batch returned equals the pristine
-    one; a batch over the damaged chunk raises a DataError naming the file (and only such a batch)."""
-    bin_name = damaged.name.replace(".crc32", ".bin") if damaged.suffix == ".crc32" else damaged.name
+    one; a batch over a damaged chunk raises a DataError naming the file (and only such a batch)."""
+    bin_name = damaged.with_suffix(".bin").name
     for split in ("train", "val"):
         ds = PackedDataset(data.tokens(split), SEQ, split)
         ref = pristine[split]
-        bad = None
+        bad: list[tuple[int, int]] = []
         if damaged.parent == data.directory and bin_name == f"{split}.bin":
-            chunk = offset // 4 if damaged.suffix == ".crc32" else offset // CHUNK
-            bad = (chunk * CHUNK, (chunk + 1) * CHUNK)
+            per_chunk = 4 if damaged.suffix == ".crc32" else CHUNK  # a table holds one uint32 per chunk
+            bad = [(c * CHUNK, (c + 1) * CHUNK) for c in range(start // per_chunk, (end - 1) // per_chunk + 1)]
         for i in range(len(ds)):
-            if bad is not None and window_touches(i, ref.itemsize, *bad):
+            if any(window_touches(i, ref.itemsize, *chunk) for chunk in bad):
                 with pytest.raises(DataError, match=re.escape(str(damaged))):
                     ds.get_batch([i])
                 continue
@@ -392,12 +395,12 @@ def sweep(tmp_path: Path, kind: str, draws: int, seed: int) -> None:
     root = cfg.cache_path
     pristine = snapshot(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 0)  # the .lock files are empty
-    assert {p.parent.parent.name for p in files} >= {"datasets", "index"}
+    assert {p.relative_to(root).parts[0] for p in files} >= {"datasets", "index"}
     rng = np.random.default_rng(seed)
     for path in files:
         for _ in range(draws):
-            offset, how = damage_in_place(path, rng)
-            where = f"{path.relative_to(root)} at {offset} ({how})"
+            start, end, how = damage_in_place(path, rng)
+            where = f"{path.relative_to(root)} bytes [{start}, {end}) ({how})"
             # A waiting rank: opens through rank 0's index entry, repairs nothing.
             try:
                 waiting = prepare_data(cfg, rank=1, barrier=noop)
@@ -405,10 +408,10 @@ def sweep(tmp_path: Path, kind: str, draws: int, seed: int) -> None:
                 assert str(path) in str(err), (where, err)
                 assert path.parent == data.directory, where
             else:
-                read_everything(waiting, pristine_tokens, path, offset)
+                read_everything(waiting, pristine_tokens, path, start, end)
             # The preparing rank: rebuilds what opening finds damaged; the rest is found where it is read.
             again = prepare_data(cfg)
-            read_everything(again, pristine_tokens, path, offset)
+            read_everything(again, pristine_tokens, path, start, end)
             if kind == "trained":
                 train_tokenizer(cfg)
             now = snapshot(root)
