@@ -667,6 +667,14 @@ class TokenMemmap(np.memmap):
 
     chunks: TokenChunks | None = None
 
+    def __reduce__(self) -> Any:
+        # A process it is sent to (a spawned DataLoader worker) maps the file again and checks what it
+        # reads itself, instead of receiving a copy of every token read unchecked here.
+        if self.chunks is None:
+            return super().__reduce__()
+        c = self.chunks
+        return _map_tokens, (Path(self.filename), self.dtype.str, len(self), c.table_path, c.entry, c.chunk_bytes)
+
     def check(self, start_B: np.ndarray, count: int) -> None:
         """Check the tokens ``[start, start + count)`` of each start in ``start_B`` against the file's
         CRC-32 table (each chunk once per process); raises :class:`DamagedCacheError` on a mismatch."""
@@ -730,9 +738,12 @@ def _open_tokens(entry: Path, meta: dict[str, Any], split: Split) -> np.ndarray:
         raise _damaged(entry / "meta.json", entry, f"records no checksums of {count} tokens of {dtype} for {path.name}")
     if count == 0:
         return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
-    tokens = TokenMemmap(path, dtype=dtype, mode="r", shape=(count,))
-    raw = np.asarray(tokens).view(np.uint8)
-    tokens.chunks = TokenChunks(path, entry / record["crc32"], entry, raw, int(record["chunk_bytes"]))
+    return _map_tokens(path, dtype.str, count, entry / record["crc32"], entry, int(record["chunk_bytes"]))
+
+
+def _map_tokens(path: Path, dtype: str, count: int, table: Path, entry: Path, chunk_bytes: int) -> TokenMemmap:
+    tokens = TokenMemmap(path, dtype=np.dtype(dtype), mode="r", shape=(count,))
+    tokens.chunks = TokenChunks(path, table, entry, np.asarray(tokens).view(np.uint8), chunk_bytes)
     return tokens
 
 

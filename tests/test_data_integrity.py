@@ -445,3 +445,20 @@ def test_rank_without_the_index_repairs_for_itself(tmp_path, monkeypatch):
     damage_meta(directory / "meta.json", "truncated")
     builds = count_calls(monkeypatch, "_build_dataset")
     assert snapshot(prepare_data(cfg, rank=1, barrier=noop).directory) == pristine and builds == [1]
+
+
+def test_verify_and_a_pickled_dataset_check_too(tmp_path):
+    """``PreparedData.verify`` reads every chunk now; a dataset sent to another process (a spawned
+    DataLoader worker) maps the file again and checks what it reads there."""
+    import pickle
+
+    data = prepare_data(tiny_cfg(tmp_path))
+    data.verify()
+    sent = pickle.dumps(data.dataset("train", SEQ))
+    path = data.directory / "train.bin"
+    flip_bit(path, 0)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        prepare_data(tiny_cfg(tmp_path)).verify()
+    received = pickle.loads(sent)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        received.get_batch([0])
