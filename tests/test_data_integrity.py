@@ -462,3 +462,28 @@ def test_verify_and_a_pickled_dataset_check_too(tmp_path):
     received = pickle.loads(sent)
     with pytest.raises(DataError, match=re.escape(str(path))):
         received.get_batch([0])
+
+
+def test_every_file_of_an_entry_is_checksummed(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    data = prepare_data(cfg)
+    model = train_tokenizer(cfg)
+    for entry, meta_name in ((data.directory, "meta.json"), (model.parent, "tokenizer.json")):
+        meta = json.loads((entry / meta_name).read_text())
+        assert set(meta["files"]) | {meta_name} == {p.name for p in entry.iterdir()}, entry
+        assert meta["format"] == D.FORMAT_VERSION and len(meta["checksum"]) == 64
+    for split in ("train", "val"):
+        record = data.meta["files"][f"{split}.bin"]
+        assert record["chunk_bytes"] == CHUNK and record["crc32"] == f"{split}.crc32"
+        assert data.meta["files"][f"{split}.crc32"]["bytes"] == 4 * -(-record["bytes"] // CHUNK)
+
+
+def test_a_cache_without_checksums_is_refused(tmp_path):
+    """A directory in the format before checksums (its meta.json has none) is never trusted."""
+    data = prepare_data(tiny_cfg(tmp_path))
+    old = tmp_path / "old"
+    shutil.copytree(data.directory, old)
+    meta = {k: v for k, v in data.meta.items() if k not in ("files", "checksum")}
+    (old / "meta.json").write_text(json.dumps({**meta, "format": 1}, indent=1))
+    with pytest.raises(DataError, match=rf"{re.escape(str(old / 'meta.json'))} holds no checksum"):
+        D.open_prepared(old)
