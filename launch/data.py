@@ -14,7 +14,7 @@ Cache layout under ``DataConfig.cache_dir`` (every key is a sha256 over everythi
 ```
 tokenizers/<tok_key>/tokenizer.model, tokenizer.json     tok_key: corpus contents, vocab, trainer options
 tokenizers/<tok_key>.lock
-datasets/<data_key>/tokenizer.model, train.bin, val.bin, meta.json
+datasets/<data_key>/tokenizer.model, train.bin, train.crc32, val.bin, val.crc32, meta.json
                                                          data_key: tok_key + corpus contents + split settings
 datasets/<data_key>.lock
 index/<stat_key>.json   {"data_key": ...} for ranks != 0: path+size+mtime of the files -> data_key (no reading)
@@ -28,6 +28,20 @@ Each ``<key>`` directory is built under a temporary name in the same parent and 
 ``os.replace``, so a directory that exists is complete. Building happens under an ``fcntl.flock`` on the
 ``.lock`` file beside it, so jobs sharing a cache directory never build the same thing twice at once
 (NFSv4 maps flock to POSIX locks; Lustre needs the ``flock`` mount option).
+
+Integrity. An entry's metadata file (``meta.json``; ``tokenizer.json`` for a trained tokenizer) lists every
+other file of the directory with its size and a content checksum computed from the bytes as they were
+written: SHA-256 for the small files (tokenizers), and for a token file the name of its CRC-32 table
+(``<split>.crc32``: one little-endian uint32 per :data:`CHUNK_BYTES` chunk). The metadata file carries the
+SHA-256 of its own canonical text (``checksum``) and must be exactly that text, so any changed byte of it
+shows. Opening an entry checks the metadata, every size and the small files in full: milliseconds, whatever
+the size of the tokens. The token files are checked where they are read: :class:`PackedDataset` checks
+each chunk under a window the first time this process reads that chunk, before returning the batch.
+
+A damaged entry found when opening it on a preparing rank (rank 0, or a rank that prepares for itself) is
+moved aside, deleted and rebuilt under its lock, with a warning that names the file. Anywhere else (a rank
+that waits for rank 0, a chunk found damaged while training) :class:`DamagedCacheError` stops the job
+naming the file, the damaged byte range and the fix: delete the entry; the next run rebuilds it.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import shutil
 import sysconfig
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,7 +73,7 @@ from launch.hf_tokenizer import file_sha256, load_pretrained_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the on-disk layout or the tokenization rules change
+FORMAT_VERSION = 2  # bump when the on-disk layout or the tokenization rules change
 TOKENIZER_TYPES = ("bpe", "unigram")
 Split = Literal["train", "val"]
 CorpusKind = Literal["text", "jsonl"]
@@ -70,6 +85,12 @@ _MAX_SENTENCE_CHARS = 2048  # longer lines are left out of the tokenizer sample 
 _SAMPLE_SEED = 0  # fixed: the tokenizer and the validation split depend on the corpus only, not on `seed`
 _ENCODE_BATCH_CHARS = 4_000_000
 _COPY_CHUNK_TOKENS = 1 << 24
+# Bytes per CRC-32 of a token file. The first read of a window checks every chunk under it (at most two
+# for windows up to this size), so the chunk bounds the extra bytes a first touch reads: 128 KiB is about
+# what the kernel reads around one page fault of a memory map anyway, costs ~40 us of CRC at ~3.5 GB/s,
+# and keeps the tables at 1/32768 of the tokens (32 MiB per TiB, memory-mapped: only the entries of
+# chunks read are loaded). Recorded per file in meta.json, so a cache keeps the size it was built with.
+CHUNK_BYTES = 1 << 17
 
 
 class DataConfigError(ValueError):
@@ -78,6 +99,27 @@ class DataConfigError(ValueError):
 
 class DataError(ValueError):
     """The corpus, the cache or a saved data position is unusable; the message names the file or field."""
+
+
+class DamagedCacheError(DataError):
+    """A cache file does not match what its entry recorded when it was built.
+
+    ``path`` is the file, ``entry`` the cache directory it belongs to, ``problem`` what is wrong; the
+    message says all three and the fix (delete the entry; the next run rebuilds it).
+    """
+
+    path: Path
+    entry: Path
+    problem: str
+
+
+def _damaged(path: Path, entry: Path, problem: str) -> DamagedCacheError:
+    err = DamagedCacheError(
+        f"{path} {problem}; the cache entry {entry} is damaged (a disk or copy error, or an edit): delete it and "
+        "run again, the next run rebuilds it"
+    )
+    err.path, err.entry, err.problem = path, entry, problem
+    return err
 
 
 @dataclass
@@ -293,18 +335,109 @@ def _building(final_dir: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if final_dir.exists():  # incomplete (a complete one is never rebuilt): only manual edits get here
-            shutil.rmtree(final_dir)
+        if final_dir.exists():  # damaged or incomplete (callers discard damaged ones first): manual edits
+            _discard(final_dir)
         os.replace(tmp, final_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _discard(directory: Path) -> None:
+    """Delete a cache entry: renamed aside first, so no process ever opens it half deleted (a process
+    that has its files open keeps reading them). The name is one ``_building`` clears if we die here."""
+    aside = directory.parent / f".tmp-{directory.name}-discarded-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(directory, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _open_or_discard(directory: Path, open_entry: Callable[[Path], Any]) -> Any:
+    """``open_entry(directory)``, or None if the entry is missing or damaged. Call with the entry's lock
+    held: a damaged entry is deleted, with a warning naming the file, so the caller rebuilds it."""
+    if not directory.exists():
+        return None
+    try:
+        return open_entry(directory)
+    except DamagedCacheError as err:
+        log.warning("%s %s: deleting the cache entry %s and building it again", err.path, err.problem, directory)
+        _discard(directory)
+        return None
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    _write_bytes_atomic(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+# ------------------------------------------------------------------------------------------ checksums
+
+
+def _crc32(data: Any, value: int = 0) -> int:
+    """CRC-32 (zlib's) of a bytes-like object, continuing from ``value``."""
+    return zlib.crc32(data, value)
+
+
+def _bytes_record(data: bytes) -> dict[str, Any]:
+    """What an entry records of a small file: its size and SHA-256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _canonical_json(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _write_checked_json(path: Path, body: dict[str, Any]) -> None:
+    """Write an entry's metadata with ``checksum``: the SHA-256 of the canonical text of the rest."""
+    checksum = hashlib.sha256(_canonical_json(body)).hexdigest()
+    _write_bytes_atomic(path, _canonical_json({**body, "checksum": checksum}))
+
+
+def _read_checked_json(path: Path, entry: Path) -> dict[str, Any]:
+    """The metadata ``_write_checked_json`` wrote; :class:`DamagedCacheError` unless every byte is as written."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _damaged(path, entry, "is missing") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # invalid UTF-8 or JSON
+        raise _damaged(path, entry, f"is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("checksum"), str):
+        raise _damaged(path, entry, "holds no checksum (written by an older version, or damaged)")
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    if raw != _canonical_json(obj) or hashlib.sha256(_canonical_json(body)).hexdigest() != obj["checksum"]:
+        raise _damaged(path, entry, "does not match its checksum")
+    if body.get("format") != FORMAT_VERSION:
+        raise _damaged(path, entry, f"is of cache format {body.get('format')!r}; this version reads {FORMAT_VERSION}")
+    return body
+
+
+def _check_entry(entry: Path, meta_name: str) -> dict[str, Any]:
+    """Check a cache entry's metadata, every file's size and the small files' SHA-256; returns the metadata.
+
+    Token files (recorded with a ``crc32`` table) are checked chunk by chunk where they are read.
+    """
+    meta_path = entry / meta_name
+    meta = _read_checked_json(meta_path, entry)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _damaged(meta_path, entry, "lists no files")
+    for name, record in files.items():
+        path = entry / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise _damaged(path, entry, f"is missing ({meta_name} lists it)") from None
+        if size != record["bytes"]:
+            raise _damaged(path, entry, f"holds {size} bytes, {meta_name} records {record['bytes']}")
+        if "sha256" in record and file_sha256(path) != record["sha256"]:
+            raise _damaged(path, entry, f"does not match the SHA-256 that {meta_name} records")
+    return meta
 
 
 def _num_threads(cfg: DataConfig) -> int:
@@ -393,15 +526,19 @@ def _train_sentencepiece(sentences: list[str], cfg: DataConfig) -> bytes:
 
 
 def _ensure_tokenizer(cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], tok_key: str) -> Path:
-    """Path of the cached tokenizer for ``tok_key``, training it (under its lock) on a miss."""
+    """Path of the cached tokenizer for ``tok_key``, training it (under its lock) on a miss.
+
+    A hit is checked first (its ``tokenizer.json`` and the model's SHA-256); a damaged one is trained again.
+    """
     root = cfg.cache_path / "tokenizers"
     final = root / tok_key
     model_path = final / "tokenizer.model"
-    if model_path.exists():
+    with contextlib.suppress(DamagedCacheError, FileNotFoundError):  # both: (re)built below, under the lock
+        _check_entry(final, "tokenizer.json")
         return model_path
     with _file_lock(root / f"{tok_key}.lock"):
-        if model_path.exists():  # built by another process while we waited
-            return model_path
+        if _open_or_discard(final, lambda entry: _check_entry(entry, "tokenizer.json")) is not None:
+            return model_path  # built by another process while we waited
         t0 = time.perf_counter()
         sentences, n_lines = _sample_sentences(sources, cfg.tokenizer_sample_sentences)
         if not sentences:
@@ -409,16 +546,17 @@ def _ensure_tokenizer(cfg: DataConfig, sources: Sequence[CorpusFile], digests: S
         model = _train_sentencepiece(sentences, cfg)
         with _building(final) as tmp:
             (tmp / "tokenizer.model").write_bytes(model)
-            _write_json_atomic(
+            _write_checked_json(
                 tmp / "tokenizer.json",
                 {
+                    "format": FORMAT_VERSION,
                     "key": tok_key,
                     "options": _trainer_options(cfg),
                     "sentencepiece": spm.__version__,
                     "sample_sentences": len(sentences),
                     "corpus_lines": n_lines,
                     "sources": [{"path": str(s.path), "sha256": d} for s, d in zip(sources, digests)],
-                    "seconds": round(time.perf_counter() - t0, 3),
+                    "files": {"tokenizer.model": _bytes_record(model)},
                 },
             )
         log.info(
@@ -453,15 +591,16 @@ class _TrainedTokenizer:
     """The SentencePiece model trained here, behind the interface a pretrained tokenizer also has."""
 
     def __init__(self, model_path: Path) -> None:
-        self.model_path = model_path
-        self.sp = load_tokenizer(model_path)
+        self.model = model_path.read_bytes()  # read once: the copy in the dataset is what encoded it
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model)
         self.vocab_size, self.eos_id = self.sp.vocab_size(), self.sp.eos_id()
 
     def encode(self, documents: list[str], num_threads: int) -> list[list[int]]:
         return self.sp.encode(documents, num_threads=num_threads)
 
-    def copy_to(self, out: Path) -> None:
-        shutil.copyfile(self.model_path, out / "tokenizer.model")
+    def copy_to(self, out: Path) -> dict[str, dict[str, Any]]:
+        (out / "tokenizer.model").write_bytes(self.model)
+        return {"tokenizer.model": _bytes_record(self.model)}
 
 
 # -------------------------------------------------------------------------------------------- tokens
@@ -472,11 +611,84 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+class TokenChunks:
+    """The CRC-32 of each ``chunk_bytes`` chunk of one token file, recorded when it was built; each chunk
+    is checked the first time this process reads it (a per-process record of chunks found good).
+
+    ``raw`` is the file's bytes (a read-only memory map), ``table`` its ``<split>.crc32`` file.
+    """
+
+    def __init__(self, path: Path, table: Path, entry: Path, raw: np.ndarray, chunk_bytes: int) -> None:
+        self.path, self.table_path, self.entry = path, table, entry
+        self.raw = raw
+        self.chunk_bytes = chunk_bytes
+        num_chunks = -(-len(raw) // chunk_bytes)
+        self.table = np.memmap(table, dtype="<u4", mode="r", shape=(num_chunks,)) if num_chunks else np.zeros(0)
+        self.good = np.zeros(num_chunks, dtype=bool)
+
+    def check_range(self, start_B: np.ndarray, length: int) -> None:
+        """Check the chunks under bytes ``[start, start + length)`` for each start in ``start_B`` (all of
+        them before returning): :class:`DamagedCacheError` names the file and the first damaged chunk."""
+        if not len(start_B):
+            return
+        first_B = start_B // self.chunk_bytes
+        last_B = (start_B + length - 1) // self.chunk_bytes
+        if int((last_B - first_B).max()) <= 1:
+            chunks = np.union1d(first_B, last_B)
+        else:  # ranges longer than a chunk
+            chunks = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first_B, last_B)]))
+        for chunk in chunks[~self.good[chunks]]:
+            self._check_chunk(int(chunk))
+
+    def check_all(self) -> None:
+        """Check every chunk not yet found good (reads the whole file)."""
+        for chunk in np.flatnonzero(~self.good):
+            self._check_chunk(int(chunk))
+
+    def _check_chunk(self, chunk: int) -> None:
+        lo = chunk * self.chunk_bytes
+        hi = min(lo + self.chunk_bytes, len(self.raw))
+        if _crc32(self.raw[lo:hi]) != int(self.table[chunk]):
+            raise _damaged(
+                self.path,
+                self.entry,
+                f"bytes [{lo}, {hi}) (chunk {chunk}) do not match their CRC-32 recorded in {self.table_path} "
+                "(one of the two files changed since the build)",
+            )
+        self.good[chunk] = True
+
+
+class TokenMemmap(np.memmap):
+    """A cache's token file, memory-mapped read-only; ``chunks`` checks its bytes before they are used.
+
+    :class:`PackedDataset` checks the chunks under every window it reads. Slices, views and copies carry
+    no ``chunks`` (their indices are not the file's): hand the whole array to :class:`PackedDataset`.
+    """
+
+    chunks: TokenChunks | None = None
+
+    def __reduce__(self) -> Any:
+        # A process it is sent to (a spawned DataLoader worker) maps the file again and checks what it
+        # reads itself, instead of receiving a copy of every token read unchecked here.
+        if self.chunks is None:
+            return super().__reduce__()
+        c = self.chunks
+        return _map_tokens, (Path(self.filename), self.dtype.str, len(self), c.table_path, c.entry, c.chunk_bytes)
+
+    def check(self, start_B: np.ndarray, count: int) -> None:
+        """Check the tokens ``[start, start + count)`` of each start in ``start_B`` against the file's
+        CRC-32 table (each chunk once per process); raises :class:`DamagedCacheError` on a mismatch."""
+        if self.chunks is not None:
+            self.chunks.check_range(np.asarray(start_B, dtype=np.int64) * self.itemsize, count * self.itemsize)
+
+
 @dataclass
 class PreparedData:
     """A prepared dataset directory: its tokenizer, read-only token memmaps and metadata.
 
-    ``meta`` holds token and document counts per split, dtype, vocab size, EOS id and the source files.
+    ``meta`` holds token and document counts per split, dtype, vocab size, EOS id, the source files and
+    the checksums of the directory's files. ``train_tokens``/``val_tokens`` are :class:`TokenMemmap`s:
+    their chunks are checked as :class:`PackedDataset` reads them.
     """
 
     directory: Path
@@ -509,28 +721,45 @@ class PreparedData:
         """Packed windows of ``seq_len + 1`` tokens over one split."""
         return PackedDataset(self.tokens(split), seq_len, name=split)
 
+    def verify(self) -> None:
+        """Check every chunk of both token files now (reads them in full; training checks as it reads)."""
+        for tokens in (self.train_tokens, self.val_tokens):
+            chunks = getattr(tokens, "chunks", None)
+            if chunks is not None:
+                chunks.check_all()
 
-def _open_memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    if path.stat().st_size != count * dtype.itemsize:
-        raise DataError(
-            f"{path} holds {path.stat().st_size} bytes, meta.json says {count} tokens of {dtype}; "
-            f"the cache is damaged: delete {path.parent} and run again"
-        )
+
+def _open_tokens(entry: Path, meta: dict[str, Any], split: Split) -> np.ndarray:
+    dtype = np.dtype(meta["dtype"])
+    count = int(meta[f"{split}_tokens"])
+    path = entry / f"{split}.bin"
+    record = meta["files"].get(path.name)
+    if record is None or record["bytes"] != count * dtype.itemsize or "crc32" not in record:
+        raise _damaged(entry / "meta.json", entry, f"records no checksums of {count} tokens of {dtype} for {path.name}")
     if count == 0:
         return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    return _map_tokens(path, dtype.str, count, entry / record["crc32"], entry, int(record["chunk_bytes"]))
+
+
+def _map_tokens(path: Path, dtype: str, count: int, table: Path, entry: Path, chunk_bytes: int) -> TokenMemmap:
+    tokens = TokenMemmap(path, dtype=np.dtype(dtype), mode="r", shape=(count,))
+    tokens.chunks = TokenChunks(path, table, entry, np.asarray(tokens).view(np.uint8), chunk_bytes)
+    return tokens
 
 
 def open_prepared(directory: str | os.PathLike[str]) -> PreparedData:
-    """Open a complete dataset directory (one ``prepare_data`` made)."""
+    """Open a complete dataset directory (one ``prepare_data`` made), checking it first.
+
+    Checks ``meta.json`` (every byte), each file's size and the tokenizer files' SHA-256; the token files
+    are checked chunk by chunk as they are read. Raises :class:`DamagedCacheError` naming the file.
+    """
     directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
+    meta = _check_entry(directory, "meta.json")
     return PreparedData(
         directory=directory,
         meta=meta,
-        train_tokens=_open_memmap(directory / "train.bin", dtype, int(meta["train_tokens"])),
-        val_tokens=_open_memmap(directory / "val.bin", dtype, int(meta["val_tokens"])),
+        train_tokens=_open_tokens(directory, meta, "train"),
+        val_tokens=_open_tokens(directory, meta, "val"),
     )
 
 
@@ -568,15 +797,61 @@ def _choose_val_docs(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray
     return is_val
 
 
+class _ChunkedWriter:
+    """Writes ``<split>.bin`` and, from the same bytes, ``<split>.crc32``: the CRC-32 of each ``chunk_bytes``
+    chunk (the last one may be shorter), one little-endian uint32 each."""
+
+    def __init__(self, out: Path, split: Split, chunk_bytes: int) -> None:
+        self.path, self.table_path = out / f"{split}.bin", out / f"{split}.crc32"
+        self.chunk_bytes = chunk_bytes
+        self.bytes = self.chunks = 0
+        self._crc = self._fill = 0
+        self._data = open(self.path, "wb")
+        self._table = open(self.table_path, "wb")
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        self._data.write(view)
+        self.bytes += len(view)
+        while view:
+            take = min(len(view), self.chunk_bytes - self._fill)
+            self._crc = _crc32(view[:take], self._crc)
+            self._fill += take
+            view = view[take:]
+            if self._fill == self.chunk_bytes:
+                self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        self._table.write(self._crc.to_bytes(4, "little"))
+        self.chunks += 1
+        self._crc = self._fill = 0
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """What meta.json records of the two files."""
+        data = {"bytes": self.bytes, "chunk_bytes": self.chunk_bytes, "crc32": self.table_path.name}
+        return {self.path.name: data, self.table_path.name: {"bytes": 4 * self.chunks}}
+
+    def __enter__(self) -> _ChunkedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fill:
+            self._end_chunk()
+        self._data.close()
+        self._table.close()
+
+
 def _build_dataset(
     cfg: DataConfig, sources: Sequence[CorpusFile], digests: Sequence[str], sp: Any, data_key: str, out: Path
 ) -> None:
     """Tokenize the corpus once into ``out``/{train,val}.bin (EOS after each document) and write meta.json.
 
-    ``sp`` is the tokenizer (trained here or pretrained): ``encode``, ``vocab_size``, ``eos_id``, ``copy_to``.
+    ``sp`` is the tokenizer (trained here or pretrained): ``encode``, ``vocab_size``, ``eos_id``, and
+    ``copy_to`` (which returns the size and SHA-256 of each file it copied). Every file's checksum is
+    computed from the bytes as they are written, and meta.json records them all.
     """
     t0 = time.perf_counter()
-    sp.copy_to(out)
+    tokenizer_files = sp.copy_to(out)
     vocab, eos = sp.vocab_size, sp.eos_id
     dtype = token_dtype(vocab)
     threads = _num_threads(cfg)
@@ -603,7 +878,7 @@ def _build_dataset(
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(is_val.astype(np.int8))) + 1, [len(lengths)]])
     stream = np.memmap(all_path, dtype=dtype, mode="r", shape=(total,))
     counts = {"train": 0, "val": 0}
-    with open(out / "train.bin", "wb") as ftrain, open(out / "val.bin", "wb") as fval:
+    with _ChunkedWriter(out, "train", CHUNK_BYTES) as ftrain, _ChunkedWriter(out, "val", CHUNK_BYTES) as fval:
         for a, b in zip(bounds[:-1], bounds[1:]):
             split = "val" if is_val[a] else "train"
             dst = fval if split == "val" else ftrain
@@ -614,7 +889,7 @@ def _build_dataset(
     del stream
     all_path.unlink()
 
-    _write_json_atomic(
+    _write_checked_json(
         out / "meta.json",
         {
             "format": FORMAT_VERSION,
@@ -633,7 +908,7 @@ def _build_dataset(
                 {"path": str(s.path), "kind": s.kind, "bytes": s.size, "sha256": d, "documents": n}
                 for s, d, n in zip(sources, digests, docs_per_source)
             ],
-            "seconds": round(time.perf_counter() - t0, 3),
+            "files": {**tokenizer_files, **ftrain.records(), **fval.records()},
         },
     )
     log.info(
@@ -668,17 +943,39 @@ def _prepare_here(cfg: DataConfig) -> PreparedData:
     )
     root = cfg.cache_path / "datasets"
     final = root / data_key
-    if not (final / "meta.json").exists():
+    data = None
+    with contextlib.suppress(DamagedCacheError, FileNotFoundError):  # both: (re)built below, under the lock
+        data = open_prepared(final)
+    if data is None:
         with _file_lock(root / f"{data_key}.lock"):
-            if not (final / "meta.json").exists():  # another process may have built it while we waited
+            data = _open_or_discard(final, open_prepared)  # another process may have built it while we waited
+            if data is None:
                 if pretrained is None:
                     tokenizer = _TrainedTokenizer(_ensure_tokenizer(cfg, sources, digests, tok_key))
                 else:
                     tokenizer = pretrained
                 with _building(final) as tmp:
                     _build_dataset(cfg, sources, digests, tokenizer, data_key, tmp)
+                data = open_prepared(final)
     _write_json_atomic(cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json", {"data_key": data_key})
-    return open_prepared(final)
+    return data
+
+
+def _read_index_entry(path: Path) -> dict[str, str] | None:
+    """Rank 0's index entry: ``{"data_key": ...}`` or ``{"error": ...}``; None if missing or unreadable
+    (a damaged entry only costs this rank a content hash of the corpus, in ``_prepare_here``)."""
+    try:
+        entry = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    if isinstance(entry.get("error"), str):
+        return {"error": entry["error"]}
+    key = entry.get("data_key")
+    if isinstance(key, str) and len(key) == 24 and all(c in "0123456789abcdef" for c in key):
+        return {"data_key": key}
+    return None
 
 
 def prepare_data(cfg: DataConfig, rank: int = 0, barrier: Callable[[], Any] | None = None) -> PreparedData:
@@ -689,6 +986,9 @@ def prepare_data(cfg: DataConfig, rank: int = 0, barrier: Callable[[], Any] | No
     ``cache_dir`` is on a shared filesystem; with a node-local ``cache_dir`` pass the local rank (a rank
     that finds nothing after the barrier prepares for itself, under the same lock, so it is correct
     either way). If rank 0 fails, it still calls the barrier, and the waiting ranks raise too.
+
+    Every rank checks what it opens (module docstring, "Integrity"): a preparing rank rebuilds a damaged
+    entry; a waiting rank raises :class:`DamagedCacheError` naming the file.
 
     Returns a :class:`PreparedData` (tokenizer, ``train_tokens``/``val_tokens`` memmaps, ``meta``).
     """
@@ -712,14 +1012,13 @@ def prepare_data(cfg: DataConfig, rank: int = 0, barrier: Callable[[], Any] | No
     if barrier is not None:
         barrier()
     sources = resolve_corpus(cfg)  # stat only: the index maps path+size+mtime to rank 0's content-hashed key
-    entry_path = cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json"
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        entry = json.loads(entry_path.read_text())
-        if "error" in entry:
-            raise DataError(f"rank 0 failed to prepare the data: {entry['error']}")
-        final = cfg.cache_path / "datasets" / entry["data_key"]
-        if (final / "meta.json").exists():
-            return open_prepared(final)
+    entry = _read_index_entry(cfg.cache_path / "index" / f"{_stat_key(cfg, sources)}.json")
+    if entry is not None and "error" in entry:
+        raise DataError(f"rank 0 failed to prepare the data: {entry['error']}")
+    if entry is not None and (cfg.cache_path / "datasets" / entry["data_key"]).exists():
+        # Rank 0 checked this entry and the job's ranks read it now: damage found here stops the job
+        # (DamagedCacheError names the file) rather than rebuilding it under the others.
+        return open_prepared(cfg.cache_path / "datasets" / entry["data_key"])
     return _prepare_here(cfg)  # cache_dir not shared with rank 0: prepare here (locked, so once per directory)
 
 
@@ -750,11 +1049,18 @@ class PackedDataset(torch.utils.data.Dataset):
         return self.num_windows
 
     def windows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Token windows ``[B, seq_len + 1]`` (stream dtype) for window indices ``[B]``."""
+        """Token windows ``[B, seq_len + 1]`` (stream dtype) for window indices ``[B]``.
+
+        Over a cache's :class:`TokenMemmap`, the chunks under all ``B`` windows are checked first (once per
+        chunk and process): a damaged one raises :class:`DamagedCacheError` and no window is returned.
+        """
         idx_B = np.asarray(indices, dtype=np.int64)
         if idx_B.size and (idx_B.min() < 0 or idx_B.max() >= self.num_windows):
             raise IndexError(f"window index out of range [0, {self.num_windows})")
-        pos_BW = idx_B[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        start_B = idx_B * self.seq_len
+        if isinstance(self.tokens, TokenMemmap):
+            self.tokens.check(start_B, self.seq_len + 1)
+        pos_BW = start_B[:, None] + np.arange(self.seq_len + 1)
         return np.asarray(self.tokens[pos_BW])
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

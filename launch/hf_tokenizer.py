@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +98,18 @@ class PretrainedTokenizer:
             ids = [[self.bos_id, *x] for x in ids]
         return [list(x) for x in ids]
 
-    def copy_to(self, dest: Path) -> None:
-        """Copy the tokenizer files into ``dest`` (the dataset directory keeps what made its ids)."""
+    def copy_to(self, dest: Path) -> dict[str, dict[str, Any]]:
+        """Copy the tokenizer files into ``dest`` (the dataset directory keeps what made its ids).
+
+        Returns each copy's ``{"bytes", "sha256"}``, hashed from the bytes written (the cache's checksums).
+        """
         dest.mkdir(parents=True, exist_ok=True)
+        copied = {}
         for path in self.files:
-            shutil.copyfile(path, dest / path.name)
+            data = path.read_bytes()  # tokenizer files are small (tens of MB at most)
+            (dest / path.name).write_bytes(data)
+            copied[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return copied
 
 
 def load_pretrained_tokenizer(location: str | os.PathLike[str], key: str = "data.tokenizer") -> PretrainedTokenizer:

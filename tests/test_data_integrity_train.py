@@ -1,0 +1,62 @@
+"""A damaged token cache ends a real training run (the CLI, one process) before any step, naming the file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import config as app_config
+from launch.data import prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+app_config.register_configs()
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.moe_every=1",
+    "moe.num_experts=4",
+    "data.max_corpus_bytes=300000",
+    "data.vocab_size=512",
+    "data.seq_len=16",
+    "train.micro_batch_size=4",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.eval_batches=1",
+    "train.progress=lines",
+    "logger=disabled",
+]
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.slow  # ~12 s; the fast tier checks the same data path through launch.train._build_data
+def test_zeroed_train_bin_stops_training_before_a_step(tmp_path):
+    overrides = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'run'}"]
+    data = prepare_data(app_config.data_config(compose(*overrides)))  # the cache the run opens
+    damaged = data.directory / "train.bin"
+    damaged.write_bytes(bytes(damaged.stat().st_size))  # the right size, every byte zero
+    run = tmp_path / "run"
+    cmd = [sys.executable, "launch/train.py", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    entry = re.escape(str(data.directory))
+    where = rf"{re.escape(str(damaged))} bytes \[\d+, \d+\) .* the cache entry {entry} .*delete it"
+    assert re.search(where, out), out[-3000:]
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert not [row for row in rows if "train/loss" in row], rows  # not one step trained on it
