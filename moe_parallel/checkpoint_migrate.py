@@ -30,15 +30,17 @@ import torch
 from .checkpoint import numpy_rng_state
 from .checkpoint_store import (
     CHECKSUM,
+    DIGEST,
     FORMAT_VERSION,
     MIGRATION_JOURNAL,
     CheckpointError,
     check_file,
-    file_checksum,
+    file_entry,
     lineage,
     list_checkpoints,
     read_manifest,
     remove_tree,
+    signing_key,
     sync_dir,
     write_file,
     write_manifest,
@@ -83,8 +85,10 @@ def migrate_checkpoint(path: str | os.PathLike, *, trust: bool) -> Migration:
         check_file(path, rel, entry)
         try:
             load_plain(path / rel, mmap=True)
-            # Format 1 recorded sizes only: the caller's trust stands in for the checksum it lacked.
-            files[rel] = entry if CHECKSUM in entry else {**entry, CHECKSUM: file_checksum(path / rel)}
+            # Format 1 recorded sizes only: the caller's trust stands in for the checksum it lacked
+            # (and, signing, for the SHA-256 that the signature will cover).
+            complete = CHECKSUM in entry and (signing_key() is None or DIGEST in entry)
+            files[rel] = entry if complete else file_entry(path / rel)
             continue
         except UnsafeFileError:
             pass

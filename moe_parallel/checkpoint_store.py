@@ -13,6 +13,10 @@ Guarantees (the README's "Failure behaviour" section states them for users):
 - Every file holds only tensors and plain data and is read with ``weights_only=True``
   (:mod:`.safe_files`): loading a checkpoint never runs code from it, and a file that holds anything
   else is refused by name (checksums prove integrity, not authorship).
+- Signed checkpoints (optional): with a secret in ``MOE_PARALLEL_CHECKPOINT_KEY``, every file's
+  SHA-256 is recorded beside its CRC and the manifest carries an HMAC-SHA256 of its content; with
+  the variable set, only checkpoints signed with that key list, load or verify (a run requires its
+  own checkpoints), and each file read is checked against its SHA-256 (a CRC is easy to forge).
 - Persistent buffers (a router's ``expert_bias``) are files like parameters: listed by name in
   ``manifest.json`` (``buffers``), checksummed, and required by a load.
 - Every file's CRC-32 is computed while ``torch.save`` streams it to disk (no second read) and
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -51,6 +57,9 @@ from .safe_files import UnsafeFileError, load_plain, to_plain
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 CHECKSUM = "crc32"
+DIGEST = "sha256"  # recorded when checkpoints are signed
+SIGNATURE = "hmac_sha256"
+SIGNING_KEY_ENV = "MOE_PARALLEL_CHECKPOINT_KEY"
 LATEST = "latest"
 STAGING_MARK = ".tmp-"
 DELETED_MARK = f"{STAGING_MARK}deleted-"  # a checkpoint that rotation has taken out of the listing
@@ -71,6 +80,17 @@ def staging_name(tag: str) -> str:
     return f"{tag}{STAGING_MARK}{uuid.uuid4().hex[:8]}"
 
 
+def signing_key() -> bytes | None:
+    """The secret of :data:`SIGNING_KEY_ENV`, or None: checkpoints are not signed or required to be."""
+    key = os.environ.get(SIGNING_KEY_ENV, "")
+    return key.encode() if key else None
+
+
+def _signature(manifest: dict[str, Any], key: bytes) -> str:
+    body = {k: v for k, v in manifest.items() if k != SIGNATURE}
+    return hmac.new(key, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256).hexdigest()
+
+
 # ---------------------------------------------------------------- checksummed files
 
 
@@ -81,9 +101,10 @@ class _ChecksumWriter:
     A failed write is remembered: torch replaces it with its own "unexpected pos" error.
     """
 
-    def __init__(self, file) -> None:
+    def __init__(self, file, digest: bool = False) -> None:
         self._file = file
         self.crc = 0
+        self.sha256 = hashlib.sha256() if digest else None
         self.bytes = 0
         self.error: OSError | None = None
 
@@ -94,6 +115,8 @@ class _ChecksumWriter:
             self.error = err
             raise
         self.crc = zlib.crc32(data, self.crc)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.bytes += memoryview(data).nbytes
         return written
 
@@ -106,7 +129,8 @@ class _ChecksumWriter:
 
 
 def write_file(obj: Any, path: Path) -> dict[str, Any]:
-    """``torch.save`` ``obj`` to ``path`` (synced to disk); returns its manifest entry ``{"bytes", "crc32"}``.
+    """``torch.save`` ``obj`` to ``path`` (synced to disk); returns its manifest entry ``{"bytes", "crc32"}``
+    (and ``"sha256"`` when checkpoints are signed).
 
     ``obj`` must be tensors and plain data (NumPy values are converted): anything else is a
     ``TypeError`` naming where it sits, raised before the file is created. An ``OSError`` (e.g.
@@ -114,7 +138,7 @@ def write_file(obj: Any, path: Path) -> dict[str, Any]:
     """
     obj = to_plain(obj, path.name)
     with open(path, "wb") as file:
-        writer = _ChecksumWriter(file)
+        writer = _ChecksumWriter(file, digest=signing_key() is not None)
         try:
             torch.save(obj, writer)
         except RuntimeError as err:
@@ -123,18 +147,36 @@ def write_file(obj: Any, path: Path) -> dict[str, Any]:
             raise
         file.flush()
         os.fsync(file.fileno())
-    return {"bytes": writer.bytes, CHECKSUM: f"{writer.crc:08x}"}
+    entry = {"bytes": writer.bytes, CHECKSUM: f"{writer.crc:08x}"}
+    if writer.sha256 is not None:
+        entry[DIGEST] = writer.sha256.hexdigest()
+    return entry
 
 
 def file_checksum(path: Path) -> str:
     """CRC-32 of a file, read in chunks (bounded memory)."""
+    return _file_digests(path, sha256=False)[0]
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """The manifest entry of a file already on disk (what :func:`write_file` returns for it)."""
+    crc, digest = _file_digests(path, sha256=signing_key() is not None)
+    entry = {"bytes": path.stat().st_size, CHECKSUM: crc}
+    return entry if digest is None else {**entry, DIGEST: digest}
+
+
+def _file_digests(path: Path, *, sha256: bool) -> tuple[str, str | None]:
+    """(CRC-32, SHA-256 or None) of a file, in one pass of 8 MiB chunks."""
     crc = 0
+    sha = hashlib.sha256() if sha256 else None
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as file:
         while n := file.readinto(buf):
             crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
+            if sha is not None:
+                sha.update(view[:n])
+    return f"{crc:08x}", sha.hexdigest() if sha is not None else None
 
 
 def check_file(checkpoint: Path, rel: str, entry: dict[str, Any], *, content: bool = True) -> None:
@@ -147,13 +189,21 @@ def check_file(checkpoint: Path, rel: str, entry: dict[str, Any], *, content: bo
     if size != entry["bytes"]:
         raise CheckpointError(f"checkpoint file {file} has {size} bytes, manifest.json says {entry['bytes']}")
     expected = entry.get(CHECKSUM)
-    if content and expected is not None:
-        actual = file_checksum(file)
-        if actual != expected:
-            raise CheckpointError(
-                f"checkpoint file {file} is corrupt: its {CHECKSUM} is {actual}, manifest.json recorded "
-                f"{expected} when it was written (damaged on disk or in a copy)"
-            )
+    if not content or expected is None:
+        return
+    signed = signing_key() is not None  # the manifest's signature covers the SHA-256, not the CRC alone
+    actual, digest = _file_digests(file, sha256=signed)
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint file {file} is corrupt: its {CHECKSUM} is {actual}, manifest.json recorded "
+            f"{expected} when it was written (damaged on disk or in a copy)"
+        )
+    if signed and digest != entry.get(DIGEST):
+        raise CheckpointError(
+            f"checkpoint file {file} does not match the SHA-256 its signed manifest records: it was replaced "
+            "after the checkpoint was written (its CRC-32 forged to match); restore the checkpoint from a copy "
+            "you trust"
+        )
 
 
 def load_file(checkpoint: Path, rel: str, manifest: dict[str, Any], *, mmap: bool = False) -> Any:
@@ -288,6 +338,10 @@ def publish_text(text: str, target: Path) -> None:
 
 
 def write_manifest(checkpoint: Path, manifest: dict[str, Any], name: str = "manifest.json") -> None:
+    """Write a manifest (signed with :func:`signing_key` when one is set), synced to disk."""
+    key = signing_key()
+    if key is not None:
+        manifest = {**manifest, SIGNATURE: _signature(manifest, key)}
     with open(checkpoint / name, "w") as file:
         file.write(json.dumps(manifest, indent=1))
         file.flush()
@@ -319,12 +373,31 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> dict[
     problem = _manifest_problem(manifest)
     if problem:
         raise CheckpointError(f"{file} is not a valid manifest: {problem}")
+    _check_signature(file, manifest)
     if manifest["format_version"] == 1:
         manifest["files"] = {rel: {"bytes": size} for rel, size in manifest["files"].items()}
     if check_files:
         for rel, entry in manifest["files"].items():
             check_file(path, rel, entry, content=False)
     return manifest
+
+
+def _check_signature(file: Path, manifest: dict[str, Any]) -> None:
+    """With a signing key set, a manifest must carry its HMAC and every file its SHA-256."""
+    key = signing_key()
+    if key is None:
+        return
+    signature = manifest.get(SIGNATURE)
+    if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(manifest, key)):
+        why = "is not signed" if signature is None else "carries a signature that does not match"
+        raise CheckpointError(
+            f"{file} {why} with the key in {SIGNING_KEY_ENV}: this run loads only checkpoints written by runs "
+            f"that hold the key. If the checkpoint is yours, load it with {SIGNING_KEY_ENV} unset"
+            + (", or with the key it was signed with" if signature is not None else "")
+        )
+    unsigned = [rel for rel, entry in manifest["files"].items() if DIGEST not in entry]
+    if unsigned:
+        raise CheckpointError(f"{file} is signed but records no {DIGEST} of {unsigned[:3]}: it is damaged")
 
 
 def _manifest_problem(manifest: Any) -> str | None:

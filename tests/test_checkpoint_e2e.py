@@ -189,3 +189,18 @@ def test_a_run_of_an_earlier_format_is_refused_then_resumes_after_migrate(run):
     assert checkpoint_tool(["migrate", str(ckpts), "--trust"]) == 0
     out = ok(train(run_dir, cache, "train.steps=6"))
     assert f"resumed from {ckpts / 'step_00000004'} at step 4" in out
+
+
+def test_with_a_signing_key_a_run_resumes_only_checkpoints_signed_with_it(run, monkeypatch):
+    from moe_parallel.checkpoint_store import SIGNING_KEY_ENV
+
+    run_dir, cache = run
+    monkeypatch.setenv(SIGNING_KEY_ENV, "the team's secret")
+    before = snapshot(run_dir)
+    msg = refused(train(run_dir, cache, "train.steps=6"))  # its checkpoints were written without the key
+    assert f"is not signed with the key in {SIGNING_KEY_ENV}" in msg and snapshot(run_dir) == before
+    signed = run_dir.parent / "signed"
+    ok(train(signed, cache, "train.steps=2"))
+    assert f"resumed from {signed / 'checkpoints' / 'step_00000002'}" in ok(train(signed, cache, "train.steps=4"))
+    monkeypatch.setenv(SIGNING_KEY_ENV, "someone else's secret")
+    assert "carries a signature that does not match" in refused(train(signed, cache, "train.steps=6"))

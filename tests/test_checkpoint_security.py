@@ -277,3 +277,89 @@ def test_a_kill_during_migrate_is_finished_or_undone_by_the_next_run(tmp_path, t
         rng = load_file(checkpoint, "rng/rank_0.pt", manifest)["numpy"]
         assert rng["key"].tolist() == states["rng/rank_0.pt"]["numpy"][1].tolist(), k
         assert not list(checkpoint.rglob(f"*{CONVERTED_SUFFIX}")) and not (checkpoint / MIGRATION_JOURNAL).exists()
+
+
+# ---------------------------------------------------------------- signed checkpoints
+
+
+def _signed_checkpoint(root: Path) -> Path:
+    from moe_parallel.checkpoint_store import FORMAT_VERSION, lineage, write_manifest
+
+    path = root / "step_00000001"
+    path.mkdir(parents=True)
+    files = {
+        rel: write_file({"w": torch.arange(1000.0) * i}, path / rel)
+        for i, rel in enumerate(["trainer.pt", "dense/stage_0.pt"])
+        if (path / rel).parent.mkdir(exist_ok=True) is None
+    }
+    manifest = {"format_version": FORMAT_VERSION, "step": 1, "saved_world_size": 1, "moe_layers": {}, "files": files}
+    write_manifest(path, {**manifest, **lineage(root, None, None)})
+    return path
+
+
+def _forge_crc(original: bytes, at: int) -> bytes:
+    """``original`` with its last bytes changed and bytes [at, at+4) patched so that the CRC-32 (and the
+    size) stay the same: CRC-32 is affine in the message bits, so 32 free bits reach any target."""
+    import zlib
+
+    data = original[:-8] + bytes(b ^ 0x5A for b in original[-8:])
+
+    def crc_with(patch: int) -> int:
+        return zlib.crc32(data[:at] + patch.to_bytes(4, "little") + data[at + 4 :])
+
+    base, target = crc_with(0), zlib.crc32(original)
+    columns = [crc_with(1 << bit) ^ base for bit in range(32)]  # the linear part, column by column
+    rows = [(columns_bit, 1 << bit) for bit, columns_bit in enumerate(columns)]
+    want, solution = base ^ target, 0
+    basis: list[tuple[int, int]] = []  # Gaussian elimination over GF(2) on (effect, patch) pairs
+    for effect, patch in rows:
+        for b_effect, b_patch in basis:
+            if effect ^ b_effect < effect:
+                effect, patch = effect ^ b_effect, patch ^ b_patch
+        if effect:
+            basis.append((effect, patch))
+            basis.sort(reverse=True)
+    for b_effect, b_patch in basis:
+        if want ^ b_effect < want:
+            want, solution = want ^ b_effect, solution ^ b_patch
+    assert want == 0
+    forged = data[:at] + solution.to_bytes(4, "little") + data[at + 4 :]
+    assert forged != original and zlib.crc32(forged) == zlib.crc32(original) and len(forged) == len(original)
+    return forged
+
+
+def test_with_a_key_a_run_loads_only_checkpoints_signed_with_it(tmp_path, monkeypatch):
+    from moe_parallel.checkpoint_store import SIGNATURE, SIGNING_KEY_ENV, verify_checkpoint
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, "our secret")
+    path = _signed_checkpoint(tmp_path / "signed")
+    manifest = read_manifest(path)
+    assert SIGNATURE in manifest and all("sha256" in e for e in manifest["files"].values())
+    assert torch.equal(load_file(path, "dense/stage_0.pt", manifest)["w"], torch.arange(1000.0))
+    assert verify_checkpoint(path)[1] == []
+
+    # A file replaced and its CRC recorded anew: the manifest no longer matches its signature.
+    copy = tmp_path / "recorded" / "step_00000001"
+    shutil.copytree(path, copy)
+    tamper(copy, "dense/stage_0.pt", (copy / "trainer.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="signature that does not match"):
+        read_manifest(copy)
+    # A file changed with its CRC-32 forged to match (the manifest untouched): the SHA-256 tells.
+    copy = tmp_path / "forged" / "step_00000001"
+    shutil.copytree(path, copy)
+    data = (copy / "dense/stage_0.pt").read_bytes()
+    (copy / "dense/stage_0.pt").write_bytes(_forge_crc(data, len(data) // 2))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256 its signed manifest records"):
+        load_file(copy, "dense/stage_0.pt", read_manifest(copy))
+    assert len(verify_checkpoint(copy)[1]) == 1
+
+    # Another key, or none at save time: refused, naming the variable.
+    monkeypatch.setenv(SIGNING_KEY_ENV, "another secret")
+    with pytest.raises(CheckpointError, match=f"does not match with the key in {SIGNING_KEY_ENV}"):
+        read_manifest(path)
+    monkeypatch.delenv(SIGNING_KEY_ENV)
+    unsigned = _signed_checkpoint(tmp_path / "unsigned")
+    assert read_manifest(path)[SIGNATURE]  # without a key, signatures are not required or checked
+    monkeypatch.setenv(SIGNING_KEY_ENV, "our secret")
+    with pytest.raises(CheckpointError, match=f"is not signed with the key in {SIGNING_KEY_ENV}"):
+        read_manifest(unsigned)
