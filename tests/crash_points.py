@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,15 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _MUTATIONS = ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.link", "os.truncate")
 
 _armed = False
+_armed_at = 0.0
 _events = 0
 _kill_at: int | None = None
 
 
 def arm() -> None:
     """Start counting (and killing) from here."""
-    global _armed
+    global _armed, _armed_at
+    _armed_at = time.perf_counter()
     _armed = True
 
 
@@ -84,14 +87,12 @@ def _child(target: str, args: list, kill_at: int | None, delay_s: float | None) 
         armed = threading.Thread(target=lambda: (_wait_armed(), timer.start()), daemon=True)
         armed.start()
     fn(*args)
-    print(json.dumps({"events": _events}), flush=True)
+    print(json.dumps({"events": _events, "seconds": time.perf_counter() - _armed_at}), flush=True)
     sys.stdout.flush()
     os._exit(0)
 
 
 def _wait_armed() -> None:
-    import time
-
     while not _armed:
         time.sleep(0.001)
 
@@ -100,6 +101,7 @@ def _wait_armed() -> None:
 class Outcome:
     killed: bool
     events: int | None  # the count, when the function ran to its end
+    seconds: float | None  # from arm() to the end, when it ran to its end
     stdout: str
     stderr: str
 
@@ -122,15 +124,27 @@ def run(target: str, *args, kill_at: int | None = None, delay_s: float | None = 
     killed = proc.returncode == -signal.SIGKILL
     if not killed and proc.returncode != 0:
         raise AssertionError(f"{target} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    events = json.loads(proc.stdout.strip().splitlines()[-1])["events"] if not killed else None
-    return Outcome(killed, events, proc.stdout, proc.stderr)
+    report = {} if killed else json.loads(proc.stdout.strip().splitlines()[-1])
+    return Outcome(killed, report.get("events"), report.get("seconds"), proc.stdout, proc.stderr)
 
 
-def count(target: str, *args, timeout: float = 180) -> int:
-    """How many counted operations ``target`` makes after it arms."""
+def count(target: str, *args, timeout: float = 180) -> Outcome:
+    """Run ``target`` to its end: how many counted operations it makes after it arms, and how long that takes."""
     outcome = run(target, *args, timeout=timeout)
     assert outcome.events, f"{target} made no counted file operation after arm()"
-    return outcome.events
+    return outcome
+
+
+def sweep(target: str, args: list, n: int, seed: int) -> list[tuple[int | None, float | None]]:
+    """``n`` kill points over one run of ``target``: three in four at counted operations (the first
+    and the last among them), one in four at a random time between arm() and the end."""
+    import random
+
+    measured = count(target, *args)
+    timed = n // 4
+    gen = random.Random(seed)
+    delays = [gen.uniform(0.0, measured.seconds) for _ in range(timed)]
+    return [(k, None) for k in kill_points(measured.events, n - timed, seed)] + [(None, d) for d in delays]
 
 
 def kill_points(total: int, n: int, seed: int) -> list[int]:

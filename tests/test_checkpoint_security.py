@@ -260,7 +260,7 @@ def test_a_kill_during_migrate_is_finished_or_undone_by_the_next_run(tmp_path, t
     states = to_format_2(source)
     count = tmp_path / "count"
     shutil.copytree(source, count)
-    total = crash_points.count("tests.test_checkpoint_security:migrate_for_sweep", str(count))
+    total = crash_points.count("tests.test_checkpoint_security:migrate_for_sweep", str(count)).events
     for k in crash_points.kill_points(total, n, seed=n):
         checkpoint = tmp_path / f"kill{k}"
         shutil.copytree(source, checkpoint)

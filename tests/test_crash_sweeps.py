@@ -21,7 +21,7 @@ from moe_parallel.checkpoint_store import STAGING_MARK, list_checkpoints, select
 from tests import crash_points
 from tests.fault_ops import exported_state
 
-SAMPLE, FULL = 2, 24
+SAMPLE, FULL = 4, 24
 SWEEPS = [pytest.param(SAMPLE, id="sample"), pytest.param(FULL, id="full", marks=pytest.mark.slow)]
 
 
@@ -31,28 +31,13 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{STAGING_MARK}*"))
 
 
-def _kill_points(target: str, args: list, n: int, seed: int) -> list[tuple[int | None, float | None]]:
-    """``n`` points: most at counted steps, one in four at a random time within the operation."""
-    import random
-    import time
-
-    start = time.perf_counter()
-    total = crash_points.count(target, *args)
-    duration = time.perf_counter() - start
-    timed = n // 4
-    steps = crash_points.kill_points(total, n - timed, seed)
-    gen = random.Random(seed)
-    # The child's start-up is most of `duration`; the timer starts when the function arms.
-    return [(k, None) for k in steps] + [(None, gen.uniform(0.0, 0.3 * duration)) for _ in range(timed)]
-
-
 # ---------------------------------------------------------------- save and rotation
 
 
 @pytest.mark.parametrize("n", SWEEPS)
 def test_a_kill_during_save_or_rotation_loses_no_checkpoint(tmp_path, n):
     target = "tests.fault_ops:save_and_rotate"
-    points = _kill_points(target, [str(tmp_path / "count"), 3], n, seed=n)
+    points = crash_points.sweep(target, [str(tmp_path / "count"), 3], n, seed=n)
     for i, (kill_at, delay) in enumerate(points):
         ckpts = tmp_path / f"run{i}" / "checkpoints"
         outcome = crash_points.run(target, str(ckpts), 3, kill_at=kill_at, delay_s=delay)
@@ -80,41 +65,50 @@ def test_a_kill_during_save_or_rotation_loses_no_checkpoint(tmp_path, n):
 
 
 @pytest.fixture(scope="module")
-def toy_checkpoints(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("toy") / "checkpoints"
-    crash_points.run("tests.fault_ops:toy_checkpoints", str(path), 2)
+def two_checkpoints(tmp_path_factory) -> Path:
+    """Two weights-only checkpoints ("a", "b") of one model, 64 MiB each: big enough that a write is a
+    window a timed kill lands in."""
+    from moe_parallel.checkpoint import import_consolidated
+
+    path = tmp_path_factory.mktemp("two") / "checkpoints"
+    experts = {"1": {"w1": "layer.experts.w1"}}
+    for seed, tag in enumerate("ab"):
+        gen = torch.Generator().manual_seed(seed)
+        state = {f"dense.{i}": torch.randn(1 << 20, generator=gen) for i in range(12)}
+        state["layer.experts.w1"] = torch.randn(4, 1 << 20, generator=gen)
+        import_consolidated(state, experts, path, tag)
     return path
 
 
 @pytest.mark.parametrize("n", SWEEPS)
-def test_a_kill_during_export_keeps_the_earlier_export(tmp_path, toy_checkpoints, n):
+def test_a_kill_during_export_keeps_the_earlier_export(tmp_path, two_checkpoints, n):
     reference = tmp_path / "reference"
     reference.mkdir()
-    for tag in ("step_00000001", "step_00000002"):
-        assert tool(["export", str(toy_checkpoints), "--tag", tag, "--out", str(reference / f"{tag}.pt")]) == 0
-    old, new = (exported_state(reference / f"{tag}.pt") for tag in ("step_00000001", "step_00000002"))
+    for tag in "ab":
+        assert tool(["export", str(two_checkpoints), "--tag", tag, "--out", str(reference / f"{tag}.pt")]) == 0
+    old, new = (exported_state(reference / f"{tag}.pt") for tag in "ab")
     target = "tests.fault_ops:tool"
 
     def args(out: Path) -> list[str]:
-        return ["export", str(toy_checkpoints), "--tag", "step_00000002", "--out", str(out)]
+        return ["export", str(two_checkpoints), "--tag", "b", "--out", str(out)]
 
     count_dir = tmp_path / "count"
     count_dir.mkdir()
-    points = _kill_points(target, args(count_dir / "model.pt"), n, seed=n)
+    points = crash_points.sweep(target, args(count_dir / "model.pt"), n, seed=n)
     for i, (kill_at, delay) in enumerate(points):
         folder = tmp_path / f"export{i}"
         folder.mkdir()
         out = folder / "model.pt"
-        for suffix in ("", ".json"):  # the earlier export, of step 1
-            shutil.copy(reference / f"step_00000001.pt{suffix}", folder / f"model.pt{suffix}")
+        for suffix in ("", ".json"):  # the earlier export, of "a"
+            shutil.copy(reference / f"a.pt{suffix}", folder / f"model.pt{suffix}")
         crash_points.run(target, *args(out), kill_at=kill_at, delay_s=delay)
-        where = f"kill at step {kill_at}" if kill_at else f"kill after {delay:.2f}s"
+        where = f"kill at step {kill_at}" if kill_at else f"kill after {delay:.3f}s"
         state = exported_state(out)  # always a whole file: the earlier one or the new one
         assert _same(state, old) or _same(state, new), where
         code = tool(["import", str(out), "--out", str(folder / "imported")])
         meta = json.loads((folder / "model.pt.json").read_text())
         if code != 0:  # killed between the two renames: the pair is told apart, not imported
-            assert _same(state, new) and meta["step"] == 1, where
+            assert _same(state, new) and meta["source"].endswith("/a"), where
         # The same command again completes it, and leaves nothing behind.
         assert tool(args(out)) == 0, where
         assert _same(exported_state(out), new) and _leftovers(folder) == [], where
@@ -125,9 +119,9 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_import_of_a_damaged_or_mismatched_export_exits_2_naming_the_file(tmp_path, toy_checkpoints, capsys):
+def test_import_of_a_damaged_or_mismatched_export_exits_2_naming_the_file(tmp_path, two_checkpoints, capsys):
     out = tmp_path / "model.pt"
-    assert tool(["export", str(toy_checkpoints), "--out", str(out)]) == 0
+    assert tool(["export", str(two_checkpoints), "--tag", "a", "--out", str(out)]) == 0
     data = out.read_bytes()
     for cut in (0, 10, len(data) // 2, len(data) - 1):
         out.write_bytes(data[:cut])
@@ -157,7 +151,8 @@ def test_a_kill_during_import_hf_leaves_nothing_and_a_rerun_completes(tmp_path, 
     from tests.test_hf_cli import assert_same_tensors
 
     target = "tests.fault_ops:tool"
-    points = _kill_points(target, ["import-hf", str(hf_source), "--out", str(tmp_path / "count" / "ckpt")], n, seed=n)
+    argv = ["import-hf", str(hf_source), "--out", str(tmp_path / "count" / "ckpt")]
+    points = crash_points.sweep(target, argv, n, seed=n)
     for i, (kill_at, delay) in enumerate(points):
         out = tmp_path / f"import{i}" / "ckpt"
         argv = ["import-hf", str(hf_source), "--out", str(out)]
@@ -180,7 +175,7 @@ def test_a_kill_during_export_hf_leaves_nothing_and_a_rerun_completes(tmp_path, 
     ckpt = tmp_path / "ckpt"
     assert tool(["import-hf", str(hf_source), "--out", str(ckpt)]) == 0
     target = "tests.fault_ops:tool"
-    points = _kill_points(target, ["export-hf", str(ckpt), "--out", str(tmp_path / "count")], n, seed=n)
+    points = crash_points.sweep(target, ["export-hf", str(ckpt), "--out", str(tmp_path / "count")], n, seed=n)
     for i, (kill_at, delay) in enumerate(points):
         out = tmp_path / f"export{i}" / "hf"
         outcome = crash_points.run(target, "export-hf", str(ckpt), "--out", str(out), kill_at=kill_at, delay_s=delay)
