@@ -462,16 +462,7 @@ def read_latest(checkpoints_dir: Path) -> str | None:
 
 
 def write_latest(checkpoints_dir: Path, tag: str) -> None:
-    tmp = checkpoints_dir / staging_name(LATEST)
-    try:
-        with open(tmp, "w") as file:
-            file.write(tag)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, checkpoints_dir / LATEST)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sync_dir(checkpoints_dir)
+    publish_text(tag, checkpoints_dir / LATEST)
 
 
 def resolve_checkpoint(load_dir: str | os.PathLike, tag: str | None = None) -> Path | None:
