@@ -304,7 +304,7 @@ REFUSED_SLOW = [
     ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3 is invalid"),
     ("data.val_fraction=2", "data.val_fraction=2.0 is invalid"),
     ("logger.init_timeout=0", "logger.init_timeout=0.0 must be > 0"),
-    ("model.kind=hf", "model.path is not set"),
+    ("model.kind=hf", "model.num_layers=2 cannot be set with model=hf"),
 ]
 
 
