@@ -95,6 +95,7 @@ def test_diverging_learning_rate_stops_after_max_skipped_steps(tmp_path, cache):
     assert checkpoint_steps(run) and max(checkpoint_steps(run)) == bad_step - 1
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"step_{bad_step - 1:08d}"
+    assert not (run / "run.lock").exists()  # released on the way out (exit 65)
 
 
 def test_nan_in_fp32_stops_at_the_first_step_naming_the_layer(tmp_path, cache):
@@ -232,6 +233,7 @@ def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path, cache):
         # Rank 0 exits at once (DeepSpeed's launcher then SIGTERMs the stopped rank and SIGKILLs
         # it 30 s later: not waited for here).
         workers[0].wait(timeout=30)  # psutil.TimeoutExpired if it lingers
+        assert not (tmp_path / "run" / "run.lock").exists()  # rank 0 released it on the way out (exit 69)
     finally:
         job.kill()
     assert timeout_s * 0.9 < elapsed < timeout_s + margin_s  # it waited for the timeout, and not much longer
@@ -242,6 +244,7 @@ def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path, cache):
 def _assert_stopped_cleanly(job: Job, run_dir: Path, code: int) -> None:
     out = job.output
     assert "checkpointing and stopping" in out, out[-4000:]
+    assert not (run_dir / "run.lock").exists()  # released on the way out: the next job (or requeue) takes it
     stopped = int(out.split("checkpointing and stopping")[0].rsplit("step ", 1)[1].split(":")[0])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
     files = wandb_files(run_dir)

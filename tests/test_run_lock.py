@@ -196,6 +196,10 @@ def test_a_record_round_trips_and_a_damaged_one_is_refused(here):
     for text in ("", "{", "[]", '{"token": "x"}', '{"token": "", "pid": 1}'):
         with pytest.raises(ValueError):
             Holder.from_json(text)
+    record = json.loads(here.to_json())
+    for name, wrong in (("start_ticks", "123"), ("pid", True), ("flock", 1), ("slurm_restart_count", "2")):
+        with pytest.raises(ValueError, match=name):
+            Holder.from_json(json.dumps({**record, name: wrong}))
 
 
 # ---------------------------------------------------------------- one process
