@@ -175,8 +175,13 @@ class Holder:
             holder = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise ValueError(f"fields missing: {err}") from None
-        if not isinstance(holder.token, str) or not isinstance(holder.pid, int) or not holder.token:
-            raise ValueError("token or pid missing")
+        # A field of the wrong type could make a live holder look gone (a start time that never matches).
+        for name, types in _FIELD_TYPES.items():
+            value = getattr(holder, name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ValueError(f"{name}={value!r} is not a {' or '.join(t.__name__ for t in types)}")
+        if not holder.token:
+            raise ValueError("the token is empty")
         return holder
 
     def describe(self) -> str:
@@ -189,9 +194,28 @@ class Holder:
             slurm.append(f"restart {self.slurm_restart_count}")
             if self.slurm_cluster:
                 slurm.append(f"cluster {self.slurm_cluster}")
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)) if _number(self.started) else "?"
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
         details = ", ".join([f"pid {self.pid} on host {self.host}", *slurm, f"user {self.user}", f"started {since}"])
         return f"the {self.purpose} job ({details})"
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "token": (str,),
+    "host": (str,),
+    "pid": (int,),
+    "start_ticks": (int, type(None)),
+    "boot_id": (str,),
+    "pid_ns": (str,),
+    "user": (str,),
+    "purpose": (str,),
+    "started": (int, float),
+    "flock": (bool,),
+    "slurm_job_id": (str, type(None)),
+    "slurm_array_job_id": (str, type(None)),
+    "slurm_array_task_id": (str, type(None)),
+    "slurm_restart_count": (int,),
+    "slurm_cluster": (str, type(None)),
+}
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,8 @@ class SlurmQuery:
 
     def job_state(self, job_id: str) -> str | None:
         """The job's state (``RUNNING``, ``COMPLETED``, ...; ``UNKNOWN_JOB`` when the controller does not know it)."""
+        if not re.fullmatch(r"\d+", job_id or ""):  # from a file: never pass anything else to scontrol
+            return None
         proc = self._run("show", "job", "-o", job_id)
         if proc is None:
             return None
@@ -308,7 +334,7 @@ def _same_cluster(holder: Holder, here: Holder) -> bool:
 
 
 def _earlier_run_of_this_job(holder: Holder, here: Holder) -> bool:
-    return _same_slurm_job(holder, here) and _int(holder.slurm_restart_count, 0) < here.slurm_restart_count
+    return _same_slurm_job(holder, here) and holder.slurm_restart_count < here.slurm_restart_count
 
 
 def _judge_on_this_kernel(
@@ -776,10 +802,6 @@ def _int(value: Any, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         return default
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _unlink_quietly(path: Path) -> None:
