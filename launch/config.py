@@ -188,20 +188,22 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
 
 
 def _moe_blocks(m: ModelConf | DictConfig) -> list[int]:
-    """The blocks of the reference model that hold an MoE FFN (1-based, as people count)."""
+    """The blocks (0-based, as GPTConfig counts them) of the reference model that hold an MoE FFN."""
     every = m.moe_every
     if not isinstance(every, int) or every <= 0:
         return []
-    return [i + 1 for i in range(m.num_layers) if (i + 1) % every == 0]
+    return [i for i in range(m.num_layers) if (i + 1) % every == 0]
 
 
 def _check_dense(m: ModelConf | DictConfig) -> None:
     """A model without MoE blocks only when asked for with ``model.dense=true``; never both at once."""
+    if not isinstance(m.num_layers, int) or m.num_layers < 1:
+        return  # GPTConfig names the bad model.num_layers
     blocks = _moe_blocks(m)
     if m.dense and blocks:
         raise AppConfigError(
-            f"model.dense=true, but model.moe_every={m.moe_every} makes block(s) {blocks} of model.num_layers="
-            f"{m.num_layers} MoE: set model.moe_every=0 for a dense model, or drop model.dense=true"
+            f"model.dense=true, but model.moe_every={m.moe_every} makes blocks {blocks} (counting from 0) of "
+            f"model.num_layers={m.num_layers} MoE: set model.moe_every=0 for a dense model, or drop model.dense=true"
         )
     if not m.dense and not blocks and isinstance(m.moe_every, int) and m.moe_every >= 0:
         raise AppConfigError(
