@@ -207,12 +207,15 @@ def test_staggered_jobs_each_refused_then_one_takes_over_after_a_clean_end(tmp_p
     refused = []
     try:
         holder.wait_for("step     2/")
-        for _ in range(3):  # while it trains: one after another, each stops
+        os.kill(holder.proc.pid, signal.SIGSTOP)  # still holding while the others start, one after another
+        for _ in range(3):
             job = Job(run, cache, "train.steps=12")
-            job.wait(timeout=120)
+            try:
+                job.wait(timeout=120)
+            finally:
+                job.kill()
             refused.append(job)
-            if holder.proc.poll() is not None:
-                break
+        os.kill(holder.proc.pid, signal.SIGCONT)
         assert holder.wait() == 0, holder.output[-3000:]
     finally:
         holder.kill()
@@ -221,7 +224,8 @@ def test_staggered_jobs_each_refused_then_one_takes_over_after_a_clean_end(tmp_p
     assert logged_steps(run) == list(range(1, 13))
     after = Job(run, cache, "train.steps=14")
     assert after.wait() == 0, after.output[-3000:]
-    assert "resumed from" in after.output and logged_steps(run) == list(range(1, 15))
+    assert "resumed from" in after.output and "took over" not in after.output  # released cleanly: nothing to take over
+    assert logged_steps(run) == list(range(1, 15))
     assert not (run / "run.lock").exists()
 
 
