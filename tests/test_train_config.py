@@ -144,5 +144,6 @@ def test_a_config_without_moe_layers_is_refused_unless_dense_is_asked_for(overri
 
 
 def test_dense_with_moe_layers_is_refused():
-    with pytest.raises(app_config.AppConfigError, match=r"model.dense=true, but model.moe_every=2 .*set model.moe_every=0"):
+    refused = r"model.dense=true, but model.moe_every=2 makes blocks \[1, 3\] .*set model.moe_every=0"
+    with pytest.raises(app_config.AppConfigError, match=refused):
         app_config.validate(make("model.dense=true"), world_size=1)
