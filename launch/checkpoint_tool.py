@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from launch import hf_convert
+from launch import hf_convert, run_lock
 from moe_parallel.checkpoint import (
     CheckpointError,
     export_consolidated,
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     for name, handler in hf_convert.add_commands(sub).items():  # import-hf / export-hf
         sub.choices[name].set_defaults(func=lambda args, handler=handler: handler(args) or 0)
+    run_lock.add_commands(sub)  # lock: who holds a run directory; --break / --force
     return parser
 
 

@@ -36,7 +36,8 @@ class ModelConf:
     hidden_size: int = 128
     num_heads: int = 4
     ffn_hidden_size: int = 512
-    moe_every: int = 2  # block i is MoE iff (i + 1) % moe_every == 0; 0 = dense model
+    moe_every: int = 2  # block i is MoE iff (i + 1) % moe_every == 0; 0 = no MoE block (needs dense=true)
+    dense: bool = False  # true: a model without MoE blocks, on purpose (moe_every=0); refused otherwise
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     activation: str = "gelu"  # gelu | swiglu | relu | silu
     tie_embeddings: bool = True
@@ -186,9 +187,41 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise AppConfigError(f"{key}={value!r} is invalid: must be an integer >= {minimum}")
 
 
+def _moe_blocks(m: ModelConf | DictConfig) -> list[int]:
+    """The blocks (0-based, as GPTConfig counts them) of the reference model that hold an MoE FFN."""
+    every = m.moe_every
+    if not isinstance(every, int) or every <= 0:
+        return []
+    return [i for i in range(m.num_layers) if (i + 1) % every == 0]
+
+
+def _check_dense(m: ModelConf | DictConfig) -> None:
+    """A model without MoE blocks only when asked for with ``model.dense=true``; never both at once."""
+    if not isinstance(m.num_layers, int) or m.num_layers < 1:
+        return  # GPTConfig names the bad model.num_layers
+    blocks = _moe_blocks(m)
+    if m.dense and blocks:
+        raise AppConfigError(
+            f"model.dense=true, but model.moe_every={m.moe_every} makes blocks {blocks} (counting from 0) of "
+            f"model.num_layers={m.num_layers} MoE: set model.moe_every=0 for a dense model, or drop model.dense=true"
+        )
+    if not m.dense and not blocks and isinstance(m.moe_every, int) and m.moe_every >= 0:
+        raise AppConfigError(
+            f"model.moe_every={m.moe_every} builds no MoE layer in model.num_layers={m.num_layers} blocks: the "
+            f"model would train dense. Set model.moe_every to 1..{max(1, m.num_layers)} (every k-th block is "
+            "MoE; model.moe_every=1: all of them), or model.dense=true to train a dense model on purpose"
+        )
+
+
 def gpt_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig:
-    """The model's :class:`GPTConfig` (its errors name ``model.*`` / ``moe.*`` fields)."""
+    """The model's :class:`GPTConfig` (its errors name ``model.*`` / ``moe.*`` fields).
+
+    A config that builds no MoE block is refused unless ``model.dense=true`` says it is meant.
+    """
     m, moe = cfg.model, cfg.moe
+    _check_dense(m)
+    # No MoE block, as asked for (moe_every=0, or larger than num_layers): the same model as moe_every=0.
+    dense = isinstance(m.moe_every, int) and m.moe_every >= 0 and not _moe_blocks(m)
     moe_fields = {f.name for f in fields(MoEConfig)}
     moe_dict = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(moe)).items() if k in moe_fields}
     moe_dict["ffn_hidden_size"] = moe.expert_ffn_hidden_size or m.ffn_hidden_size
@@ -199,8 +232,8 @@ def gpt_config(cfg: AppConf | DictConfig, vocab_size: int) -> GPTConfig:
         hidden_size=m.hidden_size,
         num_heads=m.num_heads,
         ffn_hidden_size=m.ffn_hidden_size,
-        moe_every=m.moe_every,
-        moe=moe_dict if m.moe_every > 0 else None,
+        moe_every=0 if dense else m.moe_every,
+        moe=None if dense else moe_dict,
         norm=m.norm,
         activation=m.activation,
         tie_embeddings=m.tie_embeddings,
@@ -285,6 +318,8 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
         raise AppConfigError(
             "model.path / model.upcycle_experts are read only with model.kind=hf: select it with model=hf"
         )
+    if is_hf(cfg) and cfg.model.dense:
+        raise AppConfigError("model.dense is read only with model.kind=gpt: with model=hf, config.json decides")
     data_config(cfg)
     if is_hf(cfg):
         from launch import hf_model

@@ -7,11 +7,18 @@
     python launch/train.py -m moe.capacity_factor=1.0,1.25,2.0   # a Hydra sweep
 
 Every value comes from ``conf/`` (Hydra); the DeepSpeed JSON is generated from it. Only rank 0
-creates the run directory and writes files; the other ranks learn its path.
+creates the run directory and writes files; the other ranks learn its path. Rank 0 locks the run
+directory before anything is written in it (``launch/run_lock.py``): a second job on the same
+directory stops at once, on every rank, naming the job that holds it.
+
+A refused setting, a run directory in use or a damaged checkpoint ends the job with ``error:
+<message>`` and exit status 1, without a traceback (``HYDRA_FULL_ERROR=1`` shows it); any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,8 +44,17 @@ from omegaconf import DictConfig, OmegaConf
 from launch import config as app_config
 from launch import env as launch_env
 from launch import hf_model, preflight
-from launch.data import DataError, DistributedBatchIterator, PackedDataset, iter_eval_batches, prepare_data
-from launch.wandb_logger import NullRunLogger, RunLogger, WandbSettings, make_run_logger
+from launch.data import (
+    DataConfigError,
+    DataError,
+    DistributedBatchIterator,
+    PackedDataset,
+    iter_eval_batches,
+    prepare_data,
+)
+from launch.hf_tokenizer import TokenizerError
+from launch.run_lock import RunDirLocked, RunLock, RunLockError
+from launch.wandb_logger import NullRunLogger, RunLogger, RunLoggerConfigError, WandbSettings, make_run_logger
 from moe_parallel.checkpoint import (
     CheckpointError,
     ResumeChoice,
@@ -49,11 +65,14 @@ from moe_parallel.checkpoint import (
     select_resume,
 )
 from moe_parallel.comm import broadcast_from_rank0
-from moe_parallel.engine import build_engine
+from moe_parallel.config import MoEConfigError
+from moe_parallel.engine import DeepSpeedConfigError, build_engine
+from moe_parallel.hf import HFConversionError
 from moe_parallel.layer import update_expert_biases
 from moe_parallel.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
-from moe_parallel.models import GPT, gpt_pipeline, lm_loss
+from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, gpt_pipeline, lm_loss
 from moe_parallel.parallel import (
+    ParallelConfigError,
     ParallelState,
     apply_timeout_to_all_groups,
     describe_collective_timeout,
@@ -95,6 +114,28 @@ def resolve_run_dir(cfg: DictConfig, launch: launch_env.LaunchEnv) -> Path:
     return Path(name[0])
 
 
+def lock_run_dir(run_dir: Path, rank: int, held: contextlib.ExitStack) -> None:
+    """Rank 0 takes the run directory's lock, held until ``held`` closes (every way out of :func:`main`
+    but SIGKILL); every rank learns the outcome, so a refused job stops on every rank with the same
+    message and none waits in a collective. Nothing has been written in ``run_dir`` yet."""
+    failure: tuple[bool, str] | None = None  # (another job holds it, message)
+    if rank == 0:
+        lock = RunLock(run_dir, "training")
+        try:
+            held.enter_context(lock)
+        except RunLockError as err:
+            failure = (isinstance(err, RunDirLocked), str(err))
+        else:
+            if lock.took_over is not None:
+                gone = lock.took_over
+                who = gone.holder.describe() if gone.holder else "a job"
+                print(f"run dir {run_dir}: took over the lock left by {who}: {gone.verdict.reason}", flush=True)
+    failure = broadcast_from_rank0(failure)
+    if failure is not None:
+        in_use, message = failure
+        raise (RunDirLocked if in_use else RunLockError)(message)
+
+
 def _sweep_job() -> tuple[int, str] | None:
     """(job number, its swept values as a name, e.g. ``moe.capacity_factor=1.25``) inside a Hydra
     multirun, else None. Swept keys are those given several values on the command line."""
@@ -116,12 +157,32 @@ def _sweep_job() -> tuple[int, str] | None:
 
 # Process exit statuses of `python launch/train.py` (README, "Failure behaviour").
 EXIT_DONE = 0
+EXIT_REFUSED = 1  # a refused setting, a run directory in use, a missing or damaged checkpoint: one line, no traceback
 EXIT_DIVERGED = 65  # EX_DATAERR: non-finite loss or gradients (train.max_skipped_steps); not requeued
 EXIT_STALLED = 69  # EX_UNAVAILABLE: a collective timed out (parallel.timeout_s): a rank stalled or died
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": slurm/*.sbatch requeue the job when the trainer exits with it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, checkpointed; not requeued
 
 DATA_PREP_TIMEOUT_S = 4 * 3600  # how long ranks wait for rank 0 to tokenize the corpus
+
+# What the user can fix, each with a message naming the setting, file or job and the fix: the job
+# ends with `error: <message>` and EXIT_REFUSED. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    app_config.AppConfigError,
+    MoEConfigError,
+    GPTConfigError,
+    DecoderConfigError,
+    ParallelConfigError,
+    DeepSpeedConfigError,
+    RunLoggerConfigError,
+    DataConfigError,
+    DataError,
+    TokenizerError,
+    HFConversionError,
+    CheckpointError,
+    preflight.PreflightError,
+    RunLockError,
+)
 
 
 def _agree_max(values: list[int]) -> list[int]:
@@ -511,6 +572,13 @@ class Trainer:
         if self.resume_from is None:
             return None
         client = load_checkpoint(self.engine, self.resume_from.path)
+        if client is None:  # the same answer on every rank: load_checkpoint agrees on what it found
+            raise CheckpointError(
+                f"checkpoint {self.resume_from.path}, chosen to resume from ({self.resume_from.reason}), vanished "
+                f"before it was loaded: it was removed, moved or rotated away meanwhile (by another job in "
+                f"{self.run_dir}?). Nothing was changed; run the same command again to resume from the newest "
+                "complete checkpoint"
+            )
         if "data" in client:  # absent in weights-only checkpoints (checkpoint_tool import / import-hf)
             self.train_iter.load_state_dict(client["data"])
         self._parent = self.resume_from.path
@@ -560,9 +628,10 @@ class Trainer:
 # ---------------------------------------------------------------- building the trainer
 
 
-def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
-    """Everything before the first step: validate, rendezvous, layout, run directory, data, model,
-    engine, resume, logger. Every check that can fail on the config runs before any collective."""
+def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.ExitStack) -> Trainer:
+    """Everything before the first step: validate, rendezvous, layout, run directory and its lock
+    (entered into ``held``), data, model, engine, resume, logger. Every check that can fail on the
+    config runs before any collective."""
     launch = launch_env.detect()
     app_config.validate(cfg, launch.world_size)
     if not dist.is_initialized():
@@ -574,6 +643,7 @@ def build_trainer(cfg: DictConfig, preemption: Preemption) -> Trainer:
     num_experts = model_cfg.moe.num_experts if model_cfg.moe else cfg.moe.num_experts
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, num_experts, timeout=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, launch)
+    lock_run_dir(run_dir, rank, held)  # before anything in run_dir is read for resuming or written
     resume_from = choose_resume(cfg, run_dir / "checkpoints", rank)
     seed_everything(cfg.train.seed)
 
@@ -754,18 +824,8 @@ def main(cfg: DictConfig) -> float:
     """Train as configured; returns the final validation loss (Hydra sweeps can optimise it)."""
     preemption = Preemption()  # first: a signal during start-up must not kill the process
     launch_env.watch_deepspeed_launcher(_stop_as_on_sigterm)
-    trainer = None
-    try:
-        trainer = build_trainer(cfg, preemption)
-        status = trainer.fit()
-    except RuntimeError as exc:
-        message = describe_collective_timeout(exc, cfg.parallel.timeout_s)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if trainer is not None:
-            trainer.logger.finish()
-        status = EXIT_STALLED
+    with contextlib.ExitStack() as held:  # the run directory's lock: released before the process leaves
+        trainer, status = _run(cfg, preemption, held)
     if status != EXIT_DONE:
         _exit_now(status)  # also ends a sweep: a preempted job is requeued as a whole
     if _sweep_job() is None:
@@ -775,6 +835,29 @@ def main(cfg: DictConfig) -> float:
         # the launcher and Slurm report as a failed job.
         _exit_now(EXIT_DONE)
     return trainer.val_loss
+
+
+def _run(cfg: DictConfig, preemption: Preemption, held: contextlib.ExitStack) -> tuple[Trainer | None, int]:
+    """Build and train; the trainer (None if it was not built) and the exit status. A user error or a
+    stalled collective becomes a one-line message and its status; a bug propagates with its traceback."""
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, preemption, held)
+        return trainer, trainer.fit()
+    except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # Hydra prints the whole traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_REFUSED
+    except RuntimeError as exc:
+        message = describe_collective_timeout(exc, cfg.parallel.timeout_s)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        status = EXIT_STALLED
+    if trainer is not None:
+        trainer.logger.finish()
+    return trainer, status
 
 
 if __name__ == "__main__":

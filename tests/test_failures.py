@@ -95,6 +95,7 @@ def test_diverging_learning_rate_stops_after_max_skipped_steps(tmp_path, cache):
     assert checkpoint_steps(run) and max(checkpoint_steps(run)) == bad_step - 1
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"step_{bad_step - 1:08d}"
+    assert not (run / "run.lock").exists()  # released on the way out (exit 65)
 
 
 def test_nan_in_fp32_stops_at_the_first_step_naming_the_layer(tmp_path, cache):
@@ -232,6 +233,7 @@ def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path, cache):
         # Rank 0 exits at once (DeepSpeed's launcher then SIGTERMs the stopped rank and SIGKILLs
         # it 30 s later: not waited for here).
         workers[0].wait(timeout=30)  # psutil.TimeoutExpired if it lingers
+        assert not (tmp_path / "run" / "run.lock").exists()  # rank 0 released it on the way out (exit 69)
     finally:
         job.kill()
     assert timeout_s * 0.9 < elapsed < timeout_s + margin_s  # it waited for the timeout, and not much longer
@@ -242,6 +244,7 @@ def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path, cache):
 def _assert_stopped_cleanly(job: Job, run_dir: Path, code: int) -> None:
     out = job.output
     assert "checkpointing and stopping" in out, out[-4000:]
+    assert not (run_dir / "run.lock").exists()  # released on the way out: the next job (or requeue) takes it
     stopped = int(out.split("checkpointing and stopping")[0].rsplit("step ", 1)[1].split(":")[0])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
     files = wandb_files(run_dir)
@@ -282,3 +285,81 @@ def test_sigterm_to_the_deepspeed_command_stops_the_workers(tmp_path, cache):
     assert all(not w.is_running() for w in workers.values()), job.output[-3000:]
     _assert_stopped_cleanly(job, run, code)
     assert "the deepspeed launcher" in job.output and "SIGTERM received" in job.output
+
+
+# ---------------------------------------------------------------- refused settings
+
+
+# One refused value per config group, each raising a different error class: config errors before any
+# process group exists, a data error, a checkpoint error after the rendezvous.
+REFUSED = [
+    ("moe.top_k=0", "moe.top_k=0 is invalid: must be a positive integer"),
+    ("model.num_heads=5", "model.num_heads=5 is invalid: must divide hidden_size=32"),
+    ("model.moe_every=0", "model.moe_every=0"),
+    ("train.progress=fancy", "train.progress='fancy' is invalid"),
+    ("data.seq_len=0", "data.seq_len=0 is invalid"),
+    ("optim.min_lr=1.0", "need lr > 0 and 0 <= min_lr <= lr"),
+    ("train.resume=/nonexistent/step_00000002", "train.resume=/nonexistent/step_00000002: /nonexistent"),
+]
+REFUSED_SLOW = [
+    ("parallel.pp=4", "parallel.pp=4"),
+    ("moe.drop_policy=random", "moe.drop_policy='random'"),
+    ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3 is invalid"),
+    ("data.val_fraction=2", "data.val_fraction=2.0 is invalid"),
+    ("logger.init_timeout=0", "logger.init_timeout=0.0 must be > 0"),
+    ("model.kind=hf", "model.num_layers=2 cannot be set with model=hf"),
+]
+
+
+def _refused_runs(tmp_path: Path, cache: Path, cases: list[tuple[str, str]], env=None) -> list[tuple]:
+    """Every case at once (two cores): (override, expected message, process)."""
+    procs = []
+    for i, (override, message) in enumerate(cases):
+        cmd = [sys.executable, "launch/train.py", *TINY, f"data.cache_dir={cache}",
+               f"train.run_dir={tmp_path / f'run{i}'}", "logger=disabled", override]  # fmt: skip
+        procs.append((override, message, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                                          stderr=subprocess.PIPE, text=True, env=env)))  # fmt: skip
+    return [(override, message, proc, *proc.communicate(timeout=300)) for override, message, proc in procs]
+
+
+def _assert_refused_cleanly(cases: list[tuple]) -> None:
+    for override, message, proc, out, err in cases:
+        assert proc.returncode == 1, (override, out[-2000:], err[-3000:])
+        assert "Traceback" not in out + err and "HYDRA_FULL_ERROR" not in err, (override, err[-3000:])
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], (override, err[-3000:])
+
+
+def test_refused_settings_print_one_line_without_a_traceback(tmp_path, cache):
+    _assert_refused_cleanly(_refused_runs(tmp_path, cache, REFUSED))
+
+
+@pytest.mark.slow
+def test_more_refused_settings_print_one_line_without_a_traceback(tmp_path, cache):
+    _assert_refused_cleanly(_refused_runs(tmp_path, cache, REFUSED_SLOW))
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_refused_setting(tmp_path, cache):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    ((override, message, proc, out, err),) = _refused_runs(tmp_path, cache, REFUSED[:1], env=env)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback (most recent call last)" in err and f"MoEConfigError: {message}" in err, err[-3000:]
+
+
+def test_a_genuine_bug_keeps_its_traceback_and_releases_the_run_directory(tmp_path):
+    # A bug (not a refusal) anywhere in the job: the traceback stays, the lock on the run directory goes.
+    run = tmp_path / "run"
+    code = (
+        "import runpy, sys\n"
+        "import moe_parallel.checkpoint_store as store\n"
+        "def bug(*args, **kwargs):\n"
+        "    raise TypeError(\"argument of type 'NoneType' is not iterable\")\n"
+        "store.list_checkpoints = bug  # called while the resume is chosen, after the run directory is locked\n"
+        f"sys.argv = ['launch/train.py', 'train.run_dir={run}', 'logger=disabled']\n"
+        "runpy.run_path('launch/train.py', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "TypeError: argument of type" in proc.stderr, proc.stderr[-3000:]
+    assert not proc.stderr.startswith("error: ")
+    assert run.is_dir() and not (run / "run.lock").exists()

@@ -128,3 +128,22 @@ def test_launcher_environments():
     assert first_slurm_node("n1,n2") == "n1" and first_slurm_node("node-[3,5]") == "node-3"
     single = detect({})
     assert single.world_size == 1 and single.launcher == "single"
+
+
+@pytest.mark.parametrize("override", ["model.moe_every=0", "model.moe_every=5"])
+def test_a_config_without_moe_layers_is_refused_unless_dense_is_asked_for(override):
+    # model=tiny has 4 blocks: moe_every=0 or 5 would train a dense model under an MoE experiment.
+    with pytest.raises(app_config.AppConfigError) as err:
+        app_config.validate(make("+experiment=cpu_demo", override), world_size=2)
+    message = str(err.value)
+    assert f"{override} " in message and "model.num_layers=4" in message, message
+    assert "model.dense=true" in message and "model.moe_every=1" in message, message
+    dense = make("+experiment=cpu_demo", override, "model.dense=true")
+    app_config.validate(dense, world_size=2)
+    assert app_config.gpt_config(dense, vocab_size=512).moe is None
+
+
+def test_dense_with_moe_layers_is_refused():
+    refused = r"model.dense=true, but model.moe_every=2 makes blocks \[1, 3\] .*set model.moe_every=0"
+    with pytest.raises(app_config.AppConfigError, match=refused):
+        app_config.validate(make("model.dense=true"), world_size=1)

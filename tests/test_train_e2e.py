@@ -136,6 +136,7 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted((tmp_path / "runs" / "cf_sweep").iterdir())
     assert len(runs) == 2
+    assert not any((run / "run.lock").exists() for run in runs)  # each job locked its own and released it
     infos = [read_wandb_run_info(wandb_files(run)[0]) for run in runs]
     assert {info["group"] for info in infos} == {"cf_sweep"}
     assert [info["display_name"] for info in infos] == ["moe.capacity_factor=0.5", "moe.capacity_factor=2.0"]
