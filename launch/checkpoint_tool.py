@@ -9,6 +9,7 @@ elsewhere from weights alone.
     python -m launch.checkpoint_tool export runs/x/checkpoints --out model.pt [--dtype bf16]
     python -m launch.checkpoint_tool import model.pt --out new_ckpts [--tag imported]
     python -m launch.checkpoint_tool migrate runs/x/checkpoints --trust  # earlier formats -> tensors and plain data
+    python -m launch.checkpoint_tool lock runs/x [--break | --force]     # the job that holds a run directory
     python -m launch.checkpoint_tool import-hf HF_DIR --out CKPT_DIR [--upcycle-experts E --top-k K]
     python -m launch.checkpoint_tool export-hf CKPT_DIR --out HF_DIR [--dtype bf16]
 

@@ -59,6 +59,7 @@ from moe_parallel.checkpoint import (
     CheckpointError,
     ResumeChoice,
     check_resume_step,
+    clear_interrupted,
     load_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
@@ -644,6 +645,9 @@ def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.Exit
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, num_experts, timeout=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, launch)
     lock_run_dir(run_dir, rank, held)  # before anything in run_dir is read for resuming or written
+    if rank == 0:  # the lock holder: no save is in progress, so every staging entry is a leftover
+        for leftover in clear_interrupted(run_dir / "checkpoints"):
+            print(f"removed {leftover} (left by a save or rotation that was cut short)", flush=True)
     resume_from = choose_resume(cfg, run_dir / "checkpoints", rank)
     seed_everything(cfg.train.seed)
 

@@ -204,3 +204,16 @@ def test_with_a_signing_key_a_run_resumes_only_checkpoints_signed_with_it(run, m
     assert f"resumed from {signed / 'checkpoints' / 'step_00000002'}" in ok(train(signed, cache, "train.steps=4"))
     monkeypatch.setenv(SIGNING_KEY_ENV, "someone else's secret")
     assert "carries a signature that does not match" in refused(train(signed, cache, "train.steps=6"))
+
+
+def test_start_up_clears_what_killed_saves_and_rotations_left(run):
+    run_dir, cache = run
+    ckpts = run_dir / "checkpoints"
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006.tmp-0badc0de")  # a save cut short
+    half = ckpts / "step_00000002.tmp-deleted-0badc0de"  # a rotation cut short mid-delete
+    shutil.copytree(ckpts / "step_00000002", half)
+    (half / "manifest.json").unlink()
+    out = ok(train(run_dir, cache, "train.steps=6"))
+    assert f"removed {ckpts / 'step_00000006.tmp-0badc0de'}" in out and f"removed {half}" in out
+    assert not list(ckpts.glob("*.tmp-*"))
+    assert checkpoint_tool(["verify", str(ckpts), "--all"]) == 0
