@@ -94,6 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = read_manifest(path)
     state = export_consolidated(path, DTYPES[args.dtype])  # checks every file's checksum
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     weights = publish_file(state, out)
     meta = {
         "source": str(path),
@@ -153,7 +154,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         elif done.converted:
             what = f"format {done.from_version} -> 3, rewrote {', '.join(done.converted)}"
         else:
-            what = f"format {done.from_version}: every file already loads as tensors and plain data"
+            what = f"format {done.from_version}: nothing to convert (`verify` checks its files)"
         print(f"{done.path}: {what}")
     return 0
 

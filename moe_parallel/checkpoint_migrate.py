@@ -80,9 +80,10 @@ def migrate_checkpoint(path: str | os.PathLike, *, trust: bool) -> Migration:
     version = manifest["format_version"]
     if version >= 3:
         return Migration(path, [], version, False)
+    for rel, entry in manifest["files"].items():  # all of them before anything is written
+        check_file(path, rel, entry)
     files, converted = {}, []
     for rel, entry in manifest["files"].items():
-        check_file(path, rel, entry)
         try:
             load_plain(path / rel, mmap=True)
             # Format 1 recorded sizes only: the caller's trust stands in for the checksum it lacked

@@ -136,21 +136,26 @@ def count(target: str, *args, timeout: float = 180) -> Outcome:
 
 
 def sweep(target: str, args: list, n: int, seed: int) -> list[tuple[int | None, float | None]]:
-    """``n`` kill points over one run of ``target``: three in four at counted operations (the first
-    and the last among them), one in four at a random time between arm() and the end."""
+    """``n`` kill points over one run of ``target``: about three in four at counted operations, the
+    rest (at least one of three or more) at a random time between arm() and the end."""
     import random
 
     measured = count(target, *args)
-    timed = n // 4
+    timed = max(1, n // 4) if n >= 3 else 0
     gen = random.Random(seed)
     delays = [gen.uniform(0.0, measured.seconds) for _ in range(timed)]
     return [(k, None) for k in kill_points(measured.events, n - timed, seed)] + [(None, d) for d in delays]
 
 
 def kill_points(total: int, n: int, seed: int) -> list[int]:
-    """``n`` distinct kill points in [1, total], seeded, always with the first and the last."""
+    """``n`` distinct kill points in [1, total], seeded; from four on, the first and the last among them."""
     import random
 
+    if n >= total:
+        return list(range(1, total + 1))
+    gen = random.Random(seed)
+    if n < 4:
+        return sorted(gen.sample(range(1, total + 1), n))
     inner = list(range(2, total))
-    random.Random(seed).shuffle(inner)
-    return sorted({1, total, *inner[: max(0, n - 2)]})[:n] if n < total else list(range(1, total + 1))
+    gen.shuffle(inner)
+    return sorted({1, total, *inner[: n - 2]})

@@ -231,7 +231,7 @@ def test_a_format_2_checkpoint_is_refused_with_the_fix_and_migrates_once(tmp_pat
     assert {p: p.read_bytes() for p in untouched} == untouched  # tensors are not rewritten
     assert tool(["verify", str(folder), "--all"]) == 0
     assert tool(["migrate", str(folder), "--trust"]) == 0  # once: a second run changes nothing
-    assert "already loads as tensors and plain data" in capsys.readouterr().out
+    assert "format 3: nothing to convert" in capsys.readouterr().out
 
 
 def test_migrate_converts_numpy_arrays_only_and_runs_nothing(tmp_path, toy_checkpoints, capsys):

@@ -103,9 +103,12 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise HFConversionError(f"{file} is missing: give a Hugging Face model directory (config.json + *.safetensors)")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise HFConversionError(f"{file} is not valid JSON ({err}): fix or re-download it") from err
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HFConversionError(f"{file} is not valid JSON ({err}): fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise HFConversionError(f"{file} holds a JSON {type(raw).__name__}, not an object: fix or re-download it")
+    return raw
 
 
 def load_hf_config(path: str | Path, allowed: tuple[str, ...] | None = None):

@@ -36,7 +36,9 @@ class SafetensorsDir:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError(f"weight_map is {type(weight_map).__name__}, not a map of file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
                 raise HFConversionError(
                     f"{index} is not a safetensors index ({err}): re-download or re-save it"
                 ) from err
@@ -63,13 +65,16 @@ class SafetensorsDir:
         self.dtypes: dict[str, str] = {}
         self.file_of: dict[str, str] = {}
         for file in files:
-            handle = safe_open(str(self.path / file), framework="pt")
-            self._handles[file] = handle
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                self.shapes[key] = tuple(tensor_slice.get_shape())
-                self.dtypes[key] = tensor_slice.get_dtype()
-                self.file_of[key] = file
+            try:
+                handle = safe_open(str(self.path / file), framework="pt")
+                self._handles[file] = handle
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    self.shapes[key] = tuple(tensor_slice.get_shape())
+                    self.dtypes[key] = tensor_slice.get_dtype()
+                    self.file_of[key] = file
+            except Exception as err:  # safetensors' own error types: a truncated or damaged header
+                raise _damaged(self.path / file, err) from None
         if weight_map is not None:
             wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
             if wrong:
@@ -82,7 +87,11 @@ class SafetensorsDir:
         return set(self.shapes)
 
     def get(self, key: str) -> Tensor:
-        return self._handles[self.file_of[key]].get_tensor(key)
+        file = self.file_of[key]
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as err:  # data that the header promises but the file does not hold
+            raise _damaged(self.path / file, err) from None
 
     def torch_dtype(self, key: str) -> torch.dtype:
         if self.dtypes[key] not in _DTYPES:
@@ -90,6 +99,13 @@ class SafetensorsDir:
                 f"{self.path}: tensor {key} has dtype {self.dtypes[key]}; only float tensors are supported"
             )
         return _DTYPES[self.dtypes[key]]
+
+
+def _damaged(file: Path, err: Exception) -> HFConversionError:
+    return HFConversionError(
+        f"{file} cannot be read as safetensors ({type(err).__name__}: {err}): it is truncated or damaged; "
+        "copy or download it again"
+    )
 
 
 def shard_name(index: int, total: int) -> str:
