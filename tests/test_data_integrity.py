@@ -30,6 +30,7 @@ from launch.data import (
     prepare_data,
     train_tokenizer,
 )
+from tests.test_data import count_calls
 
 CHUNK = 1024  # bytes per checksummed chunk in these builds (the default is sized for terabyte caches)
 SEQ = 32
@@ -103,16 +104,6 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def count_calls(monkeypatch, name: str) -> list[int]:
-    calls: list[int] = []
-    original = getattr(D, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(D, name, wrapper)
-    return calls
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:

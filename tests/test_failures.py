@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import psutil
 import pytest
 
 from launch.compare import iter_wandb_records, read_wandb_history, wandb_files
+from tests.app_job import AppJob
 from tests.dist_utils import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,33 +141,13 @@ def test_expert_collapse_warns_once_records_an_alert_and_trains_on(tmp_path, cac
 # ---------------------------------------------------------------- multi-process: stall and signals
 
 
-class Job:
+class Job(AppJob):
     """`deepspeed --num_gpus 2 launch/train.py ...` in its own session (like a shell's foreground job)."""
 
     def __init__(self, run_dir: Path, cache: Path, *extra: str) -> None:
-        cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *TINY,
-               "parallel.ep=2", f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            assert self.proc.poll() is None, f"job ended before {text!r}:\n{self.output[-4000:]}"
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output[-4000:]}"
-            time.sleep(0.2)
+        launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"]
+        args = [*TINY, "parallel.ep=2", f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
+        super().__init__([*launcher, *args])
 
     def workers(self) -> dict[int, psutil.Process]:
         """local rank -> worker process, found by session (the launcher itself may be gone)."""

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.app_job import AppJob
 from tests.dist_utils import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +49,7 @@ def cache(tmp_path_factory) -> Path:
     return path
 
 
-class Job:
+class Job(AppJob):
     """`python launch/train.py ...` (or `deepspeed --num_gpus 2 ...`) with its output collected as it comes."""
 
     def __init__(self, run_dir: Path, cache: Path, *extra: str, ranks: int = 1) -> None:
@@ -61,47 +59,7 @@ class Job:
         else:
             cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py",
                    "parallel.ep=2", *args]  # fmt: skip
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        self.lines: list[str] = []
-        self.ended: float | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            assert self.proc.poll() is None, f"job ended before {text!r}:\n{self.output[-4000:]}"
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output[-4000:]}"
-            time.sleep(0.1)
-
-    def wait(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.ended = time.monotonic()
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def seconds(self) -> float:
-        assert self.ended is not None
-        return self.ended - self.started
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        super().__init__(cmd)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
