@@ -137,11 +137,11 @@ def count(target: str, *args, timeout: float = 180) -> Outcome:
 
 def sweep(target: str, args: list, n: int, seed: int) -> list[tuple[int | None, float | None]]:
     """``n`` kill points over one run of ``target``: about three in four at counted operations, the
-    rest (at least one of three or more) at a random time between arm() and the end."""
+    rest (at least one of two or more) at a random time between arm() and the end."""
     import random
 
     measured = count(target, *args)
-    timed = max(1, n // 4) if n >= 3 else 0
+    timed = max(1, n // 4) if n >= 2 else 0
     gen = random.Random(seed)
     delays = [gen.uniform(0.0, measured.seconds) for _ in range(timed)]
     return [(k, None) for k in kill_points(measured.events, n - timed, seed)] + [(None, d) for d in delays]

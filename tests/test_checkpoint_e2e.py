@@ -158,7 +158,7 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, smal
     assert checkpoint_tool(["verify", str(ckpts)]) == 0
 
 
-@pytest.mark.parametrize("rel", ["trainer.pt", "rng/rank_0.pt"])
+@pytest.mark.parametrize("rel", ["trainer.pt", pytest.param("rng/rank_0.pt", marks=pytest.mark.slow)])
 def test_a_checkpoint_file_that_would_run_a_command_is_refused_and_runs_nothing(run, rel):
     """The attack as it would come: a file replaced by a pickle that runs a shell command, its size
     and checksum recorded anew in the manifest; the next resume (plain auto-resume, a Slurm requeue)."""

@@ -21,7 +21,7 @@ from moe_parallel.checkpoint_store import STAGING_MARK, list_checkpoints, select
 from tests import crash_points
 from tests.fault_ops import exported_state
 
-SAMPLE, FULL = 3, 24
+SAMPLE, FULL = 2, 24
 SWEEPS = [pytest.param(SAMPLE, id="sample"), pytest.param(FULL, id="full", marks=pytest.mark.slow)]
 
 
