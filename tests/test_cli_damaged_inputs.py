@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,70 +55,58 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return {"toy": tmp / "toy", "export": tmp / "export", "hf": tmp / "hf", "imported": tmp / "imported"}
 
 
+def damaged_copies(source: Path, rels: list[str], draws: int, into: Path) -> Iterator[tuple[Path, Path, str]]:
+    """For each file of ``rels`` and each draw: a fresh copy of ``source`` with that file damaged;
+    yields (the copy, the damaged file, how it was damaged)."""
+    gen = random.Random(draws)
+    for rel in rels:
+        for i in range(draws):
+            folder = into / f"{source.name}-{rel.replace('/', '_')}-{i}"
+            shutil.copytree(source, folder)
+            yield folder, folder / rel, damage(folder / rel, gen)
+
+
 @pytest.mark.parametrize("draws", DRAWS)
 def test_verify_and_export_name_any_damaged_checkpoint_file(tmp_path, sources, capsys, draws):
-    gen = random.Random(draws)
-    for rel in _files(sources["toy"]):
-        for i in range(draws):
-            folder = tmp_path / f"{rel.replace('/', '_')}-{i}"
-            shutil.copytree(sources["toy"], folder)
-            what = damage(folder / rel, gen)
-            _check(capsys, ["verify", str(folder)], folder / rel, what)
-            needed = not rel.split("/")[-1].startswith(("trainer", "rank_")) or what.startswith("truncated")
-            if needed:  # export reads every file but the trainer's and RNG state (their sizes it checks)
-                _check(capsys, ["export", str(folder), "--out", str(tmp_path / "m.pt")], folder / rel, what)
+    for folder, file, what in damaged_copies(sources["toy"], _files(sources["toy"]), draws, tmp_path):
+        _check(capsys, ["verify", str(folder)], file, what)
+        needed = not file.name.startswith(("trainer", "rank_")) or what.startswith("truncated")
+        if needed:  # export reads every file but the trainer's and RNG state (their sizes it checks)
+            _check(capsys, ["export", str(folder), "--out", str(tmp_path / "m.pt")], file, what)
 
 
 @pytest.mark.parametrize("draws", DRAWS)
 def test_migrate_names_any_damaged_file_of_an_earlier_format(tmp_path, sources, capsys, draws):
     from tests.test_checkpoint_security import to_format_2
 
-    gen = random.Random(draws)
     old = tmp_path / "format2"
     shutil.copytree(sources["toy"] / "step_00000001", old)
     to_format_2(old)
-    for rel in _files(old):
-        for i in range(draws):
-            folder = tmp_path / f"{rel.replace('/', '_')}-{i}"
-            shutil.copytree(old, folder)
-            what = damage(folder / rel, gen)
-            before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-            _check(capsys, ["migrate", str(folder), "--trust"], folder / rel, what)
-            assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # nothing converted
+    for folder, file, what in damaged_copies(old, _files(old), draws, tmp_path):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        _check(capsys, ["migrate", str(folder), "--trust"], file, what)
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # nothing converted
 
 
 @pytest.mark.parametrize("draws", DRAWS)
 def test_import_names_a_damaged_export(tmp_path, sources, capsys, draws):
-    gen = random.Random(draws)
-    for rel in _files(sources["export"]):
-        for i in range(draws):
-            folder = tmp_path / f"{rel}-{i}"
-            shutil.copytree(sources["export"], folder)
-            what = damage(folder / rel, gen)
-            _check(capsys, ["import", str(folder / "model.pt"), "--out", str(folder / "out")], folder / rel, what)
-            assert not (folder / "out").exists()
+    for folder, file, what in damaged_copies(sources["export"], _files(sources["export"]), draws, tmp_path):
+        _check(capsys, ["import", str(folder / "model.pt"), "--out", str(folder / "out")], file, what)
+        assert not (folder / "out").exists()
 
 
 @pytest.mark.parametrize("draws", DRAWS)
 def test_import_hf_and_export_hf_name_a_damaged_file(tmp_path, sources, capsys, draws):
-    gen = random.Random(draws)
-    read = ("config.json", "model.safetensors")  # the tokenizer files are copied, not parsed
-    for rel in [r for r in _files(sources["hf"]) if r in read]:
-        for i in range(draws):
-            folder = tmp_path / f"hf-{rel}-{i}"
-            shutil.copytree(sources["hf"], folder)
-            what = damage(folder / rel, gen)
-            out = folder.parent / f"{folder.name}-out"
-            _check(capsys, ["import-hf", str(folder), "--out", str(out)], folder / rel, what)
-            assert not out.exists()
+    read = ["config.json", "model.safetensors"]  # the tokenizer files are copied, not parsed
+    for folder, file, what in damaged_copies(sources["hf"], read, draws, tmp_path):
+        out = folder.parent / f"{folder.name}-out"
+        _check(capsys, ["import-hf", str(folder), "--out", str(out)], file, what)
+        assert not out.exists()
     # export-hf reads the checkpoint's weights and buffers and the model's config.json; the other files
     # of hf_model/ are copied as they are, the trainer's state is not read.
-    parsed = [r for r in _files(sources["imported"]) if r == "hf_model/config.json" or not r.startswith("hf_model/")]
-    for rel in [r for r in parsed if not r.endswith("trainer.pt")]:
-        for i in range(draws):
-            folder = tmp_path / f"ckpt-{rel.replace('/', '_')}-{i}"
-            shutil.copytree(sources["imported"], folder)
-            what = damage(folder / rel, gen)
-            out = folder.parent / f"{folder.name}-hf"
-            _check(capsys, ["export-hf", str(folder), "--out", str(out)], folder / rel, what)
-            assert not out.exists()
+    files = [r for r in _files(sources["imported"]) if not r.endswith("trainer.pt")]
+    parsed = [r for r in files if r == "hf_model/config.json" or not r.startswith("hf_model/")]
+    for folder, file, what in damaged_copies(sources["imported"], parsed, draws, tmp_path):
+        out = folder.parent / f"{folder.name}-hf"
+        _check(capsys, ["export-hf", str(folder), "--out", str(out)], file, what)
+        assert not out.exists()
