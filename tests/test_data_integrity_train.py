@@ -12,27 +12,11 @@ import pytest
 
 from launch import config as app_config
 from launch.data import prepare_data
+from tests.test_failures import TINY as FAILURES_TINY
 
 REPO = Path(__file__).resolve().parent.parent
 app_config.register_configs()
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_every=1",
-    "moe.num_experts=4",
-    "data.max_corpus_bytes=300000",
-    "data.vocab_size=512",
-    "data.seq_len=16",
-    "train.micro_batch_size=4",
-    "train.steps=4",
-    "train.log_every=1",
-    "train.eval_every=1000",
-    "train.eval_batches=1",
-    "train.progress=lines",
-    "logger=disabled",
-]
+TINY = [*FAILURES_TINY, "train.steps=4", "logger=disabled"]  # the failure tests' tiny run, 4 steps
 
 
 def compose(*overrides: str):
