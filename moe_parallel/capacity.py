@@ -31,13 +31,22 @@ def expert_capacity(
 
 @dataclass
 class DispatchPlan:
-    """Kept assignments of this rank's tokens, sorted by (global) expert id."""
+    """Every (token, choice) assignment of this rank's tokens in dispatch order: the kept ones first,
+    sorted by (global) expert id, then the dropped ones. Shapes are static (``A = T * top_k`` rows),
+    so planning needs no host sync; how many rows are kept is a device value.
+    """
 
-    token_idx_N: Tensor  # int64 source token of each kept assignment
-    weight_N: Tensor  # float32 combine weight (differentiable)
-    tokens_per_expert_E: Tensor  # int64 kept assignments per expert (sums to N)
+    token_idx_A: Tensor  # int64 source token of each assignment, in dispatch order
+    weight_A: Tensor  # float32 combine weight of each assignment (differentiable), same order
+    tokens_per_expert_E: Tensor  # int64 kept assignments per expert: the first sum() rows are kept
     routed_per_expert_E: Tensor  # int64 assignments per expert before dropping
     num_dropped: Tensor  # int64 scalar
+    may_drop: bool = False  # a capacity applies: rows past the kept ones may exist
+
+    @property
+    def num_kept(self) -> Tensor:
+        """Kept assignments (int64 scalar on the device): rows ``[0, num_kept)`` are dispatched."""
+        return self.tokens_per_expert_E.sum()
 
 
 def order_by_expert(expert_A: Tensor, priority_A: Tensor | None = None, num_experts: int | None = None) -> Tensor:
@@ -91,19 +100,40 @@ def plan_dispatch(
     expert_A = expert_TK.t().reshape(-1)
     weight_A = weight_TK.t().reshape(-1)
     priority_A = weight_A if drop_policy == "probs" and capacity is not None else None
-    order_A = order_by_expert(expert_A, priority_A, num_experts=tokens_per_expert_E.numel())
-
-    kept_per_expert_E = tokens_per_expert_E
-    if capacity is not None:
-        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-        rank_in_expert_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_A[order_A]]
-        order_A = order_A[rank_in_expert_A < capacity]
-        kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
-
+    order_A, kept_E = keep_within_capacity(expert_A, tokens_per_expert_E, capacity, priority_A)
     return DispatchPlan(
-        token_idx_N=order_A % num_tokens if num_tokens > 0 else order_A,
-        weight_N=weight_A[order_A],
-        tokens_per_expert_E=kept_per_expert_E,
+        token_idx_A=order_A % num_tokens if num_tokens > 0 else order_A,
+        weight_A=weight_A[order_A],
+        tokens_per_expert_E=kept_E,
         routed_per_expert_E=tokens_per_expert_E,
-        num_dropped=tokens_per_expert_E.sum() - kept_per_expert_E.sum(),
+        num_dropped=tokens_per_expert_E.sum() - kept_E.sum(),
+        may_drop=capacity is not None,
     )
+
+
+def keep_within_capacity(
+    expert_A: Tensor, tokens_per_expert_E: Tensor, capacity: int | None, priority_A: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dispatch order of the assignments ``expert_A`` and the kept count per expert.
+
+    The order lists each expert's first ``capacity`` assignments (by ``priority_A``, highest first,
+    else in assignment order), grouped by expert, then every dropped assignment (assignments with an
+    expert id of ``E`` or more, never counted in ``tokens_per_expert_E``, count as dropped). Static
+    shapes throughout: the kept rows are found by arithmetic on the sorted order, not by a mask.
+    """
+    num_experts = tokens_per_expert_E.numel()
+    order_A = order_by_expert(expert_A, priority_A, num_experts=num_experts + 1)
+    if capacity is None:  # ids of E or more sort last: the sorted order is the dispatch order
+        return order_A, tokens_per_expert_E
+    starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    expert_sorted_A = expert_A[order_A]
+    in_range_A = expert_sorted_A < num_experts
+    expert_sorted_A = expert_sorted_A.clamp(max=num_experts - 1)
+    rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_sorted_A]
+    kept_E = tokens_per_expert_E.clamp(max=capacity)
+    keep_A = in_range_A & (rank_A < capacity)
+    kept_starts_E = torch.cumsum(kept_E, 0) - kept_E
+    drop_A = (~keep_A).to(torch.int64)
+    dropped_before_A = torch.cumsum(drop_A, 0) - drop_A
+    dest_A = torch.where(keep_A, kept_starts_E[expert_sorted_A] + rank_A, kept_E.sum() + dropped_before_A)
+    return torch.empty_like(order_A).scatter_(0, dest_A, order_A), kept_E

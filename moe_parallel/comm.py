@@ -38,33 +38,68 @@ def group_rank(group: ProcessGroup | None) -> int:
 
 
 def _all_to_all(
-    x: Tensor, group: ProcessGroup, output_splits: list[int] | None, input_splits: list[int] | None
-) -> Tensor:
+    x: Tensor,
+    group: ProcessGroup,
+    output_splits: list[int] | None,
+    input_splits: list[int] | None,
+    async_op: bool = False,
+) -> tuple[Tensor, Any]:
     x = x.contiguous()
     if output_splits is None:
         out = torch.empty_like(x)
     else:
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
-    return out
+    work = dist.all_to_all_single(out, x, output_splits, input_splits, group=group, async_op=async_op)
+    return out, work
+
+
+class PendingAllToAll:
+    """An all-to-all in flight: :func:`wait_all_to_all` on it returns its output, complete."""
+
+    def __init__(self, output: Tensor, work: Any) -> None:
+        self.output = output
+        self.work = work
 
 
 class _AllToAll(torch.autograd.Function):
-    """All-to-all along dim 0 whose backward is the all-to-all with the splits swapped."""
+    """All-to-all along dim 0 whose backward is the all-to-all with the splits swapped.
+
+    With ``pending`` the forward only issues it (``async_op``) and records the work handle there;
+    :class:`_Wait` completes it, so that computation placed between the two overlaps the transfer.
+    """
 
     @staticmethod
-    def forward(ctx, x, group, output_splits, input_splits):  # type: ignore[override]
+    def forward(ctx, x, group, output_splits, input_splits, pending):  # type: ignore[override]
         ctx.group = group
         ctx.output_splits = output_splits
         ctx.input_splits = input_splits
-        return _all_to_all(x, group, output_splits, input_splits)
+        out, work = _all_to_all(x, group, output_splits, input_splits, async_op=pending is not None)
+        if pending is not None:
+            pending.work = work
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_in = _all_to_all(grad_out, ctx.group, ctx.input_splits, ctx.output_splits)
-        return grad_in, None, None, None
+        grad_in, _ = _all_to_all(grad_out, ctx.group, ctx.input_splits, ctx.output_splits)
+        return grad_in, None, None, None, None
 
 
+class _Wait(torch.autograd.Function):
+    """Identity that first waits for an issued all-to-all (whose output is its input)."""
+
+    @staticmethod
+    def forward(ctx, out, pending):  # type: ignore[override]
+        if pending.work is not None:
+            pending.work.wait()
+            pending.work = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+@torch.compiler.disable
 def all_to_all(
     x: Tensor,
     group: ProcessGroup,
@@ -75,18 +110,34 @@ def all_to_all(
 
     ``input_splits[r]`` rows of ``x`` go to rank ``r``; ``output_splits[r]`` rows arrive from rank ``r``.
     """
-    return _AllToAll.apply(x, group, output_splits, input_splits)
+    return _AllToAll.apply(x, group, output_splits, input_splits, None)
 
 
-def exchange_counts(send_counts_R: Tensor, group: ProcessGroup) -> Tensor:
-    """Send ``send_counts_R.view(R, -1)[r]`` to rank r; returns what every rank sent to us, same shape."""
-    recv = torch.empty_like(send_counts_R)
-    dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
+@torch.compiler.disable
+def start_all_to_all(
+    x: Tensor,
+    group: ProcessGroup,
+    output_splits: list[int] | None = None,
+    input_splits: list[int] | None = None,
+) -> PendingAllToAll:
+    """:func:`all_to_all`, issued without waiting: complete it with :func:`wait_all_to_all`.
+
+    The backward of the pair is one synchronous all-to-all, as for :func:`all_to_all`.
+    """
+    pending = PendingAllToAll(None, None)  # type: ignore[arg-type]
+    pending.output = _AllToAll.apply(x, group, output_splits, input_splits, pending)
+    return pending
+
+
+@torch.compiler.disable
+def wait_all_to_all(pending: PendingAllToAll) -> Tensor:
+    """The output of an all-to-all issued by :func:`start_all_to_all`, once it has arrived."""
+    return _Wait.apply(pending.output, pending)
+
+
+@torch.compiler.disable
+def exchange_counts(send_Rc: Tensor, group: ProcessGroup) -> Tensor:
+    """Send row r of ``send_Rc`` (``[R, c]`` integers) to rank r; returns the rows every rank sent us."""
+    recv = torch.empty_like(send_Rc)
+    dist.all_to_all_single(recv, send_Rc.contiguous(), group=group)
     return recv
-
-
-def all_reduce_max(values: list[int], group: ProcessGroup, device: torch.device) -> list[int]:
-    """Element-wise maximum over the group of small integer vectors (one collective)."""
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()

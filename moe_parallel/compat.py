@@ -6,7 +6,7 @@ gates (``top1gating`` / ``top2gating`` / ``topkgating``, noise and random token 
 torch's RNG in the same order), its balance loss, its counts and its combine weights. Dispatch runs
 on this library's index-based path (no ``[T, E, C]`` one-hot masks, ragged all-to-all), and the
 experts run as stacked weights when the expert module has a recognised form, else as one copy of the
-module per local expert (see :mod:`moe_parallel.module_experts`).
+module per local expert (see :mod:`moe_parallel.experts.modules`).
 
 DeepSpeed's engine recognises the layer as its own MoE (``isinstance``), takes its parameters apart
 as expert parameters, and saves them per expert: ``state_dict()`` has DeepSpeed's keys
@@ -16,19 +16,21 @@ checkpoints and state dicts move between this layer and ``deepspeed.moe.layer.Mo
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import deepspeed_integration
-from .capacity import DispatchPlan, order_by_expert
+from .capacity import DispatchPlan, keep_within_capacity
 from .config import MoEConfig, MoEConfigError
+from .experts.modules import ModuleExperts, StackedExperts, build_module_experts
 from .layer import MoELayer
-from .module_experts import ModuleExperts, StackedExperts, build_module_experts
-from .router import RouterOutput
+from .router import RouterOutput, count_per_expert
 
 __all__ = ["MoE", "MoECompatError"]
 
@@ -116,13 +118,20 @@ def _uniform(low: float, high: float, shape: torch.Size, device: torch.device) -
 
 
 def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
-    """DeepSpeed's ``_capacity``: ``max(min_capacity, ceil(T / E * (factor * k)))`` in float32, as there."""
-    factor = torch.tensor(capacity_factor * k)  # float32, as DeepSpeed's torch.tensor(capacity_factor * k)
-    return max(int(torch.ceil((num_tokens / num_experts) * factor)), min_capacity)
+    """DeepSpeed's ``_capacity``: ``max(min_capacity, ceil(T / E * (factor * k)))`` in float32, as there
+    (its ``torch.tensor(capacity_factor * k)`` is float32, and the Python quotient is rounded to it);
+    computed on the host, no tensor involved."""
+    product = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * k)
+    return max(math.ceil(float(product)), min_capacity)
 
 
 def deepspeed_plan(
-    expert_TK: Tensor, gate_TK: Tensor, priority_TK: Tensor | None, tokens_per_expert_E: Tensor, capacity: int | None
+    expert_TK: Tensor,
+    gate_TK: Tensor,
+    priority_TK: Tensor | None,
+    tokens_per_expert_E: Tensor,
+    capacity: int | None,
+    used_T: Tensor | None = None,
 ) -> DispatchPlan:
     """Which assignments each expert keeps, and their combine weights, as DeepSpeed's gates decide.
 
@@ -131,30 +140,28 @@ def deepspeed_plan(
     choices (k=2, and k=1 without RTS). At most ``capacity`` kept. For k >= 2 each token's kept gate
     values are renormalised to sum to 1 *after* dropping (a token whose second choice was dropped
     sends its first choice weight 1), as DeepSpeed does; for k=1 the weight is the gate value.
+    ``used_T`` (bool, k=1): only these tokens are routed (``tokens_per_expert_E`` counts them only).
     """
     num_tokens, top_k = expert_TK.shape
+    num_experts = tokens_per_expert_E.numel()
     expert_A = expert_TK.t().reshape(-1)  # assignment a = choice * T + token
+    if used_T is not None:  # unused tokens go to no expert: an id past the last sorts them out
+        expert_A = torch.where(used_T.repeat(top_k), expert_A, num_experts)
     priority_A = None if priority_TK is None or capacity is None else priority_TK.t().reshape(-1)
-    order_A = order_by_expert(expert_A, priority_A, num_experts=tokens_per_expert_E.numel())
-    kept_E = tokens_per_expert_E
-    if capacity is not None:
-        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-        rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_A[order_A]]
-        order_A = order_A[rank_A < capacity]
-        kept_E = tokens_per_expert_E.clamp(max=capacity)
+    order_A, kept_E = keep_within_capacity(expert_A, tokens_per_expert_E, capacity, priority_A)
     weight_TK = gate_TK
     if top_k > 1:
-        kept_A = torch.zeros(expert_A.numel(), dtype=torch.bool, device=expert_A.device)
-        kept_A[order_A] = True
-        kept_TK = kept_A.view(top_k, num_tokens).t()
+        rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel(), device=order_A.device))
+        kept_TK = (rank_A < kept_E.sum()).view(top_k, num_tokens).t()
         denom_T1 = (gate_TK * kept_TK).sum(-1, keepdim=True).clamp(min=torch.finfo(gate_TK.dtype).eps)
         weight_TK = gate_TK / denom_T1
     return DispatchPlan(
-        token_idx_N=order_A % num_tokens if num_tokens > 0 else order_A,
-        weight_N=weight_TK.t().reshape(-1)[order_A],
+        token_idx_A=order_A % num_tokens if num_tokens > 0 else order_A,
+        weight_A=weight_TK.t().reshape(-1)[order_A],
         tokens_per_expert_E=kept_E,
         routed_per_expert_E=tokens_per_expert_E,
         num_dropped=tokens_per_expert_E.sum() - kept_E.sum(),
+        may_drop=capacity is not None or used_T is not None,
     )
 
 
@@ -285,13 +292,11 @@ class MoE(MoELayer):
 
     # -- gate --------------------------------------------------------------------------------------
 
-    def route_and_plan(
-        self, x_TD: Tensor, max_tokens: int | None = None
-    ) -> tuple[RouterOutput, int | None, DispatchPlan]:
+    def route_and_plan(self, x_TD: Tensor) -> tuple[RouterOutput, int | None, DispatchPlan]:
         """DeepSpeed's gate on ``x_TD`` (``TopKGate.forward`` and ``top1/top2/topkgating``); no communication.
 
-        Also computes DeepSpeed's ``l_aux`` (kept for :meth:`forward`). ``max_tokens`` is ignored:
-        capacity comes from this rank's tokens, as in DeepSpeed.
+        Also computes DeepSpeed's ``l_aux`` (kept for :meth:`forward`). Capacity comes from this
+        rank's tokens, as in DeepSpeed.
         """
         k, num_experts = self.k, self.num_experts
         training = self.training
@@ -310,9 +315,10 @@ class MoE(MoELayer):
                 if self.use_rts:  # drawn whenever use_rts, also when nothing can drop, as DeepSpeed does
                     priority_TK = _uniform(0.0, 1.0, gates_TE.shape, gates_TE.device).gather(1, expert_TK)
                 used_T = None if self._used_token is None else self._used_token.reshape(-1) != 0
-                first_E = torch.bincount(
-                    expert_TK[:, 0] if used_T is None else expert_TK[used_T, 0], minlength=num_experts
-                )
+                first_T = expert_TK[:, 0]
+                if used_T is not None:  # unused tokens count nowhere
+                    first_T = torch.where(used_T, first_T, num_experts)
+                first_E = count_per_expert(first_T, num_experts + 1)[:num_experts]
             elif k == 2:
                 first_T = torch.argmax(gates_TE, dim=1)
                 second_logits_TE = logits_TE.detach()
@@ -321,11 +327,11 @@ class MoE(MoELayer):
                 first_mask_TE = F.one_hot(first_T, num_experts).bool()
                 second_T = torch.argmax(second_logits_TE.masked_fill(first_mask_TE, float("-inf")), dim=1)
                 expert_TK = torch.stack([first_T, second_T], dim=1)
-                first_E = torch.bincount(first_T, minlength=num_experts)
+                first_E = count_per_expert(first_T, num_experts)
             else:
                 expert_TK = torch.topk(gates_TE, k=k, dim=1).indices
                 priority_TK = gates_TE.detach().gather(1, expert_TK)  # DeepSpeed's drop_policy="probs"
-            tokens_per_expert_E = first_E if k == 1 else torch.bincount(expert_TK.reshape(-1), minlength=num_experts)
+            tokens_per_expert_E = first_E if k == 1 else count_per_expert(expert_TK, num_experts)
 
             if num_tokens == 0:
                 self._l_aux = gates_TE.sum() * 0.0
@@ -345,13 +351,10 @@ class MoE(MoELayer):
             if factor is not None:
                 capacity = deepspeed_capacity(num_tokens, num_experts, factor, k, self.config.min_capacity)
             gate_TK = gates_TE.gather(1, expert_TK)
-            if k == 1 and used_T is not None:  # DeepSpeed's top1gating routes the used tokens only
-                used_U = used_T.nonzero().flatten()
-                priority_UK = None if priority_TK is None else priority_TK[used_U]
-                plan = deepspeed_plan(expert_TK[used_U], gate_TK[used_U], priority_UK, tokens_per_expert_E, capacity)
-                plan.token_idx_N = used_U[plan.token_idx_N]
-            else:
-                plan = deepspeed_plan(expert_TK, gate_TK, priority_TK, tokens_per_expert_E, capacity)
+            # DeepSpeed's top1gating routes the used tokens only.
+            plan = deepspeed_plan(
+                expert_TK, gate_TK, priority_TK, tokens_per_expert_E, capacity, used_T if k == 1 else None
+            )
         route = RouterOutput(expert_TK, gate_TK, gates_TE, logits_TE, tokens_per_expert_E)
         return route, capacity, plan
 

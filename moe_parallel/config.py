@@ -26,13 +26,17 @@ class MoEConfigError(ValueError):
     """A configuration value is out of range; the message names the field and the fix."""
 
 
+class MoEInputError(ValueError):
+    """The input of an MoE layer is malformed (raised on every rank of the EP group together)."""
+
+
 @dataclass
 class MoEConfig:
     """Everything that defines one MoE layer (not its parallel placement).
 
     Capacity per expert is ``max(min_capacity, ceil(tokens * top_k / num_experts * factor))`` where
-    ``tokens`` is the largest local token count in the expert-parallel group; ``capacity_factor=None``
-    means dropless routing.
+    ``tokens`` is this rank's own token count (as in DeepSpeed: the ragged all-to-all needs no
+    agreement on it); ``capacity_factor=None`` means dropless routing.
 
     ``drop_policy`` orders each expert's queue when it is over capacity: ``"position"`` keeps all
     first choices (in token order) before all second choices (GShard); ``"probs"`` keeps the highest
@@ -83,11 +87,10 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
     shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w_gate) (Qwen2-MoE)
     # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
-    # local experts, for GPUs), "loop" (per-expert GEMMs that gather and scatter their own rows),
-    # "padded" (two batched products over a padded [e, C, D] buffer), "auto" (grouped on CUDA in
-    # bf16 on SM >= 80; elsewhere loop or padded: the loop where the cost model in expert_cost.py
-    # expects it to be faster, else whichever of the two measured faster at this shape, once per
-    # process). Force "loop" or "padded" for the same path in every process.
+    # local experts; no host sync), "loop" (per-expert GEMMs), "padded" (batched products over
+    # padded runs of experts), "auto" (grouped on CUDA in bf16 on SM >= 80; elsewhere loop or
+    # padded, as the cost model in experts/choice.py decides once from the layer's shape: never from
+    # a timing). torch.compile always traces the grouped GEMM.
     expert_gemm: ExpertGemm = "auto"
     init_std: float = 0.02
     output_init_std: float | None = None  # std of the experts' second weight; None: init_std

@@ -9,16 +9,14 @@ from torch import Tensor, nn
 
 from .aux_loss import attach_aux_loss
 from .capacity import DispatchPlan, expert_capacity, plan_dispatch
-from .comm import ProcessGroup, all_reduce_max, group_rank, group_size
-from .config import MoEConfig, MoEConfigError
+from .comm import ProcessGroup, group_rank, group_size
+from .config import MoEConfig, MoEConfigError, MoEInputError
 from .deepspeed_integration import check_expert_groups, expert_group_name, mark_if_deepspeed_loaded
 from .dispatcher import AllToAllTokenDispatcher
 from .experts import GroupedExperts, expert_seed
 from .router import RouterOutput, TopKRouter, load_balancing_loss, router_entropy, router_z_loss
 
-
-class MoEInputError(ValueError):
-    """The input of an MoE layer is malformed (raised on every rank of the EP group together)."""
+__all__ = ["MoEInputError", "MoELayer", "MoEStats", "moe_layers", "update_expert_biases"]
 
 
 @dataclass
@@ -45,8 +43,8 @@ class MoELayer(nn.Module):
             different layers differ and any EP layout builds the same weights.
         ep_size: the expert-parallel size when the group is bound later with :meth:`set_ep_group`
             (default: the size of ``ep_group``).
-        experts: a prebuilt experts module with :class:`GroupedExperts`' interface holding this
-            rank's ``num_experts // ep_size`` experts (default: ``GroupedExperts`` from ``config``).
+        experts: a prebuilt experts module with the experts interface (``experts/interface.py``)
+            holding this rank's ``num_experts // ep_size`` experts (default: ``GroupedExperts``).
 
     ``forward(x)`` takes ``[..., hidden_size]`` and returns the same shape. In training, the
     weighted balance loss and z-loss are attached to the output's gradient (see ``aux_loss.py``):
@@ -110,11 +108,9 @@ class MoELayer(nn.Module):
                 f"num_experts // ep_size = {self.num_local_experts}"
             )
         self.experts = experts
-        # Top-1 routing sends each token to at most one expert: the combine can write, not accumulate.
-        self.experts.tokens_unique = config.top_k == 1
-        # At EP > 1 the experts' output goes to the dispatcher alone, whose backward hands them a fresh
+        # The experts' output goes to the dispatcher alone, whose backward hands them a fresh
         # gradient: they may write their input gradient over it (not so for the shared expert).
-        self.experts.owns_output_grad = ep_size > 1
+        self.experts.owns_output_grad = True
         self.shared_expert = None
         if config.shared_expert_ffn_hidden_size > 0:
             # One always-on expert, seeded with the id after the routed ones; replicated, not expert-parallel.
@@ -169,22 +165,30 @@ class MoELayer(nn.Module):
                 "set_ep_group(group) before the first forward"
             )
         problem = self._check_input(x)
-        num_tokens = x.numel() // x.shape[-1] if problem is None and x.dim() > 0 else 0
-        max_tokens = self._agree_across_ep(num_tokens, problem, x.device)
+        if problem is not None:  # every rank of the group stops, after the same collective
+            self.dispatcher.fail_together(problem)
 
         x_TD = x.reshape(-1, cfg.hidden_size)
-        route, capacity, plan = self.route_and_plan(x_TD, max_tokens)
-
-        if self.ep_size == 1:  # every expert is here: gather, compute and scatter-add per expert
-            y_TD = self.experts(x_TD, plan.tokens_per_expert_E.tolist(), plan.weight_N, plan.token_idx_N)
-        else:
-            x_local, weight_local, tokens_per_local_expert, state = self.dispatcher.dispatch(x_TD, plan)
-            out_local = self.experts(x_local, tokens_per_local_expert, weight_local)
-            y_TD = self.dispatcher.combine(out_local, state)
-        if self.shared_expert is not None:
-            shared_TD = self.shared_expert(x_TD, [x_TD.shape[0]])
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        route, capacity, plan = self.route_and_plan(x_TD)
+        self._resolve_expert_path(x_TD)
+        bad_input = None
+        if cfg.check_inputs:  # a device flag: at EP > 1 it travels with the counts, no extra sync
+            bad_input = (~torch.isfinite(x_TD).all()).to(torch.int64)
+        dispatch = self.dispatcher.dispatch(
+            x_TD,
+            plan,
+            host_counts=self.experts.needs_host_counts(x_TD),
+            bad_input=bad_input,
+            bad_input_message=(
+                f"MoE layer {self.layer_number}: input contains NaN or Inf "
+                "(set moe.check_inputs=False to skip this check)"
+            ),
+        )
+        shared_TD = self._shared_expert_output(x_TD)  # computed while the tokens are in flight
+        x_local = self.dispatcher.wait(dispatch)
+        out_local = self.experts(x_local, dispatch.tokens_per_local_expert, dispatch.counts_host)
+        y_TD = self.dispatcher.combine(out_local, dispatch.state)
+        if shared_TD is not None:
             y_TD = y_TD + shared_TD
 
         balance, z_loss = self.balance_and_z_loss(route)
@@ -194,6 +198,23 @@ class MoELayer(nn.Module):
             y_TD = attach_aux_loss(y_TD, self.aux_loss)
         return y_TD.view(x.shape)
 
+    def _shared_expert_output(self, x_TD: Tensor) -> Tensor | None:
+        if self.shared_expert is None:
+            return None
+        shared_TD = self.shared_expert(x_TD, [x_TD.shape[0]])
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
+
+    def _resolve_expert_path(self, x_TD: Tensor) -> None:
+        """Fix the experts' path at the first forward, from the rows a balanced step gives each
+        local expert (the same on every rank): a run never switches kernels on a timing or a count."""
+        resolve = getattr(self.experts, "resolve_path", None)
+        if resolve is None or getattr(self.experts, "resolved_gemm", None) is not None or torch.compiler.is_compiling():
+            return
+        cfg = self.config
+        resolve(x_TD, -(-self.ep_size * x_TD.shape[0] * cfg.top_k // cfg.num_experts))
+
     def balance_and_z_loss(self, route: RouterOutput) -> tuple[Tensor, Tensor]:
         """The unscaled balance loss and z-loss of this forward's routing (a subclass whose gate
         already computed its balance loss returns that, instead of a second pass over ``[T, E]``)."""
@@ -202,23 +223,16 @@ class MoELayer(nn.Module):
             z_loss = router_z_loss(route.logits_TE)
         return balance, z_loss
 
-    def route_and_plan(
-        self, x_TD: Tensor, max_tokens: int | None = None
-    ) -> tuple[RouterOutput, int | None, DispatchPlan]:
+    def route_and_plan(self, x_TD: Tensor) -> tuple[RouterOutput, int | None, DispatchPlan]:
         """Route ``x_TD`` and decide which assignments each expert keeps; no communication.
 
-        Capacity comes from ``max_tokens``, the largest token count in the expert-parallel group
-        (``forward`` agrees on it first); the default is this rank's own count. Returns the router's
-        output, the capacity (None when dropless) and the dispatch plan.
+        Capacity comes from this rank's own token count, as in DeepSpeed: the ragged all-to-all needs
+        no agreement on it. Returns the router's output, the capacity (None when dropless) and the plan.
         """
         cfg = self.config
         route = self.router(x_TD)
         capacity = expert_capacity(
-            x_TD.shape[0] if max_tokens is None else max_tokens,
-            cfg.top_k,
-            cfg.num_experts,
-            cfg.capacity_factor_for(self.training),
-            cfg.min_capacity,
+            x_TD.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor_for(self.training), cfg.min_capacity
         )
         plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
         return route, capacity, plan
@@ -229,32 +243,7 @@ class MoELayer(nn.Module):
             return f"MoE layer {self.layer_number}: input shape {tuple(x.shape)} must end in hidden_size={hidden}"
         if not x.is_floating_point():
             return f"MoE layer {self.layer_number}: input dtype {x.dtype} must be floating point"
-        if self.config.check_inputs and not bool(torch.isfinite(x).all()):
-            return (
-                f"MoE layer {self.layer_number}: input contains NaN or Inf "
-                "(set moe.check_inputs=False to skip this check)"
-            )
         return None
-
-    def _agree_across_ep(self, num_tokens: int, problem: str | None, device: torch.device) -> int:
-        """Largest local token count in the EP group, and a shared verdict on bad input.
-
-        One small collective before the all-to-alls: capacity then comes from a value every rank
-        agrees on, and bad input on any rank stops every rank here instead of hanging later.
-        """
-        if self.ep_size == 1:
-            if problem is not None:
-                raise MoEInputError(problem)
-            return num_tokens
-        max_tokens, any_problem = all_reduce_max([num_tokens, int(problem is not None)], self.ep_group, device)
-        if problem is not None:
-            raise MoEInputError(problem)
-        if any_problem:
-            raise MoEInputError(
-                f"MoE layer {self.layer_number}: another rank of the expert-parallel group received bad "
-                "input (its own error names it); stopping every rank instead of hanging in the all-to-all"
-            )
-        return max_tokens
 
     @torch.no_grad()
     def _stats(self, route, plan, balance: Tensor, z_loss: Tensor, capacity: int | None) -> MoEStats:

@@ -99,7 +99,7 @@ class TopKRouter(nn.Module):
             if cfg.routed_scaling_factor != 1.0:
                 weight_TK = weight_TK * cfg.routed_scaling_factor
 
-        tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=cfg.num_experts)
+        tokens_per_expert_E = count_per_expert(expert_TK, cfg.num_experts)
         if self.training and self.config.expert_bias_update_rate > 0:
             self._load_since_update += tokens_per_expert_E.to(self._load_since_update.dtype)
         return RouterOutput(expert_TK, weight_TK, probs_TE, logits_TE, tokens_per_expert_E)
@@ -124,6 +124,17 @@ class TopKRouter(nn.Module):
         if load_E.sum() > 0:
             self.expert_bias += self.config.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
         self._load_since_update.zero_()
+
+
+def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """int64 number of entries of ``expert_ids`` (all in ``[0, num_experts)``) equal to each expert.
+
+    A scatter-add into ``[num_experts]`` zeros: unlike ``bincount``, whose output length depends on
+    the largest id, the shape is static, so the host never waits for the device to learn it.
+    """
+    ids = expert_ids.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts_E.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))
 
 
 def top_k_indices(scores_TE: Tensor, k: int) -> Tensor:

@@ -27,7 +27,7 @@ def _kept(expert_TK, weight_TK, num_experts, capacity, policy) -> set[tuple[int,
     num_tokens = expert_TK.shape[0]
     kept = set()
     # Recover (token, choice) from (token, expert): a token picks distinct experts.
-    order_E = {(int(t), int(e)) for t, e in zip(plan.token_idx_N, _experts_of(plan), strict=True)}
+    order_E = {(int(t), int(e)) for t, e in zip(plan.token_idx_A[: int(plan.num_kept)], _experts_of(plan), strict=True)}
     for t in range(num_tokens):
         for k in range(expert_TK.shape[1]):
             if (t, int(expert_TK[t, k])) in order_E:

@@ -1,7 +1,7 @@
 """Expert parallelism on several gloo processes equals the single-process oracle on the same batch.
 
-Every rank routes its own shard of the global batch; capacity comes from the largest shard in the
-EP group. The oracle runs each shard through the naive per-token MoE with that capacity. On rank r:
+Every rank routes its own shard of the global batch; capacity comes from the rank's own shard, as in
+DeepSpeed. The oracle runs each shard through the naive per-token MoE. On rank r:
 output, aux loss, input grad and router grad equal shard r's; each local expert's grad equals the
 sum over all shards of that expert's grad.
 """
@@ -50,7 +50,7 @@ def _ep_equals_oracle(rank, world, cfg_kwargs, tokens_per_rank, seed, starve_exp
     for r in range(world):
         oracle.zero_grad()
         x_r = xs[r].clone().requires_grad_()
-        y_r, aux_r = naive_moe(oracle, x_r, capacity_tokens=max(tokens_per_rank))
+        y_r, aux_r = naive_moe(oracle, x_r)
         ((y_r * gs[r]).sum() + aux_r).backward()
         for n, p in oracle.experts.named_parameters():
             if p.grad is not None:  # None when the shard has no tokens at all
@@ -71,7 +71,7 @@ def _ep_equals_oracle(rank, world, cfg_kwargs, tokens_per_rank, seed, starve_exp
     for n, p in ep_layer.experts.named_parameters():
         torch.testing.assert_close(p.grad, expert_grads[n], rtol=1e-5, atol=1e-6, msg=n)
     assert ep_layer.last_stats.capacity == (
-        None if cfg.capacity_factor is None else oracle_capacity(cfg, max(tokens_per_rank))
+        None if cfg.capacity_factor is None else oracle_capacity(cfg, tokens_per_rank[rank])
     )
     if rank * e in starve_experts:  # this rank's experts got no tokens, yet it joined every collective
         assert torch.count_nonzero(ep_layer.experts.w1.grad) == 0

@@ -7,7 +7,7 @@ import torch
 
 from moe_parallel import MoEConfig, MoEConfigError, MoEInputError, MoELayer, expert_capacity, plan_dispatch
 from moe_parallel.capacity import order_by_expert
-from moe_parallel.experts import _ExpertMLP
+from moe_parallel.experts import LoopExpertMLP, PaddedExpertMLP, grouped_mlp
 from tests.reference import naive_keep, naive_moe
 
 
@@ -36,8 +36,17 @@ def test_expert_capacity_known_answers(tokens, k, experts, factor, min_cap, expe
     assert expert_capacity(tokens, k, experts, factor, min_cap) == expected
 
 
+def _kept(plan):
+    return int(plan.num_kept)
+
+
 def _kept_pairs(plan, num_tokens):
-    return sorted((int(t), int(e)) for t, e in zip(plan.token_idx_N, _expert_of(plan)))
+    kept_token_idx = plan.token_idx_A[: _kept(plan)]
+    pairs = sorted((int(t), int(e)) for t, e in zip(kept_token_idx, _expert_of(plan), strict=True))
+    # Every assignment is listed once: the dropped ones after the kept ones.
+    k = plan.token_idx_A.numel() // max(1, num_tokens)
+    assert sorted(plan.token_idx_A.tolist()) == sorted(list(range(num_tokens)) * k)
+    return pairs
 
 
 def _expert_of(plan):
@@ -55,7 +64,7 @@ def test_position_policy_first_choices_first():
     assert _kept_pairs(plan, 4) == [(0, 0), (0, 1), (1, 0), (3, 1)]
     assert plan.tokens_per_expert_E.tolist() == [2, 2]
     assert int(plan.num_dropped) == 4
-    assert torch.equal(plan.weight_N, torch.tensor([0.6, 0.7, 0.8, 0.4]))
+    assert torch.equal(plan.weight_A[: _kept(plan)], torch.tensor([0.6, 0.7, 0.8, 0.4]))
 
 
 def test_probs_policy_keeps_highest_weights():
@@ -65,7 +74,7 @@ def test_probs_policy_keeps_highest_weights():
     plan = plan_dispatch(expert_TK, weight_TK, counts, capacity=2, drop_policy="probs")
     # Expert 0: weights t0 .6, t1 .7, t2 .9, t3 .2 -> t2, t1. Expert 1: t0 .4, t1 .3, t2 .1, t3 .8 -> t3, t0.
     assert _kept_pairs(plan, 4) == [(0, 1), (1, 0), (2, 0), (3, 1)]
-    assert torch.equal(plan.weight_N, torch.tensor([0.9, 0.7, 0.8, 0.4]))
+    assert torch.equal(plan.weight_A[: _kept(plan)], torch.tensor([0.9, 0.7, 0.8, 0.4]))
 
 
 def test_dropless_keeps_everything_sorted_by_expert():
@@ -178,43 +187,42 @@ def test_layer_matches_naive_reference_fp64(overrides):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_grouped_mlp_gradcheck():
-    torch.manual_seed(1)
-    counts = [3, 0, 2]
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
-    w1 = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
-    b1 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    b2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-
-    def grouped(x, w, w1, w2, b1=None, b2=None, activation="swiglu"):  # rows arrive grouped: no index
-        return _ExpertMLP.apply(x, w, None, w1, w2, b1, b2, counts, activation)
-
-    assert torch.autograd.gradcheck(grouped, (x, w, w1, w2, b1, b2))
-    w1g = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w1, w2: grouped(x, None, w1, w2, activation="gelu"), (x, w1g, w2))
-
-
-@pytest.mark.parametrize("ffn", [3, 6], ids=["D>F", "D<=F"])
+@pytest.mark.parametrize("path", ["loop", "padded", "grouped"])
+@pytest.mark.parametrize("ffn", [3, 6])
 @pytest.mark.parametrize("bias", [False, True])
-def test_routed_grouped_mlp_gradcheck(ffn, bias):
-    torch.manual_seed(2)
-    T, D, counts = 5, 4, [3, 0, 4]
-    token_idx = torch.tensor([0, 2, 4, 1, 2, 3, 4])  # a token may appear under several experts
-    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(7, dtype=torch.float64, requires_grad=True)
-    w1 = torch.randn(3, D, 2 * ffn, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, ffn, D, dtype=torch.float64, requires_grad=True)
-    b1 = torch.randn(3, 2 * ffn, dtype=torch.float64, requires_grad=True) if bias else None
-    b2 = torch.randn(3, D, dtype=torch.float64, requires_grad=True) if bias else None
+def test_expert_mlp_gradcheck(path, ffn, bias):
+    """Each path's MLP on grouped rows (with padding rows past the counts) has exact gradients."""
+    torch.manual_seed(1)
+    counts, padding = [3, 0, 2], 2
+    dtype = torch.float64 if path != "grouped" else torch.float32
+    x = torch.randn(sum(counts) + padding, 4, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(3, 4, 2 * ffn, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(3, ffn, 4, dtype=dtype, requires_grad=True)
+    b1 = torch.randn(3, 2 * ffn, dtype=dtype, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 4, dtype=dtype, requires_grad=True) if bias else None
 
-    def fn(x, w, w1, w2, *b):
+    def mlp(x, w1, w2, *b):
         b1_, b2_ = b if b else (None, None)
-        return _ExpertMLP.apply(x, w, token_idx, w1, w2, b1_, b2_, counts, "swiglu")
+        if path == "grouped":
+            return grouped_mlp(x, torch.tensor(counts), w1, w2, b1_, b2_, "swiglu")
+        fn = LoopExpertMLP if path == "loop" else PaddedExpertMLP
+        return fn.apply(x, w1, w2, b1_, b2_, counts, "swiglu")
 
-    inputs = (x, w, w1, w2, *((b1, b2) if bias else ()))
-    assert torch.autograd.gradcheck(fn, inputs)
+    inputs = (x, w1, w2, *((b1, b2) if bias else ()))
+    y = mlp(*inputs)
+    assert torch.count_nonzero(y[sum(counts) :]) == 0  # padding rows give zero rows
+    if path == "grouped":  # float32 kernels: compare with the float64 loop instead of gradcheck
+        ref = [t.detach().double().requires_grad_() for t in inputs]
+        b1r, b2r = (ref[3], ref[4]) if bias else (None, None)
+        y_ref = LoopExpertMLP.apply(ref[0], ref[1], ref[2], b1r, b2r, counts, "swiglu")
+        g = torch.randn_like(y_ref)
+        y.backward(g.float())
+        y_ref.backward(g)
+        torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+        for t, r in zip(inputs, ref):
+            torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+        return
+    assert torch.autograd.gradcheck(mlp, inputs)
 
 
 def test_eval_is_deterministic_and_uses_eval_capacity():
