@@ -109,12 +109,13 @@ def _validate_arguments(
 def _gumbel(shape: torch.Size, device: torch.device) -> Tensor:
     # DeepSpeed's gumbel_rsample: the same distribution object, so a seeded RNG gives the same noise.
     zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
-    return torch.distributions.gumbel.Gumbel(zero, one).rsample(shape)
+    # Argument validation would read device tensors on the host: a sync, and nothing to validate here.
+    return torch.distributions.gumbel.Gumbel(zero, one, validate_args=False).rsample(shape)
 
 
 def _uniform(low: float, high: float, shape: torch.Size, device: torch.device) -> Tensor:
     low_t, high_t = torch.tensor(low, device=device), torch.tensor(high, device=device)
-    return torch.distributions.uniform.Uniform(low=low_t, high=high_t).rsample(shape)
+    return torch.distributions.uniform.Uniform(low=low_t, high=high_t, validate_args=False).rsample(shape)
 
 
 def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
@@ -324,7 +325,8 @@ class MoE(MoELayer):
                 second_logits_TE = logits_TE.detach()
                 if self.top2_2nd_expert_sampling:
                     second_logits_TE = second_logits_TE + _gumbel(logits_TE.shape, logits_TE.device)
-                first_mask_TE = F.one_hot(first_T, num_experts).bool()
+                # A scatter, not F.one_hot, which reads the ids' range on the host.
+                first_mask_TE = torch.zeros_like(gates_TE, dtype=torch.bool).scatter_(1, first_T.unsqueeze(1), True)
                 second_T = torch.argmax(second_logits_TE.masked_fill(first_mask_TE, float("-inf")), dim=1)
                 expert_TK = torch.stack([first_T, second_T], dim=1)
                 first_E = count_per_expert(first_T, num_experts)

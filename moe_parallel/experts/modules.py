@@ -371,7 +371,7 @@ class StackedExperts(GroupedExperts):
         self.first_expert_id = first_expert_id
         self.activation = form.activation
         self.expert_gemm = "auto"
-        self.resolved_gemm = None
+        self.resolved_gemm = None if form.native else "modules"  # non-native forms: a loop of autograd ops
         self.owns_output_grad = False
         tensors = _form_tensors(expert, form)
 
