@@ -19,6 +19,10 @@ is not counted), then counts exactly one more step with ``moe_parallel.counters`
 - host syncs: every read of device data by the host (``_local_scalar_dense`` is ``.item()``,
   ``int()`` or ``bool()`` of a tensor), by op, on rank 0.
 
+Our experts (``MoELayer``'s and the drop-in's) run one CPU path, ``--expert-gemm`` (default
+``loop``, the path of a GPU without the grouped GEMM): under ``auto`` a timing picks the loop or the
+padded path per shape, and the padded path's own host syncs would come and go from run to run.
+
 The expert-bias update (``update_expert_biases``) runs once per optimizer step, not per layer step,
 and is not counted. Peers that do not run here are listed from their source.
 
@@ -33,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import os
@@ -45,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -126,14 +132,8 @@ def routings(layer: str, top_ks: tuple[int, ...], experts: int) -> list[Routing]
     """Every routing ``layer`` supports: DeepSpeed's gates (and the drop-in's) score by softmax only."""
     scores = ("softmax", "sigmoid") if layer == "ours" else ("softmax",)
     shared = (False, True) if layer == "ours" else (False,)
-    return [
-        Routing(k, cf, score, sh)
-        for k in top_ks
-        if k <= experts
-        for cf in (1.25, None)
-        for score in scores
-        for sh in shared
-    ]
+    grid = itertools.product([k for k in top_ks if k <= experts], (1.25, None), scores, shared)
+    return [Routing(*point) for point in grid]
 
 
 # --------------------------------------------------------------------------- one rank
@@ -141,15 +141,10 @@ def routings(layer: str, top_ks: tuple[int, ...], experts: int) -> list[Routing]
 
 @dataclass
 class Step:
-    """One forward+backward of a layer; the gradients of ``leaves`` start from None."""
+    """One forward+backward of a layer, and the tensors whose gradients it fills."""
 
     run: Callable[[], None]
     leaves: list[Tensor]
-
-    def __call__(self) -> None:
-        for t in self.leaves:
-            t.grad = None
-        self.run()
 
 
 def _deepspeed_expert(shape: Shape) -> nn.Module:
@@ -158,7 +153,16 @@ def _deepspeed_expert(shape: Shape) -> nn.Module:
     )
 
 
-def build_step(layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD: Tensor, grad_TD: Tensor) -> Step:
+def pin_expert_path(module: nn.Module, expert_gemm: str) -> None:
+    """Our experts inside ``module`` (``MoELayer``'s, the drop-in's) run ``expert_gemm`` from now on."""
+    for sub in module.modules():
+        if hasattr(sub, "execution_path"):
+            sub.expert_gemm = expert_gemm
+
+
+def build_step(
+    layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD: Tensor, grad_TD: Tensor, expert_gemm: str
+) -> Step:
     """A fresh ``layer`` with gate weights ``gate_ED``; its step runs on a leaf copy of ``x_TD``."""
     x_TD = x_TD.clone().requires_grad_()
     cf = routing.capacity_factor
@@ -174,6 +178,7 @@ def build_step(layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD
             shared_expert_ffn_hidden_size=shape.ffn if routing.shared else 0,
         )
         moe = MoELayer(config, ep_group=dist.group.WORLD).train()
+        pin_expert_path(moe, expert_gemm)
         with torch.no_grad():
             moe.router.weight.copy_(gate_ED)
 
@@ -201,6 +206,8 @@ def build_step(layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD
     ).train()
     with contextlib.redirect_stdout(io.StringIO()):  # "No existing process group found, creating ..."
         moe.set_deepspeed_parallelism()
+    if layer == "compat":
+        pin_expert_path(moe, expert_gemm)
     with torch.no_grad():
         (moe.deepspeed_moe.gate.wg if layer == "deepspeed" else moe.router).weight.copy_(gate_ED)
 
@@ -213,7 +220,7 @@ def build_step(layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD
 
 def measure(step: Step) -> dict:
     """One warm-up step, then the collectives and host syncs of exactly one step."""
-    step()
+    step.run()
     for t in step.leaves:
         t.grad = None
     with count_collectives() as collectives, count_host_syncs() as syncs:
@@ -221,7 +228,9 @@ def measure(step: Step) -> dict:
     return {"calls": collectives.calls, "bytes": collectives.total_bytes_sent, "syncs": syncs.reads}
 
 
-def _rank_main(rank: int, port: int, shapes: list[Shape], top_ks: tuple[int, ...], out_dir: str) -> None:
+def _rank_main(
+    rank: int, port: int, shapes: list[Shape], top_ks: tuple[int, ...], expert_gemm: str, out_dir: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(EP_SIZE))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(EP_SIZE), DS_ACCELERATOR="cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -243,7 +252,7 @@ def _rank_main(rank: int, port: int, shapes: list[Shape], top_ks: tuple[int, ...
         gate_ED = torch.randn(shape.experts, shape.hidden, generator=torch.Generator().manual_seed(7)) * GATE_STD
         for layer in LAYERS:
             for routing in routings(layer, top_ks, shape.experts):
-                counts = measure(build_step(layer, shape, routing, gate_ED, x_TD, grad_TD))
+                counts = measure(build_step(layer, shape, routing, gate_ED, x_TD, grad_TD, expert_gemm))
                 rows.append({"shape": shape.name, "layer": layer, "routing": dataclasses.asdict(routing), **counts})
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
     dist.barrier()
@@ -253,13 +262,15 @@ def _rank_main(rank: int, port: int, shapes: list[Shape], top_ks: tuple[int, ...
     os._exit(0)  # no interpreter teardown: gloo's threads sometimes abort it
 
 
-def run_ranks(shapes: list[Shape], top_ks: tuple[int, ...], timeout_s: float) -> tuple[list[dict], list[dict]]:
+def run_ranks(
+    shapes: list[Shape], top_ks: tuple[int, ...], expert_gemm: str, timeout_s: float
+) -> tuple[list[dict], list[dict]]:
     """Every point on two spawned gloo ranks; returns rank 0's rows and rank 1's."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # as the Makefile
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _rank_main,
-            args=(free_port(), shapes, top_ks, out_dir),
+            args=(free_port(), shapes, top_ks, expert_gemm, out_dir),
             nprocs=EP_SIZE,
             join=False,
             start_method="spawn",
@@ -299,11 +310,7 @@ MEGATRON_SOURCE = "NVIDIA/Megatron-LM `megatron/core/transformer/moe/token_dispa
 
 def peer_lines() -> list[str]:
     """Peers not run here, counted from their source: a note, then rows in the measured rows' columns.
-
-    Megatron-Core: ``preprocess`` all-gathers the counts, ``token_dispatch`` sends tokens and probs,
-    ``token_combine`` the output; ``_maybe_dtoh_and_synchronize`` waits once at ``cuda_sync_point``
-    (never when padded to capacity, which also skips the count exchange).
-    """
+    (Megatron-Core: ``preprocess``, ``token_dispatch``, ``token_combine``, ``_maybe_dtoh_and_synchronize``.)"""
     name = "Megatron-Core all-to-all dispatcher (from its source, not run here)"
     return [
         f"Peers, from their source (the dispatcher alone; Megatron-Core: {MEGATRON_SOURCE}, at EP=2, TP=1): "
@@ -317,7 +324,7 @@ def peer_lines() -> list[str]:
     ]
 
 
-def markdown(shapes: list[Shape], rank0: list[dict]) -> str:
+def markdown(shapes: list[Shape], rank0: list[dict], expert_gemm: str, argv: list[str]) -> str:
     ds_bytes = {(r["shape"], Routing(**r["routing"])): r["bytes"] for r in rank0 if r["layer"] == "deepspeed"}
     header = [
         "| layer | routing | collectives | host syncs | bytes sent | vs DeepSpeed |",
@@ -327,8 +334,9 @@ def markdown(shapes: list[Shape], rank0: list[dict]) -> str:
         f"One training step of one layer (forward + backward) at EP={EP_SIZE} on {EP_SIZE} gloo ranks, counted on "
         "rank 0 after one warm-up step (rank 1 calls as many collectives). Bytes: what rank 0 sends to the other "
         "rank; `vs DeepSpeed`: over DeepSpeed's at the same top-k and capacity. `_local_scalar_dense` is "
-        f"`.item()`/`int()`/`bool()` of a tensor. torch {torch.__version__}, {_deepspeed_version()}, "
-        f"Python {platform.python_version()}. Command: `{command_line()}`.",
+        f"`.item()`/`int()`/`bool()` of a tensor. Our experts: `expert_gemm={expert_gemm!r}`. "
+        f"torch {torch.__version__}, deepspeed {version('deepspeed')}, Python {platform.python_version()}. "
+        f"Command: `{command_line(argv)}`.",
     ]
     for shape in shapes:
         lines += ["", f"**{shape.name}: {shape.label()}** ({shape.tokens // EP_SIZE} tokens per rank)", "", *header]
@@ -344,21 +352,9 @@ def markdown(shapes: list[Shape], rank0: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _deepspeed_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"deepspeed {version('deepspeed')}"
-    except PackageNotFoundError:
-        return "deepspeed (not installed)"
-
-
-_ARGV: list[str] = []
-
-
-def command_line() -> str:
+def command_line(argv: list[str]) -> str:
     """The command that makes this table (where it was written to left out)."""
-    shown = [a for i, a in enumerate(_ARGV) if not a.startswith("--write") and _ARGV[i - 1 : i] != ["--write"]]
+    shown = [a for i, a in enumerate(argv) if not a.startswith("--write") and argv[i - 1 : i] != ["--write"]]
     return " ".join([".venv/bin/python benchmarks/bench_comm.py", *shown])
 
 
@@ -370,6 +366,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated names ({', '.join(SHAPES)}) or TxDxFxE (default: {DEFAULT_SHAPES})",
     )
     parser.add_argument("--top-k", default="1,2,4", help="comma-separated top-k values (default: 1,2,4)")
+    parser.add_argument(
+        "--expert-gemm",
+        choices=("loop", "padded", "auto"),
+        default="loop",
+        help="our experts' CPU path (default loop; auto picks loop or padded by timing: see above)",
+    )
     parser.add_argument("--write", type=Path, default=None, help="also write the markdown block to this file")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
     return parser.parse_args(argv)
@@ -377,16 +379,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
-    _ARGV[:] = argv
     args = parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
         top_ks = tuple(int(k) for k in args.top_k.split(","))
     except (argparse.ArgumentTypeError, ValueError) as err:
         raise SystemExit(f"bench_comm: {err}") from None
-    rank0, rank1 = run_ranks(shapes, top_ks, args.timeout)
+    rank0, rank1 = run_ranks(shapes, top_ks, args.expert_gemm, args.timeout)
     check_ranks_agree(rank0, rank1)
-    block = markdown(shapes, rank0)
+    block = markdown(shapes, rank0, args.expert_gemm, argv)
     print(block, end="")
     if args.write is not None:
         args.write.parent.mkdir(parents=True, exist_ok=True)
