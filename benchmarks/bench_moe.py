@@ -27,6 +27,7 @@ the global batch of ``c1``, half of its tokens on each rank.
     .venv/bin/python benchmarks/bench_moe.py --tuned-malloc   # same, glibc keeps freed memory
     .venv/bin/python benchmarks/bench_moe.py --device cuda    # GPU, bf16: its own BENCHMARKS.md block
     .venv/bin/python benchmarks/bench_moe.py --device cuda --configs c1,c2,c3,large --json out.json
+    .venv/bin/python benchmarks/bench_moe.py --comm             # collectives, bytes, host syncs: bench_comm.py
 
 Config ``large`` (named only, not in the default set) fills a GPU: the layer shape of a 16B
 fine-grained MoE model (T=65536, D=2048, F=1408, E=64, k=6). On a GPU the floor is the two grouped
@@ -1573,6 +1574,12 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace) -> Row:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "--comm" in argv:  # the communication report: benchmarks/bench_comm.py takes the other arguments
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_comm
+
+        bench_comm.main([a for a in argv if a != "--comm"])
+        return
     args = parse_args(argv)
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
         # glibc reads these at start-up; the workers inherit them from this process.
