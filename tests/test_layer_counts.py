@@ -162,7 +162,7 @@ def _drop_in_counts(rank: int, world: int) -> None:
         x_TD = torch.randn(24, 16)
         used_T = (torch.arange(24) % 3 != 0).long() if used else None
 
-        def step():
+        def step(layer=layer, x_TD=x_TD, used_T=used_T):
             x = x_TD.clone().requires_grad_()
             out, l_aux, _ = layer(x, used_token=used_T)
             (out.sum() + l_aux).backward()
