@@ -6,7 +6,6 @@ No ``[T, E, C]`` masks are built: one stable sort over the T*k assignments does 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -23,10 +22,26 @@ def expert_capacity(
 
     Exact rational arithmetic, so that e.g. ``4096 * 2 / 8 * 1.25`` is 1280 and not 1281 after rounding.
     """
+    return capacity_from_ratio(num_tokens, top_k, num_experts, capacity_ratio(capacity_factor), min_capacity)
+
+
+def capacity_ratio(capacity_factor: float | None) -> tuple[int, int] | None:
+    """``capacity_factor`` as an exact ratio ``(p, q)`` (None stays None: dropless)."""
     if capacity_factor is None:
         return None
     factor = Fraction(capacity_factor).limit_denominator(1_000_000)
-    return max(min_capacity, math.ceil(Fraction(num_tokens * top_k, num_experts) * factor))
+    return factor.numerator, factor.denominator
+
+
+def capacity_from_ratio(
+    num_tokens: int, top_k: int, num_experts: int, ratio: tuple[int, int] | None, min_capacity: int
+) -> int | None:
+    """:func:`expert_capacity` with the factor given as :func:`capacity_ratio`: integer arithmetic
+    only, which ``torch.compile`` traces (also for a symbolic token count)."""
+    if ratio is None:
+        return None
+    p, q = ratio
+    return max(min_capacity, -(-num_tokens * top_k * p // (num_experts * q)))
 
 
 @dataclass

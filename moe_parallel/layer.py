@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .aux_loss import attach_aux_loss
-from .capacity import DispatchPlan, expert_capacity, plan_dispatch
+from .capacity import DispatchPlan, capacity_from_ratio, capacity_ratio, plan_dispatch
 from .comm import ProcessGroup, group_rank, group_size
 from .config import MoEConfig, MoEConfigError, MoEInputError
 from .deepspeed_integration import check_expert_groups, expert_group_name, mark_if_deepspeed_loaded
@@ -135,6 +135,7 @@ class MoELayer(nn.Module):
             param.group_name = self.expert_group_name
         self.aux_loss: Tensor | None = None
         self.last_stats: MoEStats | None = None
+        self._capacity_ratios = {f: capacity_ratio(f) for f in (config.capacity_factor, config.eval_capacity_factor)}
         mark_if_deepspeed_loaded(self)  # DeepSpeed's engine must see an MoE layer; never imports it
 
     def set_ep_group(self, ep_group: ProcessGroup | None) -> None:
@@ -231,9 +232,11 @@ class MoELayer(nn.Module):
         """
         cfg = self.config
         route = self.router(x_TD)
-        capacity = expert_capacity(
-            x_TD.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor_for(self.training), cfg.min_capacity
-        )
+        factor = cfg.capacity_factor_for(self.training)
+        if factor not in self._capacity_ratios:  # exact ratios, computed outside any compiled region
+            self._capacity_ratios[factor] = capacity_ratio(factor)
+        ratio = self._capacity_ratios[factor]
+        capacity = capacity_from_ratio(x_TD.shape[0], cfg.top_k, cfg.num_experts, ratio, cfg.min_capacity)
         plan = plan_dispatch(route.expert_TK, route.weight_TK, route.tokens_per_expert_E, capacity, cfg.drop_policy)
         return route, capacity, plan
 

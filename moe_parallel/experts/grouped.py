@@ -121,8 +121,8 @@ def _mm_weight_grad(a_MK: Tensor, g_MN: Tensor, offs: Tensor, num_groups: int) -
 @torch.library.custom_op("moe_parallel::grouped_mm", mutates_args=())
 def grouped_mm(a_MK: Tensor, b_eKN: Tensor, offs: Tensor) -> Tensor:
     """Row-grouped GEMM: rows ``[offs[g-1], offs[g])`` of ``a_MK`` times ``b_eKN[g]``; rows past
-    ``offs[-1]`` give zero rows. ``offs``: int32 ends of the groups (a device tensor)."""
-    return _mm_rows(a_MK, b_eKN, offs)
+    ``offs[-1]`` give zero rows. ``offs``: integer ends of the groups (a device tensor)."""
+    return _mm_rows(a_MK, b_eKN, offs.to(torch.int32))
 
 
 @grouped_mm.register_fake
@@ -133,7 +133,7 @@ def _(a_MK: Tensor, b_eKN: Tensor, offs: Tensor) -> Tensor:
 @torch.library.custom_op("moe_parallel::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(a_MK: Tensor, g_MN: Tensor, offs: Tensor, num_groups: int) -> Tensor:
     """The weight gradient of :func:`grouped_mm`: ``[e, K, N]``, one product per group of rows."""
-    return _mm_weight_grad(a_MK, g_MN, offs, num_groups)
+    return _mm_weight_grad(a_MK, g_MN, offs.to(torch.int32), num_groups)
 
 
 @grouped_mm_weight_grad.register_fake
