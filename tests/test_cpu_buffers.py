@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from moe_parallel import MoEConfig, MoELayer, cpu_buffers
-from moe_parallel.cpu_buffers import grad_buffer_like
+from moe_parallel import MoEConfig, MoELayer
+from moe_parallel.experts import buffers
+from moe_parallel.experts.buffers import grad_buffer_like
 from tests.reference import naive_moe
 
 ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -23,7 +24,7 @@ ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMA
 @pytest.fixture(autouse=True)
 def glibc_defaults(monkeypatch):
     """Whatever the environment the suite runs in: glibc's defaults, which keep no large block."""
-    monkeypatch.setattr(cpu_buffers, "process_environ", lambda: {})
+    monkeypatch.setattr(buffers, "process_environ", lambda: {})
 
 
 @pytest.fixture(params=["pool on huge pages", "pool on the heap", "fresh mappings"])
@@ -31,18 +32,18 @@ def every_buffer_pooled(monkeypatch, request):
     """Send every buffer, however small, down the large-buffer path: through the pool (on mappings
     where the kernel offers huge pages, and on plain ``torch.empty`` storage) or, with the pool off
     (the default), a fresh mapping each."""
-    monkeypatch.setattr(cpu_buffers, "POOLED_BUFFER_MIN_BYTES", 1)
-    huge = request.param != "pool on the heap" and cpu_buffers._HUGE_PAGE_ADVICE is not None
-    monkeypatch.setattr(cpu_buffers, "HUGE_PAGES_AVAILABLE", huge)
-    monkeypatch.setattr(cpu_buffers, "_pool", [])
-    monkeypatch.setattr(cpu_buffers, "_pool_enabled", request.param != "fresh mappings")
+    monkeypatch.setattr(buffers, "POOLED_BUFFER_MIN_BYTES", 1)
+    huge = request.param != "pool on the heap" and buffers._HUGE_PAGE_ADVICE is not None
+    monkeypatch.setattr(buffers, "HUGE_PAGES_AVAILABLE", huge)
+    monkeypatch.setattr(buffers, "_pool", [])
+    monkeypatch.setattr(buffers, "_pool_enabled", request.param != "fresh mappings")
     return request.param
 
 
 @pytest.fixture
 def pool_on(monkeypatch):
-    monkeypatch.setattr(cpu_buffers, "_pool", [])
-    monkeypatch.setattr(cpu_buffers, "_pool_enabled", True)
+    monkeypatch.setattr(buffers, "_pool", [])
+    monkeypatch.setattr(buffers, "_pool_enabled", True)
 
 
 def _rss_mib() -> float:
@@ -79,18 +80,18 @@ def test_a_buffer_is_handed_out_again_only_when_no_tensor_holds_it(every_buffer_
     again = grad_buffer_like(torch.empty(5, 3))  # same size, any shape
     assert again.data_ptr() == ptr
     assert grad_buffer_like(torch.empty(4, 5)).data_ptr() not in (ptr, second.data_ptr())  # other sizes: new
-    assert cpu_buffers.cached_bytes() == (2 * 60, 60 + 80)  # in use: first (again) and second
+    assert buffers.cached_bytes() == (2 * 60, 60 + 80)  # in use: first (again) and second
 
 
 @pytest.mark.parametrize("pooled", [True, False])
 def test_large_buffers_map_afresh_unless_the_pool_is_on(monkeypatch, pooled: bool) -> None:
-    if not cpu_buffers.HUGE_PAGES_AVAILABLE:
+    if not buffers.HUGE_PAGES_AVAILABLE:
         pytest.skip("this kernel offers no transparent huge pages")
-    monkeypatch.setattr(cpu_buffers, "_pool", [])
-    monkeypatch.setattr(cpu_buffers, "_pool_enabled", cpu_buffers._pool_enabled)  # restored afterwards
-    cpu_buffers.set_gradient_pool(pooled)
+    monkeypatch.setattr(buffers, "_pool", [])
+    monkeypatch.setattr(buffers, "_pool_enabled", buffers._pool_enabled)  # restored afterwards
+    buffers.set_gradient_pool(pooled)
     try:
-        ref = torch.empty(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+        ref = torch.empty(buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
         start = _rss_mib()
         for _ in range(6):  # 384 MiB in all if nothing were freed or recycled
             buf = grad_buffer_like(ref)
@@ -98,16 +99,16 @@ def test_large_buffers_map_afresh_unless_the_pool_is_on(monkeypatch, pooled: boo
             buf.fill_(1.0)
             del buf
         assert _rss_mib() - start < 2 * 64
-        assert cpu_buffers.cached_bytes() == ((0, 64 << 20) if pooled else (0, 0))
+        assert buffers.cached_bytes() == ((0, 64 << 20) if pooled else (0, 0))
     finally:
-        cpu_buffers.set_gradient_pool(False)
-    assert cpu_buffers.cached_bytes() == (0, 0)  # turning it off released the idle buffer
+        buffers.set_gradient_pool(False)
+    assert buffers.cached_bytes() == (0, 0)  # turning it off released the idle buffer
 
 
 def test_large_buffers_are_recycled_and_released_on_request(pool_on) -> None:
-    if not cpu_buffers.HUGE_PAGES_AVAILABLE:
+    if not buffers.HUGE_PAGES_AVAILABLE:
         pytest.skip("this kernel offers no transparent huge pages")
-    ref = torch.empty(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+    ref = torch.empty(buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
     start = _rss_mib()
     ptrs = set()
     for _ in range(12):  # 768 MiB in all if nothing were recycled
@@ -117,9 +118,9 @@ def test_large_buffers_are_recycled_and_released_on_request(pool_on) -> None:
         ptrs.add(buf.data_ptr())
         del buf
     assert len(ptrs) == 1 and _rss_mib() - start < 2 * 64
-    assert cpu_buffers.cached_bytes() == (0, 64 << 20)
-    assert cpu_buffers.release_cached_buffers() == 64 << 20
-    assert cpu_buffers.cached_bytes() == (0, 0) and _rss_mib() - start < 32
+    assert buffers.cached_bytes() == (0, 64 << 20)
+    assert buffers.release_cached_buffers() == 64 << 20
+    assert buffers.cached_bytes() == (0, 0) and _rss_mib() - start < 32
 
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -135,12 +136,25 @@ GIB, MIB = 1 << 30, 1 << 20
         ({"MALLOC_TRIM_THRESHOLD_": str(4 * GIB)}, 64 * MIB, False),  # still a mapping
         ({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 * GIB)}, 64 * MIB, True),  # mmap off
         ({"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, 64 * MIB, False),
-        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x100000000:glibc.malloc.trim_threshold=0x1000000000"},
-         64 * MIB, True),
-        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296", "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)},
-         64 * MIB, True),  # the two ways mix
-        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536", "MALLOC_MMAP_THRESHOLD_": str(4 * GIB),
-          "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 64 * MIB, False),  # the tunable wins, as in glibc
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x100000000:glibc.malloc.trim_threshold=0x1000000000"},
+            64 * MIB,
+            True,
+        ),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296", "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)},
+            64 * MIB,
+            True,
+        ),  # the two ways mix
+        (
+            {
+                "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536",
+                "MALLOC_MMAP_THRESHOLD_": str(4 * GIB),
+                "MALLOC_TRIM_THRESHOLD_": str(64 * GIB),
+            },
+            64 * MIB,
+            False,
+        ),  # the tunable wins, as in glibc
         ({"MALLOC_MMAP_THRESHOLD_": "lots", "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}, 64 * MIB, False),
         ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, 64 * MIB, True),
         ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, 8 * GIB, True),
@@ -148,22 +162,22 @@ GIB, MIB = 1 << 30, 1 << 20
     ],
 )
 def test_allocator_keeps_reads_the_allocator_configuration(env, nbytes, keeps) -> None:
-    assert cpu_buffers.allocator_keeps(nbytes, env) is keeps
+    assert buffers.allocator_keeps(nbytes, env) is keeps
 
 
 def test_a_size_the_allocator_keeps_comes_from_it_not_from_the_pool(monkeypatch, pool_on) -> None:
     keeping = {"MALLOC_MMAP_THRESHOLD_": str(4 * GIB), "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}
-    monkeypatch.setattr(cpu_buffers, "process_environ", lambda: keeping)
-    ref = torch.ones(cpu_buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
+    monkeypatch.setattr(buffers, "process_environ", lambda: keeping)
+    ref = torch.ones(buffers.POOLED_BUFFER_MIN_BYTES // 4 * 2)  # 64 MiB of float32
     buf = grad_buffer_like(ref)
     assert buf.shape == ref.shape and buf.is_contiguous()
     buf.copy_(ref)
-    assert torch.equal(buf, ref) and cpu_buffers.cached_bytes() == (0, 0)
+    assert torch.equal(buf, ref) and buffers.cached_bytes() == (0, 0)
 
 
 _FAULTS_PER_BUFFER = """
 import resource, torch
-from moe_parallel.cpu_buffers import grad_buffer_like
+from moe_parallel.experts.buffers import grad_buffer_like
 ref = torch.empty(16 << 20)  # 64 MiB of float32
 faults = []
 for _ in range(12):
@@ -175,7 +189,7 @@ print(*faults)
 
 _READS_THE_STARTUP_ENVIRONMENT = """
 import os
-from moe_parallel.cpu_buffers import allocator_keeps
+from moe_parallel.experts.buffers import allocator_keeps
 before = allocator_keeps(64 << 20)
 os.environ.update(MALLOC_MMAP_THRESHOLD_="0", MALLOC_TRIM_THRESHOLD_="0", LD_PRELOAD="")
 print(before, allocator_keeps(64 << 20))
@@ -210,7 +224,7 @@ def test_a_configured_allocator_hands_freed_gradient_memory_back_warm(keeps: boo
     if keeps:
         assert all(n < 32 for n in faults[-6:]), faults
     else:
-        assert all(n >= (32 if cpu_buffers.HUGE_PAGES_AVAILABLE else 16384) for n in faults), faults
+        assert all(n >= (32 if buffers.HUGE_PAGES_AVAILABLE else 16384) for n in faults), faults
 
 
 def test_a_mapped_buffer_is_an_ordinary_gradient(every_buffer_pooled) -> None:

@@ -1,22 +1,26 @@
-"""Every expert execution path (loop, padded, and auto's cost-model choice) equals the naive oracle.
+"""Every CPU expert execution path (loop, padded, and auto's cost-model choice) equals the naive oracle,
+and auto's choice is a deterministic function of the shape.
 
 Forward and backward, float64, over random draws of shapes: experts, k, hidden and FFN widths
 (D < F and D > F), capacity factors that drop and dropless routing, both drop policies, biases,
-SwiGLU, experts without rows; and expert parallelism on 2 gloo processes.
+SwiGLU, experts without rows, padding rows past the counts; and expert parallelism on 2 gloo
+processes. The choice: no timing, one resolution per layer, a pinned calibration file honoured.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer, expert_cost
-from moe_parallel import experts as experts_module
-from moe_parallel.expert_cost import DEFAULT_COST_MODEL, ExpertCostModel, choose_expert_path
-from moe_parallel.experts import _PaddedExpertMLP
+from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer
+from moe_parallel.experts import LoopExpertMLP, PaddedExpertMLP, choice, padded_runs
+from moe_parallel.experts import padded as padded_module
+from moe_parallel.experts.choice import COST_FILE_ENV, DEFAULT_COST_MODEL, ExpertCostModel, choose_expert_path
 from tests.dist_utils import run_distributed
 from tests.reference import naive_moe
 
@@ -80,9 +84,9 @@ def test_every_path_equals_the_oracle(path: str, seed: int) -> None:
         torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def _padded_equals_loop(build, x, counts, weight, token_idx, unique: bool, grad) -> list[list]:
+def _padded_equals_loop(build, x, tokens_per_expert, grad, counts_host=None) -> list[list]:
     """Forward and backward of ``build(path)`` on both CPU paths, asserted equal; per path: the output,
-    the gradients of the input and of the combine weights, and every parameter's gradient."""
+    the input's gradient, and every parameter's gradient."""
     results = []
     for path in ("loop", "padded"):
         module = build(path)
@@ -91,76 +95,56 @@ def _padded_equals_loop(build, x, counts, weight, token_idx, unique: bool, grad)
                 module.b1.normal_(generator=torch.Generator().manual_seed(2))
                 module.b2.normal_(generator=torch.Generator().manual_seed(3))
         x_ = x.clone().requires_grad_()
-        w_ = None if weight is None else weight.clone().requires_grad_()
-        y = module(x_, counts, w_, token_idx, tokens_unique=unique)
+        y = module(x_, tokens_per_expert, counts_host)
         y.backward(grad)
-        results.append([y, x_.grad, None if w_ is None else w_.grad, *(p.grad for p in module.parameters())])
+        results.append([y, x_.grad, *(p.grad for p in module.parameters())])
     for got, want in zip(results[1], results[0]):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     return results
 
 
-@pytest.mark.parametrize(
-    "gathered, unique", [(False, False), (True, False), (True, True)], ids=["grouped-rows", "token-index", "top1"]
-)
-@pytest.mark.parametrize("scaled", [False, True], ids=["unweighted", "weighted"])
-def test_padded_equals_the_loop_on_raw_rows(unique: bool, gathered: bool, scaled: bool) -> None:
-    """The experts module alone, every branch of the combine (incl. the top-1 write and dropped tokens)."""
+@pytest.mark.parametrize("padding", [0, 3], ids=["no-padding", "padding-rows"])
+@pytest.mark.parametrize("counts_form", ["list", "tensor", "host"], ids=["list", "device-tensor", "counts-host"])
+def test_padded_equals_the_loop_on_grouped_rows(padding: int, counts_form: str) -> None:
+    """The experts module alone, on rows grouped by expert: an idle expert, padding rows past the
+    counts (zero output, zero gradient), the counts as a list, as a device tensor, or read already."""
     torch.manual_seed(1)
     counts = [4, 0, 3, 1]
-    if not gathered:
-        token_idx, x = None, torch.randn(8, 6, dtype=torch.float64)
-    elif unique:  # tokens 1, 4 and 9 were dropped: they must come out zero, with zero gradient
-        token_idx, x = torch.tensor([0, 2, 3, 5, 6, 7, 8, 10]), torch.randn(11, 6, dtype=torch.float64)
-    else:
-        token_idx, x = torch.tensor([0, 2, 3, 5, 1, 2, 5, 0]), torch.randn(7, 6, dtype=torch.float64)
-    weight = torch.rand(8, dtype=torch.float64) if scaled else None
+    x = torch.randn(sum(counts) + padding, 6, dtype=torch.float64)
     grad = torch.randn_like(x)
+    tokens_per_expert = counts if counts_form == "list" else torch.tensor(counts)
+    counts_host = counts if counts_form == "host" else None
 
     def build(path: str) -> GroupedExperts:
         return GroupedExperts(4, 6, 10, expert_gemm=path, init_std=0.3, bias=True).double()
 
-    results = _padded_equals_loop(build, x, counts, weight, token_idx, unique, grad)
-    assert torch.count_nonzero(results[1][3][1]) == 0  # the idle expert's w1 gradient
-    if unique:
-        dropped = torch.tensor([1, 4, 9])
-        assert torch.count_nonzero(results[1][0][dropped]) == 0
-        assert torch.count_nonzero(results[1][1][dropped]) == 0
+    results = _padded_equals_loop(build, x, tokens_per_expert, grad, counts_host)
+    assert torch.count_nonzero(results[1][2][1]) == 0  # the idle expert's w1 gradient
+    if padding:
+        assert torch.count_nonzero(results[1][0][sum(counts) :]) == 0
+        assert torch.count_nonzero(results[1][1][sum(counts) :]) == 0
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_padded_runs_of_any_size_equal_the_loop(seed: int, monkeypatch) -> None:
-    """The padded path split into runs of experts (one expert per run up to all in one), every branch
-    of the combine, idle experts anywhere, against the loop on the same rows."""
+    """The padded path split into runs of experts (one expert per run up to all in one), padding rows
+    or none, idle experts anywhere, against the loop on the same rows."""
     rng = random.Random(seed)
     experts, hidden, ffn = rng.choice([3, 5, 9]), rng.choice([4, 6]), rng.choice([3, 10])
     activation = rng.choice(["gelu", "swiglu", "silu"])
     counts = [rng.choice([0, 1, 2, 5, 7]) for _ in range(experts)]
     counts[rng.randrange(experts)] = rng.randint(1, 6)  # at least one expert with rows
-    rows = sum(counts)
     width = max(hidden, 2 * ffn if activation == "swiglu" else ffn)
-    monkeypatch.setattr(experts_module, "PADDED_RUN_BYTES", rng.choice([1, 3, 12, 10**6]) * width * 8)
-    layout = rng.choice(["grouped-rows", "token-index", "top1"])
+    monkeypatch.setattr(padded_module, "PADDED_RUN_BYTES", rng.choice([1, 3, 12, 10**6]) * width * 8)
     gen = torch.Generator().manual_seed(seed)
-    if layout == "grouped-rows":
-        token_idx, x = None, torch.randn(rows, hidden, generator=gen, dtype=torch.float64)
-    elif layout == "top1":  # every token at most once; the others were dropped
-        x = torch.randn(rows + 3, hidden, generator=gen, dtype=torch.float64)
-        token_idx = torch.randperm(rows + 3, generator=gen)[:rows]
-    else:
-        x = torch.randn(max(rows // 2, 1), hidden, generator=gen, dtype=torch.float64)
-        token_idx = torch.randint(0, x.shape[0], (rows,), generator=gen)
-    weight = torch.rand(rows, generator=gen, dtype=torch.float64) if seed % 3 else None
+    x = torch.randn(sum(counts) + rng.choice([0, 2]), hidden, generator=gen, dtype=torch.float64)
     grad = torch.randn_like(x)
 
     def build(path: str) -> GroupedExperts:
         bias = seed % 2 == 0
         return GroupedExperts(experts, hidden, ffn, activation, bias=bias, expert_gemm=path, init_std=0.3).double()
 
-    _padded_equals_loop(build, x, counts, weight, token_idx, layout == "top1", grad)
+    _padded_equals_loop(build, x, counts, grad)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -168,7 +152,7 @@ def test_padded_runs_cover_the_active_experts_in_runs_within_budget(seed: int) -
     rng = random.Random(seed)
     counts = [rng.choice([0, 0, 1, 3, 8, 40]) for _ in range(rng.randint(1, 30))]
     width, elem, budget = rng.choice([4, 64]), rng.choice([2, 4]), rng.choice([1, 512, 4096, 1 << 20])
-    runs = experts_module.padded_runs(counts, width, elem, budget)
+    runs = padded_runs(counts, width, elem, budget)
     assert [j for run in runs for j in run] == [j for j, n in enumerate(counts) if n]  # each active one, once, in order
     for run, following in zip(runs, runs[1:] + [None]):
         size = len(run) * max(counts[run.start : run.stop]) * width * elem
@@ -192,10 +176,11 @@ def _ep2_paths_equal_oracle(rank: int, world: int, path: str, cfg_kwargs: dict) 
     for r in range(world):
         oracle.zero_grad()
         x_r = xs[r].clone().requires_grad_()
-        y_r, aux_r = naive_moe(oracle, x_r, capacity_tokens=max(tokens))
+        y_r, aux_r = naive_moe(oracle, x_r)  # capacity from the rank's own tokens
         ((y_r * gs[r]).sum() + aux_r).backward()
         for n, p in oracle.experts.named_parameters():
-            expert_grads[n] += p.grad[mine]
+            if p.grad is not None:
+                expert_grads[n] += p.grad[mine]
         if r == rank:
             want_y, want_gx = y_r.detach(), x_r.grad
     x = xs[rank].clone().requires_grad_()
@@ -229,51 +214,49 @@ def test_padded_path_under_expert_parallelism(cfg_kwargs: dict) -> None:
     ids=["top2-dropping", "top3-dropless-swiglu-bias", "one-expert-per-rank-shared-expert"],
 )
 def test_loop_path_under_expert_parallelism(cfg_kwargs: dict) -> None:
-    """At EP > 1 the loop writes its input gradient over the output gradient the dispatcher hands it
+    """The loop writes its input gradient over the output gradient the dispatcher hands it
     (``owns_output_grad``); the shared expert, whose output gradient is shared, must not."""
     run_distributed(_ep2_paths_equal_oracle, 2, "loop", cfg_kwargs)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_owning_the_output_gradient_writes_the_input_gradient_over_it(seed: int) -> None:
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_owning_the_output_gradient_writes_the_input_gradient_over_it(path: str, seed: int) -> None:
     """Grouped rows with ``owns_output_grad``: the same gradients as with a buffer of their own, and the
     input gradient is the output gradient's memory (one ``[N, D]`` buffer less at backward's peak)."""
     rng = random.Random(seed)
     experts_count, dim, ffn = rng.choice([1, 3, 6]), rng.choice([4, 9]), rng.choice([3, 12])
     counts = [rng.choice([0, 1, 4, 7]) for _ in range(experts_count)]
-    rows = sum(counts)
+    rows = sum(counts) + rng.choice([0, 2])
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
-    weight = torch.rand(rows, generator=gen, dtype=torch.float64) if rng.random() < 0.7 else None
     grad = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
     kwargs = dict(activation=rng.choice(["gelu", "swiglu", "relu"]), bias=rng.random() < 0.5, init_std=0.4)
     results = []
     for owns in (False, True):
-        experts = GroupedExperts(experts_count, dim, ffn, expert_gemm="loop", **kwargs).double()
+        experts = GroupedExperts(experts_count, dim, ffn, expert_gemm=path, **kwargs).double()
         experts.owns_output_grad = owns
         x_ = x.clone().requires_grad_()
-        w_ = None if weight is None else weight.clone().requires_grad_()
         grad_ = grad.clone()
-        experts(x_, counts, w_).backward(grad_)
+        experts(x_, counts).backward(grad_)
         if owns:  # the gradient handed in now holds the input gradient (a leaf's .grad is a copy of it)
             assert torch.equal(grad_, x_.grad)
         else:
             assert torch.equal(grad_, grad)
-        results.append([x_.grad, None if w_ is None else w_.grad, *(p.grad for p in experts.parameters())])
+        results.append([x_.grad, *(p.grad for p in experts.parameters())])
     for got, want in zip(results[1], results[0]):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_the_layer_lets_only_its_routed_experts_own_their_output_gradient() -> None:
+    """The dispatcher consumes the routed experts' output alone at every EP size; the shared expert's
+    output is added to it, so its gradient is shared."""
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=6, num_experts=4, shared_expert_ffn_hidden_size=4)
     single = MoELayer(cfg)
     expert_parallel = MoELayer(cfg, ep_size=2)  # its group is bound later
-    assert not single.experts.owns_output_grad  # EP=1 gathers per expert: the flag would not apply
-    assert expert_parallel.experts.owns_output_grad
-    assert not getattr(expert_parallel.shared_expert, "owns_output_grad", False)
+    assert single.experts.owns_output_grad and expert_parallel.experts.owns_output_grad
+    assert not single.shared_expert.owns_output_grad
+    assert not expert_parallel.shared_expert.owns_output_grad
 
 
 def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
@@ -294,112 +277,25 @@ def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
     assert model.loop_s([10, 0, 0], 64, 64, 4) < model.loop_s([10, 1, 1], 64, 64, 4)
 
 
+# --------------------------------------------------------------------------- the path choice
+
+
 @pytest.fixture
-def fresh_measurements(monkeypatch):
-    """No path measured earlier in this process decides for the test."""
-    monkeypatch.setattr(expert_cost, "_measured_paths", {})
+def no_timing(monkeypatch):
+    """Every way the choice could time a kernel fails the test; the expert kernels' calls are counted."""
+    monkeypatch.delenv(COST_FILE_ENV, raising=False)
 
+    def timed(*args, **kwargs):
+        raise AssertionError("the path choice timed something")
 
-class _FakeTimer:
-    """Step seconds per path as given; counts the calls."""
-
-    def __init__(self, loop_s: float, padded_s: float) -> None:
-        self.seconds = {"loop": loop_s, "padded": padded_s}
-        self.calls = 0
-
-    def __call__(self, path: str) -> float:
-        self.calls += 1
-        return self.seconds[path]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_auto_measures_both_paths_once_per_shape_and_keeps_the_loop_without_a_clear_gain(
-    seed: int, fresh_measurements
-) -> None:
-    rng = random.Random(seed)
-    hidden, ffn = rng.choice([64, 128, 256]), rng.choice([64, 128, 512])
-    experts = rng.choice([64, 128])
-    counts = [rng.randint(8, 24) for _ in range(experts)]  # many small experts: the model allows padding
-    assert DEFAULT_COST_MODEL.choose(counts, hidden, ffn) == "padded"
-    gain = rng.uniform(0.05, 0.5)
-    faster = _FakeTimer(1.0, 1.0 - gain)
-    assert choose_expert_path(counts, hidden, ffn, step_s=faster) == "padded"
-    calls = faster.calls
-    assert calls >= 4  # a warm-up and at least one timed step per path
-    # The same shape again, or counts that moved within the half-octave: no second measurement.
-    nudged = [n + rng.choice([0, 1]) for n in counts]
-    assert choose_expert_path(nudged, hidden, ffn, step_s=faster) == "padded"
-    assert faster.calls == calls
-    # Another shape is measured afresh; a gain within PADDED_MIN_GAIN keeps the loop.
-    marginal = _FakeTimer(1.0, 1.0 - expert_cost.PADDED_MIN_GAIN / 2)
-    assert choose_expert_path([4 * n for n in counts], hidden, ffn, step_s=marginal) == "loop"
-    assert marginal.calls == calls
-    slower = _FakeTimer(1.0, 1.0 + gain)
-    assert choose_expert_path(counts, hidden, ffn, "swiglu", step_s=slower) == "loop"
-
-
-def test_auto_does_not_measure_where_the_model_or_the_expert_size_rules_padding_out(fresh_measurements) -> None:
-    def never(path: str) -> float:
-        raise AssertionError("measured")
-
-    gen = random.Random(0)
-    busy = [gen.randint(2600, 3200) for _ in range(16)]  # the model: the loop
-    assert choose_expert_path(busy, 256, 128, step_s=never) == "loop"
-    assert choose_expert_path([0, 0, 0], 8, 8, step_s=never) == "loop"
-    # Experts of 4096 x 16384: each streams 512 MiB of weights per product; padding saves nothing.
-    few_rows = [2] * 64
-    assert DEFAULT_COST_MODEL.choose(few_rows, 4096, 16384) == "padded"
-    assert choose_expert_path(few_rows, 4096, 16384, step_s=never) == "loop"
-    assert choose_expert_path([16] * 128, 256, 128) == "padded"  # no timer: the model decides
-
-
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_auto_times_the_real_paths_without_touching_the_layer_or_the_rng(
-    activation: str, fresh_measurements, monkeypatch
-) -> None:
-    layer = GroupedExperts(128, 16, 16, activation, bias=True)
-    counts = [3] * 128
-    x = torch.randn(384, 16)
-    timed = []
-    for mlp in (experts_module._ExpertMLP, experts_module._PaddedExpertMLP):
-        monkeypatch.setattr(mlp, "apply", _recording(mlp.apply, timed, mlp.__name__))
-    params_before = [p.detach().clone() for p in layer.parameters()]
-    torch.manual_seed(11)
-    rng_before = torch.get_rng_state()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        path = layer.execution_path(x, counts)
-    assert path in ("loop", "padded")
-    assert {"_ExpertMLP", "_PaddedExpertMLP"} <= set(timed)
-    assert torch.equal(torch.get_rng_state(), rng_before)
-    assert all(p.grad is None for p in layer.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(params_before, layer.parameters()))
-    timed.clear()
-    with torch.no_grad():
-        assert layer.execution_path(x, counts) == path and not timed  # measured once, forwards only
-    (key,) = expert_cost._measured_paths
-    assert not key[5]  # no autograd: only forwards were timed (no weight gradients allocated)
-    assert layer.execution_path(x, counts) in ("loop", "padded")  # training steps: measured afresh
-    assert {"_ExpertMLP", "_PaddedExpertMLP"} <= set(timed)
-    assert all(p.grad is None for p in layer.parameters())
-
-
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_auto_measures_inside_activation_checkpointing(reentrant: bool, fresh_measurements) -> None:
-    """The first step measures inside a checkpointed forward (saved-tensor hooks, or no grad): the
-    checkpoint still recomputes what it saved, and the gradients equal an unchecked step's."""
-    from torch.utils.checkpoint import checkpoint
-
-    torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=128, top_k=2, capacity_factor=2.0))
-    x = torch.randn(512, 32, requires_grad=True)
-    checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
-    assert expert_cost._measured_paths  # the auto path was measured in that step
-    checked = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    x.grad = None
-    layer.zero_grad()
-    layer(x).sum().backward()
-    for a, b in zip(checked, [x.grad] + [p.grad for p in layer.parameters()]):
-        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(choice, "_median_s", timed)
+    monkeypatch.setattr(choice, "_expert_step_s", timed)
+    monkeypatch.setattr(choice, "calibrate", timed)
+    monkeypatch.setattr(choice.time, "perf_counter", timed)
+    calls: list[str] = []
+    for mlp in (LoopExpertMLP, PaddedExpertMLP):
+        monkeypatch.setattr(mlp, "apply", _recording(mlp.apply, calls, mlp.__name__))
+    return calls
 
 
 def _recording(apply, log: list, name: str):
@@ -410,40 +306,181 @@ def _recording(apply, log: list, name: str):
     return wrapped
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_choice_is_a_function_of_the_shape(seed: int, no_timing) -> None:
+    """The same counts and sizes give the same path, every time and from any module, with nothing run
+    or timed; ``auto`` resolves once, from the rows a balanced step gives each expert."""
+    rng = random.Random(seed)
+    hidden, ffn = rng.choice([16, 64, 128]), rng.choice([16, 128, 256])
+    experts = rng.choice([4, 8]) if seed % 2 else rng.choice([8, 64, 128])
+    activation = rng.choice(["gelu", "swiglu"])
+    busy = seed % 2  # thousands of rows per expert (the loop, mostly) or a few (padding, mostly)
+    low, high = (2000, 4000) if busy else (1, 40)
+    counts = [rng.randint(low, high) for _ in range(experts)]
+    first = choose_expert_path(counts, hidden, ffn, activation)
+    assert all(choose_expert_path(list(counts), hidden, ffn, activation) == first for _ in range(5))
+    assert first == DEFAULT_COST_MODEL.choose(counts, hidden, ffn)
+
+    rows = rng.randint(low, high)
+    balanced = choose_expert_path([rows] * experts, hidden, ffn, activation)
+    layer = GroupedExperts(experts, hidden, ffn, activation, bias=True)
+    params_before = [p.detach().clone() for p in layer.parameters()]
+    x, one_row = torch.randn(rows * experts, hidden), torch.randn(1, hidden)
+    torch.manual_seed(11)
+    rng_before = torch.get_rng_state()
+    assert layer.execution_path(x) == balanced == layer.resolved_gemm
+    assert layer.execution_path(one_row) == balanced  # fixed from now on, whatever the rows of later steps
+    assert layer.needs_host_counts(x) and not layer.uses_grouped_gemm(x)
+    assert GroupedExperts(experts, hidden, ffn, activation).resolve_path(x, rows) == balanced
+    assert not no_timing  # no kernel ran
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(p.grad is None for p in layer.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params_before, layer.parameters()))
+
+
+def test_large_experts_take_the_loop_whatever_the_model(no_timing) -> None:
+    # Experts of 4096 x 16384: each streams 512 MiB of weights per product; padding saves nothing.
+    few_rows = [2] * 64
+    assert DEFAULT_COST_MODEL.choose(few_rows, 4096, 16384) == "padded"
+    assert choose_expert_path(few_rows, 4096, 16384) == "loop"
+    gen = random.Random(0)
+    busy = [gen.randint(2600, 3200) for _ in range(16)]  # the model: the loop
+    assert choose_expert_path(busy, 256, 128) == "loop"
+    assert choose_expert_path([0, 0, 0], 8, 8) == "loop"
+    assert choose_expert_path([16] * 128, 256, 128) == "padded"
+
+
+def _write_cost_file(tmp_path, name: str, **overrides) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps({**dataclasses.asdict(DEFAULT_COST_MODEL), **overrides}))
+    return str(path)
+
+
+def test_a_pinned_calibration_file_decides(tmp_path, monkeypatch, no_timing) -> None:
+    counts, hidden, ffn = [16] * 128, 256, 128  # the defaults: padded
+    assert choose_expert_path(counts, hidden, ffn) == "padded"
+    slow_padding = _write_cost_file(tmp_path, "slow.json", padded_call_s=10.0)
+    monkeypatch.setenv(COST_FILE_ENV, slow_padding)
+    assert choice.cost_model() == dataclasses.replace(DEFAULT_COST_MODEL, padded_call_s=10.0)
+    assert choose_expert_path(counts, hidden, ffn) == "loop"
+    cheap_padding = _write_cost_file(tmp_path, "cheap.json", padded_call_s=0.0, expert_call_s=1.0)
+    monkeypatch.setenv(COST_FILE_ENV, cheap_padding)
+    assert choose_expert_path([4000, 4000], 64, 64) == "padded"  # the defaults: the loop
+    monkeypatch.setenv(COST_FILE_ENV, "")  # set but empty: the defaults
+    assert choice.cost_model() == DEFAULT_COST_MODEL
+    assert not no_timing
+
+
+def test_a_layer_resolves_its_path_once_under_the_calibration_in_force(tmp_path, monkeypatch, no_timing) -> None:
+    """A layer's path is fixed at its first forward: a calibration file set later changes the path of
+    layers built after it, never of one that already ran (a run never switches kernels)."""
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=8, top_k=2, init_std=0.3)
+    monkeypatch.setenv(COST_FILE_ENV, _write_cost_file(tmp_path, "padded.json", padded_call_s=0.0, expert_call_s=1.0))
+    early = MoELayer(cfg)
+    x = torch.randn(32, 8)
+    early(x)
+    assert early.experts.resolved_gemm == "padded" and no_timing == ["PaddedExpertMLP"]
+    # The rows of a balanced step: ceil(T * k / E) per expert, as on every rank.
+    assert choose_expert_path([-(-32 * 2 // 8)] * 8, 8, 16) == "padded"
+    monkeypatch.setenv(COST_FILE_ENV, _write_cost_file(tmp_path, "loop.json", padded_call_s=10.0))
+    early(torch.randn(5, 8))
+    late = MoELayer(cfg)
+    late(x)
+    assert early.experts.resolved_gemm == "padded" and late.experts.resolved_gemm == "loop"
+    assert no_timing == ["PaddedExpertMLP", "PaddedExpertMLP", "LoopExpertMLP"]
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [(None, "No such file"), ("{not json", "Expecting"), ('{"gemm_flops": 1e11}', "expert_call_s"), ("[1, 2]", "")],
+    ids=["missing", "not-json", "missing-field", "not-a-mapping"],
+)
+def test_a_broken_calibration_file_fails_naming_the_variable(tmp_path, monkeypatch, content, why) -> None:
+    path = tmp_path / "cost.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(COST_FILE_ENV, str(path))
+    message = rf"{COST_FILE_ENV}={path} is not a readable calibration file.*{why}.*calibrate PATH"
+    with pytest.raises(ValueError, match=message):
+        choose_expert_path([16] * 128, 256, 128)
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4))  # auto on a CPU
+    with pytest.raises(ValueError, match=COST_FILE_ENV):
+        layer(torch.randn(8, 8))
+    # A forced path reads no calibration.
+    MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, expert_gemm="loop"))(torch.randn(8, 8))
+
+
+def test_calibrate_writes_a_file_that_loads(tmp_path, monkeypatch) -> None:
+    """``python -m moe_parallel.experts.choice calibrate PATH`` (its main, at small sizes here): the file
+    it writes is one that ``MOE_PARALLEL_EXPERT_COST`` pins."""
+    real = choice.calibrate
+    monkeypatch.setattr(choice, "calibrate", lambda: real(reps=1, hidden=64, ffn=64))
+    path = tmp_path / "cost.json"
+    assert choice.main(["calibrate", str(path)]) == 0
+    monkeypatch.setenv(COST_FILE_ENV, str(path))
+    model = choice.cost_model()
+    assert model.gemm_flops > 0 and model.move_bytes_per_s > 0
+    assert model.expert_call_s > 0 and model.padded_call_s > 0 and model.expert_rows >= 0
+    assert choose_expert_path([16] * 128, 256, 128) in ("loop", "padded")
+    assert choice.main(["calibrate"]) == 2 and choice.main([]) == 2  # usage
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_auto_resolves_inside_activation_checkpointing(reentrant: bool) -> None:
+    """The first step resolves the path inside a checkpointed forward (saved-tensor hooks, or no grad):
+    the recomputation takes the same path, and the gradients equal an unchecked step's."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=128, top_k=2, capacity_factor=2.0))
+    x = torch.randn(512, 32, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    assert layer.experts.resolved_gemm in ("loop", "padded")
+    checked = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    layer(x).sum().backward()
+    for a, b in zip(checked, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)
+
+
 def test_expert_gemm_forces_a_path() -> None:
     x = torch.zeros(4, 8)
-    assert GroupedExperts(2, 8, 8, expert_gemm="loop").execution_path(x, [1, 1]) == "loop"
-    assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [5, 0]) == "padded"
-    assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x, [0, 0]) == "loop"  # nothing to pad
+    assert GroupedExperts(2, 8, 8, expert_gemm="loop").execution_path(x) == "loop"
+    assert GroupedExperts(2, 8, 8, expert_gemm="padded").execution_path(x) == "padded"
+    assert GroupedExperts(2, 8, 8, expert_gemm="grouped").execution_path(x) == "grouped"  # torch's CPU kernel
+    padded = GroupedExperts(2, 8, 8, expert_gemm="padded")
+    assert torch.count_nonzero(padded(x, [0, 0])) == 0  # nothing to pad: no rows, zero output
     with pytest.raises(MoEConfigError, match=r"moe\.expert_gemm='bmm'.*padded"):
         MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, expert_gemm="bmm")
 
 
-@pytest.mark.parametrize("unique", [False, True], ids=["shared-tokens", "top1"])
-def test_padded_gradcheck(unique: bool) -> None:
-    """Finite differences through the padded path's hand-written backward (SwiGLU, biases, weights)."""
+@pytest.mark.parametrize("budget_rows", [1, 10**6], ids=["one-expert-per-run", "one-run"])
+def test_padded_gradcheck(budget_rows: int, monkeypatch) -> None:
+    """Finite differences through the padded path's hand-written backward (SwiGLU, biases, an idle
+    expert, a padding row), in runs of one expert or all of them in one."""
+    monkeypatch.setattr(padded_module, "PADDED_RUN_BYTES", budget_rows * 6 * 8)
     torch.manual_seed(4)
-    counts = [2, 0, 3]
-    token_idx = torch.tensor([0, 3, 1, 4, 5]) if unique else torch.tensor([0, 3, 1, 3, 0])
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
-    w1 = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
-    b1 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    b2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    counts = [2, 0, 3, 1]
+    x = torch.randn(sum(counts) + 1, 4, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 4, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b2 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
 
-    def fn(x, w, w1, w2, b1, b2):
-        return _PaddedExpertMLP.apply(x, w, token_idx, w1, w2, b1, b2, counts, "swiglu", unique)
+    def fn(x, w1, w2, b1, b2):
+        return PaddedExpertMLP.apply(x, w1, w2, b1, b2, counts, "swiglu")
 
-    assert torch.autograd.gradcheck(fn, (x, w, w1, w2, b1, b2))
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b1, b2))
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_freed(seed: int) -> None:
-    """The loop frees each expert's saved pre-activation during backward; a retained graph still works."""
+@pytest.mark.parametrize("path", ["loop", "padded"])
+def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_freed(path: str, seed: int) -> None:
+    """Both CPU paths free their saved pre-activations during backward; a retained graph still works."""
     kwargs = _draw(seed)
     torch.manual_seed(seed)
-    layer = _layer("loop", kwargs)
+    layer = _layer(path, kwargs)
     x = torch.randn(23, kwargs["hidden_size"], dtype=torch.float64, requires_grad=True)
     grad = torch.randn_like(x)
     y = layer(x)
@@ -457,9 +494,9 @@ def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_fr
 
 
 @pytest.mark.parametrize("path", ["loop", "padded"])
-def test_top1_dropped_tokens_get_exact_zeros_from_a_reused_buffer(path: str) -> None:
-    """Top-1 combines by writing into an uninitialised buffer; the dropped tokens' rows are zeroed
-    explicitly. Freed NaN-filled memory of the same size makes a missed row visible."""
+def test_top1_dropped_tokens_get_exact_zeros(path: str) -> None:
+    """Dropped tokens' rows are exact zeros. Freed NaN-filled memory of the same size beforehand makes a
+    row that no one wrote visible."""
     torch.manual_seed(3)
     layer = (
         MoELayer(

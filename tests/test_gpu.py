@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from moe_parallel import GroupedExperts, MoEConfig, MoELayer
-from moe_parallel import experts as experts_module
 from moe_parallel.experts import grouped_mm_op
+from moe_parallel.experts import stacked as stacked_module
 from tests.reference import activation as reference_activation
 from tests.reference import naive_moe
 
@@ -58,7 +58,7 @@ def _full_precision_matmuls():
 
 def _random_counts(num_experts: int, gen: torch.Generator) -> list[int]:
     """Rows per expert: idle experts, single rows and counts that are no multiple of the 16-byte row
-    alignment, so the grouped path's padding is exercised."""
+    alignment, so the grouped path's group alignment is exercised."""
     counts = torch.randint(2, 40, (num_experts,), generator=gen)
     perm = torch.randperm(num_experts, generator=gen)
     counts[perm[:2]] = 0
@@ -66,68 +66,52 @@ def _random_counts(num_experts: int, gen: torch.Generator) -> list[int]:
     return counts.tolist()
 
 
-def _oracle_experts(x, counts, weight, token_idx, w1, w2, activation):
-    """fp64 CPU: y[t(i)] += w_i * act(x[t(i)] @ W1[j]) @ W2[j] for every row i of expert j."""
+def _oracle_experts(x, counts, w1, w2, activation):
+    """fp64 CPU: y[i] = act(x[i] @ W1[j]) @ W2[j] for every row i of expert j; rows past the counts zero."""
     y = torch.zeros_like(x)
     start = 0
     for j, n in enumerate(counts):
-        rows = torch.arange(start, start + n)
-        tokens = rows if token_idx is None else token_idx[rows]
-        out = reference_activation(x[tokens] @ w1[j], activation) @ w2[j]
-        y = y.index_add(0, tokens, out * weight[rows, None])
+        rows = slice(start, start + n)
+        y[rows] = reference_activation(x[rows] @ w1[j], activation) @ w2[j]
         start += n
     return y
 
 
-def _run_experts(experts: GroupedExperts, x, counts, weight, token_idx, grad):
-    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+def _run_experts(experts: GroupedExperts, x, counts_e, grad):
+    x = x.clone().requires_grad_()
     experts.zero_grad(set_to_none=True)
-    y = experts(x, counts, weight, token_idx)
+    y = experts(x, counts_e)
     y.backward(grad)
-    return {
-        "y": y,
-        "grad x": x.grad,
-        "grad weight": weight.grad,
-        "grad w1": experts.w1.grad,
-        "grad w2": experts.w2.grad,
-    }
+    return {"y": y, "grad x": x.grad, "grad w1": experts.w1.grad, "grad w2": experts.w2.grad}
 
 
-@DTYPES
-@pytest.mark.parametrize("ffn", [128, 32], ids=["D<=F", "D>F"])
-@pytest.mark.parametrize("gathered", [False, True], ids=["grouped-rows", "token-index"])
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_gemm_matches_the_loop_and_the_oracle(dtype, ffn, gathered, activation, monkeypatch):
-    """Forward and backward of both expert paths on CUDA against the fp64 oracle and each other."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{ffn}{gathered}{activation}".encode()))
-    num_experts, hidden = 8, 64
+def _check_against_the_oracle(num_experts, hidden, ffn, activation, padding, dtype, gen, monkeypatch):
+    """Both expert paths on DEVICE, forward and backward, against the fp64 oracle and each other.
+    Rows past the counts are padding (dropped assignments at EP = 1): zero output and gradient."""
     counts = _random_counts(num_experts, gen)
-    num_rows = sum(counts)
-    num_tokens = num_rows // 2 + 1 if gathered else num_rows
-    token_idx = torch.randint(0, num_tokens, (num_rows,), generator=gen) if gathered else None
-    x = torch.randn(num_tokens, hidden, generator=gen)
-    weight, grad = torch.rand(num_rows, generator=gen), torch.randn(num_tokens, hidden, generator=gen)
+    num_rows = sum(counts) + padding
+    x = torch.randn(num_rows, hidden, generator=gen)
+    grad = torch.randn(num_rows, hidden, generator=gen)
     kwargs = dict(hidden_size=hidden, ffn_hidden_size=ffn, activation=activation, init_std=0.1)
     loop = GroupedExperts(num_experts, expert_gemm="loop", **kwargs).to(DEVICE, dtype)
     grouped = GroupedExperts(num_experts, expert_gemm="grouped", **kwargs).to(DEVICE, dtype)
     grouped.load_state_dict(loop.state_dict())
 
     # The oracle, in fp64 from the same rounded inputs and weights.
-    leaves = [t.detach().cpu().to(dtype).double().requires_grad_() for t in (x, weight, loop.w1, loop.w2)]
-    y_want = _oracle_experts(leaves[0], counts, leaves[1], token_idx, leaves[2], leaves[3], activation)
+    leaves = [t.detach().cpu().to(dtype).double().requires_grad_() for t in (x, loop.w1, loop.w2)]
+    y_want = _oracle_experts(leaves[0], counts, leaves[1], leaves[2], activation)
     y_want.backward(grad.to(dtype).double())
-    want = {"y": y_want, "grad x": leaves[0].grad, "grad weight": leaves[1].grad}
-    want |= {"grad w1": leaves[2].grad, "grad w2": leaves[3].grad}
+    want = {"y": y_want, "grad x": leaves[0].grad, "grad w1": leaves[1].grad, "grad w2": leaves[2].grad}
 
-    cuda_idx = None if token_idx is None else token_idx.to(DEVICE)
-    args = (x.to(DEVICE, dtype), counts, weight.to(DEVICE), cuda_idx, grad.to(DEVICE, dtype))
+    # The counts as the dispatcher hands them: an int64 tensor on the device.
+    args = (x.to(DEVICE, dtype), torch.tensor(counts, device=DEVICE), grad.to(DEVICE, dtype))
     got_loop = _run_experts(loop, *args)
     for name in want:
         assert_close_scaled(got_loop[name], want[name], dtype, f"loop {name}")
     assert not loop.uses_grouped_gemm(args[0])
 
     if dtype != torch.bfloat16 and ON_CUDA:  # our selection refuses non-bf16 on CUDA; ask torch's kernel
-        monkeypatch.setattr(experts_module, "grouped_gemm_problem", lambda x, sizes: None)
+        monkeypatch.setattr(stacked_module, "grouped_gemm_problem", lambda x, sizes: None)
     try:
         got_grouped = _run_experts(grouped, *args)
     except RuntimeError as err:  # a fact for the results file, once the loop has been checked
@@ -136,27 +120,48 @@ def test_grouped_gemm_matches_the_loop_and_the_oracle(dtype, ffn, gathered, acti
         assert_close_scaled(got_grouped[name], want[name], dtype, f"grouped {name}")
         assert_close_scaled(got_grouped[name], got_loop[name], dtype, f"grouped vs loop {name}")
     assert torch.count_nonzero(got_grouped["grad w1"][counts.index(0)]) == 0  # an idle expert's gradient
+    if padding:
+        assert torch.count_nonzero(got_grouped["y"][sum(counts) :]) == 0
+        assert torch.count_nonzero(got_grouped["grad x"][sum(counts) :]) == 0
+
+
+@DTYPES
+@pytest.mark.parametrize("ffn", [128, 32], ids=["D<=F", "D>F"])
+@pytest.mark.parametrize("padding", [0, 5], ids=["no-padding", "padding-rows"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_gemm_matches_the_loop_and_the_oracle(dtype, ffn, padding, activation, monkeypatch):
+    """Forward and backward of both expert paths on CUDA against the fp64 oracle and each other."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{ffn}{padding}{activation}".encode()))
+    _check_against_the_oracle(8, 64, ffn, activation, padding, dtype, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("hidden, ffn", [(64, 12), (36, 20)], ids=["F12", "D36-F20"])
+def test_widths_off_the_row_alignment_run_through_the_grouped_gemm(hidden, ffn, monkeypatch):
+    """bf16 widths that are no multiple of 8 elements (16 bytes): the grouped path pads them with
+    zero columns instead of refusing, and computes the oracle's result."""
+    gen = torch.Generator().manual_seed(hidden * 1000 + ffn)
+    _check_against_the_oracle(6, hidden, ffn, "swiglu", 3, torch.bfloat16, gen, monkeypatch)
 
 
 def test_torch_offers_a_grouped_gemm_and_auto_picks_it_in_bf16():
+    """``auto`` resolves once per experts module, from the first activations it sees."""
     assert grouped_mm_op() is not None, f"torch {torch.__version__}: no grouped GEMM, the loop runs instead"
-    experts = GroupedExperts(4, hidden_size=64, ffn_hidden_size=128).to(DEVICE)
-    assert not experts.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE))  # fp32: the loop
-    experts = experts.to(torch.bfloat16)
-    assert experts.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)) == ON_CUDA
+    fp32 = GroupedExperts(4, hidden_size=64, ffn_hidden_size=128).to(DEVICE)
+    assert not fp32.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE))  # fp32: a per-expert path
+    bf16 = GroupedExperts(4, hidden_size=64, ffn_hidden_size=128).to(DEVICE, torch.bfloat16)
+    assert bf16.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)) == ON_CUDA
+    assert bf16.resolved_gemm in (("grouped",) if ON_CUDA else ("loop", "padded"))
 
 
 def test_a_grouped_request_that_cannot_run_names_the_fix():
-    odd = GroupedExperts(2, hidden_size=64, ffn_hidden_size=12, expert_gemm="grouped").to(DEVICE, torch.bfloat16)
-    with pytest.raises(ValueError, match=r"cannot run here.*\[12, 12\].*'auto'"):
-        odd(torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16), [2, 2])
-    if ON_CUDA:  # CUDA's kernels take bf16 only (the CPU's take fp32 too)
-        fp32 = GroupedExperts(2, hidden_size=64, ffn_hidden_size=128, expert_gemm="grouped").to(DEVICE)
-        with pytest.raises(ValueError, match=r"expert_gemm='grouped' cannot run here.*bfloat16.*float32.*'loop'"):
-            fp32(torch.randn(4, 64, device=DEVICE), [2, 2])
-        config = MoEConfig(hidden_size=64, ffn_hidden_size=128, num_experts=4, expert_gemm="grouped")
-        with pytest.raises(ValueError, match=r"moe\.expert_gemm='grouped' cannot run here"):
-            MoELayer(config).to(DEVICE)(torch.randn(8, 64, device=DEVICE))
+    # CUDA's kernels take bf16 only; the CPU's take fp32, bf16 and fp16, not fp64.
+    refused = torch.float32 if ON_CUDA else torch.float64
+    experts = GroupedExperts(2, hidden_size=64, ffn_hidden_size=128, expert_gemm="grouped").to(DEVICE, refused)
+    with pytest.raises(ValueError, match=rf"expert_gemm='grouped' cannot run here.*{refused}.*'loop'"):
+        experts(torch.randn(4, 64, device=DEVICE, dtype=refused), torch.tensor([2, 2], device=DEVICE))
+    config = MoEConfig(hidden_size=64, ffn_hidden_size=128, num_experts=4, expert_gemm="grouped")
+    with pytest.raises(ValueError, match=r"moe\.expert_gemm='grouped' cannot run here"):
+        MoELayer(config).to(DEVICE, refused)(torch.randn(8, 64, device=DEVICE, dtype=refused))
 
 
 # --------------------------------------------------------------------------- router and layer
@@ -205,9 +210,9 @@ def test_moe_layer_on_cuda_matches_the_oracle(dtype, capacity_factor):
     x = torch.randn(4, 96, 64).to(dtype)
     grad = torch.randn(4, 96, 64).to(dtype)
     x_cuda = x.to(DEVICE, copy=True).requires_grad_()
-    assert layer.experts.uses_grouped_gemm(x_cuda) == (dtype == torch.bfloat16 and ON_CUDA)
     y = layer(x_cuda)
     y.backward(grad.to(DEVICE))
+    assert (layer.experts.resolved_gemm == "grouped") == (dtype == torch.bfloat16 and ON_CUDA)
 
     x64 = x.double().requires_grad_()
     y_want, aux = naive_moe(oracle, x64)
