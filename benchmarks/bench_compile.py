@@ -12,6 +12,7 @@ Models:
 
 - ``gpt-tiny``: the reference GPT of ``conf/model/tiny.yaml`` with ``conf/moe/default.yaml`` (4 blocks,
   D=128, F=512, MoE every second block, 8 experts top-2, capacity factor 1.25);
+- ``gpt-tiny-dense``: the same without MoE blocks (what compiling attention, norms and dense FFNs gives);
 - ``gpt-small``: ``conf/model/small.yaml`` (8 blocks, D=512, F=2048, SwiGLU);
 - ``mixtral-tiny``: a Mixtral-shaped decoder built from a transformers ``MixtralConfig`` through
   ``decoder_config_from_hf`` (4 blocks, D=128, 4 heads over 2 KV heads, 8 experts top-2 of F=256,
@@ -62,11 +63,14 @@ class Bench:
         )
 
 
-def gpt(num_layers: int, hidden: int, heads: int, ffn: int, activation: str) -> Callable[[int, int], nn.Module]:
+def gpt(
+    num_layers: int, hidden: int, heads: int, ffn: int, activation: str, moe_every: int = 2
+) -> Callable[[int, int], nn.Module]:
     def build(vocab: int, seq: int) -> nn.Module:
         config = GPTConfig(
             vocab_size=vocab, seq_len=seq, num_layers=num_layers, hidden_size=hidden, num_heads=heads,
-            ffn_hidden_size=ffn, moe_every=2, moe=dict(GPT_MOE), activation=activation, tie_embeddings=True,
+            ffn_hidden_size=ffn, moe_every=moe_every, moe=dict(GPT_MOE) if moe_every else None,
+            activation=activation, tie_embeddings=True,
         )  # fmt: skip
         return GPT(config)
 
@@ -90,6 +94,7 @@ BENCHES = {
     b.name: b
     for b in (
         Bench("gpt-tiny", 2048, gpt(4, 128, 4, 512, "gelu")),
+        Bench("gpt-tiny-dense", 2048, gpt(4, 128, 4, 512, "gelu", moe_every=0)),
         Bench("gpt-small", 2048, gpt(8, 512, 8, 2048, "swiglu")),
         Bench("mixtral-tiny", 2048, mixtral_tiny),
     )

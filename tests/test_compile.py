@@ -133,6 +133,7 @@ def randomize_(module: nn.Module, seed: int) -> None:
 def forward_backward(block: Callable, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
     """The output and the gradients of the input and of every parameter (None where unused)."""
     x = x.detach().requires_grad_(True)
+    torch.manual_seed(0)  # dropout draws the same masks in both runs
     out = block(x)
     if not torch.is_grad_enabled():
         return out, []
@@ -176,9 +177,15 @@ def check_block(module: nn.Module, backend: str = "aot_eager", training: bool = 
 
 # (family, MoE block?, capacity factor): every family's dense and MoE block; Mixtral and Qwen3's MoE
 # blocks also with capacity-factor dropping (Qwen3: top-1 routing).
-FAMILY_CASES = [(family, False, None) for family in FAMILIES] + [
-    (family, True, None) for family in FAMILIES
-] + [("mixtral", True, 1.0), ("qwen3_moe", True, 1.0)]  # fmt: skip
+FAMILY_CASES = [
+    pytest.param(family, moe, cf, id=f"{family}-{'moe' if moe else 'dense'}" + ("-capacity" if cf else ""))
+    for family, moe, cf in [
+        *((family, False, None) for family in FAMILIES),
+        *((family, True, None) for family in FAMILIES),
+        ("mixtral", True, 1.0),
+        ("qwen3_moe", True, 1.0),
+    ]
+]
 
 
 @pytest.mark.parametrize("family,moe,capacity_factor", FAMILY_CASES)
@@ -192,7 +199,7 @@ def test_family_block_compiles_fullgraph(family, moe, capacity_factor):
 # (dense options or MoE router options) of the reference GPT's block.
 GPT_CASES = {
     "dense-rmsnorm-gelu": dict(),
-    "dense-layernorm-swiglu": dict(norm="layernorm", activation="swiglu"),
+    "dense-layernorm-swiglu-dropout": dict(norm="layernorm", activation="swiglu", dropout=0.1),
     "moe-capacity-softmax-top2": dict(moe=dict(capacity_factor=1.0)),
     "moe-dropless-sigmoid-groups-shared": dict(
         moe=dict(capacity_factor=None, score_func="sigmoid", num_groups=2, topk_groups=1, selection_bias=True,
