@@ -154,6 +154,10 @@ class TrainConf:
     collapse_min_load_fraction: float = 0.01
     collapse_max_load_ratio: float = 3.0
     collapse_min_entropy: float = 0.01
+    # torch.compile each transformer block (regional compilation, moe_parallel.block_compile): the
+    # default backend, inductor, needs a C++ compiler on CPUs and Triton on GPUs. The first steps
+    # include the compile time.
+    compile: bool = False
 
 
 @dataclass
@@ -292,6 +296,40 @@ def data_config(cfg: AppConf | DictConfig) -> DataConfig:
     )
 
 
+def _check_compile(value: Any) -> None:
+    """``train.compile``: a boolean, and, when true, a torch.compile that can run here: dynamo supports
+    this Python, and inductor finds what it builds kernels with (Triton on GPUs, a C++ compiler on CPUs)."""
+    if not isinstance(value, bool):
+        raise AppConfigError(f"train.compile={value!r} is invalid: must be true or false")
+    if not value:
+        return
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise AppConfigError(
+            f"train.compile=true needs torch.compile, which torch {torch.__version__} does not support on this "
+            "Python: set train.compile=false, or use a Python that torch.compile supports"
+        )
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise AppConfigError(
+                "train.compile=true compiles GPU kernels with Triton, which is not importable here: install the "
+                "triton that matches torch (pip install triton), or set train.compile=false"
+            )
+        return
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()  # what inductor runs: $CXX, else g++ (cl on Windows)
+    except Exception as err:  # InvalidCxxCompiler, or the platform's own "not found"
+        raise AppConfigError(
+            f"train.compile=true builds CPU kernels with a C++ compiler, and torch finds none ({type(err).__name__}): "
+            "install one (e.g. g++) or name it in the CXX environment variable, or set train.compile=false"
+        ) from None
+
+
 def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     """Check every value before any process group or collective exists."""
     t, ds, o = cfg.train, cfg.deepspeed, cfg.optim
@@ -304,6 +342,7 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     _positive("train.max_skipped_steps", t.max_skipped_steps)
     _positive("train.collapse_window", t.collapse_window, minimum=0)
     collapse_thresholds(cfg)
+    _check_compile(t.compile)
     _positive("parallel.timeout_s", cfg.parallel.timeout_s)
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))

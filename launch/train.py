@@ -55,6 +55,7 @@ from launch.data import (
 from launch.hf_tokenizer import TokenizerError
 from launch.run_lock import RunDirLocked, RunLock, RunLockError
 from launch.wandb_logger import NullRunLogger, RunLogger, RunLoggerConfigError, WandbSettings, make_run_logger
+from moe_parallel.block_compile import compile_blocks, is_compiled
 from moe_parallel.checkpoint import (
     CheckpointError,
     ResumeChoice,
@@ -242,6 +243,17 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
+    """The model (this rank's pipeline stage with ``parallel.pp > 1``) and its library config. With
+    ``train.compile`` each transformer block is compiled in place (regional compilation, as torchtitan
+    does; ``moe_parallel.block_compile``): names, the engine and the pipeline see the same modules, and
+    the metrics hooks attached later run outside the compiled code."""
+    model, model_cfg = _build_model(cfg, state, vocab_size)
+    if cfg.train.compile:
+        compile_blocks(model)
+    return model, model_cfg
+
+
+def _build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     if app_config.is_hf(cfg):  # model=hf: a Hugging Face model's weights (launch/hf_model.py)
         return hf_model.build_model(cfg, state, vocab_size)
     gpt_cfg = app_config.gpt_config(cfg, vocab_size)
@@ -686,13 +698,14 @@ def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.Exit
             hf_model.save_identity(cfg, model_cfg, run_dir / "checkpoints")
     trainer.logger = NullRunLogger() if nothing_to_train else _build_logger(cfg, run_dir, client, rank)
     trainer.run_id = broadcast_from_rank0(getattr(trainer.logger, "run_id", None))
+    compiled = f" | {sum(map(is_compiled, model.modules()))} blocks compiled" if cfg.train.compile else ""
     _say(
         rank,
         f"run dir {run_dir} | world {launch.world_size} = pp {cfg.parallel.pp} x dp "
         f"{state.layout.data_parallel_size} (ep {cfg.parallel.ep}) | {model_cfg.num_layers} layers, "
         f"{model_cfg.moe.num_experts if model_cfg.moe else 0} experts top-{model_cfg.moe.top_k if model_cfg.moe else 0}"
         f" | {sum(p.numel() for p in model.parameters()):,} "
-        f"params on rank 0",
+        f"params on rank 0{compiled}",
     )
     return trainer
 

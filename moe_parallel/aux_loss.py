@@ -33,6 +33,11 @@ class _AttachAuxLoss(torch.autograd.Function):
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
         ctx.aux_device = aux_loss.device
+        if torch.compiler.is_compiling():
+            # AOTAutograd rebuilds an output that is a view of a graph input from that input, outside
+            # the compiled function: the view would lose this backward, and with it the aux-loss gradient
+            # (where a graph break puts ``output`` at the start of a graph). A copy is its own tensor.
+            return output.clone()
         return output.view_as(output)
 
     @staticmethod

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .block_compile import compiled_owners
 from .comm import group_size
 from .layer import MoELayer, MoEStats, moe_layers
 from .parallel import ParallelState
@@ -138,7 +139,12 @@ class MoEMetricsTracker:
         return sorted(self._layers)
 
     def attach(self, model: nn.Module) -> None:
-        """Track every :class:`MoELayer` in ``model`` (and, with ``hooks``, register the forward hooks)."""
+        """Track every :class:`MoELayer` in ``model`` (and, with ``hooks``, register the forward hooks).
+
+        A layer inside a compiled block (:func:`~moe_parallel.block_compile.compile_blocks`) is hooked
+        through that block, whose hooks run eagerly after the compiled forward has set ``last_stats``.
+        """
+        owners = compiled_owners(model)
         for layer in moe_layers(model):
             number = int(layer.layer_number)
             other = self._layers.get(number)
@@ -153,7 +159,8 @@ class MoEMetricsTracker:
             self._layers[number] = layer
             self._acc[number] = _LayerAccumulator(num_experts=layer.num_experts)
             if self.use_hooks:
-                self._handles.append(layer.register_forward_hook(self._make_hook(number)))
+                target = owners.get(id(layer), layer)
+                self._handles.append(target.register_forward_hook(self._make_hook(number, layer)))
 
     def detach(self) -> None:
         """Remove the forward hooks (the tracker keeps its layers and can still :meth:`record`)."""
@@ -162,11 +169,11 @@ class MoEMetricsTracker:
         self._handles.clear()
         self.use_hooks = False
 
-    def _make_hook(self, number: int):
+    def _make_hook(self, number: int, layer: MoELayer):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if in_backward_pass() or not (module.training or self.track_eval):
+            if in_backward_pass() or not (layer.training or self.track_eval):
                 return
-            stats = module.last_stats
+            stats = layer.last_stats
             if stats is not None:
                 self._acc[number].add(stats)
 
@@ -344,10 +351,12 @@ class NonFiniteProbe:
     """Finds the layer whose output went non-finite first in a step (forward hooks; cheap).
 
     Hooks every :class:`MoELayer`, every module with a ``layer_number`` (blocks, attention, FFN) and
-    every embedding of ``model``. Each hook stores one 0-d ``isfinite(...).all()`` flag on the output's
-    device, without a host sync; :meth:`first_non_finite` reads them in call order only when asked
-    (after a step whose loss is not finite). Forwards that run inside backward (activation
-    checkpointing recomputation) are skipped. Call :meth:`start_step` before each step::
+    every embedding of ``model``; of a compiled block (:func:`~moe_parallel.block_compile.compile_blocks`)
+    only the block itself, whose hook runs outside the compiled code. Each hook stores one 0-d
+    ``isfinite(...).all()`` flag on the output's device, without a host sync; :meth:`first_non_finite`
+    reads them in call order only when asked (after a step whose loss is not finite). Forwards that
+    run inside backward (activation checkpointing recomputation) are skipped. Call :meth:`start_step`
+    before each step::
 
         probe = NonFiniteProbe(model)
         probe.start_step(); loss = train_step()
@@ -358,7 +367,10 @@ class NonFiniteProbe:
     def __init__(self, model: nn.Module) -> None:
         self._flags: list[tuple[str, Tensor]] = []
         self._handles = []
+        owners = compiled_owners(model)
         for name, module in model.named_modules():
+            if id(module) in owners:  # its hook would run inside a compiled block's graph: the block's reports it
+                continue
             kind = type(module).__name__
             if isinstance(module, MoELayer) or hasattr(module, "layer_number") or "Embedding" in kind:
                 label = f"{name or '<model>'} ({kind}"

@@ -147,3 +147,27 @@ def test_dense_with_moe_layers_is_refused():
     refused = r"model.dense=true, but model.moe_every=2 makes blocks \[1, 3\] .*set model.moe_every=0"
     with pytest.raises(app_config.AppConfigError, match=refused):
         app_config.validate(make("model.dense=true"), world_size=1)
+
+
+def test_train_compile_is_a_checked_boolean(monkeypatch):
+    assert make().train.compile is False
+    app_config.validate(make("train.compile=true"), world_size=1)  # this machine has a C++ compiler
+    with pytest.raises(ConfigCompositionException) as err:
+        make("train.compile=fast")
+    assert "train.compile" in str(err.value.__cause__)
+    with pytest.raises(app_config.AppConfigError, match=r"train.compile='fast' is invalid: must be true or false"):
+        app_config._check_compile("fast")
+
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler() -> str:
+        raise exc.InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(app_config.AppConfigError) as err:
+        app_config.validate(make("train.compile=true"), world_size=1)
+    message = str(err.value)
+    assert "train.compile=true" in message and "C++ compiler" in message, message
+    assert "CXX" in message and "set train.compile=false" in message, message
+    app_config.validate(make(), world_size=1)  # train.compile=false never looks for one

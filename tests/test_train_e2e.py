@@ -176,3 +176,67 @@ def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_pa
         assert bias_E.shape == (4,) and torch.allclose(steps_taken, steps_taken.round(), atol=1e-4), (name, bias_E)
         assert steps_taken.abs().max() <= steps, (name, bias_E)
     assert any(bias_E.abs().max() > 0 for bias_E in biases.values()), biases  # it moved (never without updates)
+
+
+def single_process(run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The app in one process (world size 1), on the tiny shapes of test_failures with one dense and
+    one MoE block."""
+    cmd = [
+        sys.executable, "launch/train.py", "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2",
+        "model.ffn_hidden_size=64", "model.moe_every=2", "moe.num_experts=4", "data.max_corpus_bytes=300000",
+        "data.vocab_size=512", "data.seq_len=16", f"data.cache_dir={cache}", "train.micro_batch_size=4",
+        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.ckpt_every=1000",
+        "train.progress=lines", "logger=disabled", f"train.run_dir={run_dir}", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path):
+    """train.compile=true: every block through torch.compile's default backend (inductor), the same
+    training losses as eager within the fp32 tolerance of the model's depth over the steps."""
+    from tests.tolerance import float_tolerance
+
+    steps = 4
+    eager = tmp_path / "eager"
+    single_process(eager, tmp_path / "cache", f"train.steps={steps}")
+    compiled = tmp_path / "compiled"
+    proc = single_process(compiled, tmp_path / "cache", f"train.steps={steps}", "train.compile=true")
+    assert "2 blocks compiled" in proc.stdout, proc.stdout[-2000:]
+    want, got = jsonl_losses(eager), jsonl_losses(compiled)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    tol = float_tolerance(torch.float32, reduction_size=64, depth=2 * steps)["rtol"]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=tol, abs=tol), (step, got, want)
+
+
+
+@pytest.mark.slow
+def test_compiled_blocks_in_pipeline_stages_with_activation_checkpointing(tmp_path):
+    """train.compile=true on 2 pipeline stages that recompute their blocks in backward: the same losses
+    and the same MoE token counts (each micro-batch counted once) as eager blocks."""
+    from tests.tolerance import float_tolerance
+
+    def pipeline_run(run_dir: Path, *extra: str) -> list[dict]:
+        cmd = [
+            str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+            "parallel.pp=2", "deepspeed.activation_checkpointing=true", "model.num_layers=4", "model.hidden_size=32",
+            "model.num_heads=2", "model.ffn_hidden_size=64", "model.moe_every=2", "moe.num_experts=4",
+            "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=16",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch_size=4", "train.grad_accum=2",
+            "train.steps=3", "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",
+            "train.ckpt_every=1000", "train.progress=lines", "logger=disabled", f"train.run_dir={run_dir}", *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    want = [row for row in pipeline_run(tmp_path / "eager") if "train/loss" in row]
+    got = [row for row in pipeline_run(tmp_path / "compiled", "train.compile=true") if "train/loss" in row]
+    assert [row["step"] for row in got] == [row["step"] for row in want] == [1, 2, 3]
+    tol = float_tolerance(torch.float32, reduction_size=64, depth=4 * 3)["rtol"]
+    for g, w in zip(got, want):
+        assert g["train/loss"] == pytest.approx(w["train/loss"], rel=tol, abs=tol), (g, w)
+        for layer in (1, 3):  # one MoE block on each stage; 2 micro-batches of 4 x 16 tokens
+            assert g[f"moe/layer_{layer}/num_tokens"] == w[f"moe/layer_{layer}/num_tokens"] == 128
