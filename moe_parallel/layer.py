@@ -172,18 +172,16 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.hidden_size)
         route, capacity, plan = self.route_and_plan(x_TD)
         self._resolve_expert_path(x_TD)
-        bad_input = None
+        bad_input, message = None, ""
         if cfg.check_inputs:  # a device flag: at EP > 1 it travels with the counts, no extra sync
             bad_input = (~torch.isfinite(x_TD).all()).to(torch.int64)
-        dispatch = self.dispatcher.dispatch(
-            x_TD,
-            plan,
-            host_counts=self.experts.needs_host_counts(x_TD),
-            bad_input=bad_input,
-            bad_input_message=(
+            message = (
                 f"MoE layer {self.layer_number}: input contains NaN or Inf "
                 "(set moe.check_inputs=False to skip this check)"
-            ),
+            )
+        host_counts = self.experts.needs_host_counts(x_TD)
+        dispatch = self.dispatcher.dispatch(
+            x_TD, plan, host_counts=host_counts, bad_input=bad_input, bad_input_message=message
         )
         shared_TD = self._shared_expert_output(x_TD)  # computed while the tokens are in flight
         x_local = self.dispatcher.wait(dispatch)
