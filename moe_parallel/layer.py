@@ -191,10 +191,11 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         balance, z_loss = self.balance_and_z_loss(route)
-        self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
+        aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
+        self.aux_loss = aux_loss  # read back from the local: compiled code must not re-read the attribute
         self.last_stats = self._stats(route, plan, balance, z_loss, capacity)
-        if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
-            y_TD = attach_aux_loss(y_TD, self.aux_loss)
+        if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and aux_loss.requires_grad:
+            y_TD = attach_aux_loss(y_TD, aux_loss)
         return y_TD.view(x.shape)
 
     def _shared_expert_output(self, x_TD: Tensor) -> Tensor | None:
