@@ -382,7 +382,7 @@ def our_expert_path(problem: Problem) -> str:
     """The path our experts run on this input: ``auto`` resolved as the layer resolves it at its first
     forward (from the rows a balanced step gives each expert), a forced path as it is."""
     layer = problem.layer
-    layer._resolve_expert_path(problem.x_TD)
+    layer.resolve_expert_path(problem.x_TD)
     return layer.experts.execution_path(problem.x_TD)
 
 

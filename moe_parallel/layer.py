@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
 
         x_TD = x.reshape(-1, cfg.hidden_size)
         route, capacity, plan = self.route_and_plan(x_TD)
-        self._resolve_expert_path(x_TD)
+        self.resolve_expert_path(x_TD)
         bad_input, message = None, ""
         if cfg.check_inputs:  # a device flag: at EP > 1 it travels with the counts, no extra sync
             bad_input = (~torch.isfinite(x_TD).all()).to(torch.int64)
@@ -206,9 +206,10 @@ class MoELayer(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         return shared_TD
 
-    def _resolve_expert_path(self, x_TD: Tensor) -> None:
-        """Fix the experts' path at the first forward, from the rows a balanced step gives each
-        local expert (the same on every rank): a run never switches kernels on a timing or a count."""
+    def resolve_expert_path(self, x_TD: Tensor) -> None:
+        """Fix the experts' path (``experts.resolved_gemm``) for input like ``x_TD``, from the rows a
+        balanced step gives each local expert (the same on every rank): a run never switches kernels
+        on a timing or a count. The first forward calls it."""
         resolve = getattr(self.experts, "resolve_path", None)
         if resolve is None or getattr(self.experts, "resolved_gemm", None) is not None or torch.compiler.is_compiling():
             return
