@@ -10,10 +10,10 @@ For every config, four implementations run on the same input:
 - ``floor``: the expert GEMMs alone on the rows our router keeps for that input, pre-gathered into
   one contiguous tensor per expert: a plain autograd loop ``y_e = gelu(x_e @ W1[e]) @ W2[e]``;
 - ``moved``: the floor's GEMMs plus the token movement that any routed layer adds on top of them,
-  with the routing fixed in advance: every step gathers each expert's rows from ``x`` and
-  scatter-adds its output into ``y`` (and the reverse in backward); at EP=2 the two all-to-alls
-  too. No router, no capacity plan, no combine weight: what is left between ``moved`` and ``ours``
-  is the routing itself.
+  with the routing fixed in advance: every step our dispatcher gathers each expert's rows from ``x``
+  and adds its output, times the plan's fixed combine weight, into ``y`` (and the reverse in
+  backward); at EP=2 the two all-to-alls too. No router, no capacity plan, no gradient into the
+  combine weights: what is left between ``moved`` and ``ours`` is the routing itself.
 
 Times are medians over interleaved repetitions in one process (the order changes every repetition,
 so background load hits all implementations alike, and each runs after each other one equally
@@ -68,10 +68,9 @@ sys.path.insert(0, str(REPO))
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
 from moe_parallel.capacity import DispatchPlan  # noqa: E402
-from moe_parallel.cpu_buffers import cached_bytes  # noqa: E402
 from moe_parallel.deepspeed_integration import unlink_shm_allreduce_buffers  # noqa: E402
-from moe_parallel.expert_cost import DEFAULT_COST_MODEL  # noqa: E402
-from moe_parallel.experts import GroupedExperts, _grouped_mlp  # noqa: E402
+from moe_parallel.experts import GroupedExperts, choice, grouped_mlp  # noqa: E402
+from moe_parallel.experts.buffers import cached_bytes  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
 COMPAT_IMPLS = ("deepspeed", "compat_module", "compat_parallel_mlp")  # the DeepSpeed drop-in's rows
@@ -239,11 +238,14 @@ class Step:
     modules: list[nn.Module] = dataclasses.field(default_factory=list)
 
     def pin_expert_path(self, path: str) -> None:
-        """Our experts in this step (``GroupedExperts``, the drop-in's experts) run ``path`` from now on."""
+        """Our experts in this step (``GroupedExperts``, the drop-in's experts) run ``path`` from now on,
+        also where ``auto`` already resolved theirs."""
         for module in self.modules:
             for sub in module.modules():
                 if hasattr(sub, "execution_path"):
                     sub.expert_gemm = path
+                    # "grouped" is checked on the next forward (resolve_path); the CPU paths are fixed here.
+                    sub.resolved_gemm = None if path == "grouped" else path
 
     def clear_grads(self) -> None:
         for t in self.leaves:
@@ -376,15 +378,22 @@ def routing_plan(problem: Problem) -> DispatchPlan:
         return problem.layer.route_and_plan(problem.x_TD)[2]
 
 
+def our_expert_path(problem: Problem) -> str:
+    """The path our experts run on this input: ``auto`` resolved as the layer resolves it at its first
+    forward (from the rows a balanced step gives each expert), a forced path as it is."""
+    layer = problem.layer
+    layer.resolve_expert_path(problem.x_TD)
+    return layer.experts.execution_path(problem.x_TD)
+
+
 def routed_rows(problem: Problem, plan: DispatchPlan | None = None) -> tuple[Tensor, list[int]]:
-    """The rows our local experts receive for this input (kept assignments only), and rows per expert."""
+    """The rows our local experts receive for this input (kept assignments only, grouped by local
+    expert), and rows per expert. At EP > 1 every rank of the group must call it (collectives)."""
     layer, x_TD = problem.layer, problem.x_TD
     plan = routing_plan(problem) if plan is None else plan
     with torch.no_grad():
-        if layer.ep_size == 1:
-            return x_TD.index_select(0, plan.token_idx_N), plan.tokens_per_expert_E.tolist()
-        x_local, _, counts, _ = layer.dispatcher.dispatch(x_TD, plan)
-        return x_local, counts
+        dispatch = layer.dispatcher.dispatch(x_TD, plan, host_counts=True)
+        return layer.dispatcher.wait(dispatch), dispatch.counts_host
 
 
 def build_floor(problem: Problem) -> Step:
@@ -396,7 +405,7 @@ def build_floor(problem: Problem) -> Step:
     experts = problem.layer.experts
     gen = torch.Generator().manual_seed(7)
     grad_list = [torch.randn(n, rows_ND.shape[1], generator=gen).to(rows_ND) for n in counts]
-    if experts.uses_grouped_gemm(rows_ND):
+    if our_expert_path(problem) == "grouped":
         return build_grouped_floor(rows_ND, counts, grad_list, experts)
     x_list = [chunk.clone().requires_grad_() for chunk in rows_ND.split(counts)]
     w1_list = [w.detach().clone().requires_grad_() for w in experts.w1]
@@ -427,28 +436,30 @@ def build_grouped_floor(rows_ND: Tensor, counts: list[int], grad_list: list[Tens
         grad_ND[start : start + n] = grad
         start += p
     x_ND.requires_grad_()
+    counts_e = torch.tensor(padded, device=x_ND.device)
     w1 = experts.w1.detach().clone().requires_grad_()
     w2 = experts.w2.detach().clone().requires_grad_()
 
     def run() -> None:
-        _grouped_mlp(x_ND, None, padded, w1, w2, None, None, "gelu").backward(grad_ND)
+        grouped_mlp(x_ND, counts_e, w1, w2, None, None, "gelu").backward(grad_ND)
 
     return Step(run, [x_ND, w1, w2])
 
 
 def build_moved(problem: Problem) -> Step:
-    """The floor's GEMMs plus token movement: our experts and dispatcher on a plan fixed in advance."""
+    """The floor's GEMMs plus token movement: our experts and dispatcher on a plan fixed in advance,
+    the experts on the path ours takes (until an ``expert_gemm`` command pins another)."""
     layer, grad_TD = problem.layer, problem.grad_TD
     plan = routing_plan(problem)
+    our_expert_path(problem)
     x_TD = problem.x_TD.clone().requires_grad_()
 
     def run() -> None:
-        if layer.ep_size == 1:
-            y_TD = layer.experts(x_TD, plan.tokens_per_expert_E.tolist(), None, plan.token_idx_N)
-        else:
-            x_local, _, counts, state = layer.dispatcher.dispatch(x_TD, plan)
-            y_TD = layer.dispatcher.combine(layer.experts(x_local, counts), state)
-        y_TD.backward(grad_TD)
+        dispatcher, experts = layer.dispatcher, layer.experts
+        dispatch = dispatcher.dispatch(x_TD, plan, host_counts=experts.needs_host_counts(x_TD))
+        x_local = dispatcher.wait(dispatch)
+        out_local = experts(x_local, dispatch.tokens_per_local_expert, dispatch.counts_host)
+        dispatcher.combine(out_local, dispatch.state).backward(grad_TD)
 
     return Step(run, [x_TD, *layer.experts.parameters()], [layer.experts])
 
@@ -487,7 +498,7 @@ def measure_step_peak_mib(step: Step) -> float:
     high-water mark is reset (``/proc/self/clear_refs`` = 5), one step runs, and its peak VmHWM is
     compared with the VmRSS before it: the extra memory the step needed at its worst moment
     (activations, saved tensors, temporaries, gradients of weights and input). Our pooled gradient
-    buffers (``cpu_buffers.py``) stay resident between steps, idle: they are counted as the step's,
+    buffers (``experts/buffers.py``) stay resident between steps, idle: they are counted as the step's,
     not as the baseline's, since a layer that frees its gradients leaves that memory to the forward.
     """
     step()
@@ -632,9 +643,8 @@ def _worker(conn, cfg: BenchConfig, impl: str, rank: int, port: int, target: Tar
         elif command == "peak":
             measure = measure_step_peak_mib_cuda if target.device == "cuda" else measure_step_peak_mib
             conn.send(measure(step))
-        elif command == "path":  # which expert path our layer takes on this input (expert_cost.py)
-            counts = routed_rows(problem)[1]  # this rank's local experts' rows
-            conn.send(problem.layer.experts.execution_path(problem.x_TD, counts))
+        elif command == "path":  # which expert path our layer takes on this input (experts/choice.py)
+            conn.send(our_expert_path(problem))
         elif command.startswith("expert_gemm:"):  # this rank's experts run the named path from now on
             path = command.split(":", 1)[1].split(",")[rank]
             for pinned in steps.values():
@@ -854,8 +864,8 @@ def run_timing(
     try:
         paths = impls["ours"].request("path") if "ours" in impls else None
         if paths and "moved" in impls:
-            # moved is ours without the routing: the same expert path on every rank, whichever path
-            # ours' process measured to be faster (expert_cost.py), and not its own measurement's.
+            # moved is ours without the routing: the same expert path on every rank as ours' layer
+            # (experts/choice.py), whatever its own experts alone would resolve.
             impls["moved"].request("expert_gemm:" + ",".join(paths))
         steps = {name: impl.step for name, impl in impls.items()}
         rounds = time_interleaved(steps, warmup, reps, failed)
@@ -928,8 +938,8 @@ def run_memory(
     per-process count, unaffected by what the others do. One that fails has no entry.
 
     ``expert_paths`` (one per rank): the path our experts took where they were timed, pinned here so
-    that the memory is that path's (``auto`` would measure its choice again, under MEMORY_ENV's
-    allocator, and could take the other path at a near-tie)."""
+    that the memory is that path's (the drop-in's and ``moved``'s experts would otherwise resolve
+    their own)."""
     env = MEMORY_ENV if target.device == "cpu" else None
     procs = {impl: Implementation(cfg, impl, target.for_config(cfg), env=env, wait=False) for impl in impls}
     pinned = {impl for impl in impls if expert_paths and impl != "deepspeed"}
@@ -1477,7 +1487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep", action="store_true", help="the sampled shape sweep (ours, drop-in, DeepSpeed; its own block)"
     )
     parser.add_argument(
-        "--calibrate", action="store_true", help="measure the expert cost model's constants here and print them"
+        "--calibrate",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="measure the expert cost model's constants here (--threads applies) and write them to PATH, "
+        f"the JSON file that {choice.COST_FILE_ENV}=PATH pins",
     )
     parser.add_argument("--sweep-points", type=int, default=32, help="sampled EP=1 points of --sweep (default 32)")
     parser.add_argument(
@@ -1584,13 +1599,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC_ENV.items()):
         # glibc reads these at start-up; the workers inherit them from this process.
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC_ENV})
-    if args.calibrate:
-        from moe_parallel.expert_cost import calibrate
-
+    if args.calibrate is not None:
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(f"measured ({torch.get_num_threads()} threads): {calibrate()}")
-        print(f"in use:                 {DEFAULT_COST_MODEL}")
+        if choice.main(["calibrate", str(args.calibrate)]) != 0:
+            raise SystemExit(f"--calibrate: writing {args.calibrate} failed")
+        measured = json.loads(args.calibrate.read_text())
+        print(f"measured ({torch.get_num_threads()} threads): {measured}")
+        print(f"defaults:                {dataclasses.asdict(choice.DEFAULT_COST_MODEL)}")
         return
     if args.sweep_merge:
         merge_sweeps([Path(p) for p in args.sweep_merge.split(",")], args.output)

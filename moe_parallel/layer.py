@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
 
         x_TD = x.reshape(-1, cfg.hidden_size)
         route, capacity, plan = self.route_and_plan(x_TD)
-        self._resolve_expert_path(x_TD)
+        self.resolve_expert_path(x_TD)
         bad_input, message = None, ""
         if cfg.check_inputs:  # a device flag: at EP > 1 it travels with the counts, no extra sync
             bad_input = (~torch.isfinite(x_TD).all()).to(torch.int64)
@@ -191,10 +191,11 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         balance, z_loss = self.balance_and_z_loss(route)
-        self.aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
+        aux_loss = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z_loss
+        self.aux_loss = aux_loss  # read back from the local: compiled code must not re-read the attribute
         self.last_stats = self._stats(route, plan, balance, z_loss, capacity)
-        if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and self.aux_loss.requires_grad:
-            y_TD = attach_aux_loss(y_TD, self.aux_loss)
+        if self.training and cfg.attach_aux_loss and torch.is_grad_enabled() and aux_loss.requires_grad:
+            y_TD = attach_aux_loss(y_TD, aux_loss)
         return y_TD.view(x.shape)
 
     def _shared_expert_output(self, x_TD: Tensor) -> Tensor | None:
@@ -205,9 +206,10 @@ class MoELayer(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         return shared_TD
 
-    def _resolve_expert_path(self, x_TD: Tensor) -> None:
-        """Fix the experts' path at the first forward, from the rows a balanced step gives each
-        local expert (the same on every rank): a run never switches kernels on a timing or a count."""
+    def resolve_expert_path(self, x_TD: Tensor) -> None:
+        """Fix the experts' path (``experts.resolved_gemm``) for input like ``x_TD``, from the rows a
+        balanced step gives each local expert (the same on every rank): a run never switches kernels
+        on a timing or a count. The first forward calls it."""
         resolve = getattr(self.experts, "resolve_path", None)
         if resolve is None or getattr(self.experts, "resolved_gemm", None) is not None or torch.compiler.is_compiling():
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -204,8 +205,6 @@ def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None, count: int = 8
 
 @pytest.mark.parametrize("seed", [None, 2026])
 def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path, seed: int | None) -> None:
-    import json
-
     bench = _bench_module()
     points = bench.sweep_points(32 if seed is None else 8, seed=bench.SWEEP_SEED if seed is None else seed)
     first, rerun = tmp_path / "a.json", tmp_path / "b.json"
@@ -237,22 +236,61 @@ def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropl
     assert bench.Timing({}, 0).padding_ratio() is None  # no rows known: no ratio
 
 
-@pytest.mark.parametrize("path", ["loop", "padded"])
+@pytest.mark.parametrize("path", ["loop", "padded", "grouped"])
 def test_pinning_a_path_reaches_ours_the_drop_in_and_moved(path: str) -> None:
     """The sweep's memory processes run the path the timing process took: ``pin_expert_path`` sets it
-    on every experts module a step runs (ours, ``moved``, the drop-in's stacked experts)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_moe
-
-    cfg = bench_moe.BenchConfig("tiny", 64, 16, 32, 4, 2, 1.25)
-    problem = bench_moe.make_problem(cfg)
-    steps = [bench_moe.BUILDERS[name](problem) for name in ("ours", "moved", "compat")]
+    on every experts module a step runs (ours, ``moved``, the drop-in's stacked experts), also after
+    ``auto`` resolved theirs in a first step."""
+    bench = _bench_module()
+    cfg = bench.BenchConfig("tiny", 64, 16, 32, 4, 2, 1.25)
+    problem = bench.make_problem(cfg)
+    steps = [bench.BUILDERS[name](problem) for name in ("ours", "moved", "compat")]
     for step in steps:
+        step()  # auto resolves
         step.pin_expert_path(path)
     for step in steps:
         experts = [m for module in step.modules for m in module.modules() if hasattr(m, "execution_path")]
         assert experts  # every step names the experts it runs
         for module in experts:
-            assert module.execution_path(problem.x_TD, [16] * module.num_local_experts) == path
+            assert module.execution_path(problem.x_TD) == path
     for step in steps:
         step()  # and they run
+
+
+def test_moved_and_the_floor_compute_on_the_rows_ours_keeps() -> None:
+    """``moved`` is ours with the routing fixed: the same output and expert gradients on that input;
+    the floor's rows are the kept ones, grouped by expert."""
+    bench = _bench_module()
+    cfg = bench.BenchConfig("tiny", 96, 16, 32, 4, 2, 1.0)
+    problem = bench.make_problem(cfg)
+    plan = bench.routing_plan(problem)
+    rows, counts = bench.routed_rows(problem, plan)
+    assert counts == plan.tokens_per_expert_E.tolist() and rows.shape[0] == sum(counts) < 96 * 2  # drops
+    kept = plan.token_idx_A[: sum(counts)]
+    assert bench.torch.equal(rows, problem.x_TD[kept])
+    assert bench.row_counts(problem) == (sum(counts), int(plan.routed_per_expert_E.max()))
+    grads = []
+    for step in (bench.build_moved(problem), bench.build_ours(problem)):
+        step()
+        grads.append([p.grad.clone() for p in problem.layer.experts.parameters()])
+    for moved_grad, ours_grad in zip(*grads, strict=True):
+        bench.torch.testing.assert_close(moved_grad, ours_grad)
+    floor = bench.build_floor(problem)
+    floor()
+    assert [x.shape[0] for x in floor.leaves[: len(counts)]] == counts
+
+
+def test_calibrate_writes_the_cost_file_the_experts_pin(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--calibrate PATH`` writes experts/choice.py's calibration file (its measurement made small
+    here), which ``MOE_PARALLEL_EXPERT_COST`` then pins."""
+    bench = _bench_module()
+    real = bench.choice.calibrate
+    monkeypatch.setattr(bench.choice, "calibrate", lambda: real(reps=1, hidden=64, ffn=64))
+    path = tmp_path / "cost.json"
+    bench.main(["--calibrate", str(path)])
+    out = capsys.readouterr().out
+    assert f"measured ({bench.torch.get_num_threads()} threads)" in out and "defaults:" in out
+    monkeypatch.setenv(bench.choice.COST_FILE_ENV, str(path))
+    model = bench.choice.cost_model()
+    assert dataclasses.asdict(model) == {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    assert model.gemm_flops > 0 and model.move_bytes_per_s > 0

@@ -28,7 +28,7 @@ from moe_parallel.compat import (
     OptimizerLayoutWarning,
     _state_dict_to_deepspeed_layout,
 )
-from moe_parallel.module_experts import ModuleExperts, StackedExperts
+from moe_parallel.experts.modules import ModuleExperts, StackedExperts
 from tests.compat_doubles import expert_zoo
 from tests.tolerance import float_tolerance
 
@@ -348,7 +348,7 @@ def test_moe_layer_late_binding_api() -> None:
     """The public MoELayer API the drop-in builds on: prebuilt experts, ep_size without a group, set_ep_group."""
     from moe_parallel import MoEConfig, MoELayer
     from moe_parallel.config import MoEConfigError
-    from moe_parallel.module_experts import build_module_experts
+    from moe_parallel.experts.modules import build_module_experts
 
     cfg = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=NUM_EXPERTS, top_k=2)
     layer = MoELayer(cfg, ep_size=2)

@@ -328,7 +328,8 @@ def test_the_choice_is_a_function_of_the_shape(seed: int, no_timing) -> None:
     x, one_row = torch.randn(rows * experts, hidden), torch.randn(1, hidden)
     torch.manual_seed(11)
     rng_before = torch.get_rng_state()
-    assert layer.execution_path(x) == balanced == layer.resolved_gemm
+    assert layer.execution_path(x) == balanced and layer.resolved_gemm is None  # asking fixes nothing
+    assert layer.resolve_path(x, rows) == balanced == layer.resolved_gemm
     assert layer.execution_path(one_row) == balanced  # fixed from now on, whatever the rows of later steps
     assert layer.needs_host_counts(x) and not layer.uses_grouped_gemm(x)
     assert GroupedExperts(experts, hidden, ffn, activation).resolve_path(x, rows) == balanced
@@ -517,3 +518,23 @@ def test_top1_dropped_tokens_get_exact_zeros(path: str) -> None:
         zero_rows = (y == 0).all(-1)
         assert zero_rows.sum().item() == round(dropped * 64)
         x.grad = None
+
+
+def test_asking_for_the_path_fixes_nothing_and_a_move_resolves_again():
+    """Only a forward (or ``resolve_expert_path``) fixes the path, from the layer's balanced rows;
+    queries before it leave it open, and ``.to()`` opens it again (another device may take the
+    grouped GEMM)."""
+    cfg = MoEConfig(hidden_size=64, ffn_hidden_size=64, num_experts=16, top_k=8)
+    x = torch.randn(512, 64)
+    asked = MoELayer(cfg)
+    asked.experts.needs_host_counts(x)
+    asked.experts.execution_path(x)
+    assert asked.experts.resolved_gemm is None
+    asked(x)
+    fresh = MoELayer(cfg)
+    fresh(x)
+    assert asked.experts.resolved_gemm == fresh.experts.resolved_gemm is not None
+    fresh.to(torch.float64)
+    assert fresh.experts.resolved_gemm is None
+    fresh(x.double())
+    assert fresh.experts.resolved_gemm in ("loop", "padded")

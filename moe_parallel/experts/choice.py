@@ -104,10 +104,11 @@ def choose_expert_path(
     most ``MAX_PADDED_EXPERT_BYTES`` (larger products stream the weights, the same in both paths,
     and dwarf the calls that padding saves); else the loop.
     """
+    model = cost_model()  # read first: a broken calibration file fails at every shape
     up = 2 * ffn if activation == "swiglu" else ffn
     if hidden * (up + ffn) * dtype.itemsize > MAX_PADDED_EXPERT_BYTES:
         return "loop"
-    return cost_model().choose(counts, hidden, ffn, dtype.itemsize)
+    return model.choose(counts, hidden, ffn, dtype.itemsize)
 
 
 MAX_PADDED_EXPERT_BYTES = 64 << 20

@@ -392,6 +392,12 @@ class StackedExperts(GroupedExperts):
     def execution_path(self, x: Tensor) -> str:
         return super().execution_path(x) if self.form.native else "modules"
 
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        if not self.form.native:
+            self.resolved_gemm = "modules"
+        return result
+
     def forward(self, x: Tensor, tokens_per_expert: Tensor | list[int], counts_host: list[int] | None = None) -> Tensor:
         if self.form.native:
             return super().forward(x, tokens_per_expert, counts_host)

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Activation, ExpertGemm
-from .choice import choose_expert_path
 from .grouped import grouped_gemm_problem, grouped_gemm_supported, grouped_mlp, grouped_mm_op
 from .interface import host_counts
 from .loop import LoopExpertMLP
@@ -87,9 +86,13 @@ class GroupedExperts(nn.Module):
 
     def resolve_path(self, x: Tensor, rows_per_expert: int) -> str:
         """Fix the path of ``expert_gemm="auto"`` for activations like ``x`` (device, dtype), given the
-        rows a balanced step gives each local expert; a forced path is checked and kept."""
-        if self.resolved_gemm is not None:
-            return self.resolved_gemm
+        rows a balanced step gives each local expert; a forced path is checked and kept. The path
+        then holds until the module moves (``.to()``), when ``auto`` resolves again."""
+        if self.resolved_gemm is None:
+            self.resolved_gemm = self._path_for(x, rows_per_expert)
+        return self.resolved_gemm
+
+    def _path_for(self, x: Tensor, rows_per_expert: int) -> str:
         sizes = (self.w1.shape[1], self.w1.shape[2], self.w2.shape[1])
         if self.expert_gemm == "grouped":
             problem = grouped_gemm_problem(x, sizes)
@@ -98,25 +101,32 @@ class GroupedExperts(nn.Module):
                     f"moe.expert_gemm='grouped' cannot run here: torch's grouped GEMM {problem}; "
                     "use expert_gemm='auto' or 'loop'"
                 )
-            self.resolved_gemm = "grouped"
-        elif grouped_gemm_supported(x, sizes):
-            self.resolved_gemm = "grouped"
-        elif x.is_cuda:
-            self.resolved_gemm = "loop"
-        else:
-            counts = [max(1, rows_per_expert)] * self.num_local_experts
-            self.resolved_gemm = choose_expert_path(
-                counts, self.w1.shape[1], self.w2.shape[1], self.activation, x.dtype
-            )
-        return self.resolved_gemm
+            return "grouped"
+        if grouped_gemm_supported(x, sizes):
+            return "grouped"
+        if x.is_cuda:
+            return "loop"
+        from .choice import choose_expert_path  # here: `python -m moe_parallel.experts.choice` runs it afresh
+
+        counts = [max(1, rows_per_expert)] * self.num_local_experts
+        return choose_expert_path(counts, self.w1.shape[1], self.w2.shape[1], self.activation, x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.expert_gemm in ("auto", "grouped"):  # another device or dtype: resolve (and check) again
+            self.resolved_gemm = None
+        return super()._apply(fn, recurse)
 
     def execution_path(self, x: Tensor) -> str:
-        """``"grouped"``, ``"padded"`` or ``"loop"``: how a forward on ``x`` runs."""
+        """``"grouped"``, ``"padded"`` or ``"loop"``: how a forward on ``x`` runs. Before the path is
+        resolved, the path a forward on ``x`` alone would resolve (nothing is fixed by asking)."""
         if torch.compiler.is_compiling():
             return "grouped"
-        if self.resolved_gemm is None:
-            self.resolve_path(x, max(1, x.shape[0] // max(1, self.num_local_experts)))
-        return self.resolved_gemm
+        if self.resolved_gemm is not None:
+            return self.resolved_gemm
+        return self._path_for(x, self._rows_per_expert(x))
+
+    def _rows_per_expert(self, x: Tensor) -> int:
+        return max(1, x.shape[0] // max(1, self.num_local_experts))
 
     def needs_host_counts(self, x: Tensor) -> bool:
         """Whether a forward on ``x`` reads the rows per expert on the host (every path but the grouped GEMM)."""
@@ -135,6 +145,8 @@ class GroupedExperts(nn.Module):
         """
         # Under autocast or mixed dtypes, compute in the activations' dtype; grads flow back through the cast.
         params = [None if p is None else p.to(x.dtype) for p in (self.w1, self.w2, self.b1, self.b2)]
+        if self.resolved_gemm is None and not torch.compiler.is_compiling():
+            self.resolve_path(x, self._rows_per_expert(x))  # used alone, not inside a layer
         path = self.execution_path(x)
         if path == "grouped":
             counts_e = tokens_per_expert
