@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import deepspeed_integration
-from .capacity import DispatchPlan, keep_within_capacity
-from .config import MoEConfig, MoEConfigError
-from .experts.modules import ModuleExperts, StackedExperts, build_module_experts
-from .layer import MoELayer
-from .router import RouterOutput, count_per_expert
+from ..core.capacity import DispatchPlan, keep_within_capacity
+from ..core.config import MoEConfig, MoEConfigError
+from ..core.layer import MoELayer
+from ..core.router import RouterOutput, count_per_expert
+from ..experts.modules import ModuleExperts, StackedExperts, build_module_experts
+from . import deepspeed as deepspeed_integration
 
 __all__ = ["MoE", "MoECompatError"]
 

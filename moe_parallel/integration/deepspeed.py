@@ -6,12 +6,12 @@
   over the expert-data-parallel group and saves them per expert). Our layers are plain ``nn.Module``s
   (so that ``import moe_parallel`` does not pull in DeepSpeed); a layer is given DeepSpeed's class as
   an extra base the moment DeepSpeed is loaded: at construction if it already is, else by
-  :func:`moe_parallel.engine.build_engine` or by the DeepSpeed drop-in. None of DeepSpeed's MoE code
+  :func:`moe_parallel.integration.engine.build_engine` or by the DeepSpeed drop-in. None of DeepSpeed's MoE code
   runs: our methods come first in the MRO.
 - :func:`register_expert_groups`, :func:`deepspeed_expert_group`, :func:`check_expert_groups`: the
   expert-parallel groups in ``deepspeed.utils.groups``.
 - :func:`use_topology_free_checkpoints`: ``engine.save_checkpoint`` / ``load_checkpoint`` routed to
-  :mod:`moe_parallel.checkpoint` (for engines built by ``build_engine``).
+  :mod:`moe_parallel.checkpoints.checkpoint` (for engines built by ``build_engine``).
 - :func:`unlink_shm_allreduce_buffers`: the ``/dev/shm`` files DeepSpeed's CPU communication leaves
   behind, removed once every rank has mapped them.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .comm import ProcessGroup
+from ..core.comm import ProcessGroup
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -89,7 +89,7 @@ def mark_if_deepspeed_loaded(module: nn.Module) -> None:
 
 def mark_moe_layers(model: nn.Module) -> None:
     """Mark every MoE layer of ``model`` (before ``deepspeed.initialize`` looks for them)."""
-    from .layer import moe_layers
+    from ..core.layer import moe_layers
 
     for layer in moe_layers(model):
         mark_as_deepspeed_moe(layer)
@@ -122,13 +122,13 @@ def check_expert_groups(layer: Any) -> None:
         if layer.ep_size > 1:
             raise RuntimeError(
                 f"expert-parallel group '{name}' is not registered with DeepSpeed: build the groups with "
-                "moe_parallel.parallel.initialize_parallel(pp, ep) before creating the model"
+                "moe_parallel.integration.parallel.initialize_parallel(pp, ep) before creating the model"
             )
         groups._create_expert_and_data_parallel(1)
     elif layer.ep_size > 1 and registered[name] is not layer.ep_group:
         raise RuntimeError(
             f"DeepSpeed's expert-parallel group '{name}' is not the group this layer all-to-alls over: "
-            "pass ParallelState.ep_group from moe_parallel.parallel.initialize_parallel to the layer"
+            "pass ParallelState.ep_group from moe_parallel.integration.parallel.initialize_parallel to the layer"
         )
 
 
@@ -174,12 +174,12 @@ def deepspeed_expert_group(ep_size: int, use_data_before_expert_parallel_: bool 
 
 
 def use_topology_free_checkpoints(engine: Any) -> None:
-    """Route ``engine.save_checkpoint`` / ``load_checkpoint`` to :mod:`moe_parallel.checkpoint`.
+    """Route ``engine.save_checkpoint`` / ``load_checkpoint`` to :mod:`moe_parallel.checkpoints.checkpoint`.
 
     DeepSpeed's own MoE checkpointing expects its per-expert module names and cannot store stacked
     experts; ours stores them under global ids and loads at any layout. Same call signatures.
     """
-    from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from ..checkpoints.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
     def save(save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
         return save_checkpoint(engine, save_dir, tag=tag, client_state=client_state)

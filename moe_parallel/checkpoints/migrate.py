@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .checkpoint import numpy_rng_state
-from .checkpoint_store import (
+from .safe_files import UnsafeFileError, load_plain
+from .store import (
     CHECKSUM,
     DIGEST,
     FORMAT_VERSION,
@@ -45,7 +46,6 @@ from .checkpoint_store import (
     write_file,
     write_manifest,
 )
-from .safe_files import UnsafeFileError, load_plain
 
 CONVERTED_SUFFIX = ".migrated"
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aux_loss import set_aux_loss_grad_scale
-from .deepspeed_integration import mark_moe_layers, use_topology_free_checkpoints
-from .layer import moe_layers
+from ..core.aux_loss import set_aux_loss_grad_scale
+from ..core.layer import moe_layers
+from .deepspeed import mark_moe_layers, use_topology_free_checkpoints
 
 
 class DeepSpeedConfigError(ValueError):
@@ -42,7 +42,7 @@ def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> No
             "the range of bf16/fp32, and dynamic loss scaling would have to reach the attached aux loss): "
             "use bf16.enabled=true on GPUs that support it, or fp32"
         )
-    from .module_experts import ModuleExperts
+    from ..experts.modules import ModuleExperts
 
     for layer in moe_layers(model):
         if isinstance(layer.experts, ModuleExperts):
@@ -121,7 +121,7 @@ def build_engine(
 ):
     """``deepspeed.initialize`` for a model with MoE layers (a plain module or a ``PipelineModule``).
 
-    Build the process groups first with :func:`moe_parallel.parallel.initialize_parallel` and give
+    Build the process groups first with :func:`moe_parallel.integration.parallel.initialize_parallel` and give
     the model's MoE layers ``state.ep_group``. Returns ``(engine, optimizer, lr_scheduler)``.
     """
     import deepspeed

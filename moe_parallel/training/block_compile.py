@@ -10,8 +10,8 @@ block's ``forward`` method in place rather than wrapping the block in ``torch.co
   block class see the same model;
 * forward hooks on the block itself run eagerly, outside the compiled code. Hooks on modules
   *inside* a compiled block run inside its graph, where anything the compiler cannot trace splits
-  the graph; :class:`~moe_parallel.metrics.MoEMetricsTracker` and
-  :class:`~moe_parallel.metrics.NonFiniteProbe` therefore hook a compiled block instead of its
+  the graph; :class:`~moe_parallel.training.metrics.MoEMetricsTracker` and
+  :class:`~moe_parallel.training.metrics.NonFiniteProbe` therefore hook a compiled block instead of its
   submodules (:func:`compiled_owners`). Compile the blocks before attaching them.
 
 Dynamo's ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops`` are on while a
@@ -59,7 +59,7 @@ def compile_block(block: nn.Module, **compile_kwargs: Any) -> nn.Module:
 
 def block_types() -> tuple[type[nn.Module], ...]:
     """The transformer-block classes of the model families: the reference GPT's and the decoder's."""
-    from .models import DecoderBlock, TransformerBlock
+    from ..models import DecoderBlock, TransformerBlock
 
     return (TransformerBlock, DecoderBlock)
 

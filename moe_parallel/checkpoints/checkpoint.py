@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint_store import (
+from ..core.comm import broadcast_from_rank0
+from ..core.layer import MoELayer, moe_layers
+from .store import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointInfo,
@@ -63,8 +65,6 @@ from .checkpoint_store import (
     write_latest,
     write_manifest,
 )
-from .comm import broadcast_from_rank0
-from .layer import MoELayer, moe_layers
 
 __all__ = [
     "CheckpointError",

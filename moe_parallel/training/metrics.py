@@ -50,10 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..core.comm import group_size
+from ..core.layer import MoELayer, MoEStats, moe_layers
+from ..integration.parallel import ParallelState
 from .block_compile import compiled_owners
-from .comm import group_size
-from .layer import MoELayer, MoEStats, moe_layers
-from .parallel import ParallelState
 
 ProcessGroup = dist.ProcessGroup
 
@@ -141,7 +141,7 @@ class MoEMetricsTracker:
     def attach(self, model: nn.Module) -> None:
         """Track every :class:`MoELayer` in ``model`` (and, with ``hooks``, register the forward hooks).
 
-        A layer inside a compiled block (:func:`~moe_parallel.block_compile.compile_blocks`) is hooked
+        A layer inside a compiled block (:func:`~moe_parallel.training.block_compile.compile_blocks`) is hooked
         through that block, whose hooks run eagerly after the compiled forward has set ``last_stats``.
         """
         owners = compiled_owners(model)
@@ -351,7 +351,7 @@ class NonFiniteProbe:
     """Finds the layer whose output went non-finite first in a step (forward hooks; cheap).
 
     Hooks every :class:`MoELayer`, every module with a ``layer_number`` (blocks, attention, FFN) and
-    every embedding of ``model``; of a compiled block (:func:`~moe_parallel.block_compile.compile_blocks`)
+    every embedding of ``model``; of a compiled block (:func:`~moe_parallel.training.block_compile.compile_blocks`)
     only the block itself, whose hook runs outside the compiled code. Each hook stores one 0-d
     ``isfinite(...).all()`` flag on the output's device, without a host sync; :meth:`first_non_finite`
     reads them in call order only when asked (after a step whose loss is not finite). Forwards that

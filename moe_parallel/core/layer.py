@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..experts import GroupedExperts, expert_seed
+from ..integration.deepspeed import check_expert_groups, expert_group_name, mark_if_deepspeed_loaded
 from .aux_loss import attach_aux_loss
 from .capacity import DispatchPlan, capacity_from_ratio, capacity_ratio, plan_dispatch
 from .comm import ProcessGroup, group_rank, group_size
 from .config import MoEConfig, MoEConfigError, MoEInputError
-from .deepspeed_integration import check_expert_groups, expert_group_name, mark_if_deepspeed_loaded
 from .dispatcher import AllToAllTokenDispatcher
-from .experts import GroupedExperts, expert_seed
 from .router import RouterOutput, TopKRouter, load_balancing_loss, router_entropy, router_z_loss
 
 __all__ = ["MoEInputError", "MoELayer", "MoEStats", "moe_layers", "update_expert_biases"]

@@ -29,7 +29,7 @@ from types import TracebackType
 import torch
 import torch.distributed as dist
 
-from .deepspeed_integration import expert_group_name, register_expert_groups, unlink_shm_allreduce_buffers
+from .deepspeed import expert_group_name, register_expert_groups, unlink_shm_allreduce_buffers
 
 ProcessGroup = dist.ProcessGroup
 
