@@ -9,7 +9,7 @@ grad as inside a model) on two gloo processes, expert-parallel over both:
 
 All three get the same gate weights and the same input on each rank, so at softmax scoring they
 route alike. Each point builds a fresh layer, runs one untimed step (first-step lazy initialisation
-is not counted), then counts exactly one more step with ``moe_parallel.counters``:
+is not counted), then counts exactly one more step with ``moe_parallel.core.counters``:
 
 - collectives: every ``torch.distributed`` collective called in the step (DeepSpeed's
   ``deepspeed.comm`` calls them too), by name, on rank 0; rank 1's count must agree;
@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer  # noqa: E402
-from moe_parallel.counters import count_collectives, count_host_syncs  # noqa: E402
+from moe_parallel.core.counters import count_collectives, count_host_syncs  # noqa: E402
 
 EP_SIZE = 2
 AUX_LOSS_COEFF = 0.01
@@ -190,7 +190,7 @@ def build_step(
     if layer == "deepspeed":
         from deepspeed.moe.layer import MoE
     else:
-        from moe_parallel.compat import MoE
+        from moe_parallel.integration.compat import MoE
     moe = MoE(
         hidden_size=shape.hidden,
         expert=_deepspeed_expert(shape),
@@ -238,7 +238,7 @@ def _rank_main(
     torch.set_num_threads(1)  # two processes share the cores
     import deepspeed
 
-    from moe_parallel.deepspeed_integration import unlink_shm_allreduce_buffers
+    from moe_parallel.integration.deepspeed import unlink_shm_allreduce_buffers
 
     dist.init_process_group("gloo", rank=rank, world_size=EP_SIZE, timeout=timedelta(seconds=120))
     with contextlib.redirect_stdout(io.StringIO()):

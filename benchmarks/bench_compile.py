@@ -1,7 +1,7 @@
 """Training-step time with compiled transformer blocks (``train.compile=true``) against eager ones.
 
 Two copies of one model with the same weights: one eager, one with every block compiled in place by
-``moe_parallel.block_compile.compile_blocks`` (``torch.compile``'s default backend, inductor, unless
+``moe_parallel.training.block_compile.compile_blocks`` (``torch.compile``'s default backend, inductor, unless
 ``--backend`` says otherwise; the embeddings, LM head and loss stay eager, as in training). A step is
 forward, cross-entropy loss, backward and an AdamW update. Each round times one step of each copy on
 the same batch, in alternating order, so that background load hits both alike; the ratio
@@ -40,8 +40,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_parallel.block_compile import compile_blocks  # noqa: E402
 from moe_parallel.models import GPT, Decoder, GPTConfig, lm_loss  # noqa: E402
+from moe_parallel.training.block_compile import compile_blocks  # noqa: E402
 
 GPT_MOE = dict(num_experts=8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4,
                drop_policy="probs", aux_loss_coeff=0.01, z_loss_coeff=0.001)  # fmt: skip

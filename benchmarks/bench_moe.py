@@ -67,10 +67,10 @@ sys.path.insert(0, str(REPO))
 
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer, expert_capacity  # noqa: E402
-from moe_parallel.capacity import DispatchPlan  # noqa: E402
-from moe_parallel.deepspeed_integration import unlink_shm_allreduce_buffers  # noqa: E402
+from moe_parallel.core.capacity import DispatchPlan  # noqa: E402
 from moe_parallel.experts import GroupedExperts, choice, grouped_mlp  # noqa: E402
 from moe_parallel.experts.buffers import cached_bytes  # noqa: E402
+from moe_parallel.integration.deepspeed import unlink_shm_allreduce_buffers  # noqa: E402
 
 IMPLS = ("ours", "deepspeed", "floor", "moved")
 COMPAT_IMPLS = ("deepspeed", "compat_module", "compat_parallel_mlp")  # the DeepSpeed drop-in's rows
@@ -319,7 +319,7 @@ def build_deepspeed(problem: Problem) -> Step:
 def build_compat(problem: Problem, expert: nn.Module) -> Step:
     """The DeepSpeed drop-in (``moe_parallel.compat.MoE``) with ``expert``, DeepSpeed's deterministic
     gate settings as in :func:`build_deepspeed` and our gate weights."""
-    from moe_parallel.compat import MoE
+    from moe_parallel.integration.compat import MoE
 
     cfg = problem.cfg
     moe = MoE(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from launch import hf_convert, run_lock
-from moe_parallel.checkpoint import (
+from moe_parallel.checkpoints.checkpoint import (
     CheckpointError,
     export_consolidated,
     import_consolidated,
@@ -40,9 +40,9 @@ from moe_parallel.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from moe_parallel.checkpoint_migrate import migrate_folder
-from moe_parallel.checkpoint_store import check_file, clear_interrupted, publish_file, publish_text
-from moe_parallel.safe_files import UnsafeFileError, load_plain
+from moe_parallel.checkpoints.migrate import migrate_folder
+from moe_parallel.checkpoints.safe_files import UnsafeFileError, load_plain
+from moe_parallel.checkpoints.store import check_file, clear_interrupted, publish_file, publish_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

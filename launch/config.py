@@ -15,10 +15,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from launch.data import DataConfig
-from moe_parallel.config import MoEConfig
-from moe_parallel.metrics import CollapseThresholds, MoEMetricsError
+from moe_parallel.core.config import MoEConfig
+from moe_parallel.integration.parallel import ParallelLayout
 from moe_parallel.models import DecoderConfig, GPTConfig
-from moe_parallel.parallel import ParallelLayout
+from moe_parallel.training.metrics import CollapseThresholds, MoEMetricsError
 
 
 class AppConfigError(ValueError):
@@ -154,7 +154,7 @@ class TrainConf:
     collapse_min_load_fraction: float = 0.01
     collapse_max_load_ratio: float = 3.0
     collapse_min_entropy: float = 0.01
-    # torch.compile each transformer block (regional compilation, moe_parallel.block_compile): the
+    # torch.compile each transformer block (regional compilation, moe_parallel.training.block_compile): the
     # default backend, inductor, needs a C++ compiler on CPUs and Triton on GPUs. The first steps
     # include the compile time.
     compile: bool = False

@@ -33,19 +33,19 @@ import torch
 from torch import Tensor
 
 from moe_parallel import hf
-from moe_parallel.checkpoint import (
+from moe_parallel.checkpoints.checkpoint import (
     CheckpointError,
     export_consolidated,
     import_consolidated,
     read_manifest,
     resolve_checkpoint,
 )
-from moe_parallel.checkpoint_store import clear_dead_staging, owned_staging, remove_tree, sync_dir
+from moe_parallel.checkpoints.store import clear_dead_staging, owned_staging, remove_tree, sync_dir
+from moe_parallel.core.layer import MoELayer
 from moe_parallel.hf.families import family, read_config_json
 from moe_parallel.hf.load import TensorSource, check_source, local_tensors
 from moe_parallel.hf.upcycle import UpcycledSource
 from moe_parallel.hf.weights import assemble, tensor_map
-from moe_parallel.layer import MoELayer
 from moe_parallel.models.decoder import Decoder, DecoderConfig
 
 HF_MODEL_DIR = "hf_model"  # beside `latest` in a checkpoint directory

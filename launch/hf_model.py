@@ -30,8 +30,8 @@ from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load
 from moe_parallel.hf.upcycle import UpcycledSource
+from moe_parallel.integration.parallel import ParallelState
 from moe_parallel.models.decoder import DecoderConfig, decoder_pipeline
-from moe_parallel.parallel import ParallelState
 
 # moe.* keys that are training settings of a pretrained model's MoE layers (the rest is config.json's).
 TRAINING_KEYS = (

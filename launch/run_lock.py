@@ -84,7 +84,7 @@ from launch.lock_holder import (
     judge,
     process_info,
 )
-from moe_parallel.checkpoint_store import sync_dir
+from moe_parallel.checkpoints.store import sync_dir
 
 __all__ = [
     "ALIVE",

@@ -55,8 +55,7 @@ from launch.data import (
 from launch.hf_tokenizer import TokenizerError
 from launch.run_lock import RunDirLocked, RunLock, RunLockError
 from launch.wandb_logger import NullRunLogger, RunLogger, RunLoggerConfigError, WandbSettings, make_run_logger
-from moe_parallel.block_compile import compile_blocks, is_compiled
-from moe_parallel.checkpoint import (
+from moe_parallel.checkpoints.checkpoint import (
     CheckpointError,
     ResumeChoice,
     check_resume_step,
@@ -66,20 +65,21 @@ from moe_parallel.checkpoint import (
     save_checkpoint,
     select_resume,
 )
-from moe_parallel.comm import broadcast_from_rank0
-from moe_parallel.config import MoEConfigError
-from moe_parallel.engine import DeepSpeedConfigError, build_engine
+from moe_parallel.core.comm import broadcast_from_rank0
+from moe_parallel.core.config import MoEConfigError
+from moe_parallel.core.layer import update_expert_biases
 from moe_parallel.hf import HFConversionError
-from moe_parallel.layer import update_expert_biases
-from moe_parallel.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
-from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, gpt_pipeline, lm_loss
-from moe_parallel.parallel import (
+from moe_parallel.integration.engine import DeepSpeedConfigError, build_engine
+from moe_parallel.integration.parallel import (
     ParallelConfigError,
     ParallelState,
     apply_timeout_to_all_groups,
     describe_collective_timeout,
     initialize_parallel,
 )
+from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, gpt_pipeline, lm_loss
+from moe_parallel.training.block_compile import compile_blocks, is_compiled
+from moe_parallel.training.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
 
 app_config.register_configs()
 # DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step: not the user's concern.
@@ -245,7 +245,7 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     """The model (this rank's pipeline stage with ``parallel.pp > 1``) and its library config. With
     ``train.compile`` each transformer block is compiled in place (regional compilation, as torchtitan
-    does; ``moe_parallel.block_compile``): names, the engine and the pipeline see the same modules, and
+    does; ``moe_parallel.training.block_compile``): names, the engine and the pipeline see the same modules, and
     the metrics hooks attached later run outside the compiled code."""
     model, model_cfg = _build_model(cfg, state, vocab_size)
     if cfg.train.compile:

@@ -1,11 +1,11 @@
 """moe_parallel: expert-parallel Mixture-of-Experts layers for DeepSpeed/Megatron-style clusters."""
 
-from .aux_loss import attach_aux_loss, set_aux_loss_grad_scale
-from .capacity import DispatchPlan, expert_capacity, plan_dispatch
-from .config import MoEConfig, MoEConfigError
+from .core.aux_loss import attach_aux_loss, set_aux_loss_grad_scale
+from .core.capacity import DispatchPlan, expert_capacity, plan_dispatch
+from .core.config import MoEConfig, MoEConfigError
+from .core.layer import MoEInputError, MoELayer, MoEStats, moe_layers, update_expert_biases
+from .core.router import TopKRouter
 from .experts import GroupedExperts
-from .layer import MoEInputError, MoELayer, MoEStats, moe_layers, update_expert_biases
-from .router import TopKRouter
 
 __all__ = [
     "DispatchPlan",

@@ -63,7 +63,7 @@ def _hook(event: str, args: tuple) -> None:
 
 def _count_checkpoint_writes() -> None:
     """Each chunk torch.save hands to a checkpoint file is a point too: a kill mid-file."""
-    from moe_parallel import checkpoint_store
+    from moe_parallel.checkpoints import store as checkpoint_store
 
     write = checkpoint_store._ChecksumWriter.write
 

@@ -19,8 +19,8 @@ def _engine():
     import torch.distributed as dist
 
     from launch.env import free_port
-    from moe_parallel.engine import build_engine
-    from moe_parallel.parallel import initialize_parallel
+    from moe_parallel.integration.engine import build_engine
+    from moe_parallel.integration.parallel import initialize_parallel
     from tests.test_engine import E, ToyMoELM
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -43,7 +43,7 @@ def _train_step(engine, step: int) -> None:
 def save_and_rotate(checkpoints_dir: str, armed_save: int) -> None:
     """Train and save steps 1..armed_save with rotation (keep 1), as the trainer does; the last save
     and its rotation are armed. From step 3 on, rotation deletes the checkpoint two saves back."""
-    from moe_parallel.checkpoint import rotate_checkpoints, save_checkpoint
+    from moe_parallel.checkpoints.checkpoint import rotate_checkpoints, save_checkpoint
 
     engine = _engine()
     parent = None
@@ -69,7 +69,7 @@ def tool(*argv: str) -> None:
 
 def toy_checkpoints(checkpoints_dir: str, steps: int) -> None:
     """Unarmed: a checkpoints folder with ``steps`` saves (rotation keeps them all)."""
-    from moe_parallel.checkpoint import save_checkpoint
+    from moe_parallel.checkpoints.checkpoint import save_checkpoint
 
     engine = _engine()
     for step in range(1, steps + 1):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_parallel import MoELayer
-from moe_parallel.capacity import expert_capacity
+from moe_parallel.core.capacity import expert_capacity
 
 
 def naive_keep(expert_TK: Tensor, weight_TK: Tensor, num_experts: int, capacity: int | None, policy: str) -> Tensor:

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel import checkpoint as ckpt
-from moe_parallel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from moe_parallel.checkpoint_store import file_checksum
-from moe_parallel.engine import build_engine
-from moe_parallel.parallel import initialize_parallel
+from moe_parallel.checkpoints import checkpoint as ckpt
+from moe_parallel.checkpoints.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from moe_parallel.checkpoints.store import file_checksum
+from moe_parallel.integration.engine import build_engine
+from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 from tests.test_engine import VOCAB, E, ToyMoELM, loss_fn
 

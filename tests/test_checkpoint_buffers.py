@@ -12,16 +12,16 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_parallel import MoEConfig, MoELayer, update_expert_biases
-from moe_parallel.checkpoint import (
+from moe_parallel.checkpoints.checkpoint import (
     CheckpointError,
     canonical_buffer_names,
     export_consolidated,
     load_checkpoint,
     save_checkpoint,
 )
-from moe_parallel.checkpoint_store import file_checksum
-from moe_parallel.engine import build_engine
-from moe_parallel.parallel import initialize_parallel
+from moe_parallel.checkpoints.store import file_checksum
+from moe_parallel.integration.engine import build_engine
+from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 from tests.test_checkpoint import DS_CONFIG, _batch
 from tests.test_engine import VOCAB, D, E, loss_fn

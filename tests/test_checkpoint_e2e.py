@@ -192,7 +192,7 @@ def test_a_run_of_an_earlier_format_is_refused_then_resumes_after_migrate(run):
 
 
 def test_with_a_signing_key_a_run_resumes_only_checkpoints_signed_with_it(run, monkeypatch):
-    from moe_parallel.checkpoint_store import SIGNING_KEY_ENV
+    from moe_parallel.checkpoints.store import SIGNING_KEY_ENV
 
     run_dir, cache = run
     monkeypatch.setenv(SIGNING_KEY_ENV, "the team's secret")

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from launch.checkpoint_tool import main as tool
-from moe_parallel import checkpoint as ckpt
-from moe_parallel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from moe_parallel.checkpoint_store import (
+from moe_parallel.checkpoints import checkpoint as ckpt
+from moe_parallel.checkpoints.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from moe_parallel.checkpoints.store import (
     FORMAT_VERSION,
     check_resume_step,
     file_checksum,

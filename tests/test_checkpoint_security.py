@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from launch.checkpoint_tool import main as tool
-from moe_parallel import checkpoint as ckpt
-from moe_parallel.checkpoint_migrate import CONVERTED_SUFFIX, migrate_checkpoint
-from moe_parallel.checkpoint_store import (
+from moe_parallel.checkpoints import checkpoint as ckpt
+from moe_parallel.checkpoints.migrate import CONVERTED_SUFFIX, migrate_checkpoint
+from moe_parallel.checkpoints.safe_files import UnsafeFileError, load_plain, require_safe_torch, to_plain
+from moe_parallel.checkpoints.store import (
     CHECKSUM,
     MIGRATION_JOURNAL,
     CheckpointError,
@@ -31,7 +32,6 @@ from moe_parallel.checkpoint_store import (
     read_manifest,
     write_file,
 )
-from moe_parallel.safe_files import UnsafeFileError, load_plain, require_safe_torch, to_plain
 from tests import crash_points
 
 # ---------------------------------------------------------------- plain data
@@ -283,7 +283,7 @@ def test_a_kill_during_migrate_is_finished_or_undone_by_the_next_run(tmp_path, t
 
 
 def _signed_checkpoint(root: Path) -> Path:
-    from moe_parallel.checkpoint_store import FORMAT_VERSION, lineage, write_manifest
+    from moe_parallel.checkpoints.store import FORMAT_VERSION, lineage, write_manifest
 
     path = root / "step_00000001"
     path.mkdir(parents=True)
@@ -329,7 +329,7 @@ def _forge_crc(original: bytes, at: int) -> bytes:
 
 
 def test_with_a_key_a_run_loads_only_checkpoints_signed_with_it(tmp_path, monkeypatch):
-    from moe_parallel.checkpoint_store import SIGNATURE, SIGNING_KEY_ENV, verify_checkpoint
+    from moe_parallel.checkpoints.store import SIGNATURE, SIGNING_KEY_ENV, verify_checkpoint
 
     monkeypatch.setenv(SIGNING_KEY_ENV, "our secret")
     path = _signed_checkpoint(tmp_path / "signed")

@@ -27,7 +27,7 @@ from launch.wandb_logger import (
     make_run_logger,
 )
 from moe_parallel import MoEConfig, MoELayer
-from moe_parallel.metrics import MoEMetricsTracker, split_expert_load
+from moe_parallel.training.metrics import MoEMetricsTracker, split_expert_load
 
 wandb = pytest.importorskip("wandb")
 

@@ -21,14 +21,14 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from moe_parallel.compat import (
+from moe_parallel.experts.modules import ModuleExperts, StackedExperts
+from moe_parallel.integration.compat import (
     DS_EXPERTS_PREFIX,
     MoE,
     MoECompatError,
     OptimizerLayoutWarning,
     _state_dict_to_deepspeed_layout,
 )
-from moe_parallel.experts.modules import ModuleExperts, StackedExperts
 from tests.compat_doubles import expert_zoo
 from tests.tolerance import float_tolerance
 
@@ -347,7 +347,7 @@ def test_frozen_expert_parameters_stay_frozen() -> None:
 def test_moe_layer_late_binding_api() -> None:
     """The public MoELayer API the drop-in builds on: prebuilt experts, ep_size without a group, set_ep_group."""
     from moe_parallel import MoEConfig, MoELayer
-    from moe_parallel.config import MoEConfigError
+    from moe_parallel.core.config import MoEConfigError
     from moe_parallel.experts.modules import build_module_experts
 
     cfg = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=NUM_EXPERTS, top_k=2)

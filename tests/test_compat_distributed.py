@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from launch.env import free_port
-from moe_parallel.compat import DS_EXPERTS_PREFIX, MoE, OptimizerLayoutWarning
 from moe_parallel.experts.modules import ModuleExperts, StackedExperts
+from moe_parallel.integration.compat import DS_EXPERTS_PREFIX, MoE, OptimizerLayoutWarning
 from tests.compat_doubles import ParallelMLP
 
 WORLD_SIZE = 2

@@ -1,5 +1,5 @@
 """Decoder blocks under ``torch.compile(fullgraph=True)``: one block of every model family, dense and
-MoE, forward and backward against eager, at EP = 1; and :mod:`moe_parallel.block_compile`, which
+MoE, forward and backward against eager, at EP = 1; and :mod:`moe_parallel.training.block_compile`, which
 compiles a whole model's blocks in place for training (``train.compile``).
 
 The families are built tiny from transformers' config classes through ``decoder_config_from_hf``, each
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from moe_parallel.aux_loss import attach_aux_loss
-from moe_parallel.block_compile import DYNAMO_OPTIONS, compile_blocks, compiled_owners, is_compiled
+from moe_parallel.core.aux_loss import attach_aux_loss
 from moe_parallel.hf.families import decoder_config_from_hf
-from moe_parallel.metrics import MoEMetricsTracker, NonFiniteProbe
 from moe_parallel.models import GPT, Decoder, DecoderBlock, DecoderConfig, GPTConfig, TransformerBlock
+from moe_parallel.training.block_compile import DYNAMO_OPTIONS, compile_blocks, compiled_owners, is_compiled
+from moe_parallel.training.metrics import MoEMetricsTracker, NonFiniteProbe
 from tests.hf_models import FAMILIES, LINEAR_ROPE, LLAMA3_ROPE, random_hf_config
 from tests.tolerance import float_tolerance
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.checkpoint_tool import main as tool
-from moe_parallel.checkpoint_store import STAGING_MARK, list_checkpoints, select_resume, verify_checkpoint
+from moe_parallel.checkpoints.store import STAGING_MARK, list_checkpoints, select_resume, verify_checkpoint
 from tests import crash_points
 from tests.fault_ops import exported_state
 
@@ -52,7 +52,7 @@ def test_a_kill_during_save_or_rotation_loses_no_checkpoint(tmp_path, n):
         for c in found:
             assert verify_checkpoint(c.path)[1] == [], where
         # What start-up (holding the run directory) clears; then the folder verifies clean.
-        from moe_parallel.checkpoint_store import clear_interrupted
+        from moe_parallel.checkpoints.store import clear_interrupted
 
         clear_interrupted(ckpts)
         assert _leftovers(ckpts) == [], where
@@ -68,7 +68,7 @@ def test_a_kill_during_save_or_rotation_loses_no_checkpoint(tmp_path, n):
 def two_checkpoints(tmp_path_factory) -> Path:
     """Two weights-only checkpoints ("a", "b") of one model, 64 MiB each: big enough that a write is a
     window a timed kill lands in."""
-    from moe_parallel.checkpoint import import_consolidated
+    from moe_parallel.checkpoints.checkpoint import import_consolidated
 
     path = tmp_path_factory.mktemp("two") / "checkpoints"
     experts = {"1": {"w1": "layer.experts.w1"}}

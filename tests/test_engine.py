@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_parallel import MoEConfig, MoELayer
-from moe_parallel.engine import DeepSpeedConfigError, build_engine, validate_deepspeed_config
-from moe_parallel.parallel import initialize_parallel
+from moe_parallel.integration.engine import DeepSpeedConfigError, build_engine, validate_deepspeed_config
+from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 
 VOCAB, D, E = 32, 16, 4
@@ -140,7 +140,7 @@ def test_fused_adam_from_apex_when_a_cuda_build_is_importable(monkeypatch):
     import sys
     import types
 
-    from moe_parallel.engine import make_optimizer
+    from moe_parallel.integration.engine import make_optimizer
 
     params = [{"params": [nn.Parameter(torch.zeros(2))]}]
     assert type(make_optimizer(params, lr=1e-3)) is torch.optim.AdamW
@@ -180,8 +180,8 @@ def test_pipeline_partition_key_is_gone_so_an_override_cannot_be_silently_ignore
 def test_module_copy_experts_are_refused_by_build_engine_with_the_fix():
     from torch import nn
 
-    from moe_parallel.compat import MoE
-    from moe_parallel.engine import DeepSpeedConfigError, validate_deepspeed_config
+    from moe_parallel.integration.compat import MoE
+    from moe_parallel.integration.engine import DeepSpeedConfigError, validate_deepspeed_config
 
     expert = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
     model = nn.Sequential(nn.Linear(8, 8), MoE(8, expert, num_experts=2))

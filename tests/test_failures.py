@@ -331,7 +331,7 @@ def test_a_genuine_bug_keeps_its_traceback_and_releases_the_run_directory(tmp_pa
     run = tmp_path / "run"
     code = (
         "import runpy, sys\n"
-        "import moe_parallel.checkpoint_store as store\n"
+        "import moe_parallel.checkpoints.store as store\n"
         "def bug(*args, **kwargs):\n"
         "    raise TypeError(\"argument of type 'NoneType' is not iterable\")\n"
         "store.list_checkpoints = bug  # called while the resume is chosen, after the run directory is locked\n"

@@ -231,7 +231,7 @@ def test_moe_layer_on_cuda_matches_the_oracle(dtype, capacity_factor):
 def test_compat_layer_matches_deepspeeds_layer_on_cuda(dtype, k):
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    from moe_parallel.compat import MoE
+    from moe_parallel.integration.compat import MoE
 
     hidden, ffn, num_experts = 64, 128, 8
     expert = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))

@@ -13,19 +13,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel.metrics import (
+from moe_parallel.integration.parallel import (
+    apply_timeout_to_all_groups,
+    describe_collective_timeout,
+    group_timeout,
+    initialize_parallel,
+)
+from moe_parallel.models import GPT, GPTConfig
+from moe_parallel.training.metrics import (
     CollapseThresholds,
     ExpertCollapseMonitor,
     MoEMetricsError,
     NonFiniteProbe,
     layer_key,
-)
-from moe_parallel.models import GPT, GPTConfig
-from moe_parallel.parallel import (
-    apply_timeout_to_all_groups,
-    describe_collective_timeout,
-    group_timeout,
-    initialize_parallel,
 )
 from tests.dist_utils import free_port, run_distributed
 

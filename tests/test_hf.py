@@ -333,7 +333,7 @@ def test_saving_again_into_a_directory_leaves_no_stale_shards(hf_dirs, tmp_path)
 def test_loaded_expert_parameters_carry_deepspeeds_expert_flags(hf_dirs, family):
     """DeepSpeed reduces a parameter over the expert-data-parallel group only when it is flagged
     (``allreduce=False``, ``group_name``); the meta-device build must not lose those flags."""
-    from moe_parallel.layer import moe_layers
+    from moe_parallel.core.layer import moe_layers
 
     model = hf.from_pretrained(hf_dirs[family, 0][0])
     layers = moe_layers(model)

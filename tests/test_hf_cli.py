@@ -14,7 +14,7 @@ import torch
 
 from launch import hf_convert
 from launch.checkpoint_tool import main as tool
-from moe_parallel.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from moe_parallel.checkpoints.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from tests.dist_utils import run_distributed
 from tests.hf_app_fixtures import FAMILY_CONFIGS, random_family_overrides, tiny_family_model, tiny_tokenizer
 
@@ -91,9 +91,9 @@ def test_bf16_checkpoint_exports_in_its_dtype_or_the_one_asked(tmp_path, family)
 
 def _resave_at_pp2_ep2(rank, world, ckpt: str, out: str) -> None:
     from moe_parallel import hf
-    from moe_parallel.engine import build_engine
+    from moe_parallel.integration.engine import build_engine
+    from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.models import decoder_pipeline
-    from moe_parallel.parallel import initialize_parallel
 
     config = hf.load_config(Path(ckpt) / hf_convert.HF_MODEL_DIR)
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2, num_experts=config.moe.num_experts)

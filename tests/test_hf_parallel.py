@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 from moe_parallel import hf
-from moe_parallel.checkpoint import export_consolidated, save_checkpoint
+from moe_parallel.checkpoints.checkpoint import export_consolidated, save_checkpoint
 from moe_parallel.hf.load import build_and_load
+from moe_parallel.integration.parallel import initialize_parallel
 from moe_parallel.models import decoder_pipeline, decoder_pipeline_parts, lm_loss
-from moe_parallel.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 from tests.hf_models import EAGER, FAMILIES, random_hf_config, relative_error, save_hf_model, tokens
 
@@ -136,7 +136,7 @@ def _pipeline_training(rank: int, cases: list[tuple[str, str]], out_dir: str) ->
     the losses of the plain model trained in this process on the same global batch with AdamW; the
     topology-free checkpoint of the pipeline, exported to the Hub layout, loads in transformers with
     the plain model's logits."""
-    from moe_parallel.engine import build_engine
+    from moe_parallel.integration.engine import build_engine
 
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2)
     topology = state.deepspeed_topology()

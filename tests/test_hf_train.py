@@ -295,7 +295,7 @@ def test_model_is_built_with_the_weights_and_deepspeed_expert_markers(tmp_path, 
     import transformers
 
     from launch import hf_model
-    from moe_parallel.layer import moe_layers
+    from moe_parallel.core.layer import moe_layers
 
     cfg = compose("model=hf", f"model.path={model_dir}")
     model, config = hf_model.build_model(cfg, SimpleNamespace(ep_group=None), vocab_size=400)
@@ -338,8 +338,8 @@ def _train_the_bias(rank, world, ckpt: str, rate: float) -> None:
     """A few steps of a GLM model with aux-loss-free balancing from the imported checkpoint, saved."""
     from launch.hf_convert import HF_MODEL_DIR
     from moe_parallel import hf, update_expert_biases
-    from moe_parallel.checkpoint import load_checkpoint, save_checkpoint
-    from moe_parallel.engine import build_engine
+    from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
+    from moe_parallel.integration.engine import build_engine
     from moe_parallel.models import Decoder
 
     config = hf.load_config(Path(ckpt) / HF_MODEL_DIR, moe_overrides={"expert_bias_update_rate": rate})
@@ -360,7 +360,7 @@ def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
     import shutil
 
     from launch import hf_convert, hf_model
-    from moe_parallel.checkpoint import read_manifest
+    from moe_parallel.checkpoints.checkpoint import read_manifest
     from tests.dist_utils import run_distributed
     from tests.hf_app_fixtures import tiny_family_model
     from tests.test_hf_cli import assert_same_tensors, hf_tensors

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoEConfigError, MoEInputError, MoELayer, expert_capacity, plan_dispatch
-from moe_parallel.capacity import order_by_expert
+from moe_parallel.core.capacity import order_by_expert
 from moe_parallel.experts import LoopExpertMLP, PaddedExpertMLP, grouped_mlp
 from tests.reference import naive_keep, naive_moe
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel import MoEConfig, MoELayer, comm
-from moe_parallel.counters import count_collectives, count_host_syncs
+from moe_parallel import MoEConfig, MoELayer
+from moe_parallel.core import comm
+from moe_parallel.core.counters import count_collectives, count_host_syncs
 from tests.dist_utils import run_distributed
 
 
@@ -134,7 +135,7 @@ def _shared_expert_runs_while_tokens_travel(rank: int, world: int) -> None:
         return wait(*args, **kwargs)
 
     layer.shared_expert.register_forward_hook(lambda *_: events.append("shared expert"))
-    import moe_parallel.dispatcher as dispatcher
+    import moe_parallel.core.dispatcher as dispatcher
 
     dispatcher.start_all_to_all, dispatcher.wait_all_to_all = recording_start, recording_wait
     try:
@@ -153,7 +154,7 @@ def test_shared_expert_overlaps_the_dispatch_all_to_all():
 def _drop_in_counts(rank: int, world: int) -> None:
     import deepspeed.comm
 
-    from moe_parallel.compat import MoE
+    from moe_parallel.integration.compat import MoE
 
     deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     for k, factor, used in ((1, 1.0, True), (2, 1.25, False), (4, 2.0, False)):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_parallel import MoEConfig, MoELayer
-from moe_parallel.metrics import (
+from moe_parallel.training.metrics import (
     SCALAR_STATS,
     MoEMetricsError,
     MoEMetricsTracker,
@@ -194,7 +194,7 @@ def _gather_probe(probe: list) -> list:
 
 
 def _data_parallel(rank: int, world_size: int) -> None:
-    from moe_parallel.parallel import initialize_parallel
+    from moe_parallel.integration.parallel import initialize_parallel
 
     state = initialize_parallel(expert_parallel_size=2)  # DP = EP = 2: experts split over both ranks
     model = make_model([1, 6], state.ep_group)
@@ -208,7 +208,7 @@ def _data_parallel(rank: int, world_size: int) -> None:
 
 
 def _pipeline_stages(rank: int, world_size: int) -> None:
-    from moe_parallel.parallel import initialize_parallel
+    from moe_parallel.integration.parallel import initialize_parallel
 
     state = initialize_parallel(pipeline_parallel_size=2)  # 2 stages, DP = 1
     layouts = {

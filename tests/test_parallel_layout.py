@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel.parallel import ParallelConfigError, ParallelLayout, initialize_parallel
+from moe_parallel.integration.parallel import ParallelConfigError, ParallelLayout, initialize_parallel
 from tests.dist_utils import run_distributed
 
 
@@ -69,7 +69,7 @@ def _deepspeed_shm_files_are_unlinked(rank: int, world_size: int) -> None:
     import deepspeed
     import deepspeed.comm as ds_comm
 
-    from moe_parallel.deepspeed_integration import shm_allreduce_buffer
+    from moe_parallel.integration.deepspeed import shm_allreduce_buffer
 
     os.environ["LOCAL_SIZE"] = str(world_size)  # as the deepspeed launcher sets it: every rank on this host
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_parallel.checkpoint import load_checkpoint, save_checkpoint
-from moe_parallel.engine import build_engine
+from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
+from moe_parallel.integration.engine import build_engine
+from moe_parallel.integration.parallel import initialize_parallel
 from moe_parallel.models import GPT, GPTConfig, gpt_pipeline, lm_loss
-from moe_parallel.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
 
 STEPS, MICRO, MICRO_BATCHES = 8, 2, 2
@@ -143,7 +143,7 @@ def test_checkpoint_from_pp2_ep2_loads_at_other_layouts(trained, pp, ep, world):
 
 
 def _stage_without_moe_under_zero1(rank: int, world_size: int) -> None:
-    from moe_parallel.engine import DeepSpeedConfigError
+    from moe_parallel.integration.engine import DeepSpeedConfigError
 
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=1, num_experts=4)
     cfg = GPTConfig(**{**CONFIG, "moe_every": 4})  # only block 3 is MoE: stage 0 holds none

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_parallel import MoEConfig, MoELayer
-from moe_parallel.config import MoEConfigError
-from moe_parallel.router import TopKRouter, top_k_indices
+from moe_parallel.core.config import MoEConfigError
+from moe_parallel.core.router import TopKRouter, top_k_indices
 
 
 def naive_route(router: TopKRouter, x_TD: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:

@@ -195,7 +195,7 @@ def test_a_chosen_checkpoint_that_vanishes_before_loading_is_a_checkpoint_error(
     import torch
 
     from launch.train import Trainer
-    from moe_parallel.checkpoint import CheckpointError, ResumeChoice
+    from moe_parallel.checkpoints.checkpoint import CheckpointError, ResumeChoice
 
     chosen = tmp_path / "checkpoints" / "step_00000004"
     chosen.mkdir(parents=True)

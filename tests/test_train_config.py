@@ -10,10 +10,10 @@ from hydra.errors import ConfigCompositionException
 
 from launch import config as app_config
 from launch.env import LaunchEnv, detect, first_slurm_node, slurm_port, strip_launcher_args
-from moe_parallel.config import MoEConfigError
-from moe_parallel.engine import validate_deepspeed_config
+from moe_parallel.core.config import MoEConfigError
+from moe_parallel.integration.engine import validate_deepspeed_config
+from moe_parallel.integration.parallel import ParallelConfigError
 from moe_parallel.models import GPT, GPTConfigError
-from moe_parallel.parallel import ParallelConfigError
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 app_config.register_configs()

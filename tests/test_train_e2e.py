@@ -164,7 +164,7 @@ def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_pa
     """moe.expert_bias_update_rate > 0: the app updates every router's selection bias once per step
     (loads summed over DP) and checkpoints it. Each update moves an expert by -rate, 0 or +rate, so
     after an odd number of steps a bias is an odd multiple of rate unless a load tied the mean."""
-    from moe_parallel.checkpoint import export_consolidated, resolve_checkpoint
+    from moe_parallel.checkpoints.checkpoint import export_consolidated, resolve_checkpoint
 
     run_dir, rate, steps = tmp_path / "run", 0.01, 5
     train(run_dir, tmp_path / "cache", steps, f"moe.expert_bias_update_rate={rate}", "logger=disabled")

@@ -1,7 +1,7 @@
 """Experts built from a user's ``nn.Module`` (the DeepSpeed drop-in's ``expert=`` argument).
 
 Two forms, both with the experts interface (``interface.py``), so
-:class:`~moe_parallel.layer.MoELayer` runs either:
+:class:`~moe_parallel.core.layer.MoELayer` runs either:
 
 - :class:`StackedExperts`: the expert's Linear weights stacked over the local experts. Built when
   :func:`recognise_expert` finds one of the forms it knows (one Linear; two Linears with or without an

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import Activation, ExpertGemm
+from ..core.config import Activation, ExpertGemm
 from .grouped import grouped_gemm_problem, grouped_gemm_supported, grouped_mlp, grouped_mm_op
 from .interface import host_counts
 from .loop import LoopExpertMLP

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import MoEConfigError
+from ..core.config import MoEConfigError
 from ..models.decoder import ROPE_SCALING_KEYS, DecoderConfig, DecoderConfigError
 
 

@@ -10,9 +10,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..comm import ProcessGroup
-from ..deepspeed_integration import mark_expert_parameters
-from ..layer import MoELayer, moe_layers
+from ..core.comm import ProcessGroup
+from ..core.layer import MoELayer, moe_layers
+from ..integration.deepspeed import mark_expert_parameters
 from ..models.decoder import Decoder, DecoderConfig, decoder_canonical_names
 from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config
 from .safetensors_io import SafetensorsDir

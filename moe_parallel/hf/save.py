@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..comm import group_rank, group_size
-from ..layer import MoELayer
+from ..core.comm import group_rank, group_size
+from ..core.layer import MoELayer
 from ..models.decoder import DecoderConfig
 from .families import HFConversionError, family, hf_config_from_decoder
 from .load import _map, expected_keys, local_tensors, model_config, nbytes

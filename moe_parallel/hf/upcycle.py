@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..comm import ProcessGroup
+from ..core.comm import ProcessGroup
 from ..models.decoder import Decoder, DecoderConfig
 from .families import UPCYCLE_FAMILIES, HFConversionError, decoder_config_from_hf, family, load_hf_config
 from .load import build_and_load, expected_keys

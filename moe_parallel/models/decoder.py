@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm import ProcessGroup
-from ..config import MoEConfig
-from ..layer import MoELayer
+from ..core.comm import ProcessGroup
+from ..core.config import MoEConfig
+from ..core.layer import MoELayer
 from .gpt import LMHead, TokenEmbedding, _normal_, embedding_layer_specs, lm_loss
 from .pipeline import PipelineFamily
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm import ProcessGroup
-from ..config import ACTIVATIONS, Activation, MoEConfig
+from ..core.comm import ProcessGroup
+from ..core.config import ACTIVATIONS, Activation, MoEConfig
+from ..core.layer import MoELayer, moe_layers  # noqa: F401 (moe_layers is re-exported by models)
 from ..experts import activate
-from ..layer import MoELayer, moe_layers  # noqa: F401 (moe_layers is re-exported by models)
 from .pipeline import TIED_EMBEDDING_KEY, PipelineFamily
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and GPT does not need it

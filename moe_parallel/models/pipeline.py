@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
-from ..comm import ProcessGroup
+from ..core.comm import ProcessGroup
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and the plain models do not need it
     from deepspeed.pipe import PipelineModule, ProcessTopology
