@@ -153,6 +153,7 @@ class Group:
     dir: Path
     nproc: int
     proc: subprocess.Popen
+    log: Any
     commands: int = 0
     ready: list[dict] = field(default_factory=list)
 
@@ -174,7 +175,7 @@ class Group:
         cmd += [str(SCRIPTS[side]), "--spec", str(group_dir / "spec.json"), "--dir", str(group_dir)]
         log = open(group_dir / "log.txt", "w")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        group = cls(side, group_dir, spec["ep"], proc)
+        group = cls(side, group_dir, spec["ep"], proc, log)
         try:
             group.ready = group._wait([f"ready_rank{r}.json" for r in range(group.nproc)], spec["timeout_s"])
         except BaseException:
@@ -209,11 +210,13 @@ class Group:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self.log.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+        self.log.close()
 
 
 def per_step(results: list[dict], key: str, reduce) -> list[float]:
@@ -311,6 +314,7 @@ def run_config(family: str, ep: int, mode: str, base: dict, args: argparse.Names
                 profile[side] = {
                     "ms": {c: statistics.mean(o["ms"][c] for o in out) for c in cats},
                     "wall_ms": statistics.mean(o["wall_ms"] for o in out),
+                    "top_ops_ms_rank0": out[0]["top_ops_ms"],
                 }
     finally:
         for group in groups.values():
@@ -368,7 +372,7 @@ def machine_line(args: argparse.Namespace) -> str:
     )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{args.cores}-core CPU ({cpu}), torch {torch.__version__}, fp32, gloo; torch threads per process: "
+        f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, fp32, gloo; torch threads per process: "
         f"{args.cores} at EP=1, {max(1, args.cores // 2)} at EP=2; load average now {load}"
     )
 
@@ -397,7 +401,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-rtol", type=float, default=1e-4, help="allowed relative first-step loss difference")
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="threads to share out")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="cores to share out: torch threads per process = cores // EP, at least 1 (on a loaded machine: 1)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds a start-up or a command may take")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", type=Path, help="work directory to keep (logs, specs, results)")
