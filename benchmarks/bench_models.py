@@ -315,6 +315,7 @@ def run_config(family: str, ep: int, mode: str, base: dict, args: argparse.Names
                     "ms": {c: statistics.mean(o["ms"][c] for o in out) for c in cats},
                     "wall_ms": statistics.mean(o["wall_ms"] for o in out),
                     "top_ops_ms_rank0": out[0]["top_ops_ms"],
+                    "collective_calls_rank0": out[0]["collective_calls"],
                 }
     finally:
         for group in groups.values():
@@ -358,6 +359,10 @@ def profile_table(family: str, profile: dict[str, dict]) -> str:
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     walls = [f"{profile[s]['wall_ms']:.1f}" for s in SIDES]
     lines.append(f"| **profiled step** | {walls[0]} | 100% | {walls[1]} | 100% |")
+    lines.append("")
+    for side in SIDES:
+        calls = ", ".join(f"{n:g} {name}" for name, n in sorted(profile[side]["collective_calls_rank0"].items()))
+        lines.append(f"{side}: collectives per step on rank 0: {calls}  ")
     return "\n".join(lines)
 
 

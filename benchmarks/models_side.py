@@ -188,14 +188,22 @@ def profile(trainer: Trainer, model: nn.Module, scopes: dict[str, str], steps: i
     wall_ms = 1e3 * sum(wall) / steps
     per_step["unattributed"] = wall_ms - sum(v for k, v in per_step.items() if k != "unattributed")
     top = {
-        cat: [[name, us / steps / 1e3] for name, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
+        cat: [[name, us / steps / 1e3, n / steps] for name, (us, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])]
         for cat, by_op in ops.items()
     }
-    return {"ms": per_step, "wall_ms": wall_ms, "top_ops_ms": top}
+    collectives = {
+        name: n / steps for by_op in ops.values() for name, (_, n) in by_op.items() if name.startswith("c10d::")
+    }
+    return {
+        "ms": per_step,
+        "wall_ms": wall_ms,
+        "top_ops_ms": {cat: rows[:TOP_OPS] for cat, rows in top.items()},
+        "collective_calls": collectives,
+    }
 
 
-def breakdown(events) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Self CPU time (us) of the profiled ops by category, and by category and op name.
+def breakdown(events) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
+    """Self CPU time (us) of the profiled ops by category, and [us, calls] by category and op name.
 
     A collective (by op name) counts whole as ``all-to-all`` or ``grad collectives``. Else a
     backward op takes the category of the forward op that made its autograd node (same sequence
@@ -209,11 +217,13 @@ def breakdown(events) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         if e.sequence_nr >= 0 and e.sequence_nr not in forward_of and not _under(e, EVALUATE):
             forward_of[e.sequence_nr] = _scope_category(e) or "other layers"
     totals: dict[str, float] = defaultdict(float)
-    ops: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    ops: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for e in events:
         category = _category(e, forward_of)
         totals[category] += e.self_cpu_time_total
-        ops[category][e.name] += e.self_cpu_time_total
+        entry = ops[category][e.name]
+        entry[0] += e.self_cpu_time_total
+        entry[1] += 1
     return dict(totals), {cat: dict(by_op) for cat, by_op in ops.items()}
 
 
