@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # and venvs never rebuild over each other or wait on another one's stale build lock (~/.cache is shared).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test test-slow train bench bench-sweep gpu-check gpu-wheels lint clean
+.PHONY: venv test test-slow train bench bench-sweep bench-models gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,22 @@ bench: venv
 SWEEP_ARGS ?= --reps 8 --warmup 1
 bench-sweep: venv
 	$(PY) benchmarks/bench_moe.py --sweep $(SWEEP_ARGS)
+
+# Whole HF models (tiny Mixtral and Qwen3-MoE) trained by our app vs DeepSpeed AutoEP, eager and compiled,
+# EP=1 and EP=2: benchmarks/bench_models.py. AutoEP runs in its own venv (AUTOEP_VENV, git-ignored), since
+# it needs transformers 5.15; built here on first use, the main venv untouched.
+# Options: make bench-models MODELS_ARGS="--quick" or MODELS_ARGS="--families mixtral --rounds 3 --steps 8"
+AUTOEP_VENV ?= .venv-autoep
+MODELS_ARGS ?=
+$(AUTOEP_VENV)/.installed:
+	test -x $(AUTOEP_VENV)/bin/python || $(PYTHON) -m venv $(AUTOEP_VENV)
+	$(AUTOEP_VENV)/bin/python -m pip install -q "$(TORCH_CPU_PIN)"
+	$(AUTOEP_VENV)/bin/python -m pip install -q deepspeed==0.19.8 transformers==5.15.1 "tokenizers>=0.22,<0.23" \
+		"huggingface-hub<2" safetensors numpy
+	touch $@
+
+bench-models: venv $(AUTOEP_VENV)/.installed
+	$(PY) benchmarks/bench_models.py --peer-python $(AUTOEP_VENV)/bin/python $(MODELS_ARGS)
 
 # One prepared GPU check (README, "GPU check"): tests, benchmark, training, one results file in
 # GPU_OUT; without CUDA a dry run at tiny shapes on the CPU. Wheels for a lent machine: scripts/gpu_wheels.py.
