@@ -55,8 +55,8 @@ def main() -> None:
     from launch import env as launch_env
     from launch import hf_model
     from moe_parallel.integration.engine import build_engine
-    from moe_parallel.models import lm_loss
     from moe_parallel.integration.parallel import initialize_parallel
+    from moe_parallel.models import lm_loss
 
     cfg = compose(spec["ours_overrides"])
     launch_env.init_distributed(launch_env.detect(), "gloo", spec["timeout_s"])
