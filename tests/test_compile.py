@@ -220,6 +220,7 @@ def test_moe_block_in_eval_compiles_fullgraph():
     check_block(TransformerBlock(config, 0), training=False)
 
 
+@pytest.mark.slow  # a cold inductor cache costs a minute per case; test_layer_compile keeps one in make test
 @pytest.mark.parametrize("case", ["gpt-moe-capacity", "mixtral-moe-dropless"])
 def test_moe_block_compiles_with_inductor(case):
     """The default backend generates its own kernels: the same results within the fp32 tolerance."""

@@ -150,7 +150,8 @@ def test_torch_offers_a_grouped_gemm_and_auto_picks_it_in_bf16():
     assert not fp32.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE))  # fp32: a per-expert path
     bf16 = GroupedExperts(4, hidden_size=64, ffn_hidden_size=128).to(DEVICE, torch.bfloat16)
     assert bf16.uses_grouped_gemm(torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)) == ON_CUDA
-    assert bf16.resolved_gemm in (("grouped",) if ON_CUDA else ("loop", "padded"))
+    x_bf16 = torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert bf16.resolve_path(x_bf16, 1) in (("grouped",) if ON_CUDA else ("loop", "padded"))
 
 
 def test_a_grouped_request_that_cannot_run_names_the_fix():

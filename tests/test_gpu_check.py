@@ -38,6 +38,7 @@ gpu_wheels = _script("gpu_wheels")
 # --------------------------------------------------------------------------- the dry run
 
 
+@pytest.mark.slow  # every stage at tiny shapes, the CUDA tests on the CPU included: minutes
 def test_dry_run_runs_every_stage_and_writes_one_results_file(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""}

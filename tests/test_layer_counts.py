@@ -91,12 +91,16 @@ def _counts_at_ep2(rank: int, world: int, seeds: list[int]) -> None:
             )
 
 
-@pytest.mark.parametrize("seeds", [list(range(0, 8)), list(range(8, 16))], ids=["draws0-7", "draws8-15"])
+@pytest.mark.parametrize(
+    "seeds",
+    [list(range(0, 8)), pytest.param(list(range(8, 24)), marks=pytest.mark.slow)],
+    ids=["draws0-7", "draws8-23"],
+)
 def test_ep2_step_makes_five_collectives_and_one_host_sync(seeds):
     run_distributed(_counts_at_ep2, 2, seeds, timeout=240)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", [*range(6), *(pytest.param(s, marks=pytest.mark.slow) for s in range(6, 18))])
 def test_ep1_grouped_gemm_step_makes_no_host_sync(seed):
     rng = random.Random(1000 + seed)
     cfg = MoEConfig(**random_config(rng), expert_gemm="grouped")
