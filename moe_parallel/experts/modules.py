@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .interface import host_counts
+from .loop import row_blocks
 from .stacked import GroupedExperts
 
 # Activations a recognised form may have; the first four are the grouped kernels' own.
@@ -339,14 +340,6 @@ def recognise_expert(expert: nn.Module, hidden_size: int) -> ExpertForm | None:
 # -- experts ----------------------------------------------------------------------------------------
 
 
-def _row_blocks(counts: list[int]) -> list[slice]:
-    blocks, start = [], 0
-    for n in counts:
-        blocks.append(slice(start, start + n))
-        start += n
-    return blocks
-
-
 def _concat(x: Tensor, outputs: list[Tensor], counts: list[int]) -> Tensor:
     """The experts' outputs in row order, zero rows for the padding past ``sum(counts)``."""
     padding = x.shape[0] - sum(counts)
@@ -406,7 +399,7 @@ class StackedExperts(GroupedExperts):
         params = [None if p is None else p.to(x.dtype) for p in (self.w1, self.b1, self.w2, self.b2)]
         w1, b1, w2, b2 = (None if p is None else p.unbind(0) for p in params)
         outputs = []
-        for j, rows in enumerate(_row_blocks(counts)):
+        for j, rows in enumerate(row_blocks(counts)):
             x_e = x[rows]
             h = x_e @ w1[j] if b1 is None else torch.addmm(b1[j], x_e, w1[j])
             out = act(h)
@@ -448,7 +441,7 @@ class ModuleExperts(nn.Module):
         """Same contract as :meth:`GroupedExperts.forward`."""
         counts = host_counts(self, x, tokens_per_expert, counts_host)
         outputs = []
-        for j, (rows, expert) in enumerate(zip(_row_blocks(counts), self.deepspeed_experts)):
+        for j, (rows, expert) in enumerate(zip(row_blocks(counts), self.deepspeed_experts)):
             x_e = x[rows]
             out = expert(x_e.unsqueeze(0))
             if isinstance(out, tuple):
