@@ -20,8 +20,8 @@ is not counted), then counts exactly one more step with ``moe_parallel.core.coun
   ``int()`` or ``bool()`` of a tensor), by op, on rank 0.
 
 Our experts (``MoELayer``'s and the drop-in's) run one CPU path, ``--expert-gemm`` (default
-``loop``, the path of a GPU without the grouped GEMM): under ``auto`` a timing picks the loop or the
-padded path per shape, and the padded path's own host syncs would come and go from run to run.
+``loop``, the path of a GPU without the grouped GEMM): under ``auto`` the cost model picks the loop or
+the padded path per shape, and the table's host syncs would change with the shape's path.
 
 The expert-bias update (``update_expert_biases``) runs once per optimizer step, not per layer step,
 and is not counted. Peers that do not run here are listed from their source.
@@ -370,7 +370,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--expert-gemm",
         choices=("loop", "padded", "auto"),
         default="loop",
-        help="our experts' CPU path (default loop; auto picks loop or padded by timing: see above)",
+        help="our experts' CPU path (default loop; auto: the cost model's choice, moe_parallel/experts/choice.py)",
     )
     parser.add_argument("--write", type=Path, default=None, help="also write the markdown block to this file")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")

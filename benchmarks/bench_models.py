@@ -131,6 +131,7 @@ def app_settings(model_dir: Path, ep: int, args: argparse.Namespace) -> tuple[li
         f"train.micro_batch_size={args.micro_batch}",
         f"optim.lr={args.lr}",
         "logger=disabled",
+        *args.ours_override,
     ]
     cfg = compose(overrides)
     optim = {"lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": 1e-8}
@@ -414,6 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds a start-up or a command may take")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--ours-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override for our side (repeatable), e.g. moe.expert_gemm=loop",
+    )
     p.add_argument("--keep", type=Path, help="work directory to keep (logs, specs, results)")
     args = p.parse_args(argv)
     if args.quick:

@@ -69,7 +69,8 @@ class MoEConf:
     expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
     shared_expert_ffn_hidden_size: int = 0
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
-    expert_gemm: str = "auto"  # auto (CUDA bf16: grouped; CPU: loop or padded, measured) | grouped | loop | padded
+    # auto (CUDA bf16: grouped; CPU: loop or padded by the cost model, experts/choice.py) | grouped | loop | padded
+    expert_gemm: str = "auto"
     check_inputs: bool = False
 
 

@@ -277,6 +277,24 @@ def test_cost_model_prefers_padding_only_when_it_is_cheap() -> None:
     assert model.loop_s([10, 0, 0], 64, 64, 4) < model.loop_s([10, 1, 1], 64, 64, 4)
 
 
+def test_cost_model_prices_the_padding_at_the_routings_imbalance() -> None:
+    """A padded run computes every expert at its busiest expert's rows: the choice, made from a
+    balanced step before any routing, prices the padding at the assumed imbalance."""
+    model = ExpertCostModel()
+    four = [256] * 4  # the EP=2 ranks of benchmarks/bench_models.py: 4 local experts of 128 x 256
+    assert model.padded_s(four, 128, 256, 4) < model.loop_s(four, 128, 256, 4)  # balanced, padding would win
+    assert model.choose(four, 128, 256) == "loop"
+    assert model.padded_s(four, 128, 256, 4, model.imbalance) > model.padded_s(four, 128, 256, 4)
+    rng = random.Random(3)
+    for _ in range(20):
+        counts = [rng.randint(1, 300) for _ in range(rng.randint(1, 16))]
+        low = model.padded_s(counts, 64, 128, 4)
+        assert low <= model.padded_s(counts, 64, 128, 4, 1.5) <= model.padded_s(counts, 64, 128, 4, 3.0)
+    # A lone expert never pads, however unbalanced the routing.
+    assert model.padded_s([500], 64, 128, 4, 3.0) == model.padded_s([500], 64, 128, 4)
+    assert dataclasses.replace(model, imbalance=1.0).choose(four, 128, 256) == "padded"
+
+
 # --------------------------------------------------------------------------- the path choice
 
 

@@ -18,6 +18,12 @@ Estimated step time of each path, forward+backward::
 (``b`` bytes per element, ``move`` = ``move_bytes_per_s``). The padding pays where experts are many
 and small, the loop where each expert has many rows.
 
+A padded run computes every expert at its busiest expert's rows, so ``S`` grows with the routing's
+imbalance while the loop's cost does not. The choice is made before any routing is seen, from a
+balanced step, so it prices the padded path at an assumed imbalance (``imbalance``: the busiest
+expert of a run holds that many times the balanced rows; 1.3-2.1x in the tiny random Mixtral and
+Qwen3-MoE of ``benchmarks/bench_models.py``) rather than at the balanced best case.
+
 The choice never depends on a timing: a layer resolves its path once, at its first forward, from
 its expert shape and the rows a balanced step gives each expert, with the constants of
 :data:`DEFAULT_COST_MODEL` or of a calibration file named by ``MOE_PARALLEL_EXPERT_COST``
@@ -47,6 +53,7 @@ class ExpertCostModel:
     expert_rows: float = 76.0  # the loop's small per-expert GEMMs, as rows of large-GEMM work
     padded_call_s: float = 1.63e-3  # operator calls of one run of experts in the padded path, fwd+bwd
     move_bytes_per_s: float = 2.04e9  # gather + scatter of activation rows larger than the caches
+    imbalance: float = 2.0  # busiest expert's rows / balanced rows, assumed when pricing the padding
 
     def loop_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
         rows = sum(counts)
@@ -57,10 +64,15 @@ class ExpertCostModel:
             + 5.0 * rows * hidden * elem_bytes / self.move_bytes_per_s
         )
 
-    def padded_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int) -> float:
+    def padded_s(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int, imbalance: float = 1.0) -> float:
+        """The padded path on ``counts``; with ``imbalance`` > 1, on counts whose busiest expert per
+        run holds that many times its rows (at most the run's rows: a lone expert never pads)."""
         runs = padded_runs(counts, max(hidden, ffn), elem_bytes)
         rows = sum(counts)
-        slots = sum(len(run) * max(counts[run.start : run.stop]) for run in runs)
+        slots = 0.0
+        for run in runs:
+            run_counts = counts[run.start : run.stop]
+            slots += len(run) * min(imbalance * max(run_counts), sum(run_counts))
         return (
             12.0 * slots * hidden * ffn / self.gemm_flops
             + len(runs) * self.padded_call_s
@@ -68,10 +80,11 @@ class ExpertCostModel:
         )
 
     def choose(self, counts: list[int], hidden: int, ffn: int, elem_bytes: int = 4) -> str:
-        """``"padded"`` or ``"loop"``, whichever the model expects to be faster (ties: the loop)."""
+        """``"padded"`` or ``"loop"``, whichever the model expects to be faster (ties: the loop), the
+        padding priced at the model's ``imbalance``."""
         if sum(counts) == 0:
             return "loop"
-        padded = self.padded_s(counts, hidden, ffn, elem_bytes)
+        padded = self.padded_s(counts, hidden, ffn, elem_bytes, self.imbalance)
         return "padded" if padded < self.loop_s(counts, hidden, ffn, elem_bytes) else "loop"
 
 
@@ -87,8 +100,12 @@ def cost_model() -> ExpertCostModel:
         return DEFAULT_COST_MODEL
     try:
         values = json.loads(Path(path).read_text())
-        return ExpertCostModel(**{f.name: float(values[f.name]) for f in fields(ExpertCostModel)})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # Every measured constant is required; the routing assumption may be left at its default.
+        optional = {"imbalance": DEFAULT_COST_MODEL.imbalance}
+        return ExpertCostModel(
+            **{f.name: float(values[f.name] if f.name in values else optional[f.name]) for f in fields(ExpertCostModel)}
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"{COST_FILE_ENV}={path} is not a readable calibration file ({exc}); write one with "
             "`python -m moe_parallel.experts.choice calibrate PATH` or unset the variable"
