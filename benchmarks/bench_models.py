@@ -23,7 +23,7 @@ alike. A round's time is the median of its timed steps (the slowest rank per ste
 the median over rounds of AutoEP/ours with an order-statistic confidence interval for that median
 (distribution-free; its coverage is printed, at least 95% where the number of rounds allows). The
 first-step losses must agree (``--loss-rtol``): else the two do not train the same model and the
-run fails. At EP=2, eager, a profiled round splits each side's step into categories (router,
+run fails. At each EP of ``--profile-ep`` (default 2), eager, a profiled round splits each side's step into categories (router,
 dispatch/combine, all-to-all, experts, attention, optimizer, ...; ``models_side.breakdown``).
 
     make bench-models                                  # everything (builds .venv-autoep first)
@@ -281,7 +281,7 @@ class Row:
 
 
 def run_config(family: str, ep: int, mode: str, base: dict, args: argparse.Namespace, work: Path):
-    """One (family, EP, mode): both groups, the paired rounds, and at EP=2 eager the profile."""
+    """One (family, EP, mode): both groups, the paired rounds, and (eager, EP in ``--profile-ep``) the profile."""
     overrides, ds_config, optim = app_settings(base["model_dirs"][family], ep, args)
     spec = {
         "family": family,
@@ -308,7 +308,7 @@ def run_config(family: str, ep: int, mode: str, base: dict, args: argparse.Names
                 out = groups[side].command("round", args.timeout, warmup=args.warmup, steps=args.steps)
                 ms[side].append(1e3 * statistics.median(per_step(out, "seconds", max)))
         profile = {}
-        if ep == 2 and mode == "eager" and args.profile_steps:
+        if ep in args.profile_ep and mode == "eager" and args.profile_steps:
             for side in SIDES:
                 out = groups[side].command("profile", args.timeout, warmup=1, steps=args.profile_steps)
                 cats = out[0]["ms"]
@@ -343,11 +343,11 @@ def results_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def profile_table(family: str, profile: dict[str, dict]) -> str:
+def profile_table(key: str, profile: dict[str, dict]) -> str:
     from models_side import CATEGORIES
 
     lines = [
-        f"{family}, EP=2, eager: ms per step by category (mean of both ranks, profiled steps)",
+        f"{key}, eager: ms per step by category (mean of the ranks, profiled steps)",
         "",
         "| category | ours ms | ours % | AutoEP ms | AutoEP % |",
         "|---|---|---|---|---|",
@@ -393,7 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round's timed ones")
     p.add_argument("--prelude", type=int, default=3, help="first steps after start-up (compiled: +2)")
-    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps at EP=2 eager (0: none)")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per profiled config (0: none)")
+    p.add_argument("--profile-ep", default="2", help="comma-separated EP sizes whose eager step is profiled")
     p.add_argument("--quick", action="store_true", help="Mixtral, EP=1 and 2, eager, 2 rounds of 3 steps")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -429,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.steps, args.warmup, args.prelude, args.profile_steps = 2, 3, 1, 1, 0
     args.families = [f for f in args.families.split(",") if f]
     args.ep = [int(e) for e in args.ep.split(",") if e]
+    args.profile_ep = [int(e) for e in args.profile_ep.split(",") if e]
     args.modes = [m for m in args.modes.split(",") if m]
     if unknown := set(args.families) - set(FAMILIES):
         p.error(f"--families: unknown {sorted(unknown)}; choose from {FAMILIES}")
@@ -461,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                     row, profile = run_config(family, ep, mode, base, args, work)
                     rows.append(row)
                     if profile:
-                        profiles[family] = profile
+                        profiles[f"{family}, EP={ep}"] = profile
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -472,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} paired rounds of {args.warmup} + {args.steps} steps\n"
     )
     print(results_table(rows))
-    for family, profile in profiles.items():
-        print("\n" + profile_table(family, profile))
+    for key, profile in profiles.items():
+        print("\n" + profile_table(key, profile))
     if args.json:
         payload = {"machine": machine_line(args), "args": {k: str(v) for k, v in vars(args).items()}}
         payload |= {"rows": [row.as_json() for row in rows], "profiles": profiles}

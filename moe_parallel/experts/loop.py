@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .activations import activate, activate_backward, linear, release, released
+from .activations import activate, activate_backward, activate_for_backward, linear, release, released
 from .buffers import grad_buffer_like
 
 
@@ -81,18 +81,21 @@ class LoopExpertMLP(torch.autograd.Function):
             x_e = x[rows[j]]
             if released(h):  # a second backward through a retained graph: recompute what was freed
                 h = linear(x_e, w1[j], None if b1 is None else b1[j])
-            a = activate(h, activation)
+            a, silu_gate = activate_for_backward(h, activation)
             g = grad_y[rows[j]]
-            # Beside h, one [n, F] tensor at a time (a, then grad_a, which grad_h overwrites).
+            # Beside h, one [n, F] tensor (a, then grad_a in its memory; swiglu: and silu(gate));
+            # grad_h overwrites grad_a, or for swiglu h itself.
             torch.mm(a.t(), g, out=grad_w2[j])
-            del a
             if grad_b2 is not None:
                 torch.sum(g, 0, out=grad_b2[j])
-            grad_a = torch.mm(g, w2[j].t())
-            grad_h = activate_backward(grad_a, h, activation, in_place=True)
-            release(h)
+            grad_a = torch.mm(g, w2[j].t(), out=a)
+            grad_h = activate_backward(grad_a, h, activation, in_place=True, silu_gate=silu_gate)
+            del a, grad_a, silu_gate
+            if activation != "swiglu":  # else grad_h lives in h's memory: released below
+                release(h)
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:
                 torch.sum(grad_h, 0, out=grad_b1[j])
             torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
+            release(h)  # (a no-op when it is released already)
         return grad_x, *grads, None, None, None

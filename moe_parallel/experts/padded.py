@@ -12,7 +12,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from .activations import activate, activate_backward, release, released
+from .activations import activate, activate_backward, activate_for_backward, release, released
 from .buffers import grad_buffer_like
 
 # A run's widest padded buffer ([slots, max(D, H)]): small enough to stay in cache and to come from
@@ -136,21 +136,23 @@ class PaddedExpertMLP(torch.autograd.Function):
             x_eCD = layout.scatter(x[layout.rows])
             if released(h_eCH):  # a second backward through a retained graph: recompute what was freed
                 h_eCH = _batched_linear(x_eCD, w1, b1_eH, experts)
-            a_eCF = activate(h_eCH, activation)
-            # Each padded buffer is freed as soon as it is used: at most two of them are alive at a time.
+            a_eCF, silu_gate_eCF = activate_for_backward(h_eCH, activation)
+            # Each padded buffer is freed as soon as it is used; grad_a takes a's memory, grad_h
+            # grad_a's (swiglu: h's).
             grad_o_eCD = layout.scatter(grad_y[layout.rows])
             torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_w2[run])
-            del a_eCF
             if grad_b2 is not None:
                 torch.sum(grad_o_eCD, 1, out=grad_b2[run])
-            grad_a_eCF = torch.bmm(grad_o_eCD, w2.transpose(1, 2))
+            grad_a_eCF = torch.bmm(grad_o_eCD, w2.transpose(1, 2), out=a_eCF)
             del grad_o_eCD
-            grad_h_eCH = activate_backward(grad_a_eCF, h_eCH, activation, in_place=True)
-            del grad_a_eCF
-            release(h_eCH)
+            grad_h_eCH = activate_backward(grad_a_eCF, h_eCH, activation, in_place=True, silu_gate=silu_gate_eCF)
+            del a_eCF, grad_a_eCF, silu_gate_eCF
+            if activation != "swiglu":  # else grad_h lives in h's memory: released below
+                release(h_eCH)
             torch.bmm(x_eCD.transpose(1, 2), grad_h_eCH, out=grad_w1[run])
             if grad_b1 is not None:
                 torch.sum(grad_h_eCH, 1, out=grad_b1[run])
             grad_x[layout.rows] = layout.rows_of(torch.bmm(grad_h_eCH, w1.transpose(1, 2)))
             del grad_h_eCH
+            release(h_eCH)
         return grad_x, *grads, None, None, None
