@@ -23,8 +23,9 @@ alike. A round's time is the median of its timed steps (the slowest rank per ste
 the median over rounds of AutoEP/ours with an order-statistic confidence interval for that median
 (distribution-free; its coverage is printed, at least 95% where the number of rounds allows). The
 first-step losses must agree (``--loss-rtol``): else the two do not train the same model and the
-run fails. At each EP of ``--profile-ep`` (default 2), eager, a profiled round splits each side's step into categories (router,
-dispatch/combine, all-to-all, experts, attention, optimizer, ...; ``models_side.breakdown``).
+run fails. At each EP of ``--profile-ep`` (default 2), eager, a profiled round splits each side's
+step into categories (router, dispatch/combine, all-to-all, experts, attention, optimizer, ...;
+``models_side.breakdown``).
 
     make bench-models                                  # everything (builds .venv-autoep first)
     make bench-models MODELS_ARGS="--quick"            # Mixtral, EP=1 and 2, eager, a few steps
