@@ -17,6 +17,10 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# On a CPU machine DeepSpeed JIT-builds its shared-memory all-reduce op at the first start-up
+	@# (about a minute); build it here, once, into TORCH_EXTENSIONS_DIR.
+	$(PY) -c "import torch; torch.cuda.is_available() or __import__('os').environ.update(DS_ACCELERATOR='cpu') \
+		or __import__('deepspeed.comm.torch', fromlist=['build_shm_op']).build_shm_op()"
 	touch $@
 
 venv: $(VENV)/.installed

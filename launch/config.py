@@ -159,6 +159,9 @@ class TrainConf:
     # default backend, inductor, needs a C++ compiler on CPUs and Triton on GPUs. The first steps
     # include the compile time.
     compile: bool = False
+    # torch.compile's backend for train.compile: inductor (generated kernels), or e.g. aot_eager
+    # (the traced forward and backward graphs run with eager kernels: no compiler, quick to build).
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -297,9 +300,10 @@ def data_config(cfg: AppConf | DictConfig) -> DataConfig:
     )
 
 
-def _check_compile(value: Any) -> None:
+def _check_compile(value: Any, backend: Any = "inductor") -> None:
     """``train.compile``: a boolean, and, when true, a torch.compile that can run here: dynamo supports
-    this Python, and inductor finds what it builds kernels with (Triton on GPUs, a C++ compiler on CPUs)."""
+    this Python, ``train.compile_backend`` names one of its backends, and inductor finds what it builds
+    kernels with (Triton on GPUs, a C++ compiler on CPUs)."""
     if not isinstance(value, bool):
         raise AppConfigError(f"train.compile={value!r} is invalid: must be true or false")
     if not value:
@@ -311,6 +315,13 @@ def _check_compile(value: Any) -> None:
             f"train.compile=true needs torch.compile, which torch {torch.__version__} does not support on this "
             "Python: set train.compile=false, or use a Python that torch.compile supports"
         )
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = sorted(set(torch._dynamo.list_backends()) | {"aot_eager", "eager"})
+        raise AppConfigError(
+            f"train.compile_backend={backend!r} is not a torch.compile backend: choose one of {', '.join(usual)}"
+        )
+    if backend != "inductor":
+        return
     if torch.cuda.is_available():
         from torch.utils._triton import has_triton
 
@@ -343,7 +354,7 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     _positive("train.max_skipped_steps", t.max_skipped_steps)
     _positive("train.collapse_window", t.collapse_window, minimum=0)
     collapse_thresholds(cfg)
-    _check_compile(t.compile)
+    _check_compile(t.compile, t.compile_backend)
     _positive("parallel.timeout_s", cfg.parallel.timeout_s)
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))

@@ -249,7 +249,7 @@ def build_model(cfg: DictConfig, state: ParallelState, vocab_size: int):
     the metrics hooks attached later run outside the compiled code."""
     model, model_cfg = _build_model(cfg, state, vocab_size)
     if cfg.train.compile:
-        compile_blocks(model)
+        compile_blocks(model, backend=cfg.train.compile_backend)
     return model, model_cfg
 
 

@@ -19,7 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("dtype, configs", [("float32", ("c2", "ep2")), ("bfloat16", ("c2",))])
+@pytest.mark.parametrize(
+    "dtype, configs", [("float32", ("c2", "ep2")), pytest.param("bfloat16", ("c2",), marks=pytest.mark.slow)]
+)
 def test_quick_benchmark_runs_every_implementation(tmp_path: Path, dtype: str, configs: tuple[str, ...]) -> None:
     output = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(

@@ -171,3 +171,14 @@ def test_train_compile_is_a_checked_boolean(monkeypatch):
     assert "train.compile=true" in message and "C++ compiler" in message, message
     assert "CXX" in message and "set train.compile=false" in message, message
     app_config.validate(make(), world_size=1)  # train.compile=false never looks for one
+    app_config.validate(make("train.compile=true", "train.compile_backend=aot_eager"), world_size=1)  # no compiler
+
+
+def test_train_compile_backend_is_one_torch_compile_knows():
+    assert make().train.compile_backend == "inductor"
+    with pytest.raises(app_config.AppConfigError) as err:
+        app_config.validate(make("train.compile=true", "train.compile_backend=inductr"), world_size=1)
+    message = str(err.value)
+    assert "train.compile_backend='inductr' is not a torch.compile backend" in message, message
+    assert "aot_eager" in message and "inductor" in message, message
+    app_config.validate(make("train.compile_backend=inductr"), world_size=1)  # not compiling: not read

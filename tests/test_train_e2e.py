@@ -193,16 +193,20 @@ def single_process(run_dir: Path, cache: Path, *extra: str) -> subprocess.Comple
     return proc
 
 
-def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path):
-    """train.compile=true: every block through torch.compile's default backend (inductor), the same
-    training losses as eager within the fp32 tolerance of the model's depth over the steps."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, backend):
+    """train.compile=true: every block through torch.compile (aot_eager: the traced graphs; inductor,
+    the default: generated kernels), the same training losses as eager within the fp32 tolerance of
+    the model's depth over the steps."""
     from tests.tolerance import float_tolerance
 
     steps = 4
     eager = tmp_path / "eager"
     single_process(eager, tmp_path / "cache", f"train.steps={steps}")
     compiled = tmp_path / "compiled"
-    proc = single_process(compiled, tmp_path / "cache", f"train.steps={steps}", "train.compile=true")
+    proc = single_process(
+        compiled, tmp_path / "cache", f"train.steps={steps}", "train.compile=true", f"train.compile_backend={backend}"
+    )
     assert "2 blocks compiled" in proc.stdout, proc.stdout[-2000:]
     want, got = jsonl_losses(eager), jsonl_losses(compiled)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))

@@ -6,6 +6,7 @@ skipping a collective on one rank hangs the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 ProcessGroup = dist.ProcessGroup
+
+
+def eager_only(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``: under ``torch.compile`` ``fn`` runs eagerly, the graph broken
+    around it. Applied at the first call (as ``torch.optim`` applies it), so that importing the layer
+    does not import the compiler, about a second of every process's start-up."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
 
 
 def group_size(group: ProcessGroup | None) -> int:
@@ -99,7 +108,7 @@ class _Wait(torch.autograd.Function):
         return grad, None
 
 
-@torch.compiler.disable
+@eager_only
 def all_to_all(
     x: Tensor,
     group: ProcessGroup,
@@ -113,7 +122,7 @@ def all_to_all(
     return _AllToAll.apply(x, group, output_splits, input_splits, None)
 
 
-@torch.compiler.disable
+@eager_only
 def start_all_to_all(
     x: Tensor,
     group: ProcessGroup,
@@ -129,13 +138,13 @@ def start_all_to_all(
     return pending
 
 
-@torch.compiler.disable
+@eager_only
 def wait_all_to_all(pending: PendingAllToAll) -> Tensor:
     """The output of an all-to-all issued by :func:`start_all_to_all`, once it has arrived."""
     return _Wait.apply(pending.output, pending)
 
 
-@torch.compiler.disable
+@eager_only
 def exchange_counts(send_Rc: Tensor, group: ProcessGroup) -> Tensor:
     """Send row r of ``send_Rc`` (``[R, c]`` integers) to rank r; returns the rows every rank sent us."""
     recv = torch.empty_like(send_Rc)

@@ -29,6 +29,7 @@ from .comm import (
     PendingAllToAll,
     ProcessGroup,
     all_to_all,
+    eager_only,
     exchange_counts,
     group_size,
     start_all_to_all,
@@ -142,7 +143,7 @@ class AllToAllTokenDispatcher:
         x_local = x_TD.index_select(0, token_idx_M)
         return Dispatch(plan.tokens_per_expert_E, counts_host, state, x_local=x_local)
 
-    @torch.compiler.disable
+    @eager_only
     def _dispatch_across_ranks(
         self, x_TD: Tensor, plan: DispatchPlan, bad_input: Tensor | None, bad_input_message: str
     ) -> Dispatch:
@@ -180,7 +181,7 @@ class AllToAllTokenDispatcher:
             "stopping every rank instead of hanging in the all-to-all"
         )
 
-    @torch.compiler.disable
+    @eager_only
     def fail_together(self, message: str) -> None:
         """This rank cannot route its input (``message`` says why): join the counts exchange with the
         bad-input flag set, so that every rank stops, and raise :class:`MoEInputError`."""
@@ -197,7 +198,7 @@ class AllToAllTokenDispatcher:
             dispatch.x_local = self._receive(dispatch)
         return dispatch.x_local
 
-    @torch.compiler.disable
+    @eager_only
     def _receive(self, dispatch: Dispatch) -> Tensor:
         x_recv = wait_all_to_all(dispatch.pending)
         dispatch.pending = None
@@ -218,7 +219,7 @@ class AllToAllTokenDispatcher:
         y_TD = weighted_MD.new_zeros(state.num_tokens, weighted_MD.shape[-1])
         return y_TD.index_add_(0, state.token_idx_M, weighted_MD)  # in place: no copy of the zeros
 
-    @torch.compiler.disable
+    @eager_only
     def _return_rows(self, out_local: Tensor, state: CombineState) -> Tensor:
         if state.ungroup_idx is not None:
             out_local = permute_rows(out_local, state.ungroup_idx, state.group_idx)
