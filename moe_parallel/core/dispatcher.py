@@ -120,15 +120,19 @@ class AllToAllTokenDispatcher:
         host_counts: bool = False,
         bad_input: Tensor | None = None,
         bad_input_message: str = "",
+        overlap: bool = False,
     ) -> Dispatch:
         """Start moving the kept rows of ``x_TD`` to their experts; :meth:`wait` completes it.
 
         ``host_counts``: the experts read their row counts on the host (read them here, once).
+        ``overlap``: the caller computes something before :meth:`wait` (the shared expert), so the
+        token all-to-all is issued asynchronously; else it completes here (no work handle to hand
+        off and wait on).
         ``bad_input``: a device flag (0/1) that this rank's input is bad; at EP > 1 it travels with
         the counts, and every rank raises :class:`MoEInputError` (this one with ``bad_input_message``).
         """
         if self.ep_size > 1:
-            return self._dispatch_across_ranks(x_TD, plan, bad_input, bad_input_message)
+            return self._dispatch_across_ranks(x_TD, plan, bad_input, bad_input_message, overlap)
         if bad_input is not None and bool(bad_input):
             raise MoEInputError(bad_input_message)
         counts_host = None
@@ -145,7 +149,7 @@ class AllToAllTokenDispatcher:
 
     @eager_only
     def _dispatch_across_ranks(
-        self, x_TD: Tensor, plan: DispatchPlan, bad_input: Tensor | None, bad_input_message: str
+        self, x_TD: Tensor, plan: DispatchPlan, bad_input: Tensor | None, bad_input_message: str, overlap: bool
     ) -> Dispatch:
         R, e = self.ep_size, self.num_local_experts
         send_counts_Re = plan.tokens_per_expert_E.view(R, e)
@@ -168,9 +172,13 @@ class AllToAllTokenDispatcher:
         state = CombineState(plan.token_idx_A[:num_sent], plan.weight_A[:num_sent], x_TD.shape[0])
         state.send_splits, state.recv_splits = send_splits, recv_splits
         x_send = x_TD.index_select(0, state.token_idx_M)
-        pending = start_all_to_all(x_send, self.ep_group, recv_splits, send_splits)
         tokens_per_local_expert = recv_counts_Re.sum(0)
-        return Dispatch(tokens_per_local_expert, counts_host, state, pending=pending, recv_counts_Re=recv_counts_Re)
+        dispatch = Dispatch(tokens_per_local_expert, counts_host, state, recv_counts_Re=recv_counts_Re)
+        if overlap:
+            dispatch.pending = start_all_to_all(x_send, self.ep_group, recv_splits, send_splits)
+        else:
+            dispatch.x_local = self._regroup(all_to_all(x_send, self.ep_group, recv_splits, send_splits), dispatch)
+        return dispatch
 
     @staticmethod
     def _raise_bad_input(own: bool, message: str) -> None:
@@ -202,6 +210,9 @@ class AllToAllTokenDispatcher:
     def _receive(self, dispatch: Dispatch) -> Tensor:
         x_recv = wait_all_to_all(dispatch.pending)
         dispatch.pending = None
+        return self._regroup(x_recv, dispatch)
+
+    def _regroup(self, x_recv: Tensor, dispatch: Dispatch) -> Tensor:
         if self.num_local_experts == 1:
             return x_recv
         state = dispatch.state

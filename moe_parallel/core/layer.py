@@ -181,7 +181,12 @@ class MoELayer(nn.Module):
             )
         host_counts = self.experts.needs_host_counts(x_TD)
         dispatch = self.dispatcher.dispatch(
-            x_TD, plan, host_counts=host_counts, bad_input=bad_input, bad_input_message=message
+            x_TD,
+            plan,
+            host_counts=host_counts,
+            bad_input=bad_input,
+            bad_input_message=message,
+            overlap=self.shared_expert is not None,
         )
         shared_TD = self._shared_expert_output(x_TD)  # computed while the tokens are in flight
         x_local = self.dispatcher.wait(dispatch)
@@ -219,8 +224,10 @@ class MoELayer(nn.Module):
     def balance_and_z_loss(self, route: RouterOutput) -> tuple[Tensor, Tensor]:
         """The unscaled balance loss and z-loss of this forward's routing (a subclass whose gate
         already computed its balance loss returns that, instead of a second pass over ``[T, E]``)."""
-        balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, self.config.top_k)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.z_loss_coeff > 0):  # else a statistic
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.config.aux_loss_coeff > 0):  # else a statistic: no backward
+            balance = load_balancing_loss(route.probs_TE, route.tokens_per_expert_E, self.config.top_k)
+        with torch.set_grad_enabled(grad and self.config.z_loss_coeff > 0):
             z_loss = router_z_loss(route.logits_TE)
         return balance, z_loss
 
