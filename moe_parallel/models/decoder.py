@@ -294,10 +294,13 @@ def scale_rope_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
 def apply_rotary(x_BHSA: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
     """Rotate the first R features of each head (half-split convention); the rest pass through."""
     rot = cos_SR.shape[-1]
-    x_rot, x_pass = x_BHSA[..., :rot], x_BHSA[..., rot:]
+    x_rot = x_BHSA[..., :rot]
     half = rot // 2
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos_SR + rotated * sin_SR, x_pass), dim=-1)
+    out = x_rot * cos_SR + rotated * sin_SR
+    if rot == x_BHSA.shape[-1]:  # every feature rotates: nothing passes through
+        return out
+    return torch.cat((out, x_BHSA[..., rot:]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -317,7 +320,18 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(A, config.norm_eps), RMSNorm(A, config.norm_eps)
         elif config.qk_norm == "projection":
             self.q_norm, self.k_norm = RMSNorm(H * A, config.norm_eps), RMSNorm(G * A, config.norm_eps)
+        self._rotary: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # (seq_len, device, dtype) -> cos, sin
         self.reset_parameters()
+
+    def rotary_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """:func:`rotary_cos_sin` for this layer, kept from the last forward of the same length
+        (eager only: a compiled graph computes them in place, fused)."""
+        if torch.compiler.is_compiling():
+            return rotary_cos_sin(self.config, seq_len, device, dtype)
+        key = (seq_len, device, dtype)
+        if self._rotary is None or self._rotary[0] != key:
+            self._rotary = (key, rotary_cos_sin(self.config, seq_len, device, dtype))
+        return self._rotary[1]
 
     def reset_parameters(self) -> None:
         cfg, prefix = self.config, f"blocks.{self.layer_number}.attn"
@@ -340,7 +354,7 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
         q_BHSA, k_BGSA, v_BGSA = (t.transpose(1, 2) for t in (q_BSHA, k_BSGA, v_BSGA))
-        cos_SR, sin_SR = rotary_cos_sin(cfg, S, x_BSD.device, q_BHSA.dtype)
+        cos_SR, sin_SR = self.rotary_tables(S, x_BSD.device, q_BHSA.dtype)
         q_BHSA, k_BGSA = apply_rotary(q_BHSA, cos_SR, sin_SR), apply_rotary(k_BGSA, cos_SR, sin_SR)
         if G != H:  # each key/value head serves H / G query heads
             k_BGSA = k_BGSA.repeat_interleave(H // G, dim=1)
