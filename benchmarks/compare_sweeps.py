@@ -29,9 +29,13 @@ RATIO = "deepspeed/ours"
 
 
 def ratios(path: Path) -> dict[str, float]:
-    """DeepSpeed / ours per point label (points that failed left out)."""
-    rows = json.loads(path.read_text())["rows"]
-    return {row["label"]: row["ratios"][RATIO] for row in rows if not row.get("failed") and row["ratios"][RATIO]}
+    """DeepSpeed / ours per point name (points that failed left out)."""
+    points = json.loads(path.read_text())["points"]
+    return {
+        point["config"]["name"]: point["ratios"][RATIO]
+        for point in points
+        if not point.get("failed") and point["ratios"][RATIO]
+    }
 
 
 def report(before: dict[str, float], after: dict[str, float]) -> tuple[str, float, float]:

@@ -15,8 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _sweep(path: Path, ratios: dict[str, float | None], failed: set[str] = frozenset()) -> Path:
-    rows = [{"label": k, "ratios": {"deepspeed/ours": v}, "failed": k in failed} for k, v in ratios.items()]
-    path.write_text(json.dumps({"rows": rows}))
+    points = [
+        {"config": {"name": k}, "label": f"T=64 ({k})", "ratios": {"deepspeed/ours": v}, "failed": k in failed}
+        for k, v in ratios.items()
+    ]
+    path.write_text(json.dumps({"points": points}))
     return path
 
 
