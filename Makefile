@@ -19,8 +19,8 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	@# On a CPU machine DeepSpeed JIT-builds its shared-memory all-reduce op at the first start-up
 	@# (about a minute); build it here, once, into TORCH_EXTENSIONS_DIR.
-	$(PY) -c "import torch; torch.cuda.is_available() or __import__('os').environ.update(DS_ACCELERATOR='cpu') \
-		or __import__('deepspeed.comm.torch', fromlist=['build_shm_op']).build_shm_op()"
+	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
+		DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"; fi
 	touch $@
 
 venv: $(VENV)/.installed

@@ -105,7 +105,7 @@ def cost_model() -> ExpertCostModel:
         return ExpertCostModel(
             **{f.name: float(values[f.name] if f.name in values else optional[f.name]) for f in fields(ExpertCostModel)}
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{COST_FILE_ENV}={path} is not a readable calibration file ({exc}); write one with "
             "`python -m moe_parallel.experts.choice calibrate PATH` or unset the variable"

@@ -91,7 +91,7 @@ class LoopExpertMLP(torch.autograd.Function):
             grad_a = torch.mm(g, w2[j].t(), out=a)
             grad_h = activate_backward(grad_a, h, activation, in_place=True, silu_gate=silu_gate)
             del a, grad_a, silu_gate
-            if activation != "swiglu":  # else grad_h lives in h's memory: released below
+            if not grad_h.is_set_to(h):  # else grad_h lives in h's memory: released after its last use
                 release(h)
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
             if grad_b1 is not None:

@@ -147,7 +147,7 @@ class PaddedExpertMLP(torch.autograd.Function):
             del grad_o_eCD
             grad_h_eCH = activate_backward(grad_a_eCF, h_eCH, activation, in_place=True, silu_gate=silu_gate_eCF)
             del a_eCF, grad_a_eCF, silu_gate_eCF
-            if activation != "swiglu":  # else grad_h lives in h's memory: released below
+            if not grad_h_eCH.is_set_to(h_eCH):  # else grad_h lives in h's memory: released after its last use
                 release(h_eCH)
             torch.bmm(x_eCD.transpose(1, 2), grad_h_eCH, out=grad_w1[run])
             if grad_b1 is not None:
