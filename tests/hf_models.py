@@ -20,7 +20,28 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+FAMILIES = (
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+    "glm4_moe",
+    "deepseek_v3",
+    "deepseek_v2",
+    "llama4_text",
+    "gpt_oss",
+)
+NEW_FAMILIES = ("deepseek_v3", "deepseek_v2", "llama4_text", "gpt_oss")
+
+
+def yarn_rope(rng: random.Random, mla: bool) -> dict:
+    """YaRN over a short original context, so that tiny heads have interpolated, blended and kept
+    frequencies; DeepSeek's two mscales when ``mla``."""
+    rope = {"rope_type": "yarn", "factor": rng.choice([4.0, 8.0]), "original_max_position_embeddings": 8}
+    rope.update(beta_fast=rng.choice([8.0, 32.0]), beta_slow=1.0, truncate=rng.random() < 0.5)
+    if mla:
+        rope.update(mscale=rng.choice([0.707, 1.0]), mscale_all_dim=rng.choice([0.707, 1.0]))
+    return rope
 
 
 def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_experts: bool = False):
@@ -54,8 +75,13 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
     if scaling is not None and model_type != "glm4_moe":
         common["rope_parameters"].update(scaling)
     dense_ffn, expert_ffn = rng.choice([16, 24]), rng.choice([6, 8, 12])
+    if model_type in NEW_FAMILIES:
+        return _new_family_config(transformers, model_type, rng, common, experts, dense_ffn, expert_ffn)
     if model_type == "mixtral":
-        return transformers.MixtralConfig(**common, num_local_experts=experts, intermediate_size=expert_ffn)
+        window = rng.choice([None, None, rng.randint(2, 6)])
+        return transformers.MixtralConfig(
+            **common, num_local_experts=experts, intermediate_size=expert_ffn, sliding_window=window
+        )
     if model_type in ("qwen3_moe", "qwen2_moe"):
         step = rng.choice([1, 1, 2])
         kw = dict(
@@ -66,10 +92,15 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
             mlp_only_layers=sorted(rng.sample(range(layers), rng.randint(0, layers - 1))),
             norm_topk_prob=rng.random() < 0.5,
         )
+        kw.update(use_sliding_window=rng.random() < 0.3, sliding_window=rng.randint(2, 6))
         if model_type == "qwen3_moe":
             return transformers.Qwen3MoeConfig(**common, **kw, attention_bias=rng.random() < 0.5)
         return transformers.Qwen2MoeConfig(
-            **common, **kw, qkv_bias=rng.random() < 0.7, shared_expert_intermediate_size=rng.choice([8, 20])
+            **common,
+            **kw,
+            qkv_bias=rng.random() < 0.7,
+            shared_expert_intermediate_size=rng.choice([8, 20]),
+            max_window_layers=rng.randint(1, layers),
         )
     if model_type == "olmoe":
         return transformers.OlmoeConfig(
@@ -102,6 +133,80 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
     )
 
 
+def _groups(rng: random.Random, experts: int) -> tuple[int, int, int]:
+    """(n_group, topk_group, top_k) with groups of >= 2 experts and k within the kept groups."""
+    groups = rng.choice([g for g in (1, 2, 4) if experts % g == 0 and experts // g >= 2])
+    topk_group = rng.randint(1, max(1, groups - 1)) if rng.random() < 0.8 else groups
+    return groups, topk_group, rng.randint(2, min(4, topk_group * experts // groups))
+
+
+def _new_family_config(transformers, model_type: str, rng, common: dict, experts: int, dense_ffn: int, expert_ffn: int):
+    layers = common["num_hidden_layers"]
+    if model_type in ("deepseek_v3", "deepseek_v2"):
+        experts = rng.choice([4, 8])
+        groups, topk_group, top_k = _groups(rng, experts)
+        heads = common["num_attention_heads"]
+        rope_dim = rng.choice([4, 8])
+        common.update(num_experts_per_tok=top_k, num_key_value_heads=heads, head_dim=rope_dim)
+        if rng.random() < 0.5:
+            common["rope_parameters"].update(yarn_rope(rng, mla=True))
+        kw = dict(
+            n_routed_experts=experts,
+            moe_intermediate_size=expert_ffn,
+            intermediate_size=dense_ffn,
+            n_shared_experts=rng.choice([1, 2]),
+            n_group=groups,
+            topk_group=topk_group,
+            routed_scaling_factor=rng.choice([1.0, 2.5]),
+            norm_topk_prob=rng.random() < 0.7,
+            first_k_dense_replace=rng.randint(0, layers - 1),
+            attention_bias=rng.random() < 0.5,
+            q_lora_rank=rng.choice([None, 6, 12]),
+            kv_lora_rank=rng.choice([6, 8]),
+            qk_nope_head_dim=rng.choice([4, 8]),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=rng.choice([4, 6, 8]),
+        )
+        if model_type == "deepseek_v3":
+            return transformers.DeepseekV3Config(
+                **common, **kw, rope_interleave=rng.random() < 0.7, num_nextn_predict_layers=0
+            )
+        method = rng.choice(["greedy", "group_limited_greedy"])
+        return transformers.DeepseekV2Config(**common, **kw, topk_method=method)
+    if model_type == "llama4_text":
+        interval = rng.choice([2, 3, 4])
+        moe = dict(interleave_moe_layer_step=rng.choice([1, 2]))
+        if rng.random() < 0.3:
+            moe = dict(moe_layers=sorted(rng.sample(range(layers), rng.randint(1, layers))))
+        common.update(num_experts_per_tok=rng.choice([1, 1, 2]))
+        return transformers.Llama4TextConfig(
+            **common,
+            **moe,
+            num_local_experts=experts,
+            intermediate_size=expert_ffn,
+            intermediate_size_mlp=dense_ffn,
+            no_rope_layer_interval=interval,
+            attention_chunk_size=rng.choice([3, 4, 5, None]),
+            use_qk_norm=rng.random() < 0.6,
+            attn_temperature_tuning=rng.random() < 0.7,
+            floor_scale=rng.choice([2, 4]),
+            attn_scale=rng.choice([0.1, 0.5]),
+            attention_bias=rng.random() < 0.3,
+        )
+    # GPT-OSS: sliding and full blocks, biases everywhere, a clamp the random activations reach.
+    if rng.random() < 0.6:
+        common["rope_parameters"].update(yarn_rope(rng, mla=False))
+    return transformers.GptOssConfig(
+        **common,
+        num_local_experts=experts,
+        intermediate_size=expert_ffn,
+        layer_types=[rng.choice(["sliding_attention", "full_attention"]) for _ in range(layers)],
+        sliding_window=rng.randint(2, 6),
+        swiglu_limit=rng.choice([0.7, 1.5, 7.0]),
+        attention_bias=rng.random() < 0.8,
+    )
+
+
 @torch.no_grad()
 def randomize_(model, seed: int) -> None:
     """Every parameter and float buffer of an HF model to non-default values, scaled by fan-in."""
@@ -110,8 +215,13 @@ def randomize_(model, seed: int) -> None:
         noise = torch.randn(param.shape, generator=gen)
         if param.dim() == 1:
             value = (1.0 + 0.2 * noise) if "norm" in name else 0.1 * noise
+        elif name.endswith("_bias"):  # fused expert biases [E, 2F] / [E, D]
+            value = 0.1 * noise
         else:
-            scale = (2.0 if name.endswith("gate.weight") else 1.0) / math.sqrt(param.shape[-1])
+            fan_in = (
+                param.shape[-2] if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else param.shape[-1]
+            )
+            scale = (2.0 if name.endswith(("gate.weight", "router.weight")) else 1.0) / math.sqrt(fan_in)
             value = noise * scale
         param.copy_(value)
     for name, buf in model.named_buffers():

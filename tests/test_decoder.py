@@ -17,7 +17,7 @@ from moe_parallel.models import (
     decoder_pipeline_to_plain,
     decoder_plain_to_pipeline,
 )
-from moe_parallel.models.decoder import apply_rotary, rotary_cos_sin
+from moe_parallel.models.rope import apply_rotary, rotary_cos_sin
 
 BASE = dict(vocab_size=40, num_layers=3, hidden_size=16, num_heads=4, ffn_hidden_size=24)
 MOE = dict(num_experts=4, top_k=2, ffn_hidden_size=8, capacity_factor=None, eval_capacity_factor=None)
@@ -69,18 +69,20 @@ def test_moe_placement_follows_qwen_and_glm_rules():
     assert make(moe_every=0, moe=None).moe_layer_numbers == []
 
 
-def test_rotary_is_a_rotation_of_the_first_features_only():
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_is_a_rotation_of_the_first_features_only(interleaved):
     cfg = make(head_dim=8, num_heads=2, rotary_fraction=0.5, rope_theta=100.0)
-    cos, sin = rotary_cos_sin(cfg, 5, torch.device("cpu"), torch.float32)
+    cos, sin = rotary_cos_sin(cfg.rotary_dim, cfg.rope_theta, None, 5, torch.device("cpu"), torch.float32)
     x = torch.randn(1, 2, 5, 8)
-    y = apply_rotary(x, cos, sin)
+    y = apply_rotary(x, cos, sin, interleaved)
     torch.testing.assert_close(y[..., 4:], x[..., 4:])  # pass-through features
     torch.testing.assert_close(y[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1))  # a rotation keeps norms
-    torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0: angle 0
+    if not interleaved:
+        torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0: angle 0
     # Relative positions: <R_m q, R_n k> depends on m - n only.
     q, k = torch.randn(8), torch.randn(8)
-    rq = apply_rotary(q.expand(1, 1, 5, 8), cos, sin)[0, 0]
-    rk = apply_rotary(k.expand(1, 1, 5, 8), cos, sin)[0, 0]
+    rq = apply_rotary(q.expand(1, 1, 5, 8), cos, sin, interleaved)[0, 0]
+    rk = apply_rotary(k.expand(1, 1, 5, 8), cos, sin, interleaved)[0, 0]
     torch.testing.assert_close(rq[3] @ rk[1], rq[4] @ rk[2])
 
 

@@ -219,13 +219,27 @@ def load_weights(model: nn.Module, source: TensorSource | str | Path, *, check: 
     fam = family(config.hf_model_type)
     for canonical, (_, tensor, expert_ids) in local_tensors(model).items():
         tmap = _map(canonical, fam, expert_ids)
-        value = assemble(tmap, {key: source.get(key) for key in tmap.hf_keys})
+        value = assemble(tmap, read_hf_tensors(source, tmap))
         if tuple(value.shape) != tuple(tensor.shape):
             raise HFConversionError(
                 f"{source.path}: {canonical} assembles to shape {list(value.shape)}, "
                 f"the model holds {list(tensor.shape)}"
             )
         tensor.copy_(value)
+
+
+def read_hf_tensors(source: TensorSource, tmap: TensorMap) -> dict[str, Tensor]:
+    """The HF tensors of ``tmap``; of a fused expert tensor only the rows ``tmap.rows`` (this rank's
+    experts), read as a slice where the source can."""
+    if tmap.kind != "fused":
+        return {key: source.get(key) for key in tmap.hf_keys}
+    key, rows = tmap.keys[0][0], tmap.rows
+    if rows.start == 0 and rows.stop == source.shapes[key][0]:
+        return {key: source.get(key)}
+    get_rows = getattr(source, "get_rows", None)
+    if get_rows is not None:
+        return {key: get_rows(key, rows.start, rows.stop)}
+    return {key: source.get(key)[rows.start : rows.stop]}
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

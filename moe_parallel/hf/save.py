@@ -54,6 +54,8 @@ def save_pretrained(
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     ep_group = layers[0].ep_group if layers else None
     tensors = {canonical: (tensor, ids) for canonical, (_, tensor, ids) in local_tensors(model).items()}
+    if family(config.hf_model_type).fused_experts and group_size(ep_group) > 1:
+        tensors = _gather_fused_experts(tensors, config, ep_group)
     if tokenizer_dir is None:
         tokenizer_dir = getattr(model, "hf_source_dir", None)
     dtype = dtype or model_dtype(tensors)
@@ -79,11 +81,29 @@ def save_state_dict(
     all_ids = range(config.moe.num_experts) if config.moe else None
     tensors = {}
     for name, tensor in state_dict.items():
-        stacked = ".experts." in name and name.rsplit(".", 1)[-1] in ("w1", "w2")
+        stacked = ".experts." in name and name.rsplit(".", 1)[-1] in ("w1", "w2", "b1", "b2")
         tensors[name] = (tensor, all_ids if stacked else None)
     dtype = dtype or model_dtype(tensors)
     _save(config, tensors, Path(path), dtype, tokenizer_dir, max_shard_bytes, 0, 1)
     return Path(path)
+
+
+def _gather_fused_experts(
+    tensors: dict[str, tuple[Tensor, range | None]], config: DecoderConfig, ep_group
+) -> dict[str, tuple[Tensor, range | None]]:
+    """A family that stores all experts of a layer in one HF tensor writes it from EP rank 0: the
+    expert tensors are gathered there (and dropped on the other ranks, which write none of them)."""
+    out = {}
+    rank, root = group_rank(ep_group), dist.get_global_rank(ep_group, 0)
+    for name, (tensor, ids) in tensors.items():
+        if ids is None:
+            out[name] = (tensor, ids)
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(group_size(ep_group))] if rank == 0 else None
+        dist.gather(tensor.detach().contiguous(), parts, dst=root, group=ep_group)
+        if rank == 0:
+            out[name] = (torch.cat(parts), range(config.moe.num_experts))
+    return out
 
 
 def model_dtype(tensors: dict[str, tuple[Tensor, range | None]]) -> torch.dtype:

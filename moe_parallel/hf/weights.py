@@ -1,10 +1,11 @@
 """Weight-name mapping: our canonical (plain :class:`Decoder`) tensor names <-> Hugging Face keys.
 
 Most tensors are a rename. Expert weights differ in layout: ours are stacked per layer,
-``w1[e] = [gate | up]`` as ``[D, 2F]`` and ``w2[e]`` as ``[F, D]``; the Hub stores one
+``w1[e] = [gate | up]`` as ``[D, 2F]`` and ``w2[e]`` as ``[F, D]``; most families store one
 ``experts.<id>.<gate|up|down>`` matrix per expert in ``nn.Linear`` layout (``[F, D]``, ``[D, F]``),
-as transformers' ``save_pretrained`` writes them. Both directions are transposes and
-concatenations, so a round trip is bit-exact.
+as transformers' ``save_pretrained`` writes them, while Llama 4 and GPT-OSS store all experts of a
+layer in one tensor of our layout (GPT-OSS with gate and up columns interleaved). Both directions are
+transposes, concatenations and column permutations, so a round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -24,26 +25,37 @@ _RENAMES = (
     (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
     (r"blocks\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"blocks\.(\d+)\.attn\.(.+)", r"model.layers.\1.self_attn.\2"),
-    (r"blocks\.(\d+)\.ffn\.((?:gate|up|down)_proj\.weight)", r"model.layers.\1.mlp.\2"),
-    (r"blocks\.(\d+)\.ffn\.router\.weight", r"model.layers.\1.{moe}.gate.weight"),
-    (r"blocks\.(\d+)\.ffn\.router\.expert_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
+    (r"blocks\.(\d+)\.ffn\.((?:gate|up|down)_proj\.weight)", r"model.layers.\1.{dense}.\2"),
+    (r"blocks\.(\d+)\.ffn\.router\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
+    (r"blocks\.(\d+)\.ffn\.router\.expert_bias", r"model.layers.\1.{moe}.{router}.e_score_correction_bias"),
     (r"blocks\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
 )
-_STACKED = re.compile(r"blocks\.(\d+)\.ffn\.(experts|shared_expert)\.(w1|w2)")
+_STACKED = re.compile(r"blocks\.(\d+)\.ffn\.(experts|shared_expert)\.(w1|w2|b1|b2)")
+# Fused experts (Llama 4, GPT-OSS): one tensor per layer, experts along dim 0, ``[E, D, 2F]`` /
+# ``[E, F, D]`` / ``[E, 2F]`` / ``[E, D]``: our layout, except GPT-OSS's interleaved gate/up columns.
+_FUSED_NAMES = {"w1": "gate_up_proj", "w2": "down_proj", "b1": "gate_up_proj_bias", "b2": "down_proj_bias"}
 
 
 @dataclass(frozen=True)
 class TensorMap:
     """How one of our tensors is made of HF tensors.
 
-    ``keys[j]`` are the HF keys of row ``j`` of a stacked expert tensor (``(gate, up)`` for ``w1``,
-    ``(down,)`` for ``w2``), or the single key of a renamed tensor (``stacked`` False).
+    ``kind`` is ``"rename"`` (one HF tensor, same layout), ``"stacked"`` (``keys[j]`` are the HF
+    keys of row ``j`` of a stacked expert tensor: ``(gate, up)`` for ``w1``, ``(down,)`` for
+    ``w2``, in ``nn.Linear`` layout) or ``"fused"`` (rows ``rows`` of one HF tensor holding all
+    experts; ``interleaved``: its gate/up columns alternate).
     """
 
     canonical: str
     keys: tuple[tuple[str, ...], ...]
-    stacked: bool
-    part: str = ""  # "w1" or "w2" when stacked
+    kind: str
+    part: str = ""  # "w1", "w2", "b1" or "b2" for expert tensors
+    rows: range | None = None
+    interleaved: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        return self.kind == "stacked"
 
     @property
     def hf_keys(self) -> list[str]:
@@ -58,6 +70,12 @@ def tensor_map(canonical: str, fam: Family, expert_ids: range | None = None) -> 
     match = _STACKED.fullmatch(canonical)
     if match is not None:
         layer, which, part = match.groups()
+        if which == "experts" and fam.fused_experts:
+            key = f"model.layers.{layer}.{fam.moe_module}.experts.{_FUSED_NAMES[part]}"
+            interleaved = fam.interleaved_gate_up and part in ("w1", "b1")
+            return TensorMap(canonical, ((key,),), "fused", part, expert_ids, interleaved)
+        if part in ("b1", "b2"):
+            return None
         gate, up, down = fam.expert_proj
         if which == "experts":
             prefix = f"model.layers.{layer}.{fam.moe_module}.experts"
@@ -65,19 +83,20 @@ def tensor_map(canonical: str, fam: Family, expert_ids: range | None = None) -> 
         else:
             if fam.shared_module is None:
                 return None
-            rows = [f"model.layers.{layer}.mlp.{fam.shared_module}."]
+            rows = [f"model.layers.{layer}.{fam.moe_module}.{fam.shared_module}."]
             gate, up, down = "gate_proj", "up_proj", "down_proj"
         names = (gate, up) if part == "w1" else (down,)
-        return TensorMap(canonical, tuple(tuple(f"{row}{n}.weight" for n in names) for row in rows), True, part)
+        return TensorMap(canonical, tuple(tuple(f"{row}{n}.weight" for n in names) for row in rows), "stacked", part)
     for pattern, template in _RENAMES:
         if re.fullmatch(pattern, canonical):
-            key = re.sub(pattern, template, canonical).replace("{moe}", fam.moe_module)
-            return TensorMap(canonical, ((key,),), False)
+            key = re.sub(pattern, template, canonical)
+            key = key.replace("{moe}", fam.moe_module).replace("{dense}", fam.dense_module)
+            return TensorMap(canonical, ((key.replace("{router}", fam.router_module),),), "rename")
     return None
 
 
 def expected_hf_shapes(tmap: TensorMap, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """HF key -> shape, for our tensor of ``shape`` (all rows of a stacked tensor)."""
+    """HF key -> shape, for our tensor of ``shape`` (all rows of a stacked or fused tensor)."""
     if not tmap.stacked:
         return {tmap.keys[0][0]: tuple(shape)}
     _, rows, cols = shape
@@ -88,18 +107,35 @@ def expected_hf_shapes(tmap: TensorMap, shape: tuple[int, ...]) -> dict[str, tup
     return {key: per for row in tmap.keys for key in row}
 
 
+def _interleave(gate_up: Tensor) -> Tensor:
+    """``[gate | up]`` halves -> alternating ``gate0, up0, gate1, up1, ...`` columns."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+def _deinterleave(columns: Tensor) -> Tensor:
+    return torch.cat((columns[..., 0::2], columns[..., 1::2]), dim=-1)
+
+
 def assemble(tmap: TensorMap, tensors: dict[str, Tensor]) -> Tensor:
-    """Our tensor from its HF tensors (``tensors`` holds every key of ``tmap``)."""
-    if not tmap.stacked:
+    """Our tensor from its HF tensors (``tensors`` holds every key of ``tmap``; a fused key holds
+    just the rows ``tmap.rows``)."""
+    if tmap.kind == "rename":
         return tensors[tmap.keys[0][0]]
+    if tmap.kind == "fused":
+        value = tensors[tmap.keys[0][0]]
+        return _deinterleave(value) if tmap.interleaved else value
     rows = [torch.cat([tensors[key].t() for key in row], dim=1) for row in tmap.keys]
     return torch.stack(rows)
 
 
 def disassemble(tmap: TensorMap, tensor: Tensor) -> dict[str, Tensor]:
-    """HF key -> contiguous tensor, for our tensor (the inverse of :func:`assemble`)."""
-    if not tmap.stacked:
+    """HF key -> contiguous tensor, for our tensor (the inverse of :func:`assemble`; a fused key gets
+    the rows this tensor holds)."""
+    if tmap.kind == "rename":
         return {tmap.keys[0][0]: tensor.contiguous()}
+    if tmap.kind == "fused":
+        return {tmap.keys[0][0]: (_interleave(tensor) if tmap.interleaved else tensor).contiguous()}
     out = {}
     for j, row in enumerate(tmap.keys):
         parts = tensor[j].chunk(len(row), dim=1)

@@ -1,9 +1,12 @@
-"""One decoder family for the open MoE models (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4.5), configured.
+"""One decoder family for the open MoE models (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3,
+Llama 4, GPT-OSS), configured.
 
-RoPE (full or partial rotary), grouped-query attention with a free ``head_dim``, optional q/k/v and
-output biases, q/k RMSNorm per head or over the whole projection, SwiGLU dense FFNs, and MoE FFNs
-from :class:`MoELayer` (every router and shared-expert variant is an :class:`MoEConfig` field). What
-is not a flag here is the same in every family: pre-norm blocks, RMSNorm computed in float32.
+Attention (models/attention.py) is grouped-query attention with a free ``head_dim`` or DeepSeek's
+latent attention, with RoPE (full, partial or none per block; half-split or interleaved; scaled
+linearly, Llama-3.1 style or by YaRN), optional q/k/v and output biases, q/k RMS norms, sliding-window
+or chunked blocks and attention sinks. FFNs are SwiGLU (dense blocks) or :class:`MoELayer` (every
+router, expert and shared-expert variant is an :class:`MoEConfig` field). What is not a flag here is
+the same in every family: pre-norm blocks, RMSNorm computed in float32.
 
 As the reference GPT, it exists as a plain module and as a DeepSpeed pipeline built from the same
 layers; pipeline layer ``idx`` is:
@@ -22,29 +25,29 @@ A head dim, F FFN dim.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.comm import ProcessGroup
 from ..core.config import MoEConfig
 from ..core.layer import MoELayer
+from .attention import Attention, LatentAttention, RMSNorm
 from .gpt import LMHead, TokenEmbedding, _normal_, embedding_layer_specs, lm_loss
 from .pipeline import PipelineFamily
+from .rope import validate_rope_scaling
 
 if TYPE_CHECKING:
     from deepspeed.pipe import PipelineModule, ProcessTopology
 
-QKNorm = Literal["none", "head", "projection"]
-QK_NORMS = ("none", "head", "projection")
-ROPE_SCALING_KEYS = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
+QKNorm = Literal["none", "head", "projection", "weightless"]
+QK_NORMS = ("none", "head", "projection", "weightless")
+AttentionKind = Literal["gqa", "mla"]
+ATTENTION_KINDS = ("gqa", "mla")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 
 
 class DecoderConfigError(ValueError):
@@ -80,13 +83,40 @@ class DecoderConfig:
     dense_layers: list[int] = field(default_factory=list)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0  # rotate the first rotary_fraction * head_dim features of q and k
-    # RoPE frequency scaling: None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3",
-    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1).
+    # RoPE frequency scaling: None, {"rope_type": "linear", "factor": f}, {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1)
+    # or {"rope_type": "yarn", "factor", "original_max_position_embeddings", optional "beta_fast",
+    # "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"} (see rope.py).
     rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = False  # rotate (2j, 2j+1) pairs instead of (j, j + R/2) (DeepSeek, Llama 4)
+    nope_layers: list[int] = field(default_factory=list)  # blocks without RoPE (Llama 4)
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: QKNorm = "none"  # "head": RMSNorm over each head; "projection": over all of q (and k)
+    # "head": RMSNorm over each head; "projection": over all of q (and k); "weightless": a weightless
+    # RMSNorm over each head after RoPE, on RoPE layers only (Llama 4).
+    qk_norm: QKNorm = "none"
     qkv_clip: float | None = None  # clamp q, k, v to [-clip, clip] (OLMoE's clip_qkv)
+    # Per block: "full_attention" (causal), "sliding_attention" (the last sliding_window positions)
+    # or "chunked_attention" (causal within chunks of attention_chunk_size); None: all full.
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    attention_chunk_size: int | None = None
+    attention_sinks: bool = False  # a learned per-head logit that takes softmax mass (GPT-OSS)
+    # Attention temperature tuning on NoPE layers (Llama 4): queries scaled by
+    # 1 + temperature_scale * log(1 + floor((pos + 1) / temperature_floor_scale)); None: off.
+    temperature_floor_scale: float | None = None
+    temperature_scale: float = 0.1
+    # "mla": DeepSeek's multi-head latent attention with the five sizes below (head_dim is then the
+    # RoPE part, qk_rope_head_dim); q_lora_rank None projects queries at full rank.
+    attention: AttentionKind = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Multi-token prediction (DeepSeek-V3): this many MTP modules after the last block, each
+    # predicting one token further ahead (see models/mtp.py); 0: none.
+    mtp_layers: int = 0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -136,14 +166,19 @@ class DecoderConfig:
                 self.rotary_fraction,
                 f"gives {self.rotary_dim} rotated features of head_dim={self.head_dim}; it must be even and > 0",
             )
-        self._validate_rope_scaling(fail)
+        self.rope_scaling = validate_rope_scaling(self.rope_scaling, fail)
+        self.nope_layers = sorted(int(i) for i in self.nope_layers)
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            fail("nope_layers", self.nope_layers, f"must be block indices in [0, {self.num_layers})")
         if self.qk_norm not in QK_NORMS:
             fail("qk_norm", self.qk_norm, f"choose one of {QK_NORMS}")
+        self._validate_attention_pattern(fail)
+        self._validate_latent_attention(fail)
         if self.qkv_clip is not None and not self.qkv_clip > 0:
             fail("qkv_clip", self.qkv_clip, "must be > 0, or None for no clipping")
         if not self.norm_eps > 0:
             fail("norm_eps", self.norm_eps, "must be > 0")
-        for name in ("qkv_bias", "o_bias", "tie_embeddings"):
+        for name in ("qkv_bias", "o_bias", "tie_embeddings", "rope_interleave", "attention_sinks"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "must be true or false")
         if not self.init_std > 0:
@@ -154,23 +189,50 @@ class DecoderConfig:
                 fail("hf_extra", self.hf_extra, "must be a mapping of config.json keys")
         self.moe = self._resolve_moe()
 
-    def _validate_rope_scaling(self, fail) -> None:
-        scaling = self.rope_scaling
-        if scaling is None:
+    def _validate_attention_pattern(self, fail) -> None:
+        if self.layer_types is not None:
+            self.layer_types = [str(t) for t in self.layer_types]
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                fail(
+                    "layer_types", self.layer_types, f"give one of {LAYER_TYPES} per block ({self.num_layers}), or None"
+                )
+        kinds = set(self.layer_types or ())
+        for kind, name in (("sliding_attention", "sliding_window"), ("chunked_attention", "attention_chunk_size")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                fail(name, value, "must be a positive integer or None")
+            if kind in kinds and value is None:
+                fail(name, value, f"layer_types has {kind!r} blocks: set {name}")
+        if self.temperature_floor_scale is not None and not self.temperature_floor_scale > 0:
+            fail("temperature_floor_scale", self.temperature_floor_scale, "must be > 0, or None for no tuning")
+
+    def _validate_latent_attention(self, fail) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            fail("attention", self.attention, f"choose one of {ATTENTION_KINDS}")
+        if self.attention != "mla":
             return
-        if not isinstance(scaling, dict) and hasattr(scaling, "items"):
-            scaling = self.rope_scaling = dict(scaling.items())
-        needed = ROPE_SCALING_KEYS.get(scaling.get("rope_type") if isinstance(scaling, dict) else None)
-        if needed is None:
-            fail("rope_scaling", scaling, f"give None or a dict with rope_type in {sorted(ROPE_SCALING_KEYS)}")
-        missing = [key for key in needed if key not in scaling]
-        if missing:
-            fail("rope_scaling", scaling, f"rope_type={scaling['rope_type']!r} needs {missing}")
-        if not scaling["factor"] > 0:
-            fail("rope_scaling", scaling, "factor must be > 0")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "must be a positive integer with attention='mla'")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or None for full-rank queries")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+        if self.qk_norm != "none" or self.qkv_clip is not None:
+            fail("qk_norm", self.qk_norm, "latent attention has no q/k norm or clip: set none / null")
+
+    def layer_type(self, layer_number: int) -> str:
+        """The attention pattern of block ``layer_number``."""
+        return "full_attention" if self.layer_types is None else self.layer_types[layer_number]
+
+    def uses_rope(self, layer_number: int) -> bool:
+        return layer_number not in self.nope_layers
 
     @property
     def rotary_dim(self) -> int:
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.rotary_fraction)
 
     def _resolve_moe(self) -> MoEConfig | None:
@@ -187,8 +249,10 @@ class DecoderConfig:
                 raise DecoderConfigError(
                     f"model.moe.hidden_size={moe.hidden_size} must equal model.hidden_size={self.hidden_size}"
                 )
-            if moe.activation != "swiglu":
-                raise DecoderConfigError(f"model.moe.activation={moe.activation!r} is invalid: the decoder uses swiglu")
+            if moe.activation not in EXPERT_ACTIVATIONS:
+                raise DecoderConfigError(
+                    f"model.moe.activation={moe.activation!r} is invalid: use one of {EXPERT_ACTIVATIONS}"
+                )
             return moe
         if not isinstance(moe, dict) and hasattr(moe, "items"):
             moe = dict(moe.items())
@@ -202,9 +266,14 @@ class DecoderConfig:
             )
         if "num_experts" not in moe:
             raise DecoderConfigError("model.moe.num_experts is missing: set the number of experts per MoE layer")
-        for name, value in (("hidden_size", self.hidden_size), ("activation", "swiglu")):
-            if moe.get(name, value) != value:
-                raise DecoderConfigError(f"model.moe.{name}={moe[name]!r} must be {value!r}: leave it out")
+        if moe.get("hidden_size", self.hidden_size) != self.hidden_size:
+            raise DecoderConfigError(
+                f"model.moe.hidden_size={moe['hidden_size']!r} must be {self.hidden_size}: leave it out"
+            )
+        if moe.get("activation", "swiglu") not in EXPERT_ACTIVATIONS:
+            raise DecoderConfigError(
+                f"model.moe.activation={moe['activation']!r} is invalid: choose one of {EXPERT_ACTIVATIONS}"
+            )
         inherited = {
             "hidden_size": self.hidden_size,
             "ffn_hidden_size": self.ffn_hidden_size,
@@ -238,129 +307,11 @@ class DecoderConfig:
 # ---------------------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nn.Module):
-    """``weight * normalise(x)``, normalised in float32 then cast back (as Llama-family models do)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
 class FinalNorm(RMSNorm):
     """The RMSNorm after the last block (its own class: a pipeline layer is built from a class)."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config.hidden_size, config.norm_eps)
-
-
-def rotary_cos_sin(
-    config: DecoderConfig, seq_len: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """``cos_SR, sin_SR`` of positions ``0..seq_len-1`` (R = rotary dim; frequencies repeated twice)."""
-    dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
-    if config.rope_scaling is not None:
-        inv_freq = scale_rope_frequencies(inv_freq, config.rope_scaling)
-    freqs_SR = torch.arange(seq_len, device=device, dtype=torch.float)[:, None] * inv_freq
-    emb_SR = torch.cat((freqs_SR, freqs_SR), dim=-1)
-    return emb_SR.cos().to(dtype), emb_SR.sin().to(dtype)
-
-
-def scale_rope_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
-    """Linear position interpolation, or Llama 3.1's: long wavelengths slowed by ``factor``, short
-    ones kept, a smooth blend between (as transformers computes them)."""
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
-    return torch.where(medium, blended, scaled)
-
-
-def apply_rotary(x_BHSA: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
-    """Rotate the first R features of each head (half-split convention); the rest pass through."""
-    rot = cos_SR.shape[-1]
-    x_rot = x_BHSA[..., :rot]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos_SR + rotated * sin_SR
-    if rot == x_BHSA.shape[-1]:  # every feature rotates: nothing passes through
-        return out
-    return torch.cat((out, x_BHSA[..., rot:]), dim=-1)
-
-
-class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE, through ``scaled_dot_product_attention``."""
-
-    def __init__(self, config: DecoderConfig, layer_number: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_number = layer_number
-        D, H, G, A = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(D, H * A, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, G * A, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, G * A, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(H * A, D, bias=config.o_bias)
-        self.q_norm = self.k_norm = None
-        if config.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(A, config.norm_eps), RMSNorm(A, config.norm_eps)
-        elif config.qk_norm == "projection":
-            self.q_norm, self.k_norm = RMSNorm(H * A, config.norm_eps), RMSNorm(G * A, config.norm_eps)
-        self._rotary: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # (seq_len, device, dtype) -> cos, sin
-        self.reset_parameters()
-
-    def rotary_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """:func:`rotary_cos_sin` for this layer, kept from the last forward of the same length
-        (eager only: a compiled graph computes them in place, fused)."""
-        if torch.compiler.is_compiling():
-            return rotary_cos_sin(self.config, seq_len, device, dtype)
-        key = (seq_len, device, dtype)
-        if self._rotary is None or self._rotary[0] != key:
-            self._rotary = (key, rotary_cos_sin(self.config, seq_len, device, dtype))
-        return self._rotary[1]
-
-    def reset_parameters(self) -> None:
-        cfg, prefix = self.config, f"blocks.{self.layer_number}.attn"
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            linear = getattr(self, name)
-            _normal_(linear.weight, cfg.init_std, cfg.init_seed, f"{prefix}.{name}.weight")
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        cfg = self.config
-        B, S, _ = x_BSD.shape
-        H, G, A = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
-        if cfg.qk_norm == "projection":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.qkv_clip is not None:
-            q, k, v = (t.clamp(-cfg.qkv_clip, cfg.qkv_clip) for t in (q, k, v))
-        q_BSHA, k_BSGA, v_BSGA = q.view(B, S, H, A), k.view(B, S, G, A), v.view(B, S, G, A)
-        if cfg.qk_norm == "head":
-            q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
-        q_BHSA, k_BGSA, v_BGSA = (t.transpose(1, 2) for t in (q_BSHA, k_BSGA, v_BSGA))
-        cos_SR, sin_SR = self.rotary_tables(S, x_BSD.device, q_BHSA.dtype)
-        q_BHSA, k_BGSA = apply_rotary(q_BHSA, cos_SR, sin_SR), apply_rotary(k_BGSA, cos_SR, sin_SR)
-        if G != H:  # each key/value head serves H / G query heads
-            k_BGSA = k_BGSA.repeat_interleave(H // G, dim=1)
-            v_BGSA = v_BGSA.repeat_interleave(H // G, dim=1)
-        o_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BGSA, v_BGSA, is_causal=True)
-        return self.o_proj(o_BHSA.transpose(1, 2).reshape(B, S, H * A))
 
 
 class SwiGLU(nn.Module):
@@ -397,7 +348,7 @@ class DecoderBlock(nn.Module):
         self.layer_number = layer_number
         self.is_moe = config.is_moe_layer(layer_number)
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = Attention(config, layer_number)
+        self.attn = (LatentAttention if config.attention == "mla" else Attention)(config, layer_number)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.ffn: nn.Module = (
             MoELayer(config.moe, ep_group, layer_number) if self.is_moe else SwiGLU(config, layer_number)

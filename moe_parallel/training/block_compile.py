@@ -88,4 +88,3 @@ def compiled_owners(model: nn.Module) -> dict[int, nn.Module]:
                 if inner is not module:
                     owners[id(inner)] = module
     return owners
-
