@@ -145,6 +145,11 @@ class MoEConfig:
         reachable = self.topk_groups * (self.num_experts // self.num_groups)
         if self.top_k > reachable:
             fail("top_k", self.top_k, f"must be <= topk_groups * experts per group = {reachable}; raise topk_groups")
+        if self.group_score not in GROUP_SCORES:
+            fail("group_score", self.group_score, f"choose one of {GROUP_SCORES}")
+        for name in ("router_bias", "input_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be true or false")
         if not isinstance(self.routed_scaling_factor, (int, float)) or not self.routed_scaling_factor > 0:
             fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number (1.0: no scaling)")
         if self.shared_expert_gate and self.shared_expert_ffn_hidden_size == 0:
