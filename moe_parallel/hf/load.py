@@ -46,9 +46,8 @@ def load_config(
     Refuses a ``quantization_config`` that cannot be read. Embeddings that config.json ties but the
     weights beside it store as two different matrices come back untied, as transformers loads them.
     """
-    hf_config = load_hf_config(path)
-    check_quantization(read_config_json(path), path)
-    config = decoder_config_from_hf(hf_config, capacity_factor=capacity_factor, moe_overrides=moe_overrides)
+    check_quantization(read_config_json(path), path)  # before transformers parses quantization_config
+    config = decoder_config_from_hf(load_hf_config(path), capacity_factor=capacity_factor, moe_overrides=moe_overrides)
     if config.tie_embeddings and any((Path(path) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
         config = untie_if_stored_apart(config, SafetensorsDir(path))
     return config
