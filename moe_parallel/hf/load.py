@@ -14,8 +14,11 @@ from ..core.comm import ProcessGroup
 from ..core.layer import MoELayer, moe_layers
 from ..integration.deepspeed import mark_expert_parameters
 from ..models.decoder import Decoder, DecoderConfig, decoder_canonical_names
-from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config
-from .safetensors_io import SafetensorsDir
+from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config, read_config_json
+from .fused_experts import fused_expert_keys, fused_layout_message
+from .quantization import check_quantization
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir
+from .tied_embeddings import HEAD_KEY, untie_if_stored_apart
 from .weights import TensorMap, assemble, expected_hf_shapes, tensor_map
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -38,8 +41,16 @@ def load_config(
     capacity_factor: float | None = None,
     moe_overrides: dict[str, Any] | None = None,
 ) -> DecoderConfig:
-    """The :class:`DecoderConfig` of the HF model in ``path`` (its config.json); see ``from_pretrained``."""
-    return decoder_config_from_hf(load_hf_config(path), capacity_factor=capacity_factor, moe_overrides=moe_overrides)
+    """The :class:`DecoderConfig` of the HF model in ``path`` (its config.json); see ``from_pretrained``.
+
+    Refuses a ``quantization_config`` that cannot be read. Embeddings that config.json ties but the
+    weights beside it store as two different matrices come back untied, as transformers loads them.
+    """
+    check_quantization(read_config_json(path), path)  # before transformers parses quantization_config
+    config = decoder_config_from_hf(load_hf_config(path), capacity_factor=capacity_factor, moe_overrides=moe_overrides)
+    if config.tie_embeddings and any((Path(path) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+        config = untie_if_stored_apart(config, SafetensorsDir(path))
+    return config
 
 
 def from_pretrained(
@@ -175,12 +186,14 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
     expected = expected_keys(config)
     present = source.keys()
     missing = sorted(set(expected) - present)
+    if missing and fused_expert_keys(present):
+        raise HFConversionError(fused_layout_message(source.path, config.hf_model_type, fused_expert_keys(present)))
     if missing:
         raise HFConversionError(
             f"{source.path}: {len(missing)} tensor(s) that config.json implies are missing, e.g. {missing[:4]}: "
             "the weights do not belong to this config.json, or a shard is incomplete"
         )
-    unexpected = sorted(k for k in present - set(expected) if not _ignorable(k, config.num_layers))
+    unexpected = sorted(k for k in present - set(expected) if not _ignorable(k, config))
     if unexpected:
         raise HFConversionError(
             f"{source.path}: {len(unexpected)} tensor(s) that config.json does not describe, e.g. {unexpected[:4]}: "
@@ -197,10 +210,12 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
         source.torch_dtype(key)  # refuses non-float tensors
 
 
-def _ignorable(key: str, num_layers: int) -> bool:
-    """Keys transformers ignores too: multi-token-prediction layers after the last block, RoPE caches."""
-    if key.endswith("rotary_emb.inv_freq"):
+def _ignorable(key: str, config: DecoderConfig) -> bool:
+    """Keys transformers ignores too: multi-token-prediction layers after the last block, RoPE caches,
+    and the LM head of tied embeddings (equal to the embedding: ``load_config`` unties them otherwise)."""
+    if key.endswith("rotary_emb.inv_freq") or (key == HEAD_KEY and config.tie_embeddings):
         return True
+    num_layers = config.num_layers
     parts = key.split(".")
     return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
