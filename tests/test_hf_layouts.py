@@ -17,11 +17,20 @@ from safetensors.torch import load_file, save_file
 
 from moe_parallel import hf
 from moe_parallel.hf import HFConversionError
+from moe_parallel.hf.fused_experts import FUSED_LAYOUT_FAMILIES
 from moe_parallel.hf.safetensors_io import SafetensorFiles
-from tests.hf_models import EAGER, FAMILIES, make_hf_model, random_hf_config, relative_error, save_hf_model, tokens
+from tests.hf_models import EAGER, make_hf_model, random_hf_config, relative_error, save_hf_model, tokens
 
 # A draw of each family with at least one MoE layer.
-MOE_DRAWS = {"mixtral": 0, "qwen3_moe": 0, "qwen2_moe": 1, "olmoe": 0, "glm4_moe": 0}
+MOE_DRAWS = {
+    "mixtral": 0,
+    "qwen3_moe": 0,
+    "qwen2_moe": 1,
+    "olmoe": 0,
+    "glm4_moe": 0,
+    "deepseek_v3": 0,
+    "deepseek_v2": 0,
+}
 
 
 def _transformers(path: Path):
@@ -41,7 +50,7 @@ def _logits_match(path: Path, reference=None) -> None:
 # ---------------------------------------------------------------- transformers' fused expert layout
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FUSED_LAYOUT_FAMILIES)
 def test_fused_expert_layout_loads_as_the_per_expert_one(tmp_path, family):
     draw = MOE_DRAWS[family]
     model = make_hf_model(random_hf_config(family, draw), draw)

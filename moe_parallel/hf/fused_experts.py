@@ -19,7 +19,7 @@ from .families import Family, HFConversionError
 
 # Families whose Hub layout is per-expert and which transformers 5 can save fused. A family whose own
 # layout is fused (GPT-OSS, Llama 4) maps its tensors itself and is not listed.
-FUSED_LAYOUT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+FUSED_LAYOUT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _PER_EXPERT = re.compile(r"model\.layers\.(\d+)\.\w+\.experts\.\d+\..+")
 SAVE_ORIGINAL = "save it with transformers' save_pretrained(..., save_original_format=True)"

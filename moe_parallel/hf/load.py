@@ -253,7 +253,7 @@ def read_hf_tensors(source: TensorSource, tmap: TensorMap) -> dict[str, Tensor]:
         return {key: source.get(key)}
     get_rows = getattr(source, "get_rows", None)
     if get_rows is not None:
-        return {key: get_rows(key, rows.start, rows.stop)}
+        return {key: torch.stack([get_rows(key, j) for j in rows])}
     return {key: source.get(key)[rows.start : rows.stop]}
 
 

@@ -198,14 +198,6 @@ class SafetensorsDir:
     def get_rows(self, key: str, index: int) -> Tensor:
         return self._view.get_rows(key, index)
 
-    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` (dim 0) of a tensor, reading only those bytes."""
-        file = self.file_of[key]
-        try:
-            return self._handles[file].get_slice(key)[start:stop]
-        except Exception as err:
-            raise _damaged(self.path / file, err) from None
-
     def torch_dtype(self, key: str) -> torch.dtype:
         if self.dtypes[key] not in _DTYPES:
             raise HFConversionError(
