@@ -297,7 +297,7 @@ def random_family_overrides(family: str, seed: int) -> dict:
         kw.update(
             num_local_experts=experts,
             num_experts_per_tok=1,
-            interleave_moe_layer_step=rng.choice([1, 2]),
+            interleave_moe_layer_step=rng.choice([1, 2]) if layers >= 2 else 1,  # at least one MoE layer
             use_qk_norm=rng.random() < 0.5,
             attn_temperature_tuning=rng.random() < 0.5,
         )

@@ -180,8 +180,10 @@ def test_bad_input_is_refused_naming_the_key_and_the_fix(tmp_path, capsys):
     assert "--top-k" in err
 
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))
-    assert "model_type='deepseek_v3'" in _error(capsys, ["import-hf", str(src), "--out", out])
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert "model_type='gpt2' is not supported" in _error(capsys, ["import-hf", str(src), "--out", out])
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))  # Mixtral's keys: GQA
+    assert "num_key_value_heads=2 is not supported" in _error(capsys, ["import-hf", str(src), "--out", out])
     (src / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))
     assert "hidden_size" in _error(capsys, ["import-hf", str(src), "--out", out])
     (src / "config.json").write_text(json.dumps(cfg))
