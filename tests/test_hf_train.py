@@ -9,6 +9,7 @@ matches transformers.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def metrics(run_dir: Path, key: str) -> dict[int, float]:
     return {row["step"]: row[key] for row in rows if key in row}
 
 
-def transformers_eval_loss(export: Path, run_dir: Path, dp_size: int) -> float:
+def transformers_eval_loss(export: Path, run_dir: Path, dp_size: int, batches: int = EVAL_BATCHES) -> float:
     """The trainer's validation loss (same windows, same DP split and mean), computed by transformers."""
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +72,7 @@ def transformers_eval_loss(export: Path, run_dir: Path, dp_size: int) -> float:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     data = prepare_data(app_config.data_config(cfg))  # the run's tokenized corpus (a cache hit)
     val = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
-    per_rank = [list(iter_eval_batches(val, MICRO, r, dp_size, EVAL_BATCHES)) for r in range(dp_size)]
+    per_rank = [list(iter_eval_batches(val, MICRO, r, dp_size, batches)) for r in range(dp_size)]
     losses = []
     with torch.no_grad():
         for batches in zip(*per_rank):
@@ -408,3 +409,19 @@ def test_tokenizer_is_checked_with_the_model_before_training(tmp_path, model_dir
     with pytest.raises(app_config.AppConfigError, match="data.tokenizer: the tokenizer has 450 tokens"):
         app_config.validate(compose("model=hf", f"model.path={weights_only}", f"data.tokenizer={big}"), world_size=1)
     app_config.validate(compose("model=hf", f"model.path={weights_only}", f"data.tokenizer={model_dir}"), world_size=1)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "llama4_text", "gpt_oss"])
+def test_each_new_family_trains_under_deepspeed_at_ep2_and_exports_exactly(tmp_path, family):
+    from tests.hf_app_fixtures import tiny_family_model, tiny_tokenizer
+
+    model_dir = tmp_path / family
+    tiny_tokenizer(model_dir)
+    tiny_family_model(family, model_dir, vocab_size=403)
+    train(tmp_path / "run", model_dir, tmp_path / "cache", 4, "parallel=ep2", "train.eval_batches=1")
+    losses = metrics(tmp_path / "run", "train/loss")
+    assert sorted(losses) == [2, 4] and all(map(math.isfinite, losses.values()))
+    assert tool(["export-hf", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "export")]) == 0
+    ours = metrics(tmp_path / "run", "eval/loss")[4]
+    theirs = transformers_eval_loss(tmp_path / "export", tmp_path / "run", dp_size=2, batches=1)
+    assert abs(ours - theirs) <= 1e-5 * abs(ours), (family, ours, theirs)
