@@ -328,6 +328,8 @@ SWEEP_ROUTERS = {
     "groups-4-top2-bias": dict(num_experts=8, num_groups=4, topk_groups=2, selection_bias=True, capacity_factor=1.0),
     "shared-gated": dict(shared_expert_ffn_hidden_size=8, shared_expert_gate=True, capacity_factor=None),
     "expert-bias-zloss": dict(expert_bias=True, z_loss_coeff=1e-2, min_capacity=0, capacity_factor=0.5),
+    "groups-max-router-bias": dict(num_experts=8, num_groups=4, topk_groups=2, group_score="max", router_bias=True),
+    "input-weighted-top1-sigmoid": dict(top_k=1, score_func="sigmoid", input_weighted=True, capacity_factor=1.0),
 }
 
 

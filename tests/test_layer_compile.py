@@ -74,6 +74,11 @@ def test_layer_with_router_noise_compiles_in_one_graph(noise):
     assert torch.isfinite(y).all()
 
 
+CLAMPED_SWIGLU_INPUT_WEIGHTED = dict(
+    activation="clamped_swiglu", swiglu_limit=0.5, router_bias=True, input_weighted=True, expert_bias=True
+)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -82,8 +87,12 @@ def test_layer_with_router_noise_compiles_in_one_graph(noise):
             dict(num_experts=8, top_k=1, capacity_factor=None, score_func="sigmoid", expert_bias=True),
             marks=pytest.mark.slow,
         ),
+        pytest.param(
+            dict(CLAMPED_SWIGLU_INPUT_WEIGHTED, num_experts=4, top_k=2, capacity_factor=1.0),
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["capacity-swiglu-shared", "dropless-sigmoid-bias"],
+    ids=["capacity-swiglu-shared", "dropless-sigmoid-bias", "clamped-swiglu-input-weighted-biases"],
 )
 def test_layer_compiles_with_inductor(kwargs):
     _assert_compiled_matches_eager(MoEConfig(hidden_size=16, ffn_hidden_size=12, **kwargs), 20, "inductor")

@@ -2,8 +2,9 @@
 
 At EP > 1 one training step of one layer (forward and backward) makes 5 collectives (the counts
 exchange, dispatch and combine, their backwards) and 1 host sync (the split sizes), for every router
-option, capacity or dropless, top-1 to top-k, with or without a shared expert; the combine weights
-never travel. At EP = 1 on the grouped-GEMM path it makes no host sync at all. The drop-in makes at
+option, capacity or dropless, top-1 to top-k, with or without a shared expert, with the combine
+weights on the experts' outputs or their inputs (``input_weighted``); the combine weights never
+travel. At EP = 1 on the grouped-GEMM path it makes no host sync at all. The drop-in makes at
 most 5 collectives and one host sync. Configs are random draws over the router options.
 """
 
@@ -47,6 +48,12 @@ def random_config(rng: random.Random, hidden: int = 16) -> dict:
         cfg.update(num_groups=2, topk_groups=1)
     if rng.random() < 0.5:
         cfg.update(shared_expert_ffn_hidden_size=8, shared_expert_gate=rng.random() < 0.5)
+    # The options of DeepSeek-V2, Llama 4 and GPT-OSS: no collective, byte or host sync of their own.
+    cfg.update(router_bias=rng.random() < 0.4, input_weighted=rng.random() < 0.4)
+    if cfg.get("num_groups", 1) > 1:
+        cfg["group_score"] = rng.choice(["top2_sum", "max"])
+    if rng.random() < 0.3:
+        cfg.update(activation="clamped_swiglu", swiglu_limit=rng.choice([0.5, 7.0]))
     return cfg
 
 

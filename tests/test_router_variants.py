@@ -1,4 +1,5 @@
-"""Router variants (group-limited routing, routed scaling, softmax after top-k, selection bias) and
+"""Router variants (group-limited routing by either group score, routed scaling, softmax after top-k,
+selection bias, the gate's bias) and
 the shared-expert gate, against a naive per-token reference over random draws of the config."""
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def naive_route(router: TopKRouter, x_TD: torch.Tensor) -> tuple[list[list[int]]
     experts, weights = [], []
     for x_D in x_TD.double():
         logits = router.weight.detach().double() @ x_D
+        if router.bias is not None:
+            logits = logits + router.bias.detach().double()
         scores = torch.softmax(logits, 0) if cfg.score_func == "softmax" else torch.sigmoid(logits)
         selection = scores + (router.expert_bias.double() if router.uses_expert_bias else 0.0)
-        group_score = [sorted(selection[g * per_group : (g + 1) * per_group].tolist())[-2:] for g in range(G)]
+        best = 1 if cfg.group_score == "max" else 2
+        group_score = [sorted(selection[g * per_group : (g + 1) * per_group].tolist())[-best:] for g in range(G)]
         ranked_groups = sorted(range(G), key=lambda g: -sum(group_score[g]))[: cfg.topk_groups]
         allowed = [e for e in range(E) if e // per_group in ranked_groups]
         chosen = sorted(allowed, key=lambda e: -float(selection[e]))[: cfg.top_k]
@@ -55,6 +59,8 @@ def random_config(rng: random.Random, hidden: int = 8) -> MoEConfig:
         score_after_topk=score_func == "softmax" and rng.random() < 0.3,
         num_groups=num_groups,
         topk_groups=topk_groups,
+        group_score=rng.choice(["top2_sum", "max"]),
+        router_bias=rng.random() < 0.5,
         routed_scaling_factor=rng.choice([1.0, 2.5, 0.7]),
         selection_bias=rng.random() < 0.5,
         capacity_factor=None,
@@ -71,6 +77,9 @@ def test_router_matches_naive_reference(draw):
     rng = random.Random(draw)
     cfg = random_config(rng)
     router = TopKRouter(cfg, seed=draw).eval()
+    if router.bias is not None:
+        with torch.no_grad():
+            router.bias.copy_(torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(500 + draw)))
     if router.uses_expert_bias:
         router.expert_bias.copy_(torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(draw)) * 0.3)
     x_TD = torch.randn(13, cfg.hidden_size, generator=torch.Generator().manual_seed(1000 + draw))
@@ -126,12 +135,15 @@ def test_layer_with_router_variants_and_gated_shared_expert_matches_naive(draw):
     gen = torch.Generator().manual_seed(draw)
     if layer.router.uses_expert_bias:
         layer.router.expert_bias.copy_(torch.randn(cfg.num_experts, generator=gen) * 0.2)
+    if layer.router.bias is not None:
+        with torch.no_grad():
+            layer.router.bias.normal_(0.0, 0.5, generator=gen)
     x = torch.randn(2, 7, cfg.hidden_size, generator=gen).requires_grad_()
     y = layer(x)
 
     experts, _ = naive_route(layer.router, x.detach().reshape(-1, cfg.hidden_size))
     x_TD = x.reshape(-1, cfg.hidden_size)
-    logits = x_TD @ layer.router.weight.t()
+    logits = F.linear(x_TD, layer.router.weight, layer.router.bias)
     scores = torch.softmax(logits, -1) if cfg.score_func == "softmax" else torch.sigmoid(logits)
     rows = []
     for t, chosen in enumerate(experts):

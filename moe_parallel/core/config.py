@@ -6,18 +6,21 @@ what is allowed before any process group is touched.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["position", "probs"]
-Activation = Literal["gelu", "swiglu", "relu", "silu"]
+Activation = Literal["gelu", "swiglu", "relu", "silu", "clamped_swiglu"]
+GroupScore = Literal["top2_sum", "max"]
 RouterNoise = Literal["none", "jitter", "gumbel"]
 ExpertGemm = Literal["auto", "grouped", "loop", "padded"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
-ACTIVATIONS = ("gelu", "swiglu", "relu", "silu")
+ACTIVATIONS = ("gelu", "swiglu", "relu", "silu", "clamped_swiglu")
+GROUP_SCORES = ("top2_sum", "max")
 ROUTER_NOISES = ("none", "jitter", "gumbel")
 EXPERT_GEMMS = ("auto", "grouped", "loop", "padded")
 
@@ -58,11 +61,16 @@ class MoEConfig:
     # Softmax over the k selected logits instead of over all experts (then no renormalising needed;
     # with top_k=1 the weight is exactly 1). Softmax scoring only.
     score_after_topk: bool = False
-    # Group-limited routing (DeepSeek-V3): experts form num_groups equal groups, a group scores the
-    # sum of its two best selection scores, and each token picks its top_k among the experts of its
-    # topk_groups best groups. num_groups=1 routes over all experts.
+    # The gate is Linear(D, E, bias=True): logits = x W^T + b, b the router's ``bias`` parameter
+    # (GPT-OSS). Unlike selection_bias it enters the scores, hence the combine weights, and is trained.
+    router_bias: bool = False
+    # Group-limited routing: experts form num_groups equal groups, and each token picks its top_k
+    # among the experts of its topk_groups best groups. A group scores by group_score: "top2_sum",
+    # the sum of its two best selection scores (DeepSeek-V3), or "max", its best one (DeepSeek-V2's
+    # group_limited_greedy). num_groups=1 routes over all experts.
     num_groups: int = 1
     topk_groups: int = 1
+    group_score: GroupScore = "top2_sum"
     routed_scaling_factor: float = 1.0  # multiplies the combine weights, after any renormalising
     # A per-expert bias added to the scores for selection only (DeepSeek-V3's correction bias). Kept
     # as the router's ``expert_bias`` buffer; expert_bias_update_rate > 0 implies it and moves it.
@@ -82,8 +90,17 @@ class MoEConfig:
     expert_bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
 
     # Experts
+    # "swiglu" and "clamped_swiglu" split the first product into [gate | up] halves; clamped_swiglu
+    # (GPT-OSS) is (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit).
     activation: Activation = "gelu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    # Per-expert biases b1 [E, up] and b2 [E, D]: y_e = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e], the
+    # combine weight multiplying the whole y_e (GPT-OSS).
     expert_bias: bool = False
+    # The combine weight scales the expert's input row instead of its output, and the outputs add up
+    # unweighted: y = sum_k expert_k(w_k * x) (Llama 4; Megatron-Core's moe_apply_probs_on_input).
+    input_weighted: bool = False
     shared_expert_ffn_hidden_size: int = 0  # 0 disables the always-on shared expert
     shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w_gate) (Qwen2-MoE)
     # How the experts' matrix products run: "grouped" (one torch grouped GEMM per product over all
@@ -128,6 +145,11 @@ class MoEConfig:
         reachable = self.topk_groups * (self.num_experts // self.num_groups)
         if self.top_k > reachable:
             fail("top_k", self.top_k, f"must be <= topk_groups * experts per group = {reachable}; raise topk_groups")
+        if self.group_score not in GROUP_SCORES:
+            fail("group_score", self.group_score, f"choose one of {GROUP_SCORES}")
+        for name in ("router_bias", "input_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be true or false")
         if not isinstance(self.routed_scaling_factor, (int, float)) or not self.routed_scaling_factor > 0:
             fail("routed_scaling_factor", self.routed_scaling_factor, "must be a positive number (1.0: no scaling)")
         if self.shared_expert_gate and self.shared_expert_ffn_hidden_size == 0:
@@ -151,6 +173,10 @@ class MoEConfig:
             fail("output_init_std", self.output_init_std, "must be >= 0, or None to use init_std")
         if self.activation not in ACTIVATIONS:
             fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                fail(name, value, "must be a positive finite number (GPT-OSS: swiglu_limit=7.0, swiglu_alpha=1.702)")
         if self.expert_gemm not in EXPERT_GEMMS:
             fail("expert_gemm", self.expert_gemm, f"choose one of {EXPERT_GEMMS}")
         if self.shared_expert_ffn_hidden_size < 0:

@@ -7,7 +7,10 @@ destination rank) -> [EP > 1] counts exchange, the layer's one host sync (split 
 all-to-all -> regroup the received ``[source rank][local expert]`` chunks into ``[local expert]
 [source rank]`` order, so that each local expert's rows are contiguous.
 combine: the same steps reversed, then the combine weights are applied where the token lives and
-each token's rows are added into ``y_TD``: the weights never travel.
+each token's rows are added into ``y_TD``: the weights never travel. With ``weight_on_input`` (the
+config's ``input_weighted``) the weights scale the gathered rows instead, still on the token's own
+rank before they leave it (the scaled rows travel, the same bytes), and combine adds the returned
+rows unweighted.
 
 At EP > 1 one layer step makes five collectives (the counts exchange, the two all-to-alls and their
 backwards) and one host sync. Bad input on a rank travels as a flag in the counts exchange, so every
@@ -104,10 +107,15 @@ def permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
 
 
 class AllToAllTokenDispatcher:
-    """Moves tokens between this rank and the owners of their experts (EP group of size R)."""
+    """Moves tokens between this rank and the owners of their experts (EP group of size R).
 
-    def __init__(self, num_experts: int, ep_group: ProcessGroup | None) -> None:
+    ``weight_on_input``: the combine weights multiply each dispatched row before the experts, and
+    combine sums the experts' outputs unweighted (Llama 4); else they multiply the outputs.
+    """
+
+    def __init__(self, num_experts: int, ep_group: ProcessGroup | None, weight_on_input: bool = False) -> None:
         self.num_experts = num_experts
+        self.weight_on_input = weight_on_input
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.num_local_experts = num_experts // self.ep_size
@@ -144,7 +152,7 @@ class AllToAllTokenDispatcher:
         elif plan.may_drop:
             kept_M = torch.arange(token_idx_M.numel(), device=token_idx_M.device) < plan.num_kept
         state = CombineState(token_idx_M, weight_M, x_TD.shape[0], kept_M)
-        x_local = x_TD.index_select(0, token_idx_M)
+        x_local = self._gather_rows(x_TD, state)
         return Dispatch(plan.tokens_per_expert_E, counts_host, state, x_local=x_local)
 
     @eager_only
@@ -171,7 +179,7 @@ class AllToAllTokenDispatcher:
         num_sent = sum(send_splits)
         state = CombineState(plan.token_idx_A[:num_sent], plan.weight_A[:num_sent], x_TD.shape[0])
         state.send_splits, state.recv_splits = send_splits, recv_splits
-        x_send = x_TD.index_select(0, state.token_idx_M)
+        x_send = self._gather_rows(x_TD, state)
         tokens_per_local_expert = recv_counts_Re.sum(0)
         dispatch = Dispatch(tokens_per_local_expert, counts_host, state, recv_counts_Re=recv_counts_Re)
         if overlap:
@@ -179,6 +187,13 @@ class AllToAllTokenDispatcher:
         else:
             dispatch.x_local = self._regroup(all_to_all(x_send, self.ep_group, recv_splits, send_splits), dispatch)
         return dispatch
+
+    def _gather_rows(self, x_TD: Tensor, state: CombineState) -> Tensor:
+        """The dispatched rows of ``x_TD``, scaled by their combine weights with ``weight_on_input``."""
+        x_MD = x_TD.index_select(0, state.token_idx_M)
+        if self.weight_on_input:
+            x_MD = x_MD * state.weight_M.to(x_MD.dtype).unsqueeze(-1)
+        return x_MD
 
     @staticmethod
     def _raise_bad_input(own: bool, message: str) -> None:
@@ -222,9 +237,12 @@ class AllToAllTokenDispatcher:
         return permute_rows(x_recv, state.group_idx, state.ungroup_idx)
 
     def combine(self, out_local: Tensor, state: CombineState) -> Tensor:
-        """Inverse of :meth:`dispatch`: ``y_TD``, each token's kept expert outputs times their weights, summed."""
+        """Inverse of :meth:`dispatch`: ``y_TD``, each token's kept expert outputs times their weights
+        (with ``weight_on_input``: unweighted, the inputs were), summed."""
         out_MD = self._return_rows(out_local, state) if self.ep_size > 1 else out_local
-        weighted_MD = out_MD * state.weight_M.to(out_MD.dtype).unsqueeze(-1)
+        weighted_MD = out_MD
+        if not self.weight_on_input:
+            weighted_MD = out_MD * state.weight_M.to(out_MD.dtype).unsqueeze(-1)
         if state.kept_M is not None:  # padding rows: their weights belong to dropped assignments
             weighted_MD = torch.where(state.kept_M.unsqueeze(-1), weighted_MD, 0)
         y_TD = weighted_MD.new_zeros(state.num_tokens, weighted_MD.shape[-1])

@@ -84,10 +84,12 @@ class MoELayer(nn.Module):
         self.expert_group_name = expert_group_name(ep_size)
 
         self.router = TopKRouter(config, seed=expert_seed(config.init_seed, layer_number, -1))
-        self.dispatcher = AllToAllTokenDispatcher(config.num_experts, ep_group)
+        self.dispatcher = AllToAllTokenDispatcher(config.num_experts, ep_group, config.input_weighted)
         expert_kwargs = dict(
             hidden_size=config.hidden_size,
             activation=config.activation,
+            swiglu_limit=config.swiglu_limit,
+            swiglu_alpha=config.swiglu_alpha,
             bias=config.expert_bias,
             init_std=config.init_std,
             output_init_std=config.output_init_std,
@@ -151,7 +153,7 @@ class MoELayer(nn.Module):
                 f"the expert-parallel group has {size} ranks, but the layer was built for ep_size={self.ep_size}"
             )
         self.ep_group = ep_group
-        self.dispatcher = AllToAllTokenDispatcher(self.num_experts, ep_group)
+        self.dispatcher = AllToAllTokenDispatcher(self.num_experts, ep_group, self.config.input_weighted)
         self.experts.first_expert_id = group_rank(ep_group) * self.num_local_experts
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: object) -> None:

@@ -30,16 +30,19 @@ class TopKRouter(nn.Module):
     ``expert_bias_update_rate > 0``) a per-expert bias is added to the scores for *selection only*
     (DeepSeek-V3's correction bias); :meth:`update_expert_bias` moves it once per optimizer step.
 
-    Selection, in order: scores (softmax or sigmoid over all experts) -> + selection bias -> keep the
-    ``topk_groups`` best of ``num_groups`` expert groups (a group scores the sum of its two best) ->
-    top-k. Weights: the selected experts' unbiased scores (or a softmax over their logits with
-    ``score_after_topk``), renormalised with ``normalize_top_k``, times ``routed_scaling_factor``.
+    Logits ``x W^T`` (``+ b`` with ``router_bias``: the parameter ``bias`` [E], trained, float32
+    compute like ``weight``). Selection, in order: scores (softmax or sigmoid over all experts) ->
+    + selection bias -> keep the ``topk_groups`` best of ``num_groups`` expert groups (a group scores
+    the sum of its two best, or its best with ``group_score="max"``) -> top-k. Weights: the selected
+    experts' unbiased scores (or a softmax over their logits with ``score_after_topk``), renormalised
+    with ``normalize_top_k``, times ``routed_scaling_factor``.
     """
 
     def __init__(self, config: MoEConfig, seed: int) -> None:
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.empty(config.num_experts)) if config.router_bias else None
         self.uses_expert_bias = config.selection_bias or config.expert_bias_update_rate > 0
         if self.uses_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
@@ -64,6 +67,8 @@ class TopKRouter(nn.Module):
         gen = torch.Generator().manual_seed(self._seed)
         init = torch.empty(self.weight.shape).normal_(0.0, self.config.init_std, generator=gen)
         self.weight.copy_(init)
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         cfg = self.config
@@ -72,7 +77,7 @@ class TopKRouter(nn.Module):
             if self.training and cfg.router_noise == "jitter" and cfg.router_jitter_eps > 0:
                 eps = cfg.router_jitter_eps
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-            logits_TE = F.linear(x_TD, self.weight.float())
+            logits_TE = F.linear(x_TD, self.weight.float(), None if self.bias is None else self.bias.float())
 
             scores_TE = self._score(logits_TE)
             probs_TE = scores_TE
@@ -87,7 +92,7 @@ class TopKRouter(nn.Module):
             if self.uses_expert_bias:
                 selection_TE = selection_TE + self.expert_bias.float()
             if cfg.num_groups > 1:
-                selection_TE = limit_to_top_groups(selection_TE, cfg.num_groups, cfg.topk_groups)
+                selection_TE = limit_to_top_groups(selection_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
             expert_TK = top_k_indices(selection_TE, cfg.top_k)
 
             if cfg.score_after_topk:
@@ -145,16 +150,22 @@ def top_k_indices(scores_TE: Tensor, k: int) -> Tensor:
     return torch.topk(scores_TE, k, dim=-1, sorted=True).indices
 
 
-def limit_to_top_groups(selection_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+def limit_to_top_groups(
+    selection_TE: Tensor, num_groups: int, topk_groups: int, group_score: str = "top2_sum"
+) -> Tensor:
     """``selection_TE`` with every expert outside each token's ``topk_groups`` best groups at -inf.
 
-    Experts ``[g * E/G, (g+1) * E/G)`` form group g; a group scores the sum of its two best selection
-    scores (its best one when groups hold one expert), as in DeepSeek-V3.
+    Experts ``[g * E/G, (g+1) * E/G)`` form group g. ``group_score="top2_sum"``: a group scores the
+    sum of its two best selection scores (its best one when groups hold one expert), as in
+    DeepSeek-V3; ``"max"``: its best score, as DeepSeek-V2's ``group_limited_greedy``.
     """
     num_tokens, num_experts = selection_TE.shape
     grouped_TGe = selection_TE.view(num_tokens, num_groups, num_experts // num_groups)
-    best = min(2, grouped_TGe.shape[-1])
-    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    if group_score == "max":
+        group_score_TG = grouped_TGe.amax(dim=-1)
+    else:
+        best = min(2, grouped_TGe.shape[-1])
+        group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
     group_TK = group_score_TG.topk(topk_groups, dim=-1).indices
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_TK, True)
     return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import up_width
 from .padded import padded_runs
 
 
@@ -122,7 +123,7 @@ def choose_expert_path(
     and dwarf the calls that padding saves); else the loop.
     """
     model = cost_model()  # read first: a broken calibration file fails at every shape
-    up = 2 * ffn if activation == "swiglu" else ffn
+    up = up_width(activation, ffn)
     if hidden * (up + ffn) * dtype.itemsize > MAX_PADDED_EXPERT_BYTES:
         return "loop"
     return model.choose(counts, hidden, ffn, dtype.itemsize)

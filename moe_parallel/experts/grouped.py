@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import activate
+from .activations import DEFAULT_CLAMP, SwiGLUClamp, activate
 
 # CUDA's weight-gradient kernels group along the rows: each group must start on a 16-byte boundary.
 _ROW_ALIGN_BYTES = 16
@@ -166,9 +166,11 @@ def grouped_mlp(
     b1_eH: Tensor | None,
     b2_eD: Tensor | None,
     activation: str,
+    clamp: SwiGLUClamp = DEFAULT_CLAMP,
 ) -> Tensor:
     """The experts' MLP on grouped rows as two grouped GEMMs; rows past ``tokens_per_expert_e.sum()``
-    are padding and give zero rows. Plain autograd does the backward (grouped GEMMs too)."""
+    are padding and give zero rows. Plain autograd does the backward (grouped GEMMs too).
+    ``clamp``: the constants of ``clamped_swiglu``."""
     offs_e = torch.cumsum(tokens_per_expert_e, 0, dtype=torch.int32)
     h_MH = grouped_mm(x_MD, w1_eDH, offs_e)
     expert_M = None
@@ -176,7 +178,7 @@ def grouped_mlp(
         expert_M = _row_group_index(offs_e, x_MD.shape[0]).clamp(max=w1_eDH.shape[0] - 1)
     if b1_eH is not None:
         h_MH = h_MH + b1_eH.index_select(0, expert_M)
-    out_MD = grouped_mm(activate(h_MH, activation), w2_eFD, offs_e)
+    out_MD = grouped_mm(activate(h_MH, activation, clamp), w2_eFD, offs_e)
     if b2_eD is not None:
         past_M1 = _rows_past_groups(x_MD.shape[0], offs_e, x_MD.device)
         out_MD = out_MD + b2_eD.index_select(0, expert_M).masked_fill(past_M1, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .activations import activate, activate_backward, activate_for_backward, linear, release, released
+from .activations import DEFAULT_CLAMP, activate, activate_backward, activate_for_backward, linear, release, released
 from .buffers import grad_buffer_like
 
 
@@ -32,10 +32,11 @@ class LoopExpertMLP(torch.autograd.Function):
 
     ``reuse_grad``: the caller owns the output's gradient and nothing else reads it, so the input
     gradient is written over it in place, one ``[N, D]`` buffer less at backward's peak.
+    ``clamp``: the :class:`~moe_parallel.experts.activations.SwiGLUClamp` of ``clamped_swiglu``.
     """
 
     @staticmethod
-    def forward(ctx, x, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, reuse_grad=False):  # type: ignore[override]
+    def forward(ctx, x, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, reuse_grad=False, clamp=DEFAULT_CLAMP):  # type: ignore[override]
         # The caller cast everything to the activations' dtype; autocast must not recast the products.
         with torch.autocast(x.device.type, enabled=False):
             rows = row_blocks(counts)
@@ -48,9 +49,9 @@ class LoopExpertMLP(torch.autograd.Function):
                     continue
                 h = linear(x[rows[j]], w1[j], None if b1 is None else b1[j])
                 saved.append(h)  # a is recomputed in backward
-                linear(activate(h, activation), w2[j], None if b2 is None else b2[j], out=y[rows[j]])
+                linear(activate(h, activation, clamp), w2[j], None if b2 is None else b2[j], out=y[rows[j]])
         ctx.save_for_backward(x, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
-        ctx.counts, ctx.activation, ctx.reuse_grad = counts, activation, reuse_grad
+        ctx.counts, ctx.activation, ctx.reuse_grad, ctx.clamp = counts, activation, reuse_grad, clamp
         return y
 
     @staticmethod
@@ -61,7 +62,7 @@ class LoopExpertMLP(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y):
         x, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
-        counts, activation = ctx.counts, ctx.activation
+        counts, activation, clamp = ctx.counts, ctx.activation, ctx.clamp
         rows = row_blocks(counts)
         # Expert j's rows of grad_y are last read before its rows of grad_x are written.
         grad_x = grad_y if ctx.reuse_grad else torch.empty_like(x)
@@ -81,16 +82,16 @@ class LoopExpertMLP(torch.autograd.Function):
             x_e = x[rows[j]]
             if released(h):  # a second backward through a retained graph: recompute what was freed
                 h = linear(x_e, w1[j], None if b1 is None else b1[j])
-            a, silu_gate = activate_for_backward(h, activation)
+            a, gate_act = activate_for_backward(h, activation, clamp)
             g = grad_y[rows[j]]
-            # Beside h, one [n, F] tensor (a, then grad_a in its memory; swiglu: and silu(gate));
-            # grad_h overwrites grad_a, or for swiglu h itself.
+            # Beside h, one [n, F] tensor (a, then grad_a in its memory; gated: and the gate's
+            # activated half); grad_h overwrites grad_a, or for the gated activations h itself.
             torch.mm(a.t(), g, out=grad_w2[j])
             if grad_b2 is not None:
                 torch.sum(g, 0, out=grad_b2[j])
             grad_a = torch.mm(g, w2[j].t(), out=a)
-            grad_h = activate_backward(grad_a, h, activation, in_place=True, silu_gate=silu_gate)
-            del a, grad_a, silu_gate
+            grad_h = activate_backward(grad_a, h, activation, in_place=True, gate_act=gate_act, clamp=clamp)
+            del a, grad_a, gate_act
             if not grad_h.is_set_to(h):  # else grad_h lives in h's memory: released after its last use
                 release(h)
             torch.mm(x_e.t(), grad_h, out=grad_w1[j])
@@ -98,4 +99,4 @@ class LoopExpertMLP(torch.autograd.Function):
                 torch.sum(grad_h, 0, out=grad_b1[j])
             torch.mm(grad_h, w1[j].t(), out=grad_x[rows[j]])
             release(h)  # (a no-op when it is released already)
-        return grad_x, *grads, None, None, None
+        return grad_x, *grads, None, None, None, None

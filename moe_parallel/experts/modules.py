@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import DEFAULT_CLAMP
 from .interface import host_counts
 from .loop import row_blocks
 from .stacked import GroupedExperts
@@ -363,6 +364,7 @@ class StackedExperts(GroupedExperts):
         self.num_local_experts = num_local_experts
         self.first_expert_id = first_expert_id
         self.activation = form.activation
+        self.clamp = DEFAULT_CLAMP  # no recognised form is clamped_swiglu
         self.expert_gemm = "auto"
         self.resolved_gemm = None if form.native else "modules"  # non-native forms: a loop of autograd ops
         self.owns_output_grad = False

@@ -12,7 +12,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from .activations import activate, activate_backward, activate_for_backward, release, released
+from .activations import DEFAULT_CLAMP, activate, activate_backward, activate_for_backward, release, released
 from .buffers import grad_buffer_like
 
 # A run's widest padded buffer ([slots, max(D, H)]): small enough to stay in cache and to come from
@@ -89,7 +89,7 @@ class PaddedExpertMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, reuse_grad=False):  # type: ignore[override]
+    def forward(ctx, x, w1_eDH, w2_eFD, b1_eH, b2_eD, counts, activation, reuse_grad=False, clamp=DEFAULT_CLAMP):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
             y = torch.empty_like(x)
             y[sum(counts) :].zero_()
@@ -101,11 +101,12 @@ class PaddedExpertMLP(torch.autograd.Function):
                 experts = layout.experts
                 run = slice(experts.start, experts.stop)
                 h_eCH = _batched_linear(layout.scatter(x[layout.rows]), w1_eDH[run], b1_eH, experts)
-                o_eCD = _batched_linear(activate(h_eCH, activation), w2_eFD[run], b2_eD, experts)
+                o_eCD = _batched_linear(activate(h_eCH, activation, clamp), w2_eFD[run], b2_eD, experts)
                 saved.append(h_eCH)
                 y[layout.rows] = layout.rows_of(o_eCD)
         ctx.save_for_backward(x, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved)
         ctx.counts, ctx.activation, ctx.layouts, ctx.reuse_grad = counts, activation, layouts, reuse_grad
+        ctx.clamp = clamp
         return y
 
     @staticmethod
@@ -116,7 +117,7 @@ class PaddedExpertMLP(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_y):
         x, w1_eDH, w2_eFD, b1_eH, b2_eD, *saved = ctx.saved_tensors
-        counts, activation = ctx.counts, ctx.activation
+        counts, activation, clamp = ctx.counts, ctx.activation, ctx.clamp
         # A run's rows of grad_y are last read before its rows of grad_x are written.
         grad_x = grad_y if ctx.reuse_grad else torch.empty_like(x)
         grad_x[sum(counts) :].zero_()
@@ -136,17 +137,19 @@ class PaddedExpertMLP(torch.autograd.Function):
             x_eCD = layout.scatter(x[layout.rows])
             if released(h_eCH):  # a second backward through a retained graph: recompute what was freed
                 h_eCH = _batched_linear(x_eCD, w1, b1_eH, experts)
-            a_eCF, silu_gate_eCF = activate_for_backward(h_eCH, activation)
+            a_eCF, gate_act_eCF = activate_for_backward(h_eCH, activation, clamp)
             # Each padded buffer is freed as soon as it is used; grad_a takes a's memory, grad_h
-            # grad_a's (swiglu: h's).
+            # grad_a's (gated activations: h's).
             grad_o_eCD = layout.scatter(grad_y[layout.rows])
             torch.bmm(a_eCF.transpose(1, 2), grad_o_eCD, out=grad_w2[run])
             if grad_b2 is not None:
                 torch.sum(grad_o_eCD, 1, out=grad_b2[run])
             grad_a_eCF = torch.bmm(grad_o_eCD, w2.transpose(1, 2), out=a_eCF)
             del grad_o_eCD
-            grad_h_eCH = activate_backward(grad_a_eCF, h_eCH, activation, in_place=True, silu_gate=silu_gate_eCF)
-            del a_eCF, grad_a_eCF, silu_gate_eCF
+            grad_h_eCH = activate_backward(
+                grad_a_eCF, h_eCH, activation, in_place=True, gate_act=gate_act_eCF, clamp=clamp
+            )
+            del a_eCF, grad_a_eCF, gate_act_eCF
             if not grad_h_eCH.is_set_to(h_eCH):  # else grad_h lives in h's memory: released after its last use
                 release(h_eCH)
             torch.bmm(x_eCD.transpose(1, 2), grad_h_eCH, out=grad_w1[run])
@@ -155,4 +158,4 @@ class PaddedExpertMLP(torch.autograd.Function):
             grad_x[layout.rows] = layout.rows_of(torch.bmm(grad_h_eCH, w1.transpose(1, 2)))
             del grad_h_eCH
             release(h_eCH)
-        return grad_x, *grads, None, None, None
+        return grad_x, *grads, None, None, None, None

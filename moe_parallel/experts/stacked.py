@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import Activation, ExpertGemm
+from .activations import SwiGLUClamp, up_width
 from .grouped import grouped_gemm_problem, grouped_gemm_supported, grouped_mlp, grouped_mm_op
 from .interface import host_counts
 from .loop import LoopExpertMLP
@@ -51,10 +52,13 @@ class GroupedExperts(nn.Module):
         layer_number: int = 0,
         output_init_std: float | None = None,
         expert_gemm: ExpertGemm = "auto",
+        swiglu_limit: float = 7.0,
+        swiglu_alpha: float = 1.702,
     ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
         self.activation = activation
+        self.clamp = SwiGLUClamp(float(swiglu_limit), float(swiglu_alpha))  # used by clamped_swiglu only
         self.expert_gemm = expert_gemm
         self.resolved_gemm: str | None = expert_gemm if expert_gemm in ("loop", "padded") else None
         self.first_expert_id = first_expert_id
@@ -65,7 +69,7 @@ class GroupedExperts(nn.Module):
         # The caller consumes the output alone (MoELayer's dispatcher): the backward may write the
         # input gradient over the output gradient.
         self.owns_output_grad = False
-        up_size = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        up_size = up_width(activation, ffn_hidden_size)
         self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden_size, up_size))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))
         self.b1 = nn.Parameter(torch.empty(num_local_experts, up_size)) if bias else None
@@ -153,10 +157,10 @@ class GroupedExperts(nn.Module):
             if not isinstance(counts_e, Tensor):
                 counts_e = torch.tensor(counts_e, dtype=torch.int64, device=x.device)
             with torch.autocast(x.device.type, enabled=False):
-                return grouped_mlp(x, counts_e, *params, self.activation)
+                return grouped_mlp(x, counts_e, *params, self.activation, self.clamp)
         counts = host_counts(self, x, tokens_per_expert, counts_host)
         mlp = LoopExpertMLP if path == "loop" or sum(counts) == 0 else PaddedExpertMLP
-        return mlp.apply(x.contiguous(), *params, counts, self.activation, self.owns_output_grad)
+        return mlp.apply(x.contiguous(), *params, counts, self.activation, self.owns_output_grad, self.clamp)
 
     def extra_repr(self) -> str:
         e, d, h = self.w1.shape

@@ -40,6 +40,7 @@ class Family:
     router_module: str = "gate"  # the router's attribute in the MoE block
     fused_experts: bool = False  # one tensor per layer holds all experts (see weights.py)
     interleaved_gate_up: bool = False  # ... with gate and up columns alternating (GPT-OSS)
+    inert_keys: tuple[str, ...] = ()  # keys of the config class that transformers' forward never reads
 
     def keeps_fp32(self, key: str) -> bool:
         return key.endswith(".e_score_correction_bias") or any(key.endswith(s) for s in self.keep_fp32)
@@ -195,6 +196,7 @@ FAMILIES: dict[str, Family] = {
             dense_module="feed_forward",
             router_module="router",
             fused_experts=True,
+            inert_keys=("router_jitter_noise",),
         ),
         Family(
             "gpt_oss",
@@ -418,8 +420,9 @@ def _from_qwen(cfg, model: dict[str, Any], moe: dict[str, Any]) -> None:
     if mt == "qwen3_moe":
         bias = bool(_get(cfg, "attention_bias", False))
         model.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
-        # transformers' Qwen3-MoE: one window for every block when use_sliding_window
-        _window(cfg, mt, model, [bool(_get(cfg, "use_sliding_window", False))] * cfg.num_hidden_layers)
+        # transformers' Qwen3-MoE: one window for every block when sliding_window is set (its config
+        # clears it unless use_sliding_window)
+        _window(cfg, mt, model, [_get(cfg, "sliding_window") is not None] * cfg.num_hidden_layers)
     else:
         model.update(qkv_bias=bool(_get(cfg, "qkv_bias", True)))
         shared = cfg.shared_expert_intermediate_size

@@ -167,7 +167,7 @@ class DecoderConfig:
             fail("rope_theta", self.rope_theta, "must be > 0")
         if not 0 < self.rotary_fraction <= 1:
             fail("rotary_fraction", self.rotary_fraction, "must be in (0, 1]")
-        if self.rotary_dim % 2 or self.rotary_dim == 0:
+        if self.attention != "mla" and (self.rotary_dim % 2 or self.rotary_dim == 0):
             fail(
                 "rotary_fraction",
                 self.rotary_fraction,
