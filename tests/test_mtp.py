@@ -285,7 +285,7 @@ def test_deepseek_v3_with_mtp_imports_matches_and_round_trips(tmp_path, seed, mt
         hf.load_config(src, mtp_layers=3)
 
 
-def test_mtp_copies_that_differ_are_refused_by_name(tmp_path):
+def test_mtp_copies_that_differ_and_missing_mtp_layers_are_refused_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 
     hf_config = random_hf_config("deepseek_v3", 6)
@@ -297,6 +297,11 @@ def test_mtp_copies_that_differ_are_refused_by_name(tmp_path):
     with pytest.raises(hf.HFConversionError, match=rf"{key} differs from .*mtp_layers=0"):
         hf.from_pretrained(tmp_path)
     assert hf.from_pretrained(tmp_path, mtp_layers=0).mtp is None  # skipped, as transformers skips it
+    stripped = {k: v for k, v in tensors.items() if not _is_mtp_key(k, hf_config.num_hidden_layers)}
+    save_file(stripped, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf.HFConversionError, match=r"announces 1 multi-token-prediction layer.*mtp_layers=0"):
+        hf.from_pretrained(tmp_path)
+    assert hf.from_pretrained(tmp_path, mtp_layers=0).mtp is None
 
 
 # ------------------------------------------------------------------------ PP=2 under DeepSpeed

@@ -201,6 +201,12 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
     expected = expected_keys(config)
     present = source.keys()
     missing = sorted(set(expected) - present)
+    if missing and all(_ignorable(k, config.num_layers) for k in missing):
+        raise HFConversionError(
+            f"{source.path}: config.json announces {config.mtp_layers} multi-token-prediction layer(s) "
+            f"(num_nextn_predict_layers), but {len(missing)} of their tensors are missing, e.g. {missing[:4]} "
+            "(transformers' save_pretrained drops them): load without them, mtp_layers=0 (Hydra model.mtp_layers=0)"
+        )
     if missing:
         raise HFConversionError(
             f"{source.path}: {len(missing)} tensor(s) that config.json implies are missing, e.g. {missing[:4]}: "
