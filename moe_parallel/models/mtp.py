@@ -1,13 +1,13 @@
 """DeepSeek-V3 multi-token prediction (MTP): modules after the last block, each predicting one token
 further ahead, trained beside the LM loss (DeepSeek-V3 technical report, section 2.2).
 
-MTP module ``k`` (depth ``k = 1 .. D``, ``D = mtp_layers``) at position ``i``, with ``h_0`` the main
+MTP module ``k`` (depth ``k = 1 .. N``, ``N = mtp_layers``) at position ``i``, with ``h_0`` the main
 model's hidden state after the final norm (what the LM head reads)::
 
     h_k[i]      = head_norm_k(Block_k(eh_proj_k(cat(enorm_k(Emb(t[i + k])), hnorm_k(h_{k-1}[i])))))
     logits_k[i] = Head(h_k[i])                       (the main model's embedding and output head)
     L_k         = mean cross entropy of logits_k[i] against t[i + k + 1], where that token exists
-    L           = L_main + mtp_loss_weight / D * sum_k L_k
+    L           = L_main + mtp_loss_weight / N * sum_k L_k
 
 The embedding comes first in the concatenation and ``h_0`` is taken after the final norm, as the
 readers of the released DeepSeek-V3 weights take them (vLLM's and SGLang's ``deepseek_mtp``,
@@ -21,7 +21,8 @@ Training inputs are ``tokens[i] = t[i]`` and ``targets[i] = t[i + 1]``, so depth
 ``Emb(t[i + k]) = Emb(targets[i + k - 1])`` and predicts ``targets[i + k]``: everything it needs is in
 the targets and ``h_0``, which is why the MTP modules run on the last pipeline stage, inside the loss
 function. Depth ``k`` runs on the first ``S - k`` positions only (the ones with a target); its block
-is causal, so they see what they would see in the whole sequence. A target of -100 is ignored, and
+is causal, so they see what they would see in the whole sequence (with dropless MoE routing; a
+capacity limit drops among fewer tokens). A target of -100 is ignored, and
 so is a position whose input token at that depth is -100.
 
 Parameter names (plain :class:`Decoder`; ``j = num_layers + k - 1``): ``mtp.{j}.enorm.weight``,
@@ -125,7 +126,7 @@ class MTPStack(nn.Module):
         return out
 
     def weighted_loss(self, targets_BS: Tensor, embedding_VD: Tensor, head_VD: Tensor) -> Tensor:
-        """``mtp_loss_weight / D * sum_k L_k`` from the ``h_0`` kept by the last training forward (used once)."""
+        """``mtp_loss_weight / N * sum_k L_k`` from the ``h_0`` kept by the last training forward (used once)."""
         if self._h0_BSD is None:
             raise RuntimeError(
                 "no hidden state kept for the MTP loss: call it once after each forward in training mode"
