@@ -284,12 +284,29 @@ def describe(path: Path) -> str:
 ERRORS: tuple[type[Exception], ...] = (ConversionError, hf.HFConversionError)
 
 
+QUANTIZED_NOTE = (
+    "export-hf writes bf16 (or --dtype) tensors and a config.json without quantization_config: "
+    "re-quantize the export yourself if you need the quantized format"
+)
+
+
+def quantization_note(hf_dir: str | Path) -> str | None:
+    """A line for a quantized source (its weights are dequantized on read); None for any other."""
+    method = hf.SafetensorsDir(hf_dir).quantization
+    if method is None:
+        return None
+    return f"{hf_dir} is quantized ({method}): its weights were dequantized to bf16 on read; {QUANTIZED_NOTE}"
+
+
 def cmd_import_hf(args: argparse.Namespace) -> None:
     path = import_hf(
         args.hf_dir, args.out, tag=args.tag, upcycle_experts=args.upcycle_experts, top_k=args.top_k, seed=args.seed
     )
     what = f"upcycled to {args.upcycle_experts} experts, top-{args.top_k}" if args.upcycle_experts else "weights"
     print(f"wrote {path} ({what}; step 0, optimizer starts fresh) and {Path(args.out) / HF_MODEL_DIR}/")
+    note = quantization_note(args.hf_dir)
+    if note is not None:
+        print(note)
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
@@ -297,6 +314,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else None
     out = export_hf(args.dir, args.out, tag=args.tag, dtype=dtype, hf_config=args.hf_config, max_shard_bytes=max_shard)
     print(f"wrote {describe(out)}")
+    if args.hf_config is not None and read_config_json(args.hf_config).get("quantization_config") is not None:
+        print(f"{args.hf_config} is quantized: {QUANTIZED_NOTE}")
 
 
 def _positive_int(text: str) -> int:

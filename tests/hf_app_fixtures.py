@@ -119,6 +119,84 @@ FAMILY_CONFIGS = {
             head_dim=8,
         ),
     ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            n_routed_experts=8,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            num_key_value_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=12,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            head_dim=4,
+            num_nextn_predict_layers=0,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            n_routed_experts=8,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=12,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            head_dim=4,
+        ),
+    ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            intermediate_size=16,
+            intermediate_size_mlp=48,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=2,
+            attention_chunk_size=4,
+            floor_scale=4,
+            attn_scale=0.3,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_local_experts=4,
+            intermediate_size=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            swiglu_limit=1.0,
+        ),
+    ),
 }
 
 
@@ -141,6 +219,8 @@ def tiny_family_model(
     if family == "olmoe":
         kw.pop("head_dim")
     kw.update(shape or {})
+    if family == "gpt_oss":  # one attention pattern per block
+        kw["layer_types"] = (kw["layer_types"] * kw["num_hidden_layers"])[: kw["num_hidden_layers"]]
     config = getattr(transformers, config_class)(**kw)
     model = getattr(transformers, model_class)(config)
     randomize_(model, seed)
@@ -200,4 +280,27 @@ def random_family_overrides(family: str, seed: int) -> dict:
             n_shared_experts=rng.randint(1, 2),
             use_qk_norm=rng.random() < 0.5,
         )
+    elif family in ("deepseek_v3", "deepseek_v2"):
+        experts = rng.choice([4, 8])
+        groups = rng.choice([g for g in (1, 2) if experts // g >= 2])
+        kw.update(
+            n_routed_experts=experts,
+            n_group=groups,
+            topk_group=groups,
+            num_experts_per_tok=rng.randint(2, 3),
+            num_key_value_heads=heads,
+            first_k_dense_replace=rng.randint(0, layers - 1),
+            q_lora_rank=rng.choice([None, 8]),
+            head_dim=4,
+        )
+    elif family == "llama4_text":
+        kw.update(
+            num_local_experts=experts,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=rng.choice([1, 2]),
+            use_qk_norm=rng.random() < 0.5,
+            attn_temperature_tuning=rng.random() < 0.5,
+        )
+    elif family == "gpt_oss":
+        kw.update(num_local_experts=experts, swiglu_limit=rng.choice([0.5, 7.0]))
     return kw

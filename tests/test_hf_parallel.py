@@ -22,15 +22,20 @@ WORLD = 4
 
 
 class CountingSource(hf.SafetensorsDir):
-    """A safetensors directory that remembers which tensors were read."""
+    """A safetensors directory that remembers which tensors were read: a per-expert key, or
+    ``key#j`` for expert ``j``'s rows of a fused expert tensor (``key#*`` for all of them)."""
 
     def __init__(self, path) -> None:
         super().__init__(path)
         self.read: set[str] = set()
 
     def get(self, key: str) -> torch.Tensor:
-        self.read.add(key)
+        self.read.add(f"{key}#*" if ".experts." in key and _expert_of(key) is None else key)
         return super().get(key)
+
+    def get_rows(self, key: str, index: int) -> torch.Tensor:
+        self.read.add(f"{key}#{index}")
+        return super().get_rows(key, index)
 
 
 def _layer_of(key: str) -> int | None:
@@ -38,9 +43,12 @@ def _layer_of(key: str) -> int | None:
     return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
-def _expert_of(key: str) -> int | None:
+def _expert_of(key: str) -> int | str | None:
+    if "#" in key:  # rows of a fused tensor
+        row = key.rsplit("#", 1)[1]
+        return row if row == "*" else int(row)
     parts = key.split(".")
-    return int(parts[5]) if len(parts) > 5 and parts[4] == "experts" else None
+    return int(parts[5]) if len(parts) > 5 and parts[4] == "experts" and parts[5].isdigit() else None
 
 
 def _reference(path: Path):

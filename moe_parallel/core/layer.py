@@ -51,6 +51,21 @@ class MoELayer(nn.Module):
     do not add ``self.aux_loss`` to your loss as well, unless you built the layer with
     ``config.attach_aux_loss=False`` (then adding it is how it reaches the gradient, as with
     DeepSpeed's layer). The routing statistics of the last forward are on ``self.last_stats``.
+
+    Parameters (names inside the layer; in a model they sit under the layer's prefix, e.g.
+    ``blocks.i.ffn.``). E experts, e = E / ep_size held here (E in an EP = 1 or consolidated state
+    dict; a topology-free checkpoint stores each expert's slice under its global id), D hidden size,
+    F ``ffn_hidden_size``, H = 2F for ``swiglu``/``clamped_swiglu`` (columns ``[:F]`` the gate,
+    ``[F:]`` the up projection) else F:
+
+    - ``router.weight`` [E, D] and, with ``router_bias``, ``router.bias`` [E]: logits ``x W^T + b``;
+    - ``experts.w1`` [e, D, H], ``experts.w2`` [e, F, D] (``x @ w``, not ``nn.Linear``'s [out, in]);
+    - with ``expert_bias``: ``experts.b1`` [e, H], ``experts.b2`` [e, D]. Expert j computes
+      ``y = act(x @ w1[j] + b1[j]) @ w2[j] + b2[j]``; the token's combine weight multiplies the whole
+      ``y`` (b2 included), or with ``input_weighted`` scales ``x`` and ``y`` adds up unweighted;
+    - the shared expert: ``shared_expert.w1`` [1, D, H_s], ``shared_expert.w2`` [1, F_s, D] (F_s =
+      ``shared_expert_ffn_hidden_size``; ``b1``/``b2`` too with ``expert_bias``), ``shared_gate.weight``
+      [1, D] with ``shared_expert_gate``.
     """
 
     def __init__(

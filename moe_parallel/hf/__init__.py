@@ -15,6 +15,9 @@ API (stable; the command line and training build on it):
     model = hf.upcycle(dense_path, num_experts=E, top_k=K, ep_group=None, dtype=None, seed=0)
     config = hf.upcycle_config(dense_path, num_experts=E, top_k=K)
     hf.copy_tokenizer_files(src_dir, dest_dir)
+    hf.check_quantization(raw_config_json_dict, path)   # -> Quantization | None; refuses formats we do not read
+    hf.SafetensorsDir(path)                # the tensors as the loader reads them: FP8 / MXFP4 dequantized to
+                                           # bf16, transformers' fused experts per expert; .quantization
 
 - ``from_pretrained`` builds MoE layers dropless unless ``capacity_factor`` is given (training only;
   evaluation stays dropless). ``DecoderConfig.hf_model_type`` names the family an export writes;
@@ -35,6 +38,7 @@ from .families import (
     load_hf_config,
 )
 from .load import check_source, from_pretrained, load_config, load_weights
+from .quantization import Quantization, check_quantization
 from .safetensors_io import SafetensorsDir
 from .save import copy_tokenizer_files, save_pretrained, save_state_dict
 from .upcycle import upcycle, upcycle_config
@@ -43,7 +47,9 @@ __all__ = [
     "FAMILIES",
     "Family",
     "HFConversionError",
+    "Quantization",
     "SafetensorsDir",
+    "check_quantization",
     "check_source",
     "copy_tokenizer_files",
     "decoder_config_from_hf",

@@ -293,7 +293,13 @@ def load_hf_config(path: str | Path, allowed: tuple[str, ...] | None = None):
         raise HFConversionError(
             f"config.json model_type={model_type!r} is not supported here: use one of {list(allowed)}"
         )
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (KeyError, ValueError, TypeError) as err:  # transformers' own checks of the values
+        message = str(err).strip('"')
+        raise HFConversionError(
+            f"{Path(path) / 'config.json'} is refused by transformers' {model_type} config ({message}): fix the key"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- HF -> ours
@@ -747,7 +753,8 @@ def _to_llama4(config: DecoderConfig, kw: dict[str, Any]) -> None:
         layer_types=kinds,
         attention_chunk_size=config.attention_chunk_size,
         attn_temperature_tuning=config.temperature_floor_scale is not None,
-        floor_scale=config.temperature_floor_scale or 8192,
+        # an int in transformers: a fractional scale fails the round-trip check below, by name
+        floor_scale=round(config.temperature_floor_scale or 8192),
         attn_scale=config.temperature_scale,
     )
 

@@ -15,8 +15,11 @@ from ..core.comm import ProcessGroup
 from ..core.layer import MoELayer, moe_layers
 from ..integration.deepspeed import mark_expert_parameters
 from ..models.decoder import Decoder, DecoderConfig, decoder_canonical_names
-from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config
-from .safetensors_io import SafetensorsDir
+from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config, read_config_json
+from .fused_experts import fused_expert_keys, fused_layout_message
+from .quantization import check_quantization
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir
+from .tied_embeddings import HEAD_KEY, untie_if_stored_apart
 from .weights import TensorMap, assemble, expected_hf_shapes, mtp_copy_keys, tensor_map
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -41,8 +44,16 @@ def load_config(
     mtp_layers: int | None = None,
     mtp_loss_weight: float | None = None,
 ) -> DecoderConfig:
-    """The :class:`DecoderConfig` of the HF model in ``path`` (its config.json); see ``from_pretrained``."""
+    """The :class:`DecoderConfig` of the HF model in ``path`` (its config.json); see ``from_pretrained``.
+
+    Refuses a ``quantization_config`` that cannot be read. Embeddings that config.json ties but the
+    weights beside it store as two different matrices come back untied, as transformers loads them.
+    ``mtp_layers`` / ``mtp_loss_weight``: see :func:`with_mtp`.
+    """
+    check_quantization(read_config_json(path), path)  # before transformers parses quantization_config
     config = decoder_config_from_hf(load_hf_config(path), capacity_factor=capacity_factor, moe_overrides=moe_overrides)
+    if config.tie_embeddings and any((Path(path) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+        config = untie_if_stored_apart(config, SafetensorsDir(path))
     return with_mtp(config, mtp_layers, mtp_loss_weight)
 
 
@@ -201,19 +212,20 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
     expected = expected_keys(config)
     present = source.keys()
     missing = sorted(set(expected) - present)
-    if missing and all(_ignorable(k, config.num_layers) for k in missing):
+    if missing and all(_layer_of(k) is not None and _layer_of(k) >= config.num_layers for k in missing):
         raise HFConversionError(
             f"{source.path}: config.json announces {config.mtp_layers} multi-token-prediction layer(s) "
             f"(num_nextn_predict_layers), but {len(missing)} of their tensors are missing, e.g. {missing[:4]} "
             "(transformers' save_pretrained drops them): load without them, mtp_layers=0 (Hydra model.mtp_layers=0)"
         )
+    if missing and fused_expert_keys(present):
+        raise HFConversionError(fused_layout_message(source.path, config.hf_model_type, fused_expert_keys(present)))
     if missing:
         raise HFConversionError(
             f"{source.path}: {len(missing)} tensor(s) that config.json implies are missing, e.g. {missing[:4]}: "
             "the weights do not belong to this config.json, or a shard is incomplete"
         )
-    held_layers = config.num_layers + config.mtp_layers
-    unexpected = sorted(k for k in present - set(expected) if not _ignorable(k, held_layers))
+    unexpected = sorted(k for k in present - set(expected) if not _ignorable(k, config))
     if unexpected:
         raise HFConversionError(
             f"{source.path}: {len(unexpected)} tensor(s) that config.json does not describe, e.g. {unexpected[:4]}: "
@@ -230,13 +242,20 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
         source.torch_dtype(key)  # refuses non-float tensors
 
 
-def _ignorable(key: str, held_layers: int) -> bool:
-    """Keys transformers ignores too: RoPE caches, and the layers after the last one we hold (the
-    multi-token-prediction layers a model without them, or with fewer, leaves out)."""
-    if key.endswith("rotary_emb.inv_freq"):
+def _ignorable(key: str, config: DecoderConfig) -> bool:
+    """Keys transformers ignores too: RoPE caches, the LM head of tied embeddings (equal to the
+    embedding: ``load_config`` unties them otherwise), and the layers after the last one we hold (the
+    multi-token-prediction layers of a model built without them, or with fewer)."""
+    if key.endswith("rotary_emb.inv_freq") or (key == HEAD_KEY and config.tie_embeddings):
         return True
+    layer = _layer_of(key)
+    return layer is not None and layer >= config.num_layers + config.mtp_layers
+
+
+def _layer_of(key: str) -> int | None:
+    """The decoder layer index of an HF key (``model.layers.{i}.*``), or None."""
     parts = key.split(".")
-    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= held_layers
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
 
 
 @torch.no_grad()
@@ -291,7 +310,7 @@ def read_hf_tensors(source: TensorSource, tmap: TensorMap) -> dict[str, Tensor]:
         return {key: source.get(key)}
     get_rows = getattr(source, "get_rows", None)
     if get_rows is not None:
-        return {key: get_rows(key, rows.start, rows.stop)}
+        return {key: torch.stack([get_rows(key, j) for j in rows])}
     return {key: source.get(key)[rows.start : rows.stop]}
 
 

@@ -2,17 +2,26 @@
 
 The reader knows every key's shard, shape and dtype from the file headers alone, so a checkpoint is
 checked completely before any tensor is read, and each rank then reads only the tensors it holds.
+:class:`SafetensorsDir` is the checkpoint as the loader sees it: quantized tensors dequantized
+(``quantized_view``), transformers' fused expert layout as per-expert keys (``fused_experts``), a tied
+embedding stored as ``lm_head.weight`` under the embedding's key (``tied_embeddings``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .families import HFConversionError
+from .families import FAMILIES, HFConversionError, read_config_json
+from .fused_experts import FUSED_LAYOUT_FAMILIES, FusedExpertsView, fused_expert_keys
+from .quantization import check_quantization
+from .quantized_view import DequantizedView
+from .tied_embeddings import HeadAsEmbedding, head_only
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -23,14 +32,33 @@ _DTYPES = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
+# Every safetensors dtype torch can hold, for reading the bytes.
+_STORED_DTYPES = {
+    **_DTYPES,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
 
 
-class SafetensorsDir:
-    """The tensors of a Hugging Face model directory, by key, opened lazily per shard."""
+class SafetensorFiles:
+    """The tensors of a Hugging Face model directory as stored, by key: shard, shape, dtype, bytes.
+
+    Data is read with plain file reads, not a memory map, so a file that is cut short or fails to
+    read after its header was checked raises :class:`HFConversionError` naming it (a mapped read of
+    missing bytes would kill the process with SIGBUS).
+    """
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         index = self.path / INDEX_FILE
         if index.is_file():
@@ -60,21 +88,12 @@ class SafetensorsDir:
                 f"{self.path}: shard(s) {missing} listed in {INDEX_FILE} are missing (they hold e.g. {keys}): "
                 "copy every shard of the checkpoint into the directory"
             )
-        self._handles = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.file_of: dict[str, str] = {}
+        self._offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data in its file
         for file in files:
-            try:
-                handle = safe_open(str(self.path / file), framework="pt")
-                self._handles[file] = handle
-                for key in handle.keys():
-                    tensor_slice = handle.get_slice(key)
-                    self.shapes[key] = tuple(tensor_slice.get_shape())
-                    self.dtypes[key] = tensor_slice.get_dtype()
-                    self.file_of[key] = file
-            except Exception as err:  # safetensors' own error types: a truncated or damaged header
-                raise _damaged(self.path / file, err) from None
+            self._scan(file)
         if weight_map is not None:
             wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
             if wrong:
@@ -83,23 +102,101 @@ class SafetensorsDir:
                     "the index and the shards are from different saves"
                 )
 
+    def _scan(self, file: str) -> None:
+        """Check ``file``'s header with safetensors' own validation, then record its tensors."""
+        from safetensors import safe_open
+
+        full = self.path / file
+        try:
+            with safe_open(str(full), framework="pt"):  # header length, JSON, offsets covering the whole file
+                pass
+            with open(full, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except Exception as err:  # safetensors' own error types: a truncated or damaged header
+            raise _damaged(full, err) from None
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            self.shapes[key] = tuple(entry["shape"])
+            self.dtypes[key] = entry["dtype"]
+            self.file_of[key] = file
+            self._offsets[key] = 8 + length + entry["data_offsets"][0]
+
     def keys(self) -> set[str]:
         return set(self.shapes)
 
     def get(self, key: str) -> Tensor:
-        file = self.file_of[key]
-        try:
-            return self._handles[file].get_tensor(key)
-        except Exception as err:  # data that the header promises but the file does not hold
-            raise _damaged(self.path / file, err) from None
+        return self._read(key, 0, self.shapes[key])
 
-    def get_rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` (dim 0) of a tensor, reading only those bytes."""
-        file = self.file_of[key]
+    def get_rows(self, key: str, index: int) -> Tensor:
+        """``get(key)[index]`` for an index into the first dim, reading only those bytes."""
+        shape = self.shapes[key]
+        if not 0 <= index < shape[0]:
+            raise IndexError(f"{key}: row {index} of {shape[0]}")
+        return self._read(key, index * math.prod(shape[1:]), shape[1:])
+
+    def _read(self, key: str, first: int, shape: tuple[int, ...]) -> Tensor:
+        dtype = _STORED_DTYPES.get(self.dtypes[key])
+        if dtype is None:
+            raise HFConversionError(
+                f"{self.path}: tensor {key} has dtype {self.dtypes[key]}, which torch cannot hold: "
+                "only float tensors (and the quantized formats of moe_parallel.hf.quantization) are read"
+            )
+        size = torch.empty((), dtype=dtype).element_size()
+        count = math.prod(shape)
+        file = self.path / self.file_of[key]
         try:
-            return self._handles[file].get_slice(key)[start:stop]
-        except Exception as err:
-            raise _damaged(self.path / file, err) from None
+            with open(file, "rb") as f:
+                f.seek(self._offsets[key] + first * size)
+                data = bytearray(count * size)
+                got = f.readinto(data)
+        except OSError as err:
+            raise _damaged(file, err) from None
+        if got != len(data):
+            raise _damaged(file, EOFError(f"{key} needs {len(data)} bytes, the file holds {got} of them"))
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+class SafetensorsDir:
+    """The tensors of a Hugging Face model directory, by key, as the loader reads them.
+
+    Opens the shards' headers (:class:`SafetensorFiles`) and config.json (when present: its
+    ``quantization_config``, ``model_type`` and ``tie_word_embeddings``), then presents:
+    quantized tensors dequantized to bf16 under their logical keys; transformers' fused expert layout
+    as per-expert keys (families of :data:`FUSED_LAYOUT_FAMILIES`); a tied embedding stored only as
+    ``lm_head.weight`` also under ``model.embed_tokens.weight``. ``quantization`` names the stored
+    format ("fp8", "mxfp4") or is None; ``fused_experts`` tells whether the fused layout was read.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        stored = SafetensorFiles(path)
+        self.path = stored.path
+        raw = read_config_json(self.path) if (self.path / "config.json").is_file() else {}
+        view = DequantizedView(stored, check_quantization(raw, self.path))
+        self.quantization: str | None = view.quantization
+        fam = FAMILIES.get(raw.get("model_type"))
+        self.fused_experts = fam is not None and fam.model_type in FUSED_LAYOUT_FAMILIES and bool(
+            fused_expert_keys(view.shapes)
+        )
+        if self.fused_experts:
+            view = FusedExpertsView(view, fam)
+        if head_only(view.shapes, raw.get("tie_word_embeddings") is True):
+            view = HeadAsEmbedding(view)
+        self._view = view
+        self.shapes: dict[str, tuple[int, ...]] = view.shapes
+        self.dtypes: dict[str, str] = view.dtypes
+
+    def keys(self) -> set[str]:
+        return set(self.shapes)
+
+    def get(self, key: str) -> Tensor:
+        return self._view.get(key)
+
+    def get_rows(self, key: str, index: int) -> Tensor:
+        return self._view.get_rows(key, index)
 
     def torch_dtype(self, key: str) -> torch.dtype:
         if self.dtypes[key] not in _DTYPES:
