@@ -31,6 +31,11 @@ class ModelConf:
     path: str | None = None  # kind=hf: the model directory (config.json, *.safetensors, tokenizer files)
     upcycle_experts: int | None = None  # kind=hf from a dense Llama/Qwen3: experts per MoE layer (upcycling)
     upcycle_top_k: int = 2  # kind=hf, upcycling: experts per token
+    # kind=hf, DeepSeek-V3 multi-token prediction: how many of the checkpoint's MTP modules to train
+    # (null: all of config.json's num_nextn_predict_layers; 0: none, skipped as transformers skips
+    # them), and the weight of their mean loss beside the LM loss (Megatron's mtp_loss_scaling_factor).
+    mtp_layers: int | None = None
+    mtp_loss_weight: float = 0.1
     # kind=gpt: the reference model's shape (with kind=hf, config.json decides it)
     num_layers: int = 4
     hidden_size: int = 128
@@ -368,6 +373,11 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     if not is_hf(cfg) and (cfg.model.path is not None or cfg.model.upcycle_experts is not None):
         raise AppConfigError(
             "model.path / model.upcycle_experts are read only with model.kind=hf: select it with model=hf"
+        )
+    if not is_hf(cfg) and (cfg.model.mtp_layers is not None or cfg.model.mtp_loss_weight != ModelConf.mtp_loss_weight):
+        raise AppConfigError(
+            "model.mtp_layers / model.mtp_loss_weight are read only with model.kind=hf (multi-token prediction of "
+            "a DeepSeek-V3 checkpoint): select it with model=hf, or drop them"
         )
     if is_hf(cfg) and cfg.model.dense:
         raise AppConfigError("model.dense is read only with model.kind=gpt: with model=hf, config.json decides")

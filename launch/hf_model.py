@@ -5,7 +5,8 @@ config.json through ``moe_parallel.hf``; the ``moe.*`` keys that are training se
 (:data:`TRAINING_KEYS`: capacity, losses, noise, balancing, expert GEMM) apply on top, and the ones
 that describe the architecture are refused when set. ``model.upcycle_experts`` /
 ``model.upcycle_top_k`` start an MoE from a dense Llama or Qwen3 instead (every expert a copy of
-the dense FFN, random routers).
+the dense FFN, random routers). ``model.mtp_layers`` / ``model.mtp_loss_weight`` choose how many of a
+DeepSeek-V3 checkpoint's multi-token-prediction modules train, and the weight of their loss.
 
 Each rank reads only the tensors it holds (its pipeline stage's blocks, its experts), and the whole
 checkpoint is checked from the file headers in :func:`validate`, before any collective. The run's
@@ -28,7 +29,7 @@ from launch.config import AppConfigError, ModelConf, MoEConf
 from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, write_hf_model_dir
 from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
-from moe_parallel.hf.load import TensorSource, build_and_load
+from moe_parallel.hf.load import TensorSource, build_and_load, with_mtp
 from moe_parallel.hf.upcycle import UpcycledSource
 from moe_parallel.integration.parallel import ParallelState
 from moe_parallel.models.decoder import DecoderConfig, decoder_pipeline
@@ -48,7 +49,15 @@ TRAINING_KEYS = (
     "check_inputs",
 )
 # model.* keys of the HF model; every other model.* key shapes the reference GPT only.
-HF_MODEL_KEYS = ("kind", "path", "upcycle_experts", "upcycle_top_k", "init_seed")  # init_seed: upcycled routers
+HF_MODEL_KEYS = (
+    "kind",
+    "path",
+    "upcycle_experts",
+    "upcycle_top_k",
+    "init_seed",  # upcycled routers
+    "mtp_layers",  # how many of the checkpoint's multi-token-prediction modules to keep
+    "mtp_loss_weight",
+)
 
 
 def _model_path(cfg: DictConfig) -> Path:
@@ -94,14 +103,21 @@ def decoder_config(cfg: DictConfig) -> DecoderConfig:
                     f"model.upcycle_top_k={m.upcycle_top_k!r} is invalid: must be in [1, model.upcycle_experts="
                     f"{m.upcycle_experts}]"
                 )
-            return hf.upcycle_config(
+            config = hf.upcycle_config(
                 path,
                 num_experts=m.upcycle_experts,
                 top_k=m.upcycle_top_k,
                 capacity_factor=cfg.moe.capacity_factor,
                 moe_overrides=moe_overrides(cfg),
             )
-        return hf.load_config(path, capacity_factor=cfg.moe.capacity_factor, moe_overrides=moe_overrides(cfg))
+            return with_mtp(config, m.mtp_layers, m.mtp_loss_weight)
+        return hf.load_config(
+            path,
+            capacity_factor=cfg.moe.capacity_factor,
+            moe_overrides=moe_overrides(cfg),
+            mtp_layers=m.mtp_layers,
+            mtp_loss_weight=m.mtp_loss_weight,
+        )
     except hf.HFConversionError as err:
         raise AppConfigError(f"model.path={m.path!r}: {err}") from None
 

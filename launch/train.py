@@ -78,6 +78,7 @@ from moe_parallel.integration.parallel import (
     initialize_parallel,
 )
 from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, gpt_pipeline, lm_loss
+from moe_parallel.models.mtp import pipeline_loss_parts
 from moe_parallel.training.block_compile import compile_blocks, is_compiled
 from moe_parallel.training.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load
 
@@ -330,6 +331,8 @@ class Trainer:
     collapse: ExpertCollapseMonitor | None = None  # None: train.collapse_window=0
     loss_scaling: bool = False  # fp16 with a dynamic loss scale: an overflow is expected now and then
     skipped_steps: int = 0  # in this job
+    mtp: bool = False  # the model has multi-token-prediction modules: their loss is trained and logged apart
+    last_mtp_loss: float = float("nan")  # the latest weighted MTP loss (train/mtp_loss)
     _skipped_in_a_row: int = 0
     _report: Any = None  # prints progress on rank 0
     _last_log_time: float = field(default_factory=time.perf_counter)
@@ -399,17 +402,33 @@ class Trainer:
         return self._finish()
 
     def train_step(self) -> float:
-        """One optimizer step (all micro-batches); the loss averaged over micro-batches and DP ranks."""
+        """One optimizer step (all micro-batches); the LM loss averaged over micro-batches and DP ranks.
+
+        With multi-token prediction the MTP loss is trained too (added to the LM loss) and kept
+        apart in :attr:`last_mtp_loss`, averaged the same way.
+        """
         if self.pipelined:
-            return float(self.engine.train_batch(data_iter=self.train_iter))
-        total = torch.zeros(())
+            loss = float(self.engine.train_batch(data_iter=self.train_iter))
+            if not self.mtp:
+                return loss
+            lm, self.last_mtp_loss = pipeline_loss_parts(self.engine.module, self.state.pp_group, self.state.dp_group)
+            return lm
+        sums = torch.zeros(2)  # LM loss, MTP loss
         for _ in range(self.cfg.train.grad_accum):
             tokens_BS, targets_BS = next(self.train_iter)
-            loss = lm_loss(self.engine(tokens_BS.to(self.engine.device)), targets_BS.to(self.engine.device))
-            self.engine.backward(loss)
+            targets_BS = targets_BS.to(self.engine.device)
+            logits_BSV = self.engine(tokens_BS.to(self.engine.device))
+            if self.mtp:
+                total, loss, mtp = self.engine.module.training_loss(logits_BSV, targets_BS)
+                sums[1] += mtp.detach().float().cpu()
+            else:
+                total = loss = lm_loss(logits_BSV, targets_BS)
+            self.engine.backward(total)
             self.engine.step()
-            total += loss.detach().float().cpu()
-        return self._mean_over_dp(total.item() / self.cfg.train.grad_accum)
+            sums[0] += loss.detach().float().cpu()
+        if self.mtp:
+            self.last_mtp_loss = self._mean_over_dp(sums[1].item() / self.cfg.train.grad_accum)
+        return self._mean_over_dp(sums[0].item() / self.cfg.train.grad_accum)
 
     def _mean_over_dp(self, value: float) -> float:
         if not dist.is_initialized():
@@ -519,6 +538,8 @@ class Trainer:
                 "train/skipped_steps": self.skipped_steps,
             }
         )
+        if self.mtp:  # train/loss stays the LM loss; the weighted MTP loss is logged beside it
+            scalars["train/mtp_loss"] = self.last_mtp_loss
         self.logger.log(step, scalars, expert_load)
         self._report(step, self.last_loss, scalars)
         self._last_log_time, self._tokens_since_log = now, 0
@@ -686,6 +707,7 @@ def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.Exit
         collapse=ExpertCollapseMonitor(thresholds) if thresholds is not None else None,
         loss_scaling=bool(engine.fp16_enabled()) if hasattr(engine, "fp16_enabled") else False,
         resume_from=resume_from,
+        mtp=getattr(model_cfg, "mtp_layers", 0) > 0,
     )
     client = trainer.restore()
     # Written once the resume has succeeded (a refused or failed one changes nothing), and only when
@@ -813,6 +835,8 @@ def _progress(rank: int, t: DictConfig, start: int):
         balance = [v for k, v in scalars.items() if k.endswith("/balance_loss")]
         dropped = [v for k, v in scalars.items() if k.endswith("/dropped_fraction")]
         extra = f" | balance {np.mean(balance):.3f} | dropped {np.mean(dropped):.3f}" if balance else ""
+        if "train/mtp_loss" in scalars:
+            extra = f" | mtp {scalars['train/mtp_loss']:.4f}{extra}"
         print(
             f"step {step:>5}/{t.steps} | loss {loss:.4f} | lr {scalars['train/lr']:.2e} | "
             f"{scalars['train/tokens_per_s']:,.0f} tok/s{extra}",

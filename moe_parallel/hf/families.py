@@ -506,6 +506,7 @@ def _from_deepseek_v3(cfg, model: dict[str, Any], moe: dict[str, Any]) -> None:
     moe.update(score_func="sigmoid", normalize_top_k=norm_topk, selection_bias=True)
     _latent_attention(cfg, model)
     model.update(rope_interleave=bool(_get(cfg, "rope_interleave", True)))
+    model.update(mtp_layers=int(_get(cfg, "num_nextn_predict_layers", 0) or 0))  # alias num_mtp_layers
 
 
 def _from_deepseek_v2(cfg, model: dict[str, Any], moe: dict[str, Any]) -> None:

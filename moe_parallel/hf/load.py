@@ -3,6 +3,7 @@ reads only the tensors it holds (its experts; its pipeline stage's layers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from .fused_experts import fused_expert_keys, fused_layout_message
 from .quantization import check_quantization
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir
 from .tied_embeddings import HEAD_KEY, untie_if_stored_apart
-from .weights import TensorMap, assemble, expected_hf_shapes, tensor_map
+from .weights import TensorMap, assemble, expected_hf_shapes, mtp_copy_keys, tensor_map
 
 EMBED_KEY = "model.embed_tokens.weight"
 
@@ -40,17 +41,37 @@ def load_config(
     *,
     capacity_factor: float | None = None,
     moe_overrides: dict[str, Any] | None = None,
+    mtp_layers: int | None = None,
+    mtp_loss_weight: float | None = None,
 ) -> DecoderConfig:
     """The :class:`DecoderConfig` of the HF model in ``path`` (its config.json); see ``from_pretrained``.
 
     Refuses a ``quantization_config`` that cannot be read. Embeddings that config.json ties but the
     weights beside it store as two different matrices come back untied, as transformers loads them.
+    ``mtp_layers`` / ``mtp_loss_weight``: see :func:`with_mtp`.
     """
     check_quantization(read_config_json(path), path)  # before transformers parses quantization_config
     config = decoder_config_from_hf(load_hf_config(path), capacity_factor=capacity_factor, moe_overrides=moe_overrides)
     if config.tie_embeddings and any((Path(path) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
         config = untie_if_stored_apart(config, SafetensorsDir(path))
-    return config
+    return with_mtp(config, mtp_layers, mtp_loss_weight)
+
+
+def with_mtp(config: DecoderConfig, mtp_layers: int | None, mtp_loss_weight: float | None) -> DecoderConfig:
+    """``config`` keeping only its first ``mtp_layers`` MTP modules (None: all; 0: none, and the
+    checkpoint's MTP layers are skipped, as transformers skips them) and training them with
+    ``mtp_loss_weight`` (None: the default)."""
+    changes: dict[str, Any] = {}
+    if mtp_layers is not None:
+        if isinstance(mtp_layers, bool) or not isinstance(mtp_layers, int) or not 0 <= mtp_layers <= config.mtp_layers:
+            raise HFConversionError(
+                f"model.mtp_layers={mtp_layers!r} is invalid: the checkpoint has {config.mtp_layers} MTP module(s) "
+                f"(config.json num_nextn_predict_layers); keep 0..{config.mtp_layers} of them, or null for all"
+            )
+        changes["mtp_layers"] = mtp_layers
+    if mtp_loss_weight is not None:
+        changes["mtp_loss_weight"] = mtp_loss_weight
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def from_pretrained(
@@ -60,6 +81,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     capacity_factor: float | None = None,
     moe_overrides: dict[str, Any] | None = None,
+    mtp_layers: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Decoder:
     """Our plain :class:`Decoder` holding the weights of the Hugging Face model in ``path``.
@@ -72,13 +94,15 @@ def from_pretrained(
         capacity_factor: training capacity factor of the MoE layers; None (default) is dropless,
             as the original models are. Evaluation is always dropless.
         moe_overrides: any other :class:`MoEConfig` field, e.g. ``{"aux_loss_coeff": 0.0}``.
+        mtp_layers: how many of the checkpoint's multi-token-prediction modules to build and read
+            (DeepSeek-V3); None: all of them, 0: none.
         device: where the parameters live.
 
     The whole checkpoint is checked against config.json from the file headers before anything is
     read (every rank reaches the same verdict, and none enters a collective): missing shards, missing
     or unexpected tensors and wrong shapes raise :class:`HFConversionError` naming the key.
     """
-    config = load_config(path, capacity_factor=capacity_factor, moe_overrides=moe_overrides)
+    config = load_config(path, capacity_factor=capacity_factor, moe_overrides=moe_overrides, mtp_layers=mtp_layers)
     source = SafetensorsDir(path)
     return build_and_load(config, source, ep_group=ep_group, dtype=dtype, device=device)
 
@@ -171,6 +195,8 @@ def expected_keys(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     for canonical, tensor in full.state_dict().items():
         tmap = _map(canonical, fam, range(config.moe.num_experts) if config.moe else None)
         expected.update(expected_hf_shapes(tmap, tuple(tensor.shape)))
+    for copy, original in mtp_copy_keys(config.num_layers, config.mtp_layers, config.tie_embeddings).items():
+        expected[copy] = expected[original]
     return expected
 
 
@@ -186,6 +212,12 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
     expected = expected_keys(config)
     present = source.keys()
     missing = sorted(set(expected) - present)
+    if missing and all(_layer_of(k) is not None and _layer_of(k) >= config.num_layers for k in missing):
+        raise HFConversionError(
+            f"{source.path}: config.json announces {config.mtp_layers} multi-token-prediction layer(s) "
+            f"(num_nextn_predict_layers), but {len(missing)} of their tensors are missing, e.g. {missing[:4]} "
+            "(transformers' save_pretrained drops them): load without them, mtp_layers=0 (Hydra model.mtp_layers=0)"
+        )
     if missing and fused_expert_keys(present):
         raise HFConversionError(fused_layout_message(source.path, config.hf_model_type, fused_expert_keys(present)))
     if missing:
@@ -211,13 +243,19 @@ def check_source(config: DecoderConfig, source: TensorSource) -> None:
 
 
 def _ignorable(key: str, config: DecoderConfig) -> bool:
-    """Keys transformers ignores too: multi-token-prediction layers after the last block, RoPE caches,
-    and the LM head of tied embeddings (equal to the embedding: ``load_config`` unties them otherwise)."""
+    """Keys transformers ignores too: RoPE caches, the LM head of tied embeddings (equal to the
+    embedding: ``load_config`` unties them otherwise), and the layers after the last one we hold (the
+    multi-token-prediction layers of a model built without them, or with fewer)."""
     if key.endswith("rotary_emb.inv_freq") or (key == HEAD_KEY and config.tie_embeddings):
         return True
-    num_layers = config.num_layers
+    layer = _layer_of(key)
+    return layer is not None and layer >= config.num_layers + config.mtp_layers
+
+
+def _layer_of(key: str) -> int | None:
+    """The decoder layer index of an HF key (``model.layers.{i}.*``), or None."""
     parts = key.split(".")
-    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
 
 
 @torch.no_grad()
@@ -232,7 +270,8 @@ def load_weights(model: nn.Module, source: TensorSource | str | Path, *, check: 
     if check:
         check_source(config, source)
     fam = family(config.hf_model_type)
-    for canonical, (_, tensor, expert_ids) in local_tensors(model).items():
+    tensors = local_tensors(model)
+    for canonical, (_, tensor, expert_ids) in tensors.items():
         tmap = _map(canonical, fam, expert_ids)
         value = assemble(tmap, read_hf_tensors(source, tmap))
         if tuple(value.shape) != tuple(tensor.shape):
@@ -241,6 +280,24 @@ def load_weights(model: nn.Module, source: TensorSource | str | Path, *, check: 
                 f"the model holds {list(tensor.shape)}"
             )
         tensor.copy_(value)
+    if any(canonical.startswith("mtp.") for canonical in tensors):
+        check_mtp_copies(config, source)
+
+
+def check_mtp_copies(config: DecoderConfig, source: TensorSource) -> None:
+    """Refuse MTP layers whose embedding or output-head copy differs from the main model's: our MTP
+    modules share the main embedding and head (as DeepSeek-V3 trains them), so such a checkpoint
+    has no faithful counterpart here. Run where the MTP modules are read (the last pipeline stage)."""
+    originals: dict[str, Tensor] = {}
+    for copy, original in mtp_copy_keys(config.num_layers, config.mtp_layers, config.tie_embeddings).items():
+        if original not in originals:
+            originals[original] = source.get(original)
+        if not torch.equal(source.get(copy), originals[original]):
+            raise HFConversionError(
+                f"{source.path}: tensor {copy} differs from {original}: our multi-token-prediction modules share the "
+                "main model's embedding and output head, so its copies must equal them; load without the MTP "
+                "modules (mtp_layers=0, Hydra model.mtp_layers=0) or make the copies equal"
+            )
 
 
 def read_hf_tensors(source: TensorSource, tmap: TensorMap) -> dict[str, Tensor]:

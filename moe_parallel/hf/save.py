@@ -16,7 +16,7 @@ from ..models.decoder import DecoderConfig
 from .families import HFConversionError, family, hf_config_from_decoder
 from .load import _map, expected_keys, local_tensors, model_config, nbytes
 from .safetensors_io import INDEX_FILE, plan_shards, write_index, write_shards
-from .weights import disassemble
+from .weights import disassemble, mtp_copy_keys
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -138,6 +138,9 @@ def _save(
                 raise HFConversionError(f"{canonical} gives {key}, which the config does not describe")
             if owner[key] == ep_rank:
                 mine[key] = value
+    for copy, original in mtp_copy_keys(config.num_layers, config.mtp_layers, config.tie_embeddings).items():
+        if owner[copy] == ep_rank:  # DeepSeek's and vLLM's MTP readers load each MTP layer's own copies
+            mine[copy] = mine[original].clone()
     missing = [k for k, o in owner.items() if o == ep_rank and k not in mine]
     if missing:
         raise HFConversionError(f"the model holds no tensor for {missing[:4]}: its state does not match its config")

@@ -6,12 +6,18 @@ Most tensors are a rename. Expert weights differ in layout: ours are stacked per
 as transformers' ``save_pretrained`` writes them, while Llama 4 and GPT-OSS store all experts of a
 layer in one tensor of our layout (GPT-OSS with gate and up columns interleaved). Both directions are
 transposes, concatenations and column permutations, so a round trip is bit-exact.
+
+DeepSeek-V3's multi-token-prediction modules (models/mtp.py) sit in the checkpoint as the layers
+after the last block, ``model.layers.{j}`` with ``j = num_hidden_layers + k - 1``: our
+``mtp.{j}.block.*`` is mapped as ``blocks.{j}.*``, and ``mtp.{j}.{enorm,hnorm,eh_proj,head_norm}``
+to ``model.layers.{j}.{enorm,hnorm,eh_proj,shared_head.norm}``. Each such layer also stores a copy of
+the embedding and of the output head (:func:`mtp_copy_keys`), which we hold once.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,7 +35,10 @@ _RENAMES = (
     (r"blocks\.(\d+)\.ffn\.router\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
     (r"blocks\.(\d+)\.ffn\.router\.expert_bias", r"model.layers.\1.{moe}.{router}.e_score_correction_bias"),
     (r"blocks\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
+    (r"mtp\.(\d+)\.(enorm|hnorm|eh_proj)\.weight", r"model.layers.\1.\2.weight"),
+    (r"mtp\.(\d+)\.head_norm\.weight", r"model.layers.\1.shared_head.norm.weight"),
 )
+_MTP_BLOCK = re.compile(r"mtp\.(\d+)\.block\.(.+)")
 _STACKED = re.compile(r"blocks\.(\d+)\.ffn\.(experts|shared_expert)\.(w1|w2|b1|b2)")
 # Fused experts (Llama 4, GPT-OSS): one tensor per layer, experts along dim 0, ``[E, D, 2F]`` /
 # ``[E, F, D]`` / ``[E, 2F]`` / ``[E, D]``: our layout, except GPT-OSS's interleaved gate/up columns.
@@ -67,6 +76,10 @@ def tensor_map(canonical: str, fam: Family, expert_ids: range | None = None) -> 
 
     None for tensors that have no HF counterpart (none exist in a supported config).
     """
+    match = _MTP_BLOCK.fullmatch(canonical)
+    if match is not None:  # an MTP module's block is stored as the layer it is numbered as
+        tmap = tensor_map(f"blocks.{match.group(1)}.{match.group(2)}", fam, expert_ids)
+        return None if tmap is None else replace(tmap, canonical=canonical)
     match = _STACKED.fullmatch(canonical)
     if match is not None:
         layer, which, part = match.groups()
@@ -93,6 +106,16 @@ def tensor_map(canonical: str, fam: Family, expert_ids: range | None = None) -> 
             key = key.replace("{moe}", fam.moe_module).replace("{dense}", fam.dense_module)
             return TensorMap(canonical, ((key.replace("{router}", fam.router_module),),), "rename")
     return None
+
+
+def mtp_copy_keys(num_layers: int, mtp_layers: int, tie_embeddings: bool) -> dict[str, str]:
+    """HF key of each MTP layer's embedding and output-head copy -> the HF key it copies."""
+    head = "model.embed_tokens.weight" if tie_embeddings else "lm_head.weight"
+    out = {}
+    for j in range(num_layers, num_layers + mtp_layers):
+        out[f"model.layers.{j}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"model.layers.{j}.shared_head.head.weight"] = head
+    return out
 
 
 def expected_hf_shapes(tmap: TensorMap, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,11 @@ layers; pipeline layer ``idx`` is:
     L + 1        FinalNorm        x_BSD -> x_BSD       (an RMSNorm)
     L + 2        LMHead           x_BSD -> logits_BSV
 
+With multi-token prediction (``mtp_layers > 0``, models/mtp.py) the last stage also holds the MTP
+modules, as one pass-through layer ``MTPStack`` after the final norm, and the embedding is a tied
+module on the first and the last stage (with an untied head, one more pass-through layer before
+the head brings it there); the pipeline's loss function adds the MTP loss on the last stage.
+
 Only ``x_BSD`` crosses layers (positions are recomputed from the sequence length), and every
 parameter is seeded by its plain-model name, so any (PP, EP) layout builds the same weights.
 
@@ -115,8 +120,10 @@ class DecoderConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     # Multi-token prediction (DeepSeek-V3): this many MTP modules after the last block, each
-    # predicting one token further ahead (see models/mtp.py); 0: none.
+    # predicting one token further ahead (see models/mtp.py); 0: none. Training adds
+    # mtp_loss_weight times the mean of their losses to the LM loss.
     mtp_layers: int = 0
+    mtp_loss_weight: float = 0.1
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -183,6 +190,12 @@ class DecoderConfig:
                 fail(name, getattr(self, name), "must be true or false")
         if not self.init_std > 0:
             fail("init_std", self.init_std, "must be > 0")
+        if not isinstance(self.mtp_layers, int) or isinstance(self.mtp_layers, bool) or self.mtp_layers < 0:
+            fail("mtp_layers", self.mtp_layers, "must be an integer >= 0 (0: no multi-token prediction)")
+        weight = self.mtp_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            fail("mtp_loss_weight", weight, "must be a finite number >= 0 (e.g. 0.1, DeepSeek-V3's later value)")
+        self.mtp_loss_weight = float(weight)
         if not isinstance(self.hf_extra, dict):
             self.hf_extra = dict(self.hf_extra.items()) if hasattr(self.hf_extra, "items") else self.hf_extra
             if not isinstance(self.hf_extra, dict):
@@ -223,8 +236,10 @@ class DecoderConfig:
             fail("qk_norm", self.qk_norm, "latent attention has no q/k norm or clip: set none / null")
 
     def layer_type(self, layer_number: int) -> str:
-        """The attention pattern of block ``layer_number``."""
-        return "full_attention" if self.layer_types is None else self.layer_types[layer_number]
+        """The attention pattern of block ``layer_number`` (an MTP module's block attends to all)."""
+        if self.layer_types is None or layer_number >= self.num_layers:
+            return "full_attention"
+        return self.layer_types[layer_number]
 
     def uses_rope(self, layer_number: int) -> bool:
         return layer_number not in self.nope_layers
@@ -283,17 +298,27 @@ class DecoderConfig:
         }
         return MoEConfig(**{**inherited, **moe})
 
+    def _follows_moe_rule(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0 and i >= self.first_dense_layers
+
     def moe_layer_numbers_unchecked(self) -> list[int]:
         dense = set(self.dense_layers)
-        return [
-            i
-            for i in range(self.num_layers)
-            if self.moe_every > 0 and (i + 1) % self.moe_every == 0 and i >= self.first_dense_layers and i not in dense
-        ]
+        return [i for i in range(self.num_layers) if self._follows_moe_rule(i) and i not in dense]
 
     def is_moe_layer(self, layer_number: int) -> bool:
-        """Whether global block ``layer_number`` (0-based) holds an MoE FFN."""
+        """Whether global block ``layer_number`` (0-based) holds an MoE FFN.
+
+        The block of MTP module ``k`` is block ``num_layers + k - 1``: MoE by the same rule
+        (``moe_every``, ``first_dense_layers``), as DeepSeek-V3 builds its layer 61.
+        """
+        if layer_number >= self.num_layers:
+            return self.moe is not None and self._follows_moe_rule(layer_number)
         return layer_number in self.moe_layer_numbers
+
+    @property
+    def mtp_layer_numbers(self) -> list[int]:
+        """Global indices of the MTP modules' blocks: ``num_layers .. num_layers + mtp_layers - 1``."""
+        return list(range(self.num_layers, self.num_layers + self.mtp_layers))
 
     @property
     def moe_layer_numbers(self) -> list[int]:
@@ -365,8 +390,10 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """The decoder as one module (pipeline-parallel size 1): ``forward(tokens_BS) -> logits_BSV``.
 
-    Submodules: ``embed``, ``blocks[i]``, ``final_norm`` and ``lm_head`` (None with tied embeddings).
-    ``ep_group`` splits the experts of every MoE block (see :class:`MoELayer`).
+    Submodules: ``embed``, ``blocks[i]``, ``final_norm``, ``lm_head`` (None with tied embeddings) and
+    ``mtp`` (the multi-token-prediction modules; None without them). ``ep_group`` splits the experts
+    of every MoE block (see :class:`MoELayer`). With MTP, a training forward keeps the final hidden
+    state for :meth:`mtp_loss`, which the training loss adds (see :meth:`training_loss`).
     """
 
     def __init__(self, config: DecoderConfig, ep_group: ProcessGroup | None = None) -> None:
@@ -376,6 +403,9 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(config, i, ep_group) for i in range(config.num_layers))
         self.final_norm = FinalNorm(config)
         self.lm_head = None if config.tie_embeddings else LMHead(config)
+        from .mtp import MTPStack  # mtp.py builds on DecoderBlock
+
+        self.mtp = MTPStack(config, ep_group) if config.mtp_layers > 0 else None
 
     @property
     def lm_head_weight(self) -> Tensor:
@@ -386,7 +416,25 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x_BSD = block(x_BSD)
         x_BSD = self.final_norm(x_BSD)
+        if self.mtp is not None:
+            x_BSD = self.mtp(x_BSD)  # keeps h_0 (in training) for mtp_loss
         return self.embed.logits(x_BSD) if self.lm_head is None else self.lm_head(x_BSD)
+
+    def mtp_loss(self, targets_BS: Tensor) -> Tensor:
+        """The weighted MTP loss ``mtp_loss_weight / mtp_layers * sum_k L_k`` of the last training
+        forward, whose targets are ``targets_BS`` (see models/mtp.py)."""
+        if self.mtp is None:
+            raise RuntimeError("this Decoder has no MTP modules (model.mtp_layers=0): there is no MTP loss")
+        return self.mtp.weighted_loss(targets_BS, self.embed.weight, self.lm_head_weight)
+
+    def training_loss(self, logits_BSV: Tensor, targets_BS: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(total, lm, mtp)`` of the last forward: the LM loss, plus in training the weighted MTP
+        loss (None without MTP modules or outside training); ``total`` is what to backpropagate."""
+        lm = lm_loss(logits_BSV, targets_BS)
+        if self.mtp is None or not self.training:
+            return lm, lm, None
+        mtp = self.mtp_loss(targets_BS)
+        return lm + mtp, lm, mtp
 
     @staticmethod
     def loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
@@ -398,16 +446,28 @@ class Decoder(nn.Module):
 
 
 def decoder_layer_names(config: DecoderConfig) -> list[str]:
-    """Plain-model prefix of each pipeline layer: entry ``idx`` is pipeline layer ``idx``."""
-    return ["embed", *(f"blocks.{i}" for i in range(config.num_layers)), "final_norm", "lm_head"]
+    """Plain-model prefix of each pipeline layer: entry ``idx`` is pipeline layer ``idx``.
+
+    With MTP, ``mtp`` follows ``final_norm``; with an untied head a second ``embed`` (the tied
+    embedding, no parameters of its own there) precedes ``lm_head``.
+    """
+    names = ["embed", *(f"blocks.{i}" for i in range(config.num_layers)), "final_norm"]
+    if config.mtp_layers > 0:
+        names += ["mtp"] if config.tie_embeddings else ["mtp", "embed"]
+    return [*names, "lm_head"]
 
 
 def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> list:
     """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`decoder_layer_names`."""
     from deepspeed.pipe import LayerSpec
 
-    embed, head = embedding_layer_specs(config)
     blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
+    if config.mtp_layers > 0:
+        from .mtp import mtp_embedding_layer_specs
+
+        embed, tail = mtp_embedding_layer_specs(config, ep_group)
+        return [embed, *blocks, LayerSpec(FinalNorm, config), *tail]
+    embed, head = embedding_layer_specs(config)
     return [embed, *blocks, LayerSpec(FinalNorm, config), head]
 
 
@@ -449,7 +509,8 @@ def decoder_pipeline(
     activation_checkpoint_interval: int = 0,
     **pipeline_kwargs: Any,
 ) -> PipelineModule:
-    """The decoder as a ``deepspeed.pipe.PipelineModule`` with ``loss_fn=lm_loss`` (see ``gpt_pipeline``).
+    """The decoder as a ``deepspeed.pipe.PipelineModule`` with ``loss_fn=lm_loss`` (see ``gpt_pipeline``);
+    with MTP, the last stage's ``loss_fn`` is an :class:`~moe_parallel.models.mtp.MTPLoss`.
 
     Give ``num_stages`` or a ``topology`` with a ``pipe`` axis; ``ep_group`` is this rank's
     expert-parallel group. ``module.canonical_parameter_names()`` maps this stage's names to the
@@ -460,6 +521,10 @@ def decoder_pipeline(
         config, num_stages, ep_group, topology, activation_checkpoint_interval, **pipeline_kwargs
     )
     module.decoder_config = config
+    if config.mtp_layers > 0:
+        from .mtp import attach_mtp_loss
+
+        attach_mtp_loss(module, config)  # the last stage's loss_fn adds the MTP loss
     return module
 
 

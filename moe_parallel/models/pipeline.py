@@ -1,11 +1,14 @@
 """The DeepSpeed pipeline plumbing shared by the model families (reference GPT, HF decoder).
 
 A family's pipeline is its plain model cut into a flat list of layers: the token embedding first,
-optional per-family layers, ``blocks.0 .. blocks.{L-1}``, then ``final_norm`` and ``lm_head``. Pipeline
-layer ``idx`` holds the plain model's parameters under prefix ``layer_names[idx]``; DeepSpeed names
-them ``f"{idx}.{rest}"``, except a tied embedding, which it names ``tied_modules.embed.{rest}`` (the
-tied LM head, last, then has no parameters of its own). :class:`PipelineFamily` says what differs
-between families (names, block class, error class); everything else lives here once.
+optional per-family layers, ``blocks.0 .. blocks.{L-1}``, then ``final_norm``, optional layers (the
+decoder's multi-token prediction) and ``lm_head``. Pipeline layer ``idx`` holds the plain model's
+parameters under prefix ``layer_names[idx]``; DeepSpeed names them ``f"{idx}.{rest}"``, except a tied
+embedding, which it names ``tied_modules.embed.{rest}`` (the tied LM head, last, then has no
+parameters of its own). The embedding is tied when the head is (``tie_embeddings``) and also when
+the last stage needs it for multi-token prediction (``mtp_layers > 0``): see :func:`embedding_is_tied`.
+:class:`PipelineFamily` says what differs between families (names, block class, error class);
+everything else lives here once.
 """
 
 from __future__ import annotations
@@ -28,10 +31,16 @@ _PLAIN_KEY = re.compile(r"(blocks\.\d+|[a-z_]+)\.(.+)")
 
 
 class PipelineConfig(Protocol):
-    """What the plumbing reads from a model config."""
+    """What the plumbing reads from a model config (and ``mtp_layers`` where the family has it)."""
 
     num_layers: int
     tie_embeddings: bool
+
+
+def embedding_is_tied(config: PipelineConfig) -> bool:
+    """Whether the pipeline holds the embedding as a DeepSpeed tied module (``tied_modules.embed``):
+    with a tied LM head, and with multi-token prediction, whose modules on the last stage embed tokens."""
+    return config.tie_embeddings or getattr(config, "mtp_layers", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,9 @@ class PipelineFamily:
         and the last stage both hold ``tied_modules.embed.weight``.
         """
         prefixes = {name: str(idx) for idx, name in enumerate(self.layer_names(config))}
-        if config.tie_embeddings:
+        if embedding_is_tied(config):
             prefixes["embed"] = f"tied_modules.{TIED_EMBEDDING_KEY}"
+        if config.tie_embeddings:
             del prefixes["lm_head"]  # the tied head is the embedding: the plain model has no lm_head parameters
         out: dict[str, Any] = {}
         for key, value in state_dict.items():
@@ -82,7 +92,7 @@ class PipelineFamily:
         tied = f"tied_modules.{TIED_EMBEDDING_KEY}."
         out: dict[str, Any] = {}
         for key, value in state_dict.items():
-            if config.tie_embeddings and key.startswith(tied):
+            if embedding_is_tied(config) and key.startswith(tied):
                 out[f"embed.{key[len(tied) :]}"] = value
                 continue
             idx, _, rest = key.partition(".")
