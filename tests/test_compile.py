@@ -82,6 +82,29 @@ def hf_config(model_type: str):
             **common(num_key_value_heads=4), num_experts=8, intermediate_size=8, norm_topk_prob=False,
             attention_bias=True, clip_qkv=1.5,
         )  # fmt: skip
+    if model_type in ("deepseek_v3", "deepseek_v2"):  # latent attention (q-LoRA or not), YaRN, groups
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+                "mscale": 1.0, "mscale_all_dim": 0.707}  # fmt: skip
+        mla = dict(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6, head_dim=4)
+        kw = dict(
+            **common(num_key_value_heads=4, rope_parameters=rope), **mla, n_routed_experts=8,
+            moe_intermediate_size=8, intermediate_size=24, n_shared_experts=1, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5, first_k_dense_replace=1,
+        )  # fmt: skip
+        if model_type == "deepseek_v3":
+            return transformers.DeepseekV3Config(**kw, q_lora_rank=8, norm_topk_prob=True, num_nextn_predict_layers=0)
+        return transformers.DeepseekV2Config(**kw, q_lora_rank=None, topk_method="group_limited_greedy")
+    if model_type == "llama4_text":  # chunked RoPE blocks, a NoPE block with temperature, input-weighted top-1
+        return transformers.Llama4TextConfig(
+            **common(head_dim=8, num_experts_per_tok=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4, **LLAMA3_ROPE}),
+            num_local_experts=4, intermediate_size=8, intermediate_size_mlp=24, interleave_moe_layer_step=2,
+            no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2, attn_scale=0.5, use_qk_norm=True,
+        )  # fmt: skip
+    if model_type == "gpt_oss":  # sinks, sliding windows, biases, clamped SwiGLU, softmax over the top-k
+        return transformers.GptOssConfig(
+            **common(head_dim=8), num_local_experts=4, intermediate_size=8, sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.0,
+        )  # fmt: skip
     assert model_type == "glm4_moe"  # partial rotary, q/k norm, sigmoid group-limited routing, shared experts
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     return transformers.Glm4MoeConfig(
