@@ -270,6 +270,56 @@ def write_checkpoint_file(writer: CheckpointWriter, source: TensorSource, item: 
         writer.dense(name, tensor)
 
 
+class ReopenedSource:
+    """A :class:`TensorSource` opened again after every ``window`` bytes read.
+
+    safetensors maps its files: each page a read touches stays in this process's resident set while
+    the file is open. Opening the source again every ``window`` bytes (about one of its shards)
+    unmaps them, so the pages held stay near one shard, not the whole model.
+    """
+
+    def __init__(self, open_source: Callable[[], TensorSource], window: int) -> None:
+        self._open = open_source
+        self._source = open_source()
+        self._window = window
+        self._read = 0
+        self.path = self._source.path
+        self.shapes = self._source.shapes
+
+    def keys(self) -> set[str]:
+        return self._source.keys()
+
+    def torch_dtype(self, key: str) -> torch.dtype:
+        return self._source.torch_dtype(key)
+
+    def get(self, key: str) -> Tensor:
+        size = nbytes(self.shapes[key], self.torch_dtype(key))
+        if self._read and self._read + size > self._window:
+            self._source = None  # the old files are unmapped before the new ones open
+            self._source = self._open()
+            self._read = 0
+        self._read += size
+        return self._source.get(key)
+
+
+READ_WINDOW_MIN = 64 << 20  # sources of tiny shards are not opened again for every few tensors
+
+
+def read_window(hf_dir: Path) -> int:
+    """Bytes read between two openings of a source: its largest file (a shard), at least 64 MiB."""
+    return max([READ_WINDOW_MIN, *(p.stat().st_size for p in hf_dir.glob("*.safetensors"))])
+
+
+def open_import_source(
+    hf_dir: Path, upcycle_experts: int | None, top_k: int | None, seed: int
+) -> tuple[DecoderConfig, Callable[[], TensorSource]]:
+    """The model's config and a function that opens its tensors (a dense model's through upcycling)."""
+    if upcycle_experts is not None:
+        config = hf.upcycle_config(hf_dir, num_experts=upcycle_experts, top_k=top_k)
+        return config, lambda: UpcycledSource(hf.SafetensorsDir(hf_dir), config, seed)
+    return hf.load_config(hf_dir), lambda: hf.SafetensorsDir(hf_dir)
+
+
 def import_hf(
     hf_dir: str | Path,
     out: str | Path,
@@ -296,12 +346,8 @@ def import_hf(
         )
     _require_new_or_empty(out, "a checkpoint")
     source_dtype = config_dtype(hf_dir)
-    if upcycle_experts is not None:
-        config = hf.upcycle_config(hf_dir, num_experts=upcycle_experts, top_k=top_k)
-        source: TensorSource = UpcycledSource(hf.SafetensorsDir(hf_dir), config, seed)
-    else:
-        config = hf.load_config(hf_dir)
-        source = hf.SafetensorsDir(hf_dir)
+    config, open_source = open_import_source(hf_dir, upcycle_experts, top_k, seed)
+    source = ReopenedSource(open_source, read_window(hf_dir))
     check_source(config, source)  # every key and shape, from the headers, before anything is written
     plan = import_plan(config, source, dtype)
     model = meta_decoder(config)

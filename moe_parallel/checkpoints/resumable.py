@@ -146,11 +146,11 @@ class ResumableOutput:
         sync_dir(self.tree)
 
     def record(self, rel: str, entry: dict[str, Any]) -> None:
-        """``rel`` is written and synced: a rerun keeps it (after checking it against ``entry``)."""
+        """``rel`` is written and synced: a rerun keeps it (after checking it against ``entry``).
+
+        The line is not synced: one lost in a crash only makes the rerun write its file again."""
         with open(self.tree / JOURNAL, "a") as file:
             file.write(json.dumps({"file": rel, "entry": entry}) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
         self.finished[rel] = entry
 
     def entry(self, rel: str) -> dict[str, Any] | None:
@@ -233,7 +233,7 @@ def resumable_output(
     out: Path, fingerprint: dict[str, Any], say: Callable[[str], None] = print
 ) -> Iterator[ResumableOutput]:
     """Open ``out``'s staging (resuming the same command's work), yield it, publish it when the body
-    succeeds; on failure keep the finished work for a rerun and release the claim."""
+    succeeds; on failure keep the finished work for a rerun (none: remove the staging) and release the claim."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = ResumableOutput(out, fingerprint, say)
     staged.open()
@@ -242,6 +242,8 @@ def resumable_output(
         staged.publish()
     finally:
         staged.release()
+        if staged.tree.is_dir() and not staged.finished:  # refused or failed before any work: leave nothing
+            remove_tree(staged.tree)
 
 
 def _write_json(path: Path, value: Any) -> None:
