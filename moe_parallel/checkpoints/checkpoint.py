@@ -4,13 +4,16 @@ Layout of one checkpoint (``<dir>/<tag>/``)::
 
     manifest.json                      format, step, layers, experts, files (bytes and CRC-32 each), lineage
     dense/stage_<s>.pt                 {canonical name: {"param", "exp_avg", "exp_avg_sq"}}
+    dense/stage_0/<name>.pt            the same, one parameter per file (imports, written tensor by tensor)
     buffers/stage_<s>.pt               {canonical name: tensor} of the stage's persistent buffers (router bias)
     experts/layer_<L>/expert_<id>.pt   {"w1": {"param", "exp_avg", ...}, "w2": ...} of one expert
     trainer.pt                         step, scheduler, client state (data position, W&B run id, ...)
     rng/rank_<r>.pt                    RNG states (restored when the world size is unchanged)
 
-Every tensor is the full fp32 value (ZeRO partitions are gathered with DeepSpeed's
-``safe_get_full_*`` helpers), so loading is a matter of picking the slices a rank owns. A save is
+Every tensor is the full value (ZeRO partitions are gathered with DeepSpeed's ``safe_get_full_*``
+helpers), so loading is a matter of picking the slices a rank owns. A save stores fp32; an import
+stores its source's dtype (bf16 for a bf16 model), which a load converts to the parameter's dtype
+and to the optimizer's fp32 master weights (bf16 values widen to fp32 exactly). A save is
 atomic: files go to ``<tag>.tmp-<id>/``, which rank 0 renames to ``<tag>`` after every rank has
 finished, and only then points ``latest`` at it. A save that fails on any rank (a full disk, an
 I/O error) fails on every rank with the same error, and its staging directory is removed: the
