@@ -4,13 +4,16 @@ Layout of one checkpoint (``<dir>/<tag>/``)::
 
     manifest.json                      format, step, layers, experts, files (bytes and CRC-32 each), lineage
     dense/stage_<s>.pt                 {canonical name: {"param", "exp_avg", "exp_avg_sq"}}
+    dense/stage_0/<name>.pt            the same, one parameter per file (imports, written tensor by tensor)
     buffers/stage_<s>.pt               {canonical name: tensor} of the stage's persistent buffers (router bias)
     experts/layer_<L>/expert_<id>.pt   {"w1": {"param", "exp_avg", ...}, "w2": ...} of one expert
     trainer.pt                         step, scheduler, client state (data position, W&B run id, ...)
     rng/rank_<r>.pt                    RNG states (restored when the world size is unchanged)
 
-Every tensor is the full fp32 value (ZeRO partitions are gathered with DeepSpeed's
-``safe_get_full_*`` helpers), so loading is a matter of picking the slices a rank owns. A save is
+Every tensor is the full value (ZeRO partitions are gathered with DeepSpeed's ``safe_get_full_*``
+helpers), so loading is a matter of picking the slices a rank owns. A save stores fp32; an import
+stores its source's dtype (bf16 for a bf16 model), which a load converts to the parameter's dtype
+and to the optimizer's fp32 master weights (bf16 values widen to fp32 exactly). A save is
 atomic: files go to ``<tag>.tmp-<id>/``, which rank 0 renames to ``<tag>`` after every rank has
 finished, and only then points ``latest`` at it. A save that fails on any rank (a full disk, an
 I/O error) fails on every rank with the same error, and its staging directory is removed: the
@@ -27,7 +30,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -785,6 +788,66 @@ def export_consolidated(checkpoint: str | os.PathLike, dtype: torch.dtype = torc
     return state
 
 
+class ConsolidatedReader:
+    """The plain weights of a checkpoint (as :func:`export_consolidated` gives them), one tensor or
+    one expert at a time, for writers that stream.
+
+    Each file is checked against its checksum the first time it is read and then memory-mapped; a
+    file stays mapped (its pages count as this process's memory once touched) until :meth:`forget`,
+    which a caller calls after each piece of output.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike) -> None:
+        self.path = Path(checkpoint)
+        self.manifest = read_manifest(self.path)
+        self.expert_parameters: dict[str, dict[str, str]] = self.manifest["expert_parameters"]
+        self.expert_ids = _expert_ids_by_layer(self.manifest["files"])
+        self._checked: set[str] = set()
+        self._open: dict[str, Any] = {}
+        self.file_of: dict[str, str] = {}  # dense parameter or buffer -> the file holding it
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for rel in self.manifest["files"]:
+            if rel.startswith(("dense/", "buffers/")):
+                for name, value in self._load(rel).items():
+                    self.file_of.setdefault(name, rel)
+                    self.shapes.setdefault(name, tuple(_param(value).shape))
+        self.forget()
+        missing = sorted(set(self.manifest.get("buffers", ())) - set(self.file_of))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self.path}: manifest.json lists buffers {missing[:8]} that no file holds"
+            )
+
+    def _load(self, rel: str) -> Any:
+        if rel not in self._open:
+            self._open[rel] = load_file(self.path, rel, self.manifest, mmap=True, check=rel not in self._checked)
+            self._checked.add(rel)
+        return self._open[rel]
+
+    def names(self) -> set[str]:
+        """Every tensor of the consolidated state: dense parameters, buffers, stacked expert parameters."""
+        stacked = {c for layer in self.expert_parameters.values() for c in layer.values()}
+        return set(self.file_of) | stacked
+
+    def tensor(self, name: str) -> Tensor:
+        """A dense parameter or buffer in its stored dtype (mapped: copy it to keep it past :meth:`forget`)."""
+        return _param(self._load(self.file_of[name])[name])
+
+    def expert(self, layer: int, expert_id: int) -> dict[str, Tensor]:
+        """{"w1": tensor, "w2": tensor} of one expert of MoE layer ``layer``, stored dtype."""
+        state = self._load(f"experts/layer_{layer}/expert_{expert_id}.pt")
+        return {short: entry["param"] for short, entry in state.items()}
+
+    def forget(self) -> None:
+        """Unmap every file read so far (they are not checked again when read again)."""
+        self._open.clear()
+
+
+def _param(value: Any) -> Tensor:
+    """A dense file holds {"param", optimizer state}; a buffer file holds the tensor itself."""
+    return value["param"] if isinstance(value, dict) else value
+
+
 def _fp32(t: Tensor) -> Tensor:
     return (t.float() if t.is_floating_point() else t).detach().cpu().clone()
 
@@ -796,7 +859,7 @@ def import_consolidated(
     tag: str,
     buffers: list[str] | tuple[str, ...] = (),
 ) -> Path:
-    """Write a consolidated state dict as a topology-free checkpoint (weights only, step 0).
+    """Write a consolidated state dict as a topology-free checkpoint (weights only, step 0, fp32).
 
     ``expert_parameters``: {layer number: {"w1": canonical name, ...}} naming the stacked expert
     parameters (the ``expert_parameters`` of any manifest of the same model). ``buffers``: the keys
@@ -810,39 +873,22 @@ def import_consolidated(
     missing = sorted((stacked | set(buffers)) - set(state))
     if missing:
         raise CheckpointError(f"the state dict lacks expert parameters or buffers {missing[:8]}")
-    files: dict[str, Any] = {
-        "dense/stage_0.pt": {
-            n: {"param": t.float()} for n, t in state.items() if n not in stacked and n not in set(buffers)
-        },
-        "buffers/stage_0.pt": {n: _fp32(state[n]) for n in buffers},
-    }
-    for layer, names in expert_parameters.items():
-        num_experts = {state[c].shape[0] for c in names.values()}
-        if len(num_experts) != 1:
-            raise CheckpointError(f"layer {layer}: stacked expert parameters disagree on the expert count")
-        for i in range(num_experts.pop()):
-            files[f"experts/layer_{layer}/expert_{i}.pt"] = {
-                s: {"param": state[c][i].float()} for s, c in names.items()
-            }
-    files["trainer.pt"] = {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}}
     clear_dead_staging(final)  # an import of this tag killed earlier on this host
     staging = owned_staging(final)
     try:
         staging.mkdir(parents=True)
-        written, error = _write_files(files, staging, out)
-        if error is not None:
-            raise CheckpointError(error)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": 0,
-            "saved_world_size": 0,
-            "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(written).items()},
-            "expert_parameters": dict(sorted(expert_parameters.items(), key=lambda kv: int(kv[0]))),
-            "buffers": sorted(buffers),
-            "files": dict(sorted(written.items())),
-            **lineage(out, None, None),
-        }
-        _publish(staging, out, tag, 0, manifest)
+        writer = CheckpointWriter(staging)
+        for name, tensor in state.items():
+            if name not in stacked and name not in set(buffers):
+                writer.dense(name, tensor.float())
+        writer.buffers({n: _fp32(state[n]) for n in buffers})
+        for layer, names in expert_parameters.items():
+            num_experts = {state[c].shape[0] for c in names.values()}
+            if len(num_experts) != 1:
+                raise CheckpointError(f"layer {layer}: stacked expert parameters disagree on the expert count")
+            for i in range(num_experts.pop()):
+                writer.expert(int(layer), i, {s: state[c][i].float() for s, c in names.items()})
+        _publish(staging, out, tag, 0, writer.finish(expert_parameters, buffers))
     except OSError as err:
         remove_tree(staging)
         raise CheckpointError(describe_os_error(err, out)) from err
@@ -850,3 +896,84 @@ def import_consolidated(
         remove_tree(staging)
         raise
     return final
+
+
+class FileJournal(Protocol):
+    """Where a :class:`CheckpointWriter` learns which files an earlier run finished, and records its own."""
+
+    def entry(self, rel: str) -> dict[str, Any] | None: ...
+    def record(self, rel: str, entry: dict[str, Any]) -> None: ...
+
+
+class _NoJournal:
+    def entry(self, rel: str) -> dict[str, Any] | None:
+        return None
+
+    def record(self, rel: str, entry: dict[str, Any]) -> None:
+        pass
+
+
+def dense_file(name: str) -> str:
+    """The file of one dense parameter in a checkpoint written tensor by tensor (loads read any
+    number of ``dense/`` files, so this layout and a save's one file per stage load alike)."""
+    return f"dense/stage_0/{name}.pt"
+
+
+def expert_file(layer: int, expert_id: int) -> str:
+    return f"experts/layer_{layer}/expert_{expert_id}.pt"
+
+
+BUFFERS_FILE = "buffers/stage_0.pt"
+
+
+class CheckpointWriter:
+    """Writes a weights-only topology-free checkpoint (step 0) into ``directory`` one file at a time,
+    as tensors are produced, and its manifest at the end: memory holds one file's tensors at a time.
+
+    Tensors are stored in the dtype given (a load converts them to the parameter's dtype). With a
+    ``journal``, a file an earlier run finished is not written again, and each new file is recorded
+    once it is on disk.
+    """
+
+    def __init__(self, directory: Path, journal: FileJournal | None = None, prefix: str = "") -> None:
+        self.directory = Path(directory)
+        self.journal = journal if journal is not None else _NoJournal()
+        self.prefix = prefix  # the directory's path inside the journal's tree
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def finished(self, rel: str) -> bool:
+        """Whether ``rel`` is on disk from an earlier run (then it is taken into the manifest as it is)."""
+        entry = self.journal.entry(self.prefix + rel)
+        if entry is not None:
+            self.files[rel] = entry
+        return entry is not None
+
+    def write(self, rel: str, obj: Any) -> None:
+        path = self.directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = write_file(obj, path)
+        self.files[rel] = entry
+        self.journal.record(self.prefix + rel, entry)
+
+    def dense(self, name: str, tensor: Tensor) -> None:
+        self.write(dense_file(name), {name: {"param": tensor}})
+
+    def expert(self, layer: int, expert_id: int, tensors: dict[str, Tensor]) -> None:
+        self.write(expert_file(layer, expert_id), {short: {"param": t} for short, t in tensors.items()})
+
+    def buffers(self, tensors: dict[str, Tensor]) -> None:
+        self.write(BUFFERS_FILE, tensors)
+
+    def finish(self, expert_parameters: dict[str, dict[str, str]], buffers: list[str] | tuple[str, ...]) -> dict:
+        """Write ``trainer.pt`` (step 0, no optimizer, no data position); return the manifest to publish."""
+        self.write("trainer.pt", {"step": 0, "global_samples": 0, "scheduler": None, "client_state": {}})
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": 0,
+            "saved_world_size": 0,
+            "moe_layers": {str(k): v for k, v in _expert_ids_by_layer(self.files).items()},
+            "expert_parameters": dict(sorted(expert_parameters.items(), key=lambda kv: int(kv[0]))),
+            "buffers": sorted(buffers),
+            "files": dict(sorted(self.files.items())),
+            **lineage(self.directory, None, None),
+        }

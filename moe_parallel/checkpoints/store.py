@@ -206,16 +206,18 @@ def check_file(checkpoint: Path, rel: str, entry: dict[str, Any], *, content: bo
         )
 
 
-def load_file(checkpoint: Path, rel: str, manifest: dict[str, Any], *, mmap: bool = False) -> Any:
+def load_file(checkpoint: Path, rel: str, manifest: dict[str, Any], *, mmap: bool = False, check: bool = True) -> Any:
     """One file of a checkpoint, after checking it against the manifest: tensors and plain data only.
 
     A file that holds anything else is a :class:`CheckpointError` that names it and says what to do:
-    nothing from it has run.
+    nothing from it has run. ``check=False`` skips the checksum, for a file the caller has checked
+    already (a file read again, memory-mapped).
     """
     entry = manifest["files"].get(rel)
     if entry is None:
         raise CheckpointError(f"checkpoint {checkpoint}: manifest.json does not list {rel}")
-    check_file(checkpoint, rel, entry)
+    if check:
+        check_file(checkpoint, rel, entry)
     try:
         return load_plain(checkpoint / rel, mmap=mmap)
     except UnsafeFileError as err:
