@@ -23,6 +23,7 @@ from tests.hf_models import (
     LLAMA3_ROPE,
     make_hf_model,
     random_hf_config,
+    randomize_,
     relative_error,
     save_hf_model,
     tokens,
@@ -343,3 +344,31 @@ def test_loaded_expert_parameters_carry_deepspeeds_expert_flags(hf_dirs, family)
             assert param.allreduce is False and param.group_name == layer.expert_group_name
     routed = {id(p) for layer in layers for p in layer.experts.parameters()}
     assert all(getattr(p, "allreduce", True) for p in model.parameters() if id(p) not in routed)
+
+
+def test_llama4_text_tower_loads_and_exports_as_the_text_model(tmp_path):
+    """A multimodal Llama 4 checkpoint: its text tower is read (the vision tower is left alone) and
+    exported as the text model, Llama4ForCausalLM, with the same logits."""
+    import transformers
+
+    text = random_hf_config("llama4_text", 5).to_dict()
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=28,
+                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)  # fmt: skip
+    config = transformers.Llama4Config(text_config=text, vision_config=vision)
+    reference = transformers.Llama4ForConditionalGeneration(config).eval()
+    randomize_(reference, 5)
+    reference.save_pretrained(str(tmp_path / "multimodal"))
+    x = tokens(config.text_config.vocab_size)
+    ours = hf.from_pretrained(tmp_path / "multimodal").eval()
+    assert ours.config.hf_model_type == "llama4_text"
+    with torch.no_grad():
+        want = reference(input_ids=x).logits
+        assert relative_error(ours(x), want) <= 1e-5
+    hf.save_pretrained(ours, tmp_path / "text")
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "text"), output_loading_info=True, **EAGER
+    )
+    assert type(loaded).__name__ == "Llama4ForCausalLM"
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        assert relative_error(loaded.eval()(x).logits, want) <= 1e-5

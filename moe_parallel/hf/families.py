@@ -220,6 +220,11 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
+# Multimodal checkpoints whose text tower is a supported family: model_type -> (the tower's
+# model_type, the prefix of its tensors). The other towers' tensors are left unread; an export writes
+# the text model alone, as its family (Llama4ForCausalLM).
+TEXT_TOWERS = {"llama4": ("llama4_text", "language_model.")}
+
 # Dense families that sparse upcycling starts from, and the MoE family each becomes.
 UPCYCLE_FAMILIES = {"llama": "mixtral", "qwen3": "qwen3_moe"}
 
@@ -257,7 +262,9 @@ NEUTRAL_KEYS = (
 
 
 def family(model_type: str | None) -> Family:
-    """The :class:`Family` of ``model_type``; a clear error for anything else."""
+    """The :class:`Family` of ``model_type`` (or of its text tower); a clear error for anything else."""
+    if model_type in TEXT_TOWERS:
+        return FAMILIES[TEXT_TOWERS[model_type][0]]
     if model_type not in FAMILIES:
         hint = ""
         if model_type in UPCYCLE_FAMILIES:
@@ -294,7 +301,8 @@ def load_hf_config(path: str | Path, allowed: tuple[str, ...] | None = None):
             f"config.json model_type={model_type!r} is not supported here: use one of {list(allowed)}"
         )
     try:
-        return AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path))
+        return config.text_config if model_type in TEXT_TOWERS else config
     except (KeyError, ValueError, TypeError) as err:  # transformers' own checks of the values
         message = str(err).strip('"')
         raise HFConversionError(

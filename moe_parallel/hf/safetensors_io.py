@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .families import FAMILIES, HFConversionError, read_config_json
+from .families import FAMILIES, TEXT_TOWERS, HFConversionError, read_config_json
 from .fused_experts import FUSED_LAYOUT_FAMILIES, FusedExpertsView, fused_expert_keys
 from .quantization import check_quantization
 from .quantized_view import DequantizedView
@@ -160,6 +160,24 @@ class SafetensorFiles:
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+class TextTowerView:
+    """The tensors under ``prefix`` (a multimodal checkpoint's text tower) under the names of the
+    text-only model; the other towers' tensors are not listed."""
+
+    def __init__(self, tensors, prefix: str) -> None:
+        self.path = tensors.path
+        self._tensors, self._prefix = tensors, prefix
+        names = {key[len(prefix) :]: key for key in tensors.shapes if key.startswith(prefix)}
+        self.shapes = {name: tensors.shapes[key] for name, key in names.items()}
+        self.dtypes = {name: tensors.dtypes[key] for name, key in names.items()}
+
+    def get(self, key: str) -> Tensor:
+        return self._tensors.get(self._prefix + key)
+
+    def get_rows(self, key: str, index: int) -> Tensor:
+        return self._tensors.get_rows(self._prefix + key, index)
+
+
 class SafetensorsDir:
     """The tensors of a Hugging Face model directory, by key, as the loader reads them.
 
@@ -183,6 +201,9 @@ class SafetensorsDir:
         )
         if self.fused_experts:
             view = FusedExpertsView(view, fam)
+        if raw.get("model_type") in TEXT_TOWERS:
+            view = TextTowerView(view, TEXT_TOWERS[raw["model_type"]][1])
+            raw = raw.get("text_config") or {}
         if head_only(view.shapes, raw.get("tie_word_embeddings") is True):
             view = HeadAsEmbedding(view)
         self._view = view
