@@ -60,7 +60,7 @@ from moe_parallel.checkpoints.store import (
 )
 from moe_parallel.core.layer import MoELayer
 from moe_parallel.hf.families import Family, family, read_config_json
-from moe_parallel.hf.load import TensorSource, check_source, expected_keys, nbytes
+from moe_parallel.hf.load import TensorSource, check_mtp_copies, check_source, expected_keys, nbytes
 from moe_parallel.hf.safetensors_io import plan_shards, write_index, write_shards
 from moe_parallel.hf.save import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -349,6 +349,7 @@ def import_hf(
     config, open_source = open_import_source(hf_dir, upcycle_experts, top_k, seed)
     source = ReopenedSource(open_source, read_window(hf_dir))
     check_source(config, source)  # every key and shape, from the headers, before anything is written
+    check_mtp_copies(config, source)  # MTP modules share the main embedding and head
     plan = import_plan(config, source, dtype)
     model = meta_decoder(config)
     inputs = [p.name for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()]

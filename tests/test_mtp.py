@@ -296,6 +296,10 @@ def test_mtp_copies_that_differ_and_missing_mtp_layers_are_refused_by_name(tmp_p
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hf.HFConversionError, match=rf"{key} differs from .*mtp_layers=0"):
         hf.from_pretrained(tmp_path)
+    from launch.checkpoint_tool import main as tool
+
+    assert tool(["import-hf", str(tmp_path), "--out", str(tmp_path / "ckpt")]) == 2  # offline import too
+    assert not (tmp_path / "ckpt").exists()
     assert hf.from_pretrained(tmp_path, mtp_layers=0).mtp is None  # skipped, as transformers skips it
     stripped = {k: v for k, v in tensors.items() if not _is_mtp_key(k, hf_config.num_hidden_layers)}
     save_file(stripped, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
