@@ -61,7 +61,10 @@ class MoEConf:
     score_after_topk: bool = False  # softmax over the k selected logits only
     num_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in num_groups groups,
     topk_groups: int = 1  # tokens choose among the experts of their topk_groups best groups
+    group_score: str = "top2_sum"  # a group's score: top2_sum (DeepSeek-V3) | max (DeepSeek-V2)
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
+    router_bias: bool = False  # a trained bias on the router's logits (GPT-OSS)
+    input_weighted: bool = False  # combine weights scale the expert's input, not its output (Llama 4)
     selection_bias: bool = False  # a per-expert bias for selection only (implied by expert_bias_update_rate > 0)
     router_noise: str = "none"  # none | jitter | gumbel
     router_jitter_eps: float = 0.01

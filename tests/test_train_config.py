@@ -182,3 +182,11 @@ def test_train_compile_backend_is_one_torch_compile_knows():
     assert "train.compile_backend='inductr' is not a torch.compile backend" in message, message
     assert "aot_eager" in message and "inductor" in message, message
     app_config.validate(make("train.compile_backend=inductr"), world_size=1)  # not compiling: not read
+
+
+def test_router_options_reach_the_moe_layer_and_bad_ones_name_the_key():
+    cfg = make("moe.router_bias=true", "moe.input_weighted=true", "moe.group_score=max", "moe.num_groups=2")
+    moe = app_config.gpt_config(cfg, vocab_size=64).moe
+    assert (moe.router_bias, moe.input_weighted, moe.group_score, moe.num_groups) == (True, True, "max", 2)
+    with pytest.raises(MoEConfigError, match=r"moe\.group_score='sum'"):
+        app_config.gpt_config(make("moe.group_score=sum"), vocab_size=64)
