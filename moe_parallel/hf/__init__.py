@@ -1,4 +1,5 @@
-"""Hugging Face interop for the decoder family (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5).
+"""Hugging Face interop for the decoder family (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5,
+DeepSeek-V2/V3, Llama 4, GPT-OSS).
 
 API (stable; the command line and training build on it):
 
