@@ -60,7 +60,7 @@ from moe_parallel.checkpoints.store import (
 )
 from moe_parallel.core.layer import MoELayer
 from moe_parallel.hf.families import Family, family, read_config_json
-from moe_parallel.hf.load import TensorSource, check_mtp_copies, check_source, expected_keys, nbytes
+from moe_parallel.hf.load import TensorSource, check_mtp_copies, check_source, expected_keys, nbytes, read_hf_tensors
 from moe_parallel.hf.safetensors_io import plan_shards, write_index, write_shards
 from moe_parallel.hf.save import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES
 from moe_parallel.hf.upcycle import UpcycledSource
@@ -248,7 +248,7 @@ def import_plan(config: DecoderConfig, source: TensorSource, asked: torch.dtype 
 
 def read_piece(source: TensorSource, piece: Piece) -> Tensor:
     """Read and assemble one tensor from ``source``, checked against its shape, in its stored dtype."""
-    value = assemble(piece.tmap, {key: source.get(key) for key in piece.tmap.hf_keys})
+    value = assemble(piece.tmap, read_hf_tensors(source, piece.tmap))  # a fused tensor: only this expert's rows
     if piece.row:
         value = value[0]
     if tuple(value.shape) != piece.shape:
@@ -293,13 +293,20 @@ class ReopenedSource:
         return self._source.torch_dtype(key)
 
     def get(self, key: str) -> Tensor:
-        size = nbytes(self.shapes[key], self.torch_dtype(key))
+        self._count(nbytes(self.shapes[key], self.torch_dtype(key)))
+        return self._source.get(key)
+
+    def get_rows(self, key: str, index: int) -> Tensor:
+        """Row ``index`` of a tensor holding all experts of a layer (Llama 4, GPT-OSS)."""
+        self._count(nbytes(self.shapes[key][1:], self.torch_dtype(key)))
+        return self._source.get_rows(key, index)
+
+    def _count(self, size: int) -> None:
         if self._read and self._read + size > self._window:
             self._source = None  # the old files are unmapped before the new ones open
             self._source = self._open()
             self._read = 0
         self._read += size
-        return self._source.get(key)
 
 
 READ_WINDOW_MIN = 64 << 20  # sources of tiny shards are not opened again for every few tensors
@@ -404,6 +411,7 @@ class Origin:
     expert_id: int | None = None
     layer: int | None = None
     short: str = ""
+    all_experts: bool = False  # every expert's row of the layer (a family that stores them in one tensor)
 
 
 def hf_origins(config: DecoderConfig, reader: ConsolidatedReader) -> dict[str, tuple[Origin, TensorMap]]:
@@ -414,7 +422,10 @@ def hf_origins(config: DecoderConfig, reader: ConsolidatedReader) -> dict[str, t
     }
     out = {}
     for canonical, tensor in meta_decoder(config).state_dict().items():
-        if canonical in stacked:
+        if canonical in stacked and fam.fused_experts:
+            layer, short = stacked[canonical]
+            units = [(Origin(canonical, None, layer, short, all_experts=True), range(tensor.shape[0]))]
+        elif canonical in stacked:
             layer, short = stacked[canonical]
             units = [(Origin(canonical, e, layer, short), range(e, e + 1)) for e in range(tensor.shape[0])]
         else:
@@ -464,6 +475,9 @@ def check_export_source(
 
 def origin_tensor(reader: ConsolidatedReader, extra: dict[str, Tensor], origin: Origin) -> Tensor:
     """The checkpoint tensor an origin names, as :func:`disassemble` takes it (an expert's row as ``[1, ...]``)."""
+    if origin.all_experts:  # one layer's experts: the bound of a streaming export is a shard plus a layer
+        ids = reader.expert_ids[origin.layer]
+        return torch.stack([reader.expert(origin.layer, e)[origin.short] for e in ids])
     if origin.expert_id is not None:
         return reader.expert(origin.layer, origin.expert_id)[origin.short].unsqueeze(0)
     return extra[origin.canonical] if origin.canonical in extra else reader.tensor(origin.canonical)

@@ -147,7 +147,7 @@ def _token_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return ((got.float() - want).abs().amax(-1) / want.abs().amax()).flatten()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "llama4_text", "gpt_oss"])
 def test_bf16_checkpoint_loads_in_bf16_and_fp32_and_round_trips(tmp_path, family):
     config = random_hf_config(family, 7)
     save_hf_model(config, 7, tmp_path / "fp32")
@@ -157,7 +157,8 @@ def test_bf16_checkpoint_loads_in_bf16_and_fp32_and_round_trips(tmp_path, family
     x = tokens(config.vocab_size, seed=3, seq=6)
 
     ours16 = hf.from_pretrained(tmp_path / "bf16").eval()
-    kept = {n for n, p in ours16.named_parameters() if n.endswith("router.weight")} if family == "glm4_moe" else set()
+    keeps_router = family in ("glm4_moe", "deepseek_v3", "deepseek_v2")
+    kept = {n for n, p in ours16.named_parameters() if n.endswith("router.weight")} if keeps_router else set()
     assert {p.dtype for n, p in ours16.named_parameters() if n not in kept} == {torch.bfloat16}
     assert {ours16.get_parameter(n).dtype for n in kept} <= {torch.float32}  # as transformers keeps them
     ours32 = hf.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()

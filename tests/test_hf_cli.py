@@ -72,7 +72,7 @@ def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     assert torch.equal(want, got)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])  # GLM keeps its router and bias in fp32
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "deepseek_v3", "gpt_oss"])  # GLM, DeepSeek: fp32 router
 def test_bf16_checkpoint_exports_in_its_dtype_or_the_one_asked(tmp_path, family):
     src = tmp_path / "hf"
     tiny_family_model(family, src, VOCAB, dtype=torch.bfloat16)

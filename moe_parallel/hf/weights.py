@@ -142,11 +142,13 @@ def _deinterleave(columns: Tensor) -> Tensor:
 
 def assemble(tmap: TensorMap, tensors: dict[str, Tensor]) -> Tensor:
     """Our tensor from its HF tensors (``tensors`` holds every key of ``tmap``; a fused key holds
-    just the rows ``tmap.rows``)."""
+    the rows ``tmap.rows``, or all experts' rows)."""
     if tmap.kind == "rename":
         return tensors[tmap.keys[0][0]]
     if tmap.kind == "fused":
         value = tensors[tmap.keys[0][0]]
+        if tmap.rows is not None and value.shape[0] != len(tmap.rows):  # given all experts: take ours
+            value = value[tmap.rows.start : tmap.rows.stop]
         return _deinterleave(value) if tmap.interleaved else value
     rows = [torch.cat([tensors[key].t() for key in row], dim=1) for row in tmap.keys]
     return torch.stack(rows)
