@@ -68,6 +68,7 @@ from moe_parallel.hf.weights import TensorMap, assemble, disassemble, tensor_map
 from moe_parallel.models.decoder import Decoder, DecoderConfig
 
 HF_MODEL_DIR = "hf_model"  # beside `latest` in a checkpoint directory
+QUANTIZED_SOURCE_FILE = "quantized_source.json"  # in hf_model/: the imported weights were dequantized
 BUFFERS_FILE_OF_OLDER_RUNS = "buffers.safetensors"  # written by earlier versions: buffers of checkpoints without them
 TRAINING_FILE = "moe_parallel.json"  # how the run trained (refuses exporting an older checkpoint's lost bias)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -382,6 +383,9 @@ def import_hf(
         write_manifest(staged.tree / tag, manifest)
         write_latest(staged.tree, tag)
         write_hf_model_dir(config, staged.tree / HF_MODEL_DIR, tokenizer_dir=hf_dir, dtype=source_dtype)
+        method = None if upcycle_experts is not None else hf.SafetensorsDir(hf_dir).quantization
+        if method is not None:  # export-hf says it writes the dequantized weights
+            (staged.tree / HF_MODEL_DIR / QUANTIZED_SOURCE_FILE).write_text(json.dumps({"quantization": method}) + "\n")
     return out / tag
 
 
@@ -652,6 +656,12 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"wrote {describe(out)}")
     if args.hf_config is not None and read_config_json(args.hf_config).get("quantization_config") is not None:
         print(f"{args.hf_config} is quantized: {QUANTIZED_NOTE}")
+    elif args.hf_config is None:
+        identity = find_hf_model_dir(Path(args.dir), Path(args.dir))
+        record = identity / QUANTIZED_SOURCE_FILE if identity is not None else None
+        if record is not None and record.is_file():
+            method = json.loads(record.read_text()).get("quantization")
+            print(f"the checkpoint was imported from a quantized ({method}) model: {QUANTIZED_NOTE}")
 
 
 def _positive_int(text: str) -> int:

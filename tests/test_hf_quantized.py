@@ -392,6 +392,9 @@ def test_import_hf_of_an_fp8_checkpoint_says_export_writes_bf16(tmp_path, capsys
         == 0
     )
     assert "export-hf writes bf16" in capsys.readouterr().out
+    # From the checkpoint alone too: the import recorded that its weights were dequantized.
+    assert tool(["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out2")]) == 0
+    assert "imported from a quantized (fp8) model: export-hf writes bf16" in capsys.readouterr().out
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in exported
     assert {t.dtype for t in load_file(str(tmp_path / "out" / "model.safetensors")).values()} <= {
