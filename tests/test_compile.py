@@ -96,7 +96,8 @@ def hf_config(model_type: str):
         return transformers.DeepseekV2Config(**kw, q_lora_rank=None, topk_method="group_limited_greedy")
     if model_type == "llama4_text":  # chunked RoPE blocks, a NoPE block with temperature, input-weighted top-1
         return transformers.Llama4TextConfig(
-            **common(head_dim=8, num_experts_per_tok=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4, **LLAMA3_ROPE}),
+            **common(head_dim=8, num_experts_per_tok=1,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e4, **LLAMA3_ROPE}),
             num_local_experts=4, intermediate_size=8, intermediate_size_mlp=24, interleave_moe_layer_step=2,
             no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2, attn_scale=0.5, use_qk_norm=True,
         )  # fmt: skip
