@@ -494,3 +494,15 @@ def _checkpoint_keeps_the_new_parameters(rank: int, world: int, tmp: str) -> Non
 
 def test_checkpoint_round_trip_keeps_router_and_expert_biases(tmp_path) -> None:
     run_distributed(_checkpoint_keeps_the_new_parameters, 2, str(tmp_path), timeout=240)
+
+
+def test_expert_biases_and_router_bias_are_not_weight_decayed() -> None:
+    from moe_parallel.integration.engine import optimizer_param_groups
+
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=4, expert_bias=True, router_bias=True,
+                               activation="clamped_swiglu", shared_expert_ffn_hidden_size=4))  # fmt: skip
+    names = {id(p): n for n, p in layer.named_parameters()}
+    groups = optimizer_param_groups(layer, weight_decay=0.1)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {n for n in names.values() if n.endswith(("w1", "w2", "router.weight"))}, decayed
+    assert all(g["weight_decay"] in (0.0, 0.1) for g in groups)

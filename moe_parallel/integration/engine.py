@@ -58,15 +58,20 @@ def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> No
             raise DeepSpeedConfigError(f"deepspeed.{key}={value!r} must be a positive integer")
 
 
+STACKED_BIASES = ("b1", "b2")  # the experts' per-expert biases (experts/stacked.py)
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay for vectors (norms, biases), and expert parameters split into
-    DeepSpeed MoE groups (``moe=True``, named after their expert group)."""
+    """AdamW groups: no decay for vectors (norms, biases, sinks) and the experts' stacked biases
+    (``b1`` ``[e, 2F]``, ``b2`` ``[e, D]``: one bias vector per expert), and expert parameters split
+    into DeepSpeed MoE groups (``moe=True``, named after their expert group)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            is_bias = param.dim() < 2 or name.rsplit(".", 1)[-1] in STACKED_BIASES
+            (no_decay if is_bias else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
