@@ -78,6 +78,8 @@ class GroupedExperts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.w1.is_meta:  # nothing to fill: a meta build (loading, planning) only needs the shapes
+            return
         for j in range(self.num_local_experts):
             gen = torch.Generator().manual_seed(
                 expert_seed(self.init_seed, self.layer_number, self.first_expert_id + j)
