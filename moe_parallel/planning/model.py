@@ -11,9 +11,9 @@ Shape suffixes as elsewhere: E experts, e = E / EP local experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn

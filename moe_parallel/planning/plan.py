@@ -1,0 +1,384 @@
+"""A training layout's per-rank memory, communication and step time, and the search over layouts.
+
+:func:`plan_layout` puts together what the other modules of this package measure on the meta
+device: model states as DeepSpeed's ZeRO holds them (``states``), the bytes saved for backward per
+micro-batch (``activations``) and the bytes the collectives move (``comm``), for every pipeline
+stage (the ranks of a stage hold the same shapes). :func:`search` enumerates the layouts DeepSpeed
+accepts on a cluster, drops those that do not fit, and ranks the rest by an estimated step time.
+
+What is estimated, not measured, is stated where it is used: the step time (compute at a fraction
+of peak, collectives at given bandwidths, the 1F1B bubble) and the per-device reserve (CUDA context,
+NCCL and allocator slack), which no meta-device build can see.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..integration.parallel import ParallelConfigError, ParallelLayout
+from .activations import predict_activation_bytes
+from .comm import predict_comm
+from .model import ModelConfig, StageModel, build_stage, is_expert_param
+from .states import predict_state_bytes
+
+GiB = 1024**3
+
+# The memory components of a rank, in the order tables and pictures show them.
+COMPONENTS = (
+    "parameters",
+    "gradients",
+    "master weights",
+    "optimizer states",
+    "activations",
+    "logits",
+    "comm buffers",
+    "reserve",
+)
+
+
+class PlanError(ValueError):
+    """A layout or cluster description that cannot be planned; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a job splits the model and the batch: world = ``pp * dp``; ``ep`` divides ``dp``."""
+
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    zero_stage: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        return self.dp // self.ep
+
+    def check(self, config: ModelConfig) -> None:
+        """Refuse what DeepSpeed or the layout arithmetic refuses, naming the setting."""
+        num_experts = config.moe.num_experts if config.moe else None
+        try:
+            ParallelLayout(self.world_size, self.pp, self.ep, num_experts)
+        except ParallelConfigError as err:
+            raise PlanError(str(err)) from None
+        if self.pp > config.num_layers:
+            raise PlanError(
+                f"parallel.pp={self.pp} exceeds the model's {config.num_layers} blocks: one stage needs one"
+            )
+        if self.zero_stage not in (0, 1, 2):
+            raise PlanError(f"deepspeed.zero_stage={self.zero_stage}: choose 0, 1 or 2 (3 cannot hold experts)")
+        if self.zero_stage == 2 and self.pp > 1:
+            raise PlanError(
+                "deepspeed.zero_stage=2 with parallel.pp > 1: DeepSpeed's pipeline engine refuses it; use 0 or 1"
+            )
+        for name in ("micro_batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def describe(self) -> str:
+        ckpt = " ckpt" if self.activation_checkpointing else ""
+        return (
+            f"pp {self.pp} dp {self.dp} ep {self.ep} zero {self.zero_stage} "
+            f"mb {self.micro_batch} x ga {self.grad_accum}{ckpt}"
+        )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a step computes: sequence length, precision and the DeepSpeed settings that size buffers."""
+
+    seq_len: int
+    precision: str = "bf16"  # fp32 | bf16, as deepspeed.precision resolves
+    attention: str = "flash"  # the attention backend whose saved tensors count (flash on GPUs, math on CPUs)
+    weight_decay: float = 0.1
+    ds_config: dict | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines a job runs on. Speeds are stated assumptions of the step-time estimate:
+    the defaults describe an H100 SXM node (989 TFLOP/s dense bf16, NVLink about 450 GB/s per
+    direction, one 400 Gb/s NIC per GPU) at 40% of peak."""
+
+    gpus: int
+    gpu_memory: int  # bytes per device
+    gpus_per_node: int = 8
+    peak_flops: float = 989e12
+    mfu: float = 0.4  # the fraction of peak the compute reaches
+    intra_node_bandwidth: float = 450e9  # bytes/s per GPU inside a node
+    inter_node_bandwidth: float = 50e9  # bytes/s per GPU across nodes
+    reserve: int = 2 * GiB  # CUDA context, NCCL and the allocator's slack, per device
+    margin: float = 0.10  # a layout fits when its peak stays under (1 - margin) of gpu_memory
+
+    @property
+    def usable_memory(self) -> float:
+        return self.gpu_memory * (1.0 - self.margin)
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage (every rank of it holds the same shapes)."""
+
+    stage: int
+    memory: dict[str, int]  # component -> bytes, in COMPONENTS order
+    comm: object  # comm.CommBytes
+    forward_flops: float  # one micro-batch's forward on one rank
+    inflight_micro_batches: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.memory.values())
+
+    def largest(self) -> str:
+        return max((k for k in self.memory if k != "reserve"), key=self.memory.__getitem__)
+
+
+@dataclass
+class LayoutPlan:
+    config: ModelConfig
+    layout: Layout
+    workload: Workload
+    stages: list[StagePlan]
+    step_time: dict[str, float] = field(default_factory=dict)  # seconds: compute, all-to-all, ..., total
+
+    @property
+    def peak(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total)
+
+    def fits(self, cluster: Cluster) -> bool:
+        return self.peak.total <= cluster.usable_memory
+
+
+# ---------------------------------------------------------------- one layout
+
+
+class Planner:
+    """Plans layouts of one model; keeps the meta-device stages and traces that layouts share."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self._stages: dict[tuple, StageModel] = {}
+        self._activations: dict[tuple, object] = {}
+
+    def stage(self, pp: int, stage: int, ep: int) -> StageModel:
+        key = (pp, stage, ep)
+        if key not in self._stages:
+            self._stages[key] = build_stage(self.config, pp, stage, ep)
+        return self._stages[key]
+
+    def activations(self, layout: Layout, workload: Workload, stage: int):
+        key = (layout.pp, stage, layout.micro_batch, workload.seq_len, workload.dtype, workload.attention)
+        if key not in self._activations:
+            self._activations[key] = predict_activation_bytes(
+                self.config,
+                num_stages=layout.pp,
+                stage=stage,
+                micro_batch=layout.micro_batch,
+                seq_len=workload.seq_len,
+                ep=layout.ep,
+                dtype=workload.dtype,
+                attention=workload.attention,
+            )
+        return self._activations[key]
+
+    def plan(self, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
+        """Per-stage memory and communication of ``layout`` (and its step time on ``cluster``)."""
+        layout.check(self.config)
+        checkpointed = layout.activation_checkpointing and layout.pp > 1  # the app checkpoints pipeline blocks
+        stages = []
+        for s in range(layout.pp):
+            states = predict_state_bytes(
+                self.stage(layout.pp, s, layout.ep),
+                dp=layout.dp,
+                ep=layout.ep,
+                zero_stage=layout.zero_stage,
+                precision=workload.precision,
+                weight_decay=workload.weight_decay,
+                ds_config=workload.ds_config,
+            )
+            acts = self.activations(layout, workload, s)
+            # DeepSpeed's 1F1B keeps the forwards of up to (stages - stage) micro-batches awaiting backward.
+            inflight = min(layout.pp - s, layout.grad_accum)
+            saved = acts.saved_checkpointed * inflight + acts.recompute if checkpointed else acts.saved * inflight
+            memory = {
+                "parameters": states.params,
+                "gradients": states.grads,
+                "master weights": states.master,
+                "optimizer states": states.optimizer,
+                "activations": saved,
+                "logits": acts.logits if s == layout.pp - 1 else 0,
+                "comm buffers": states.buffers,
+                "reserve": cluster.reserve if cluster is not None else 0,
+            }
+            comm = predict_comm(
+                self.config,
+                num_stages=layout.pp,
+                stage=s,
+                ep=layout.ep,
+                dp=layout.dp,
+                zero_stage=layout.zero_stage,
+                micro_batch=layout.micro_batch,
+                seq_len=workload.seq_len,
+                grad_accum=layout.grad_accum,
+                dtype=workload.dtype,
+                ds_config=workload.ds_config,
+            )
+            stages.append(StagePlan(s, memory, comm, acts.forward_flops, inflight))
+        plan = LayoutPlan(self.config, layout, workload, stages)
+        if cluster is not None:
+            plan.step_time = step_time(plan, cluster)
+        return plan
+
+    def expert_heavy(self, layout: Layout) -> bool:
+        """Whether expert parameters are most of what some stage holds (then EP is the lever)."""
+        for s in range(layout.pp):
+            params = list(self.stage(layout.pp, s, layout.ep).module.parameters())
+            if sum(p.numel() for p in params if is_expert_param(p)) * 2 > sum(p.numel() for p in params):
+                return True
+        return False
+
+
+def plan_layout(config: ModelConfig, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
+    """Per-stage memory and communication of ``layout`` (see :meth:`Planner.plan`)."""
+    return Planner(config).plan(layout, workload, cluster)
+
+
+# ---------------------------------------------------------------- step time (an estimate)
+
+
+def _ring_factor(n: int) -> float:
+    return 2.0 * (n - 1) / n if n > 1 else 0.0
+
+
+def _bandwidth(cluster: Cluster, span: int) -> float:
+    """Per-GPU bandwidth of a group of ``span`` consecutive ranks (inside a node when it fits one)."""
+    return cluster.intra_node_bandwidth if span <= cluster.gpus_per_node else cluster.inter_node_bandwidth
+
+
+def step_time(plan: LayoutPlan, cluster: Cluster) -> dict[str, float]:
+    """Seconds per step: compute (forward + backward, plus a recompute with checkpointing) at
+    ``cluster.mfu`` of peak, the token all-to-alls and stage-to-stage sends on the critical path, the
+    1F1B bubble, and the data-parallel gradient reduction after the last micro-batch (ring cost)."""
+    lay = plan.layout
+    m = lay.grad_accum
+    worst: dict[str, float] = {}
+    for st in plan.stages:
+        passes = 4.0 if lay.activation_checkpointing and lay.pp > 1 else 3.0  # fwd + 2x fwd for bwd (+ recompute)
+        compute = passes * st.forward_flops * m / (cluster.peak_flops * cluster.mfu)
+        a2a = st.comm.alltoall_bytes * st.comm.offrank_fraction / _bandwidth(cluster, lay.ep)
+        p2p = st.comm.p2p_bytes / _bandwidth(cluster, lay.dp + 1) if lay.pp > 1 else 0.0
+        # DP groups are consecutive ranks; an expert-DP group strides by ep over the same span.
+        dp_time = _ring_factor(lay.dp) * st.comm.dp_grad_bytes / _bandwidth(cluster, lay.dp)
+        dp_time += _ring_factor(lay.expert_dp) * st.comm.expert_dp_grad_bytes / _bandwidth(cluster, lay.dp)
+        per_mb = (compute + a2a + p2p) / m
+        if per_mb * (m + lay.pp - 1) + dp_time > worst.get("total", -1.0):
+            worst = {
+                "compute": compute,
+                "all-to-all": a2a,
+                "pipeline sends": p2p,
+                "bubble": per_mb * (lay.pp - 1),
+                "gradient reduction": dp_time,
+                "total": per_mb * (m + lay.pp - 1) + dp_time,
+            }
+    return worst
+
+
+# ---------------------------------------------------------------- search
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(
+    config: ModelConfig,
+    gpus: int,
+    global_batch: int,
+    *,
+    micro_batches: Iterable[int] = (1, 2, 4, 8, 16),
+    zero_stages: Iterable[int] = (0, 1, 2),
+    max_pp: int | None = None,
+) -> list[Layout]:
+    """Every layout DeepSpeed accepts for ``gpus`` devices and ``global_batch`` sequences per step:
+    pp divides the world (at most one stage per block), ep divides dp and the expert count, no
+    ZeRO-2 with a pipeline, micro-batch x grad_accum x dp = global_batch, activation checkpointing
+    only where the app applies it (pp > 1)."""
+    num_experts = config.moe.num_experts if config.moe else 1
+    out = []
+    for pp in _divisors(gpus):
+        if pp > config.num_layers or (max_pp is not None and pp > max_pp):
+            continue
+        dp = gpus // pp
+        for ep, zero, mb in itertools.product(_divisors(dp), zero_stages, micro_batches):
+            if num_experts % ep or (zero == 2 and pp > 1) or global_batch % (mb * dp):
+                continue
+            for ckpt in (False, True) if pp > 1 else (False,):
+                out.append(Layout(pp, dp, ep, zero, mb, global_batch // (mb * dp), ckpt))
+    return out
+
+
+@dataclass
+class SearchResult:
+    fitting: list[LayoutPlan]  # best first
+    rejected: list[tuple[Layout, str]]  # what does not fit, and the component that overflows
+
+
+def search(config: ModelConfig, workload: Workload, cluster: Cluster, global_batch: int, **candidates) -> SearchResult:
+    """Plan every candidate layout; keep those whose peak rank fits ``cluster.usable_memory``,
+    ranked by estimated step time (ties: less peak memory first)."""
+    planner = Planner(config)
+    fitting, rejected = [], []
+    for layout in candidate_layouts(config, cluster.gpus, global_batch, **candidates):
+        plan = planner.plan(layout, workload, cluster)
+        if plan.fits(cluster):
+            fitting.append(plan)
+        else:
+            rejected.append((layout, overflow_message(plan, cluster, planner)))
+    fitting.sort(key=lambda p: (p.step_time["total"], p.peak.total))
+    return SearchResult(fitting, rejected)
+
+
+# ---------------------------------------------------------------- refusal
+
+
+def overflow_message(plan: LayoutPlan, cluster: Cluster, planner: Planner | None = None) -> str:
+    """Why ``plan`` does not fit: the stage, its largest component, and the cheapest fix."""
+    peak = plan.peak
+    component = peak.largest()
+    return (
+        f"stage {peak.stage} needs {peak.total / GiB:.1f} GiB per rank, over the {cluster.usable_memory / GiB:.1f} GiB "
+        f"usable of {cluster.gpu_memory / GiB:.1f} GiB ({cluster.margin:.0%} margin); the largest part is "
+        f"{component} ({peak.memory[component] / GiB:.1f} GiB): {cheapest_fix(plan, component, planner)}"
+    )
+
+
+def cheapest_fix(plan: LayoutPlan, component: str, planner: Planner | None = None) -> str:
+    """The change that shrinks ``component`` without adding devices, where one exists."""
+    lay = plan.layout
+    if component in ("activations", "logits"):
+        if lay.pp > 1 and not lay.activation_checkpointing:
+            return "turn on deepspeed.activation_checkpointing=true"
+        if lay.micro_batch > 1:
+            return (
+                f"lower train.micro_batch_size to {lay.micro_batch // 2} (and raise train.grad_accum to keep the batch)"
+            )
+        return "shorten data.seq_len, or add pipeline stages (parallel.pp)"
+    if component in ("optimizer states", "master weights", "gradients") and lay.zero_stage < (2 if lay.pp == 1 else 1):
+        return f"raise deepspeed.zero_stage to {2 if lay.pp == 1 else 1} (shards them over data-parallel ranks)"
+    if lay.ep < lay.dp and (planner or Planner(plan.config)).expert_heavy(lay):
+        return f"raise parallel.ep above {lay.ep} (each rank holds fewer experts)"
+    return f"add pipeline stages (parallel.pp above {lay.pp}) or devices"
