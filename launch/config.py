@@ -8,6 +8,7 @@ generated from this config by :func:`deepspeed_config`: there is one source of t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -170,6 +171,11 @@ class TrainConf:
     # torch.compile's backend for train.compile: inductor (generated kernels), or e.g. aot_eager
     # (the traced forward and backward graphs run with eager kernels: no compiler, quick to build).
     compile_backend: str = "inductor"
+    # Start-up memory check (launch/plan.py): every rank refuses a layout whose planned peak per rank
+    # exceeds the device's memory: train.device_memory (e.g. 80GiB), or null for the GPU's own size
+    # (CPUs: unchecked unless declared). memory_check=false trains anyway.
+    device_memory: str | None = None
+    memory_check: bool = True
 
 
 @dataclass
@@ -308,6 +314,21 @@ def data_config(cfg: AppConf | DictConfig) -> DataConfig:
     )
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_bytes(text: str | int, key: str) -> int:
+    """``80GiB``, ``80GB``, ``81920MiB`` or a plain byte count; the error names ``key``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if isinstance(text, bool) or match is None or match.group(2).lower() not in _UNITS:
+        raise AppConfigError(f"{key}={text!r} is not a size: write e.g. 80GiB, 80GB or 81920MiB (GiB = 2^30 bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise AppConfigError(f"{key}={text!r} must be a positive size")
+    return size
+
+
 def _check_compile(value: Any, backend: Any = "inductor") -> None:
     """``train.compile``: a boolean, and, when true, a torch.compile that can run here: dynamo supports
     this Python, ``train.compile_backend`` names one of its backends, and inductor finds what it builds
@@ -363,6 +384,10 @@ def validate(cfg: AppConf | DictConfig, world_size: int) -> None:
     _positive("train.collapse_window", t.collapse_window, minimum=0)
     collapse_thresholds(cfg)
     _check_compile(t.compile, t.compile_backend)
+    if not isinstance(t.memory_check, bool):
+        raise AppConfigError(f"train.memory_check={t.memory_check!r} is invalid: must be true or false")
+    if t.device_memory is not None:
+        parse_bytes(t.device_memory, "train.device_memory")
     _positive("parallel.timeout_s", cfg.parallel.timeout_s)
     _choice("deepspeed.precision", ds.precision, ("auto", "fp32", "bf16"))
     _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2))
