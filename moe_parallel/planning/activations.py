@@ -92,6 +92,7 @@ class SavedTensorBytes:
         self._storages: dict[int, torch.UntypedStorage] = {}
 
     def add(self, t: Tensor) -> None:
+        """Count ``t``'s storage (once; not if excluded); anything but a tensor is ignored."""
         if not isinstance(t, Tensor):
             return
         key = _storage_key(t)
@@ -105,6 +106,7 @@ class SavedTensorBytes:
 
     @property
     def count(self) -> int:
+        """Distinct storages counted so far."""
         return len(self._storages)
 
     def _pack(self, t: Tensor) -> Tensor:
@@ -122,7 +124,9 @@ def saved_tensor_bytes(*modules: nn.Module, exclude: Iterable[Tensor] = ()) -> I
     """Count the bytes saved for backward inside the block (``counter.bytes`` after it).
 
     Storages of the parameters and buffers of ``modules`` (and of ``exclude``) are not counted;
-    every other saved tensor counts once per storage, meta tensors included.
+    every other saved tensor counts once per storage, meta tensors included. Hooks installed inside
+    the block take precedence (torch's non-reentrant checkpoint installs its own): what they save is
+    not seen here.
     """
     counter = SavedTensorBytes([*module_tensors(*modules), *exclude])
     with torch.autograd.graph.saved_tensors_hooks(counter._pack, lambda t: t):
@@ -134,8 +138,8 @@ def saved_tensor_bytes(*modules: nn.Module, exclude: Iterable[Tensor] = ()) -> I
 
 @dataclass(frozen=True)
 class ActivationBytes:
-    """Activation memory of one micro-batch on one pipeline stage (one rank: every rank of a stage
-    holds the same shapes), in bytes.
+    """Activation memory of one micro-batch on one rank of one pipeline stage, in bytes (the ranks of
+    a stage differ only by routing at EP > 1, where this is the balanced expectation).
 
     - ``saved``: saved for backward without activation checkpointing (the loss's on the last stage);
     - ``saved_checkpointed``: with ``deepspeed.activation_checkpointing`` as the app applies it
