@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.capacity import capacity_from_ratio, capacity_ratio
 from ..core.dispatcher import AllToAllTokenDispatcher, CombineState, Dispatch, permute_rows
@@ -153,6 +154,11 @@ class ActivationBytes:
     - ``sent``: the activation it sends to the next (0 on the last), buffered likewise;
     - ``moe_rows``: the expert rows a rank computes per MoE layer (``T * K`` at EP = 1, the balanced
       expectation ``min(T * K, E * C)`` at EP > 1); 0 without MoE layers;
+    - ``recompute``: with checkpointing, what the backward of the largest block holds while it is
+      recomputed (that block's saved tensors without checkpointing); 0 where ``checkpointing`` is False;
+    - ``forward_flops``: the forward's floating-point operations on this rank (torch's flop counter
+      over the traced operators, plus the grouped expert GEMMs it cannot see: 2 per multiply-add of
+      ``moe_rows`` rows through each local expert's weights), for step-time estimates;
     - ``attention`` / ``expert_path``: the backends the prediction assumes.
     """
 
@@ -162,6 +168,8 @@ class ActivationBytes:
     received: int
     sent: int
     moe_rows: int
+    recompute: int
+    forward_flops: float
     checkpointing: bool
     attention: str
     expert_path: str
@@ -393,8 +401,9 @@ def _trace(
     dtype: torch.dtype,
     attention: str,
     checkpointed: bool,
-) -> tuple[int, int, int, int, int]:
-    """One traced forward (and loss) of the stage on meta: ``(saved, logits, received, sent, moe_rows)``."""
+) -> tuple[int, int, int, int, int, int, float]:
+    """One traced forward (and loss) of the stage on meta: ``(saved, logits, received, sent, moe_rows,
+    largest block's saved bytes, forward flops)``."""
     stage_model = build_stage(config, num_stages, stage, ep=1)
     module = stage_model.module
     _prepare_for_trace(module, dtype, ep)
@@ -410,7 +419,9 @@ def _trace(
     block_class = pipeline_family(config).block
     head_weights = [m.weight for m in module.modules() if isinstance(m, (TokenEmbedding, LMHead))]
     vocab = _VocabTensors(config.vocab_size, head_weights)
-    with _meta_autocast(), _AttentionBackend(attention), saved_tensor_bytes(module) as counter:
+    flops = FlopCounterMode(display=False)
+    largest_block = 0
+    with _meta_autocast(), _AttentionBackend(attention), saved_tensor_bytes(module) as counter, flops:
         funcs = stage_model.forward_funcs
         for idx, func in enumerate(funcs):
             last_func = stage_model.is_last and idx == len(funcs) - 1
@@ -421,7 +432,10 @@ def _trace(
                 with vocab:
                     x = func(x)
             else:
+                before = counter.bytes
                 x = func(x)
+                if _is_block(func, block_class):
+                    largest_block = max(largest_block, counter.bytes - before)
         sent = 0 if stage_model.is_last else x.untyped_storage().nbytes()
         if stage_model.is_last:
             targets = torch.zeros(B, S, dtype=torch.int64, device=meta)
@@ -433,7 +447,12 @@ def _trace(
     logits = vocab.counter.bytes if stage_model.is_last else 0
     layers = moe_layers(module)
     rows = expected_rows(layers[0], B * S, ep) if layers else 0
-    return counter.bytes, logits, received, sent, rows
+    # The grouped GEMM is a custom op the flop counter does not see: each row goes through one
+    # expert's weights (its share of the stacked [E, ...] parameters), 2 flops per multiply-add.
+    expert_flops = sum(
+        2 * rows * sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts for layer in layers
+    )
+    return counter.bytes, logits, received, sent, rows, largest_block, flops.get_total_flops() + expert_flops
 
 
 def predict_activation_bytes(
@@ -465,7 +484,7 @@ def predict_activation_bytes(
     if moe is not None and moe.num_experts % ep:
         raise ValueError(f"ep={ep} does not divide num_experts={moe.num_experts}")
     args = (config, num_stages, stage, micro_batch, seq_len, ep, dtype, attention)
-    saved, logits, received, sent, rows = _trace(*args, checkpointed=False)
+    saved, logits, received, sent, rows, largest_block, forward_flops = _trace(*args, checkpointed=False)
     checkpointing = num_stages > 1
     saved_checkpointed = _trace(*args, checkpointed=True)[0] if checkpointing else saved
     return ActivationBytes(
@@ -475,6 +494,8 @@ def predict_activation_bytes(
         received=received,
         sent=sent,
         moe_rows=rows,
+        recompute=largest_block if checkpointing else 0,
+        forward_flops=float(forward_flops),
         checkpointing=checkpointing,
         attention=attention,
         expert_path=EXPERT_PATH,
