@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moe_parallel.models import GPT, Decoder, DecoderConfig, GPTConfig, lm_loss
+from moe_parallel.models import GPT, Decoder, DecoderConfig, GPTConfig
 from moe_parallel.planning.activations import (
     GPU_ATTENTION,
     SavedTensorBytes,
+    count_pipeline_forwards,
+    measure_plain_step,
     predict_activation_bytes,
     saved_tensor_bytes,
 )
@@ -105,17 +107,6 @@ def predict(config, *, num_stages: int = 1, stage: int = 0, ep: int = 1, attenti
     )
 
 
-def measure_plain(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, backend=SDPBackend.MATH) -> int:
-    """Bytes a real training step of the plain model saves for backward (forward and loss as the app
-    runs them at PP = 1), then its backward."""
-    model.train()
-    with sdpa_kernel(backend), saved_tensor_bytes(model) as counter:
-        logits = model(tokens)
-        loss = model.training_loss(logits, targets)[0] if isinstance(model, Decoder) else lm_loss(logits, targets)
-    loss.backward()
-    return counter.bytes
-
-
 def relative_error(predicted: int, measured: int) -> float:
     return abs(predicted - measured) / measured
 
@@ -153,7 +144,8 @@ def test_flash_saves_q_k_v_out_and_logsumexp_not_the_probabilities():
     # The same tensors by the GPU's kernel and the CPU's; the GPU's also keeps its RNG seed and offset.
     assert 0 <= flash.saved - cpu_flash.saved <= L * 64
     model = GPT(config)
-    measured = measure_plain(model, *batch(config, 0), backend=SDPBackend.FLASH_ATTENTION)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        measured = measure_plain_step(model, *batch(config, 0))
     assert relative_error(cpu_flash.saved, measured) <= TOLERANCE, (cpu_flash.saved, measured)
 
 
@@ -163,7 +155,8 @@ def test_plain_model_at_ep1_matches_a_real_step(family):
         config = model_config(family, capacity_factor)
         torch.manual_seed(0)
         model = Decoder(config) if isinstance(config, DecoderConfig) else GPT(config)
-        measured = measure_plain(model, *batch(config, 1))
+        with sdpa_kernel(SDPBackend.MATH):
+            measured = measure_plain_step(model, *batch(config, 1))
         predicted = predict(config)
         # At EP = 1 the grouped experts' shapes are static: the trace is the step.
         assert predicted.saved == measured, (family, capacity_factor, predicted.saved, measured)
@@ -201,7 +194,8 @@ def _ep2_worker(rank: int, world_size: int, cases: list[tuple[str, float | None]
         torch.manual_seed(0)
         cls = Decoder if isinstance(config, DecoderConfig) else GPT
         model = cls(config, ep_group=state.ep_group)
-        measured = measure_plain(model, *batch(config, 10 + rank))
+        with sdpa_kernel(SDPBackend.MATH):
+            measured = measure_plain_step(model, *batch(config, 10 + rank))
         predicted = predict(config, ep=2)
         assert predicted.moe_rows <= MICRO * SEQ * config.moe.top_k
         everyone = [None] * world_size
@@ -231,36 +225,6 @@ def test_ep2_decoders_match_real_steps_on_every_rank():
 # ---------------------------------------------------------------------------------------- PP = 2
 
 
-def count_forward_passes(engine) -> list[int]:
-    """Make ``engine`` (a PipelineEngine) count what each micro-batch's forward (and loss) saves for
-    backward: the returned list fills with one entry per forward. DeepSpeed's reentrant checkpoint
-    keeps a block's inputs on its autograd context, not through ``save_for_backward``: they are
-    counted where the pipeline hands them to its checkpoint function."""
-    from deepspeed.runtime.pipe import schedule
-
-    per_micro_batch: list[int] = []
-    active: list[SavedTensorBytes] = []
-    forward = engine._INSTRUCTION_MAP[schedule.ForwardPass]
-
-    def counted_forward(self, buffer_id):
-        with saved_tensor_bytes(self.module) as counter:
-            active.append(counter)
-            forward(self, buffer_id)
-            active.pop()
-        per_micro_batch.append(counter.bytes)
-
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ForwardPass: counted_forward}
-    checkpoint = engine.module.activation_checkpoint_func
-
-    def counted_checkpoint(function, *args):
-        for arg in args:
-            active[-1].add(arg)
-        return checkpoint(function, *args)
-
-    engine.module.activation_checkpoint_func = counted_checkpoint
-    return per_micro_batch
-
-
 def _pp2_worker(rank: int, world_size: int, cases: list[tuple[str, float | None, bool]]) -> None:
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
@@ -285,7 +249,7 @@ def _pp2_worker(rank: int, world_size: int, cases: list[tuple[str, float | None,
             "zero_optimization": {"stage": 0},
         }
         engine, _, _ = build_engine(model, ds, lr=1e-3, weight_decay=0.0)
-        measured = count_forward_passes(engine)
+        measured = count_pipeline_forwards(engine)
         with sdpa_kernel(SDPBackend.MATH):
             engine.train_batch(data_iter=iter([batch(config, 20 + k) for k in range(micro_batches)]))
         predicted = predict(config, num_stages=2, stage=engine.stage_id)

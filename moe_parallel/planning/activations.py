@@ -506,3 +506,47 @@ def predict_activation_bytes(
         num_stages=num_stages,
         ep=ep,
     )
+
+
+# ---------------------------------------------------------------------------------------- measuring a real step
+
+
+def measure_plain_step(model: nn.Module, tokens: Tensor, targets: Tensor) -> int:
+    """Bytes a real training step of the plain model saves for backward (forward and loss as the app
+    runs them at PP = 1), then its backward. The caller picks the attention backend (``sdpa_kernel``)."""
+    model.train()
+    with saved_tensor_bytes(model) as counter:
+        logits = model(tokens)
+        loss = _plain_loss(model, logits, targets)
+    loss.backward()
+    return counter.bytes
+
+
+def count_pipeline_forwards(engine) -> list[int]:
+    """Make ``engine`` (a PipelineEngine) count what each micro-batch's forward (and loss) saves for
+    backward: the returned list fills with one entry per forward. DeepSpeed's reentrant checkpoint
+    keeps a block's inputs on its autograd context, not through ``save_for_backward``: they are
+    counted where the pipeline hands them to its checkpoint function."""
+    from deepspeed.runtime.pipe import schedule
+
+    per_micro_batch: list[int] = []
+    active: list[SavedTensorBytes] = []
+    forward = engine._INSTRUCTION_MAP[schedule.ForwardPass]
+
+    def counted_forward(self, buffer_id):
+        with saved_tensor_bytes(self.module) as counter:
+            active.append(counter)
+            forward(self, buffer_id)
+            active.pop()
+        per_micro_batch.append(counter.bytes)
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ForwardPass: counted_forward}
+    checkpoint = engine.module.activation_checkpoint_func
+
+    def counted_checkpoint(function, *args):
+        for arg in args:
+            active[-1].add(arg)
+        return checkpoint(function, *args)
+
+    engine.module.activation_checkpoint_func = counted_checkpoint
+    return per_micro_batch
