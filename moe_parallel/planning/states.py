@@ -158,8 +158,8 @@ def predict_state_bytes(
 
     ``precision`` is the app's: parameters built fp32, cast to bf16 by DeepSpeed with ``bf16.enabled``.
     Which wrapper holds them is DeepSpeed's choice: ZeRO 1/2 its ZeRO optimizer; ZeRO 0 fp32 torch's
-    AdamW on the parameters; ZeRO 0 bf16 the ``FP16_Optimizer`` in bf16 (unpartitioned fp32 masters) at
-    PP = 1, and ``BF16_Optimizer`` (partitioned fp32 masters) in a pipeline. Gradients accumulate in the
+    AdamW on the parameters; ZeRO 0 bf16 the ``FP16_UnfusedOptimizer`` in bf16 (an fp32 master of every
+    parameter) at PP = 1, and ``BF16_Optimizer`` (partitioned fp32 masters) in a pipeline. Gradients accumulate in the
     parameters' dtype (DeepSpeed's ``data_types.grad_accum_dtype`` default).
     """
     from ..integration.engine import optimizer_param_groups
@@ -191,11 +191,11 @@ def predict_state_bytes(
                 out["params"] += total * size
                 out["grads"] += total * size
                 out["optimizer"] += 2 * total * 4 + ADAM_STEP_BYTES * len(numels)
-            elif not pipelined:  # FP16_Optimizer in bf16: flat, unaligned, unpartitioned
+            elif not pipelined:  # FP16_UnfusedOptimizer in bf16: an fp32 copy of every parameter
                 out["params"] += total * size
                 out["grads"] += total * size
                 out["master"] += total * 4
-                out["optimizer"] += 2 * total * 4 + ADAM_STEP_BYTES
+                out["optimizer"] += 2 * total * 4 + ADAM_STEP_BYTES * len(numels)
             else:  # BF16_Optimizer: flat and aligned, fp32 master partition, flat gradient buffer
                 flat = _aligned(total, alignment)
                 partition = flat // count
@@ -374,13 +374,14 @@ class StateProbe:
         inner = getattr(opt, "optimizer", opt)
         kinds = _optimizer_groups_kind(inner)
         flat_masters = None
-        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups_flat"):
-            flat_masters = getattr(opt, name, None)  # ZeRO 1/2, BF16_Optimizer, FP16_Optimizer
+        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups_flat", "fp32_groups"):
+            # ZeRO 1/2, BF16_Optimizer, FP16_Optimizer (flat), FP16_UnfusedOptimizer (one copy per parameter)
+            flat_masters = getattr(opt, name, None)
             if flat_masters is not None:
                 break
-        if flat_masters is not None:
-            for expert, flat in zip(kinds, flat_masters):
-                master.add(flat, expert)
+        for expert, masters in zip(kinds, flat_masters or []):
+            for tensor in masters if isinstance(masters, list) else [masters]:
+                master.add(tensor, expert)
         for expert, group in zip(kinds, inner.param_groups):
             for param in group["params"]:
                 for value in inner.state.get(param, {}).values():
