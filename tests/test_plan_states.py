@@ -44,8 +44,6 @@ def hf_config(family: str):
 
     for seed in range(50):
         config = random_hf_config(family, seed, min_layers=2, even_experts=True)
-        if config.n_routed_experts if family == "deepseek_v3" else config.num_local_experts:
-            pass
         experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None)
         if experts % 2 == 0:
             break

@@ -374,7 +374,12 @@ class StateProbe:
         inner = getattr(opt, "optimizer", opt)
         kinds = _optimizer_groups_kind(inner)
         flat_masters = None
-        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups_flat", "fp32_groups"):
+        for name in (
+            "single_partition_of_fp32_groups",
+            "fp32_groups_flat_partition",
+            "fp32_groups_flat",
+            "fp32_groups",
+        ):
             # ZeRO 1/2, BF16_Optimizer, FP16_Optimizer (flat), FP16_UnfusedOptimizer (one copy per parameter)
             flat_masters = getattr(opt, name, None)
             if flat_masters is not None:
