@@ -1,8 +1,9 @@
 """Predicted communication per step (moe_parallel.planning.comm) against what real engine steps send.
 
 Every collective of one training step (the second: the first sends the pipeline's tensor metadata)
-is recorded on each rank with its group and payload, on gloo, for the reference GPT and a
-Mixtral-like decoder at (PP, EP, world) = (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 4) and the ZeRO
+is recorded on each rank with its group and payload, on gloo, for the reference GPT (combine
+weights on the inputs) and Mixtral- and DeepSeek-V3-like decoders (a shared expert beside the
+all-to-all, dense first layers) at (PP, EP, world) = (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 4) and the ZeRO
 stages DeepSpeed runs there. Checked: the token all-to-alls' bytes (own chunk included, and the
 part that leaves the rank as ``count_collectives`` counts it) equal the capacity bound when every
 expert fills (the counts exchange shows that it does), stay under it with a large factor, and
@@ -47,15 +48,21 @@ def gpt_config(capacity_factor: float | None) -> GPTConfig:
     )
 
 
-def mixtral_config(capacity_factor: float | None):
+def hf_config(family: str, capacity_factor: float | None):
+    """A tiny HF family's DecoderConfig (``mixtral``, ``deepseek_v3``: shared experts, dense first layers)."""
     from moe_parallel import hf
     from tests.hf_models import random_hf_config
 
-    config = random_hf_config("mixtral", 3, min_layers=2, even_experts=True)
+    config = random_hf_config(family, 3, min_layers=2, even_experts=True)
     config.tie_word_embeddings = False  # a tied pair adds its own all-reduce across the pipeline
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        return hf.load_config(Path(tmp), capacity_factor=capacity_factor)
+        overrides = {"min_capacity": 1}
+        if capacity_factor is not None and capacity_factor < 1 and family == "deepseek_v3":
+            # Group-limited routing at initialization can leave a whole group of experts without a
+            # token on a rank; the exact case needs every expert to fill.
+            overrides.update(num_groups=1, topk_groups=1)
+        return hf.load_config(Path(tmp), capacity_factor=capacity_factor, moe_overrides=overrides)
 
 
 @dataclass
@@ -142,7 +149,7 @@ def build(family: str, capacity_factor, pp: int, ep: int, zero: int):
     from moe_parallel.models import GPT, decoder_pipeline, gpt_pipeline
     from moe_parallel.models.decoder import Decoder
 
-    config = gpt_config(capacity_factor) if family == "gpt" else mixtral_config(capacity_factor)
+    config = gpt_config(capacity_factor) if family == "gpt" else hf_config(family, capacity_factor)
     state = initialize_parallel(pipeline_parallel_size=pp, expert_parallel_size=ep, num_experts=config.moe.num_experts)
     if pp == 1:
         model = (GPT if family == "gpt" else Decoder)(config, ep_group=state.ep_group)
@@ -215,7 +222,9 @@ def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
             }
             assert len(capacity) <= 1, what
             filled = all(bool((sent[:, :-1] == c).all()) for sent in got.counts for c in capacity)
-            assert filled and want.alltoall_exact, f"{what}: an expert did not fill its capacity"
+            everywhere = torch.tensor([int(filled)])  # what a rank receives depends on the others
+            dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=state.ep_group)
+            assert everywhere.item() and want.alltoall_exact, f"{what}: an expert did not fill its capacity"
             assert got.token_sent == want.alltoall_bytes, what
             assert got.token_dispatch * 2 == want.alltoall_dispatch_bytes, (what, got, want)
             assert remote == want.alltoall_remote_bytes + want.counts_exchange_bytes * want.alltoall_remote_share
@@ -289,22 +298,23 @@ def test_bubble_and_alltoall_arithmetic():
     assert piped.p2p_bytes == 6 * MICRO * SEQ * 32 * 2  # the last stage sends gradients back only
 
 
+# A factor under which every expert fills on every rank (checked), one that never binds, dropless.
+FILLED = {"gpt": 0.25, "mixtral": 0.25, "deepseek_v3": 0.125}
+FAMILIES = tuple(FILLED)
 WORLD2 = [
-    ("gpt", 1, 1, 0, 0.25),
-    ("gpt", 1, 2, 1, 0.25),
-    ("gpt", 1, 2, 2, None),
-    ("gpt", 2, 1, 1, 0.25),
-    ("mixtral", 1, 2, 0, None),
-    ("mixtral", 2, 1, 0, 0.25),
-]
+    ("gpt", 1, 1, 0, 0.25), ("gpt", 1, 2, 1, 0.25), ("gpt", 1, 2, 2, None), ("gpt", 2, 1, 1, 0.25),
+    ("mixtral", 1, 2, 0, None), ("mixtral", 2, 1, 0, 0.25), ("deepseek_v3", 1, 2, 1, 0.125),
+]  # fmt: skip
 WORLD2_SLOW = [
-    (family, pp, ep, zero, cf)
-    for family in ("gpt", "mixtral")
+    (family, pp, ep, zero, factor)
+    for family in FAMILIES
     for pp, ep in ((1, 1), (1, 2), (2, 1))
     for zero in ((0, 1, 2) if pp == 1 else (0, 1))
-    for cf in (0.25, 2.0, None)
+    for factor in (FILLED[family], 2.0, None)
 ]
-WORLD4 = [(family, 2, 2, zero, cf) for family in ("gpt", "mixtral") for zero in (0, 1) for cf in (0.25, 2.0, None)]
+WORLD4 = [
+    (family, 2, 2, zero, factor) for family in FAMILIES for zero in (0, 1) for factor in (FILLED[family], 2.0, None)
+]
 
 
 def test_predicted_bytes_equal_an_engine_step_world2():

@@ -14,9 +14,9 @@ Rows a rank sends (T = micro_batch * seq_len tokens, K = top_k, E experts, C =
 ``expert_capacity(T, K, E, capacity_factor, min_capacity)``):
 
 - with a capacity factor: at most ``min(E * C, T * K)`` own rows; it receives at most C rows per
-  local expert from each of EP ranks, ``E * C`` in all. The prediction is that bound, exact when
-  every expert fills its capacity on every rank (then every rank also sends C rows to each expert,
-  and the share ``(EP - 1) / EP`` of them leaves the rank exactly);
+  local expert from each of EP ranks, ``min(E * C, EP * T * K)`` in all. The prediction is that
+  bound, exact when every expert fills its capacity on every rank (then every rank sends C rows to
+  each expert, receives ``E * C``, and the share ``(EP - 1) / EP`` of its rows leaves it exactly);
 - dropless: exactly ``T * K`` own rows. What it receives depends on the routing: ``T * K`` in
   expectation under balance (and summed over the EP group, exactly ``EP * T * K``), at most
   ``EP * T * K``.
@@ -137,8 +137,8 @@ def predict_comm(
             own, received, received_bound = assigned, assigned, ep * assigned
         else:
             own = min(cfg.num_experts * capacity, assigned)
-            received = own
             received_bound = min(cfg.num_experts * capacity, ep * assigned)
+            received = received_bound  # the capacity bound is the prediction
             exact = exact and cfg.num_experts * capacity <= assigned
         dispatch += 2 * own * row
         sent += 2 * (own + received) * row
