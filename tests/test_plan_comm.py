@@ -44,6 +44,7 @@ def gpt_config(capacity_factor: float | None) -> GPTConfig:
         num_heads=2,
         ffn_hidden_size=48,
         moe_every=2,
+        tie_embeddings=True,
         moe=dict(num_experts=4, top_k=2, capacity_factor=capacity_factor, min_capacity=1, input_weighted=True),
     )
 
@@ -54,7 +55,7 @@ def hf_config(family: str, capacity_factor: float | None):
     from tests.hf_models import random_hf_config
 
     config = random_hf_config(family, 3, min_layers=2, even_experts=True)
-    config.tie_word_embeddings = False  # a tied pair adds its own all-reduce across the pipeline
+    config.tie_word_embeddings = False  # the GPT's embedding and head are the tied pair
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         overrides = {"min_capacity": 1}
@@ -80,12 +81,16 @@ class Step:
     expert_grad: int = 0
     dp_gather: int = 0
     expert_gather: int = 0
+    tied: int = 0
     p2p: int = 0
 
 
 @contextlib.contextmanager
-def record_step():
-    """Record every collective of the block into a :class:`Step`, DeepSpeed's captured all-gather too."""
+def record_step(pipe_ranks: set[int]):
+    """Record every collective of the block into a :class:`Step`, DeepSpeed's captured all-gather too.
+
+    ``pipe_ranks``: this rank's pipeline peers, the group over which tied weights are reduced.
+    """
     import deepspeed.comm.comm as ds_comm
 
     step = Step()
@@ -100,6 +105,7 @@ def record_step():
             bound = signature.bind(*args, **kwargs).arguments
             group = bound.get("group")
             size = dist.get_world_size(group) if group is not None else dist.get_world_size()
+            ranks = set(dist.get_process_group_ranks(group)) if group is not None else set(range(size))
             desc = getattr(group, "group_desc", "") if group is not None else ""
             tensor = bound.get("tensor", bound.get("input", bound.get("input_tensor")))
             nbytes = tensor.numel() * tensor.element_size()
@@ -117,7 +123,9 @@ def record_step():
                 step.counts_calls += 1
                 step.counts.append(tensor.clone())
             elif name == "all_reduce" and size > 1 and tensor.numel() > 1 and tensor.is_floating_point():
-                if desc == "moe_expert_dp":
+                if ranks == pipe_ranks:
+                    step.tied += nbytes
+                elif desc == "moe_expert_dp":
                     step.expert_grad += nbytes
                 else:
                     step.dp_grad += nbytes
@@ -190,7 +198,7 @@ def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
         what = f"{family} pp={pp} ep={ep} world={world} zero={zero} capacity_factor={capacity_factor}"
         config, state, engine = build(family, capacity_factor, pp, ep, zero)
         train_step(engine, config, pp, seed=0)
-        with record_step() as got, count_collectives() as counted:
+        with record_step(set(dist.get_process_group_ranks(state.pp_group))) as got, count_collectives() as counted:
             train_step(engine, config, pp, seed=1)
         dp = world // pp
         want = predict_comm(
@@ -234,6 +242,7 @@ def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
         assert (got.dp_gather, got.expert_gather) == (want.dp_param_gather_bytes, want.expert_dp_param_gather_bytes), (
             what
         )
+        assert got.tied == want.tied_grad_bytes, what
         assert got.p2p == want.p2p_bytes, what
         engine.destroy()
         # A pipeline engine leaves its grid as DeepSpeed's global mpu, which a plain engine built
@@ -296,6 +305,8 @@ def test_bubble_and_alltoall_arithmetic():
     assert dropless.alltoall_dispatch_bytes == 6 * 2 * MICRO * SEQ * 2 * 32 * 2
     assert dropless.alltoall_bound == 6 * (2 + 2 * 2) * MICRO * SEQ * 2 * 32 * 2
     assert piped.p2p_bytes == 6 * MICRO * SEQ * 32 * 2  # the last stage sends gradients back only
+    assert piped.tied_grad_bytes == 64 * 32 * 2  # the head's tied embedding, reduced once per step
+    assert one.tied_grad_bytes == 0  # one stage: the pair is one parameter
 
 
 # A factor under which every expert fills on every rank (checked), one that never binds, dropless.

@@ -44,7 +44,7 @@ import torch
 from ..core.capacity import expert_capacity
 from ..core.layer import moe_layers
 from ..integration.engine import optimizer_param_groups
-from .model import ModelConfig, build_stage, dtype_bytes, is_expert_param
+from .model import ModelConfig, StageModel, build_stage, dtype_bytes, is_expert_param, pipeline_family
 
 COUNTS_DTYPE_BYTES = 8  # the counts exchange sends int64
 ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups pad to 2 * dp elements
@@ -64,6 +64,8 @@ class CommBytes:
     ``dp_grad_bytes`` / ``expert_dp_grad_bytes``: gradient payload reduced over DP / expert-DP.
     ``dp_param_gather_bytes`` / ``expert_dp_param_gather_bytes``: the partition this rank gives the
     all-gather of updated parameters (ZeRO 1 and 2) over DP / expert-DP.
+    ``tied_grad_bytes``: gradients of weights tied across pipeline stages (the embedding and a tied
+    LM head), all-reduced over the stages that hold them.
     ``p2p_bytes``: activations sent to the next stage plus gradients sent to the previous one.
     ``bubble_fraction``: idle share of DeepSpeed's 1F1B schedule, ``(PP - 1) / (m + PP - 1)``.
     """
@@ -79,6 +81,7 @@ class CommBytes:
     expert_dp_grad_bytes: int
     dp_param_gather_bytes: int
     expert_dp_param_gather_bytes: int
+    tied_grad_bytes: int
     p2p_bytes: int
     bubble_fraction: float
 
@@ -89,7 +92,8 @@ class CommBytes:
 
     @property
     def grad_bytes(self) -> int:
-        return self.dp_grad_bytes + self.expert_dp_grad_bytes
+        """Every gradient byte the step reduces: over DP, expert-DP and the tied stages."""
+        return self.dp_grad_bytes + self.expert_dp_grad_bytes + self.tied_grad_bytes
 
 
 def predict_comm(
@@ -165,6 +169,7 @@ def predict_comm(
         expert_dp_grad_bytes=expert_grad,
         dp_param_gather_bytes=dp_gather,
         expert_dp_param_gather_bytes=expert_gather,
+        tied_grad_bytes=_tied_grad_bytes(config, stage_model, dtype),
         p2p_bytes=p2p,
         bubble_fraction=(num_stages - 1) / (grad_accum + num_stages - 1),
     )
@@ -204,6 +209,39 @@ def _grad_and_gather_bytes(
         else:
             dp_gather += padded // ranks * param_elem
     return dp_grad, expert_grad, dp_gather, expert_gather
+
+
+def _tied_grad_bytes(config: ModelConfig, stage_model: StageModel, dtype: torch.dtype) -> int:
+    """Bytes of the tied weights' gradients this stage all-reduces with the other stages holding them.
+
+    DeepSpeed's pipeline engine reduces each tied weight (``tied_weight_attr``) once per step over the
+    stages that build its ``TiedLayerSpec``, at every ZeRO stage; a key on one stage alone moves nothing.
+    """
+    from deepspeed.pipe import TiedLayerSpec
+
+    if stage_model.num_stages == 1:
+        return 0
+    family = pipeline_family(config)
+    parts = family.parts(config, stage_model.num_stages)
+    owners: dict[str, set[int]] = {}
+    attrs: dict[str, list[str]] = {}
+    for idx, spec in enumerate(family.layer_specs(config, None)):
+        if isinstance(spec, TiedLayerSpec):
+            owner = next(s for s in range(stage_model.num_stages) if parts[s] <= idx < parts[s + 1])
+            owners.setdefault(spec.key, set()).add(owner)
+            attrs[spec.key] = list(spec.tied_weight_attr)
+    total = 0
+    for key, module in stage_model.module.tied_modules.items():
+        if len(owners[key]) > 1:
+            for attr in attrs[key]:
+                total += _getattr_path(module, attr).numel() * dtype_bytes(dtype)
+    return total
+
+
+def _getattr_path(module: torch.nn.Module, path: str) -> torch.Tensor:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module  # type: ignore[return-value]
 
 
 def _torch_dtype(name: str) -> torch.dtype:
