@@ -3,8 +3,9 @@
 Every collective of one training step (the second: the first sends the pipeline's tensor metadata)
 is recorded on each rank with its group and payload, on gloo, for the reference GPT (combine
 weights on the inputs) and Mixtral- and DeepSeek-V3-like decoders (a shared expert beside the
-all-to-all, dense first layers) at (PP, EP, world) = (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 4) and the ZeRO
-stages DeepSpeed runs there. Checked: the token all-to-alls' bytes (own chunk included, and the
+all-to-all, dense first layers) at (PP, EP, world) = (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 4), the
+ZeRO stages DeepSpeed runs there, in fp32 and bf16 (whose pipeline engine partitions and all-gathers
+the parameters at ZeRO 0 too). Checked: the token all-to-alls' bytes (own chunk included, and the
 part that leaves the rank as ``count_collectives`` counts it) equal the capacity bound when every
 expert fills (the counts exchange shows that it does), stay under it with a large factor, and
 dropless send exactly the rank's own rows and keep what a rank receives within the bound (summed
@@ -151,7 +152,7 @@ def record_step(pipe_ranks: set[int]):
         ds_comm.cdb.all_gather_function = gather_fn
 
 
-def build(family: str, capacity_factor, pp: int, ep: int, zero: int):
+def build(family: str, capacity_factor, pp: int, ep: int, zero: int, dtype: torch.dtype):
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.models import GPT, decoder_pipeline, gpt_pipeline
@@ -169,6 +170,7 @@ def build(family: str, capacity_factor, pp: int, ep: int, zero: int):
         "gradient_accumulation_steps": ACCUM,
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": zero},
+        "bf16": {"enabled": dtype == torch.bfloat16},
     }
     engine, _, _ = build_engine(model, ds, lr=1e-3, weight_decay=0.1)
     return config, state, engine
@@ -194,9 +196,9 @@ def train_step(engine, config, pp: int, seed: int) -> None:
 
 
 def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
-    for family, pp, ep, zero, capacity_factor in cases:
-        what = f"{family} pp={pp} ep={ep} world={world} zero={zero} capacity_factor={capacity_factor}"
-        config, state, engine = build(family, capacity_factor, pp, ep, zero)
+    for family, pp, ep, zero, capacity_factor, dtype in cases:
+        what = f"{family} pp={pp} ep={ep} world={world} zero={zero} capacity_factor={capacity_factor} {dtype}"
+        config, state, engine = build(family, capacity_factor, pp, ep, zero, dtype)
         train_step(engine, config, pp, seed=0)
         with record_step(set(dist.get_process_group_ranks(state.pp_group))) as got, count_collectives() as counted:
             train_step(engine, config, pp, seed=1)
@@ -211,7 +213,7 @@ def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
             micro_batch=MICRO,
             seq_len=SEQ,
             grad_accum=ACCUM,
-            dtype=torch.float32,
+            dtype=dtype,
         )
         assert got.token_calls + got.counts_calls == want.alltoall_calls, what
         assert got.counts_sent == want.counts_exchange_bytes, what
@@ -312,19 +314,26 @@ def test_bubble_and_alltoall_arithmetic():
 # A factor under which every expert fills on every rank (checked), one that never binds, dropless.
 FILLED = {"gpt": 0.25, "mixtral": 0.25, "deepseek_v3": 0.125}
 FAMILIES = tuple(FILLED)
+F32, BF16 = torch.float32, torch.bfloat16
 WORLD2 = [
-    ("gpt", 1, 1, 0, 0.25), ("gpt", 1, 2, 1, 0.25), ("gpt", 1, 2, 2, None), ("gpt", 2, 1, 1, 0.25),
-    ("mixtral", 1, 2, 0, None), ("mixtral", 2, 1, 0, 0.25), ("deepseek_v3", 1, 2, 1, 0.125),
+    ("gpt", 1, 1, 0, 0.25, F32), ("gpt", 1, 2, 1, 0.25, F32), ("gpt", 1, 2, 2, None, F32),
+    ("gpt", 2, 1, 1, 0.25, F32), ("gpt", 2, 1, 0, 2.0, BF16), ("gpt", 1, 2, 1, None, BF16),
+    ("mixtral", 1, 2, 0, None, F32), ("mixtral", 2, 1, 0, 0.25, F32), ("deepseek_v3", 1, 2, 1, 0.125, F32),
 ]  # fmt: skip
 WORLD2_SLOW = [
-    (family, pp, ep, zero, factor)
+    (family, pp, ep, zero, factor, dtype)
     for family in FAMILIES
     for pp, ep in ((1, 1), (1, 2), (2, 1))
     for zero in ((0, 1, 2) if pp == 1 else (0, 1))
     for factor in (FILLED[family], 2.0, None)
+    for dtype in ((F32, BF16) if factor != 2.0 else (F32,))  # bf16 steps take 4x as long on a CPU
 ]
 WORLD4 = [
-    (family, 2, 2, zero, factor) for family in FAMILIES for zero in (0, 1) for factor in (FILLED[family], 2.0, None)
+    (family, 2, 2, zero, factor, dtype)
+    for family in FAMILIES
+    for zero in (0, 1)
+    for factor in (FILLED[family], 2.0, None)
+    for dtype in (F32, BF16)
 ]
 
 

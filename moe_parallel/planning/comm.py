@@ -27,7 +27,8 @@ are the payloads DeepSpeed hands its collectives over groups of more than one ra
 moves nothing): the gradient tensors each all-reduce reduces (at ZeRO 0 the engine's bucketed
 all-reduce; at ZeRO 1 and 2, with DeepSpeed's default ``reduce_scatter`` and multi-rank bucket
 all-reduce, the same whole gradients, once per step at ZeRO 1 and once per micro-batch at ZeRO 2),
-and the partition each rank contributes to the all-gather of updated parameters at ZeRO 1 and 2.
+and the partition each rank contributes to the all-gather of updated parameters at ZeRO 1 and 2
+(and at ZeRO 0 with bf16 under the pipeline engine, whose ``BF16_Optimizer`` partitions likewise).
 
 Shape suffixes: T tokens per micro-batch per rank, K top_k, E experts, e = E / EP local experts,
 C capacity per expert.
@@ -114,8 +115,9 @@ def predict_comm(
 
     ``dp`` is the data-parallel size of a stage (world = PP x DP), ``ep`` divides it; ``grad_accum``
     micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens make a step; ``dtype`` is the
-    parameters' and activations' dtype. ``ds_config`` supplies DeepSpeed's
-    ``communication_data_type`` and ``zero_optimization.parameter_alignment`` where set.
+    parameters' and activations' dtype, in which gradients travel too (also with fp32 gradient
+    accumulation) unless ``ds_config`` sets DeepSpeed's ``communication_data_type``; ``ds_config``
+    also supplies ``zero_optimization.parameter_alignment`` where set.
     """
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
@@ -150,7 +152,7 @@ def predict_comm(
         counts += ep * (cfg.num_experts // ep + 1) * COUNTS_DTYPE_BYTES
         calls += 5
 
-    grads = _grad_and_gather_bytes(stage_model.module, dp, ep, zero_stage, dtype, ds_config)
+    grads = _grad_and_gather_bytes(stage_model.module, num_stages, dp, ep, zero_stage, dtype, ds_config)
     dp_grad, expert_grad, dp_gather, expert_gather = grads
     if zero_stage == 2:  # ZeRO 2 reduces in the backward hooks of every micro-batch
         dp_grad, expert_grad = dp_grad * grad_accum, expert_grad * grad_accum
@@ -176,11 +178,19 @@ def predict_comm(
 
 
 def _grad_and_gather_bytes(
-    module: torch.nn.Module, dp: int, ep: int, zero_stage: int, dtype: torch.dtype, ds_config: dict[str, Any]
+    module: torch.nn.Module,
+    num_stages: int,
+    dp: int,
+    ep: int,
+    zero_stage: int,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any],
 ) -> tuple[int, int, int, int]:
-    """One reduction's gradient bytes over DP and expert-DP, and the ZeRO all-gather partitions.
+    """One reduction's gradient bytes over DP and expert-DP, and the all-gather partitions.
 
-    Groups of one rank (DP = 1, or expert-DP = DP / EP = 1) move nothing.
+    Groups of one rank (DP = 1, or expert-DP = DP / EP = 1) move nothing. The optimizer's states
+    are partitioned, and the updated parameters all-gathered, at ZeRO 1 and 2, and at ZeRO 0 with
+    bf16 under the pipeline engine (DeepSpeed's ``BF16_Optimizer`` partitions as ZeRO 1 does).
     """
     comm_dtype = ds_config.get("communication_data_type")
     grad_elem = dtype_bytes(_torch_dtype(comm_dtype)) if comm_dtype else dtype_bytes(dtype)
@@ -190,9 +200,9 @@ def _grad_and_gather_bytes(
     expert = sum(p.numel() for p in module.parameters() if p.requires_grad and is_expert_param(p))
     dp_grad = dense * grad_elem if dp > 1 else 0
     expert_grad = expert * grad_elem if expert_dp > 1 else 0
-    if zero_stage == 0:
+    if zero_stage == 0 and not (dtype == torch.bfloat16 and num_stages > 1):
         return dp_grad, expert_grad, 0, 0
-    param_alignment = ds_config.get("zero_optimization", {}).get("parameter_alignment", False)
+    param_alignment = zero_stage > 0 and ds_config.get("zero_optimization", {}).get("parameter_alignment", False)
     dp_gather = expert_gather = 0
     for group in optimizer_param_groups(module, weight_decay=0.1):
         params = [p for p in group["params"] if p.requires_grad]
