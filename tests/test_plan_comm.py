@@ -152,7 +152,7 @@ def record_step(pipe_ranks: set[int]):
         ds_comm.cdb.all_gather_function = gather_fn
 
 
-def build(family: str, capacity_factor, pp: int, ep: int, zero: int, dtype: torch.dtype):
+def build(family: str, capacity_factor, pp: int, ep: int, zero: int, dtype: torch.dtype, ds_extra: dict):
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.models import GPT, decoder_pipeline, gpt_pipeline
@@ -171,6 +171,7 @@ def build(family: str, capacity_factor, pp: int, ep: int, zero: int, dtype: torc
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": zero},
         "bf16": {"enabled": dtype == torch.bfloat16},
+        **ds_extra,
     }
     engine, _, _ = build_engine(model, ds, lr=1e-3, weight_decay=0.1)
     return config, state, engine
@@ -196,9 +197,12 @@ def train_step(engine, config, pp: int, seed: int) -> None:
 
 
 def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
-    for family, pp, ep, zero, capacity_factor, dtype in cases:
-        what = f"{family} pp={pp} ep={ep} world={world} zero={zero} capacity_factor={capacity_factor} {dtype}"
-        config, state, engine = build(family, capacity_factor, pp, ep, zero, dtype)
+    for family, pp, ep, zero, capacity_factor, dtype, *comm_dtype in cases:
+        ds_extra = {"communication_data_type": comm_dtype[0]} if comm_dtype else {}
+        what = (
+            f"{family} pp={pp} ep={ep} world={world} zero={zero} capacity_factor={capacity_factor} {dtype} {ds_extra}"
+        )
+        config, state, engine = build(family, capacity_factor, pp, ep, zero, dtype, ds_extra)
         train_step(engine, config, pp, seed=0)
         with record_step(set(dist.get_process_group_ranks(state.pp_group))) as got, count_collectives() as counted:
             train_step(engine, config, pp, seed=1)
@@ -214,6 +218,7 @@ def _check_cases(rank: int, world: int, cases: list[tuple]) -> None:
             seq_len=SEQ,
             grad_accum=ACCUM,
             dtype=dtype,
+            ds_config=ds_extra,
         )
         assert got.token_calls + got.counts_calls == want.alltoall_calls, what
         assert got.counts_sent == want.counts_exchange_bytes, what
@@ -319,6 +324,7 @@ WORLD2 = [
     ("gpt", 1, 1, 0, 0.25, F32), ("gpt", 1, 2, 1, 0.25, F32), ("gpt", 1, 2, 2, None, F32),
     ("gpt", 2, 1, 1, 0.25, F32), ("gpt", 2, 1, 0, 2.0, BF16), ("gpt", 1, 2, 1, None, BF16),
     ("mixtral", 1, 2, 0, None, F32), ("mixtral", 2, 1, 0, 0.25, F32), ("deepseek_v3", 1, 2, 1, 0.125, F32),
+    ("gpt", 1, 1, 2, 0.25, BF16, "fp32"),  # gradients travel in fp32, parameters in bf16
 ]  # fmt: skip
 WORLD2_SLOW = [
     (family, pp, ep, zero, factor, dtype)
@@ -334,7 +340,7 @@ WORLD4 = [
     for zero in (0, 1)
     for factor in (FILLED[family], 2.0, None)
     for dtype in (F32, BF16)
-]
+] + [("gpt", 2, 2, 1, None, BF16, "fp32"), ("mixtral", 2, 2, 0, 0.25, BF16, "fp32")]
 
 
 def test_predicted_bytes_equal_an_engine_step_world2():

@@ -67,7 +67,9 @@ class CommBytes:
     all-gather of updated parameters (ZeRO 1 and 2) over DP / expert-DP.
     ``tied_grad_bytes``: gradients of weights tied across pipeline stages (the embedding and a tied
     LM head), all-reduced over the stages that hold them.
-    ``p2p_bytes``: activations sent to the next stage plus gradients sent to the previous one.
+    ``p2p_bytes``: the hidden states ``[micro_batch, seq_len, hidden]`` sent to the next stage plus
+    their gradients sent to the previous one (the tensor metadata of the first step and the scalar
+    loss the last stage reports are not counted).
     ``bubble_fraction``: idle share of DeepSpeed's 1F1B schedule, ``(PP - 1) / (m + PP - 1)``.
     """
 
@@ -75,7 +77,7 @@ class CommBytes:
     alltoall_dispatch_bytes: int
     alltoall_bound: int
     alltoall_remote_share: float
-    alltoall_exact: bool  # dropless dispatch bytes; with a capacity only when every expert fills
+    alltoall_exact: bool  # the capacity can fill (E * C <= T * K): a step can send exactly the bound
     counts_exchange_bytes: int
     alltoall_calls: int
     dp_grad_bytes: int
