@@ -78,7 +78,10 @@ class CommBytes:
     alltoall_dispatch_bytes: int
     alltoall_bound: int
     alltoall_remote_share: float
-    alltoall_exact: bool  # the capacity can fill (E * C <= T * K): a step can send exactly the bound
+    # With a capacity: every expert can fill it (E * C <= T * K), and a step that fills them sends
+    # exactly alltoall_bytes. Dropless: True, alltoall_dispatch_bytes is exact (alltoall_bytes is the
+    # balanced expectation).
+    alltoall_exact: bool
     counts_exchange_bytes: int
     alltoall_calls: int
     dp_grad_bytes: int
