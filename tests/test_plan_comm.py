@@ -320,6 +320,19 @@ def test_bubble_and_alltoall_arithmetic():
 FILLED = {"gpt": 0.25, "mixtral": 0.25, "deepseek_v3": 0.125}
 FAMILIES = tuple(FILLED)
 F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_settings_whose_bytes_are_not_predicted_are_refused():
+    kwargs = dict(num_stages=1, stage=0, ep=1, dp=2, micro_batch=MICRO, seq_len=SEQ, grad_accum=ACCUM)
+    with pytest.raises(ValueError, match="parameter_alignment"):
+        predict_comm(gpt_config(None), zero_stage=1, dtype=torch.float32, **kwargs,
+                     ds_config={"zero_optimization": {"parameter_alignment": True}})  # fmt: skip
+    with pytest.raises(ValueError, match="zero_stage=3"):
+        predict_comm(gpt_config(None), zero_stage=3, dtype=torch.float32, **kwargs)
+    with pytest.raises(ValueError, match="ZeRO 0 or 1"):
+        predict_comm(gpt_config(None), **{**kwargs, "num_stages": 2}, zero_stage=2, dtype=torch.float32)
+
+
 WORLD2 = [
     ("gpt", 1, 1, 0, 0.25, F32), ("gpt", 1, 2, 1, 0.25, F32), ("gpt", 1, 2, 2, None, F32),
     ("gpt", 2, 1, 1, 0.25, F32), ("gpt", 2, 1, 0, 2.0, BF16), ("gpt", 1, 2, 1, None, BF16),

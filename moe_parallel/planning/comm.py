@@ -29,6 +29,8 @@ all-reduce; at ZeRO 1 and 2, with DeepSpeed's default ``reduce_scatter`` and mul
 all-reduce, the same whole gradients, once per step at ZeRO 1 and once per micro-batch at ZeRO 2),
 and the partition each rank contributes to the all-gather of updated parameters at ZeRO 1 and 2
 (and at ZeRO 0 with bf16 under the pipeline engine, whose ``BF16_Optimizer`` partitions likewise).
+Weights tied across pipeline stages have their gradients all-reduced once more, over those stages.
+Not predicted (refused): multi-token prediction modules and ZeRO's ``parameter_alignment``.
 
 Shape suffixes: T tokens per micro-batch per rank, K top_k, E experts, e = E / EP local experts,
 C capacity per expert.
@@ -36,7 +38,6 @@ C capacity per expert.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,10 @@ class CommBytes:
     alltoall_dispatch_bytes: int
     alltoall_bound: int
     alltoall_remote_share: float
-    alltoall_exact: bool  # the capacity can fill (E * C <= T * K): a step can send exactly the bound
+    # With a capacity: every expert can fill it (E * C <= T * K), and a step that fills them sends
+    # exactly alltoall_bytes. Dropless: True, alltoall_dispatch_bytes is exact (alltoall_bytes is the
+    # balanced expectation).
+    alltoall_exact: bool
     counts_exchange_bytes: int
     alltoall_calls: int
     dp_grad_bytes: int
@@ -119,7 +123,7 @@ def predict_comm(
     micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens make a step; ``dtype`` is the
     parameters' and activations' dtype, in which gradients travel too (also with fp32 gradient
     accumulation) unless ``ds_config`` sets DeepSpeed's ``communication_data_type``; ``ds_config``
-    also supplies ``zero_optimization.parameter_alignment`` where set.
+    is checked for settings whose bytes are not predicted (``zero_optimization.parameter_alignment``).
     """
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
@@ -127,9 +131,13 @@ def predict_comm(
         raise ValueError(f"zero_stage={zero_stage}: MoE layers train at ZeRO 0, 1 or 2")
     if num_stages > 1 and zero_stage == 2:
         raise ValueError("DeepSpeed's pipeline engine runs ZeRO 0 or 1, not 2")
-    if num_stages > 1 and getattr(config, "mtp_layers", 0) > 0:
-        raise ValueError("multi-token prediction sends more than the hidden states between stages: not predicted")
+    if getattr(config, "mtp_layers", 0) > 0:
+        # A step with MTP modules makes other all-to-alls than the stage's MoE layers account for
+        # (an engine step shows it), and at PP > 1 more than the hidden states travel between stages.
+        raise ValueError("model.mtp_layers > 0: multi-token prediction's communication is not predicted")
     ds_config = ds_config or {}
+    if ds_config.get("zero_optimization", {}).get("parameter_alignment", False):
+        raise ValueError("zero_optimization.parameter_alignment=true: its padded partitions are not predicted")
     stage_model = build_stage(config, num_stages, stage, ep)
     row_bytes_per_dim = dtype_bytes(dtype)
     tokens = micro_batch * seq_len
@@ -204,17 +212,15 @@ def _grad_and_gather_bytes(
     expert_grad = expert * grad_elem if expert_dp > 1 else 0
     if zero_stage == 0 and not (dtype == torch.bfloat16 and num_stages > 1):
         return dp_grad, expert_grad, 0, 0
-    param_alignment = zero_stage > 0 and ds_config.get("zero_optimization", {}).get("parameter_alignment", False)
     dp_gather = expert_gather = 0
-    for group in optimizer_param_groups(module, weight_decay=0.1):
+    for group in optimizer_param_groups(module, weight_decay=0.1):  # the value does not change the groups
         params = [p for p in group["params"] if p.requires_grad]
         if not params:
             continue
         ranks = expert_dp if group.get("moe", False) else dp
         if ranks == 1:
             continue
-        align = 16 // math.gcd(16, param_elem) if param_alignment else 1
-        numel = sum(p.numel() for p in params) + sum((-p.numel()) % align for p in params)
+        numel = sum(p.numel() for p in params)
         padded = -(-numel // (ZERO_ALIGNMENT * ranks)) * ZERO_ALIGNMENT * ranks
         if group.get("moe", False):
             expert_gather += padded // ranks * param_elem
