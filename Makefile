@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # and venvs never rebuild over each other or wait on another one's stale build lock (~/.cache is shared).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test test-slow train bench bench-sweep bench-models gpu-check gpu-wheels lint clean
+.PHONY: venv test test-slow train plan bench bench-sweep bench-models gpu-check gpu-wheels lint clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ NPROC  ?= 2
 PORT   ?= 29531
 train: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) launch/train.py +experiment=cpu_demo $(ARGS)
+
+# Plan a run before it queues (launch/plan.py): per-rank memory, traffic and the best layouts.
+# The same Hydra overrides as train, then planner flags: make plan PLAN_ARGS="model=hf model.path=/models/X --gpus 64 --gpu-memory 80GiB --search"
+PLAN_ARGS ?= model=medium data.seq_len=2048 --search --gpus 16 --gpu-memory 80GiB
+plan: venv
+	$(PY) launch/plan.py $(PLAN_ARGS)
 
 # Our MoE vs DeepSpeed's vs the GEMM floor (BENCHMARKS.md). Options: make bench BENCH_ARGS="--configs c2 --reps 15";
 # on a GPU: BENCH_ARGS="--device cuda" (bf16).

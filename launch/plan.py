@@ -227,8 +227,11 @@ def render_search(result, cluster: Cluster, overrides: list[str], top: int) -> s
             f"step ~{plan.step_time['total']:.2f} s"
         )
         lines.append("   " + command_line(overrides, plan.layout, cluster))
-    if not result.fitting:
-        lines.append("no layout fits: " + (result.rejected[0][1] if result.rejected else "no layout is possible"))
+    if result.nearest is not None and not result.fitting:
+        near = result.nearest
+        lines.append(f"no layout fits; the nearest, {near.layout.describe()}: {overflow_message(near, cluster)}")
+    elif not result.fitting:
+        lines.append("no layout is possible: " + (result.rejected[0][1] if result.rejected else "none to try"))
     if result.fitting:
         best = result.fitting[0]
         lines += ["", f"best layout, {best.layout.describe()}:", render_plan(best, cluster)]

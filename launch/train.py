@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch import config as app_config
 from launch import env as launch_env
 from launch import hf_model, preflight
+from launch import plan as app_plan
 from launch.data import (
     DataConfigError,
     DataError,
@@ -668,6 +669,7 @@ def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.Exit
     config runs before any collective."""
     launch = launch_env.detect()
     app_config.validate(cfg, launch.world_size)
+    check_memory(cfg, launch.world_size)
     if not dist.is_initialized():
         launch_env.init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
     # All ranks here, same versions, the backend moves data: else a clear error now, not a hang later.
@@ -730,6 +732,21 @@ def build_trainer(cfg: DictConfig, preemption: Preemption, held: contextlib.Exit
         f"params on rank 0{compiled}",
     )
     return trainer
+
+
+def check_memory(cfg: DictConfig, world_size: int) -> None:
+    """Refuse, before any collective, a layout whose planned peak per rank exceeds the device's memory
+    (``train.device_memory``, else the GPU's own; a CPU run is checked only when it is declared)."""
+    if not cfg.train.memory_check:
+        return
+    if cfg.train.device_memory is not None:
+        size = app_config.parse_bytes(cfg.train.device_memory, "train.device_memory")
+    elif torch.cuda.is_available():
+        size = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    else:
+        return
+    attention = "flash" if torch.cuda.is_available() else "math"  # what SDPA saves for backward here
+    app_plan.memory_check(cfg, world_size, size, attention)
 
 
 def _gather_first_layer(layer: str | None, state: ParallelState) -> str | None:

@@ -196,8 +196,8 @@ class SafetensorsDir:
         view = DequantizedView(stored, check_quantization(raw, self.path))
         self.quantization: str | None = view.quantization
         fam = FAMILIES.get(raw.get("model_type"))
-        self.fused_experts = fam is not None and fam.model_type in FUSED_LAYOUT_FAMILIES and bool(
-            fused_expert_keys(view.shapes)
+        self.fused_experts = (
+            fam is not None and fam.model_type in FUSED_LAYOUT_FAMILIES and bool(fused_expert_keys(view.shapes))
         )
         if self.fused_experts:
             view = FusedExpertsView(view, fam)

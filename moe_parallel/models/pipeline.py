@@ -13,6 +13,7 @@ everything else lives here once.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -41,6 +42,15 @@ def embedding_is_tied(config: PipelineConfig) -> bool:
     """Whether the pipeline holds the embedding as a DeepSpeed tied module (``tied_modules.embed``):
     with a tied LM head, and with multi-token prediction, whose modules on the last stage embed tokens."""
     return config.tie_embeddings or getattr(config, "mtp_layers", 0) > 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _balanced_parts(weights: tuple[int, ...], num_stages: int) -> tuple[int, ...]:
+    """DeepSpeed's balanced partition (a search over boundaries: worth keeping for planners, which
+    ask for the same model's stages many times)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    return tuple(int(p) for p in partition_balanced(list(weights), num_stages))
 
 
 @dataclass(frozen=True)
@@ -113,10 +123,8 @@ class PipelineFamily:
                 f"num_stages={num_stages!r} is invalid: every pipeline stage needs at least one block, so use "
                 f"1 <= num_stages <= model.num_layers={config.num_layers}"
             )
-        from deepspeed.runtime.utils import partition_balanced
-
-        weights = [int(name.startswith("blocks.")) for name in self.layer_names(config)]
-        return [int(p) for p in partition_balanced(weights, num_stages)]
+        weights = tuple(int(name.startswith("blocks.")) for name in self.layer_names(config))
+        return list(_balanced_parts(weights, num_stages))
 
     def build(
         self,

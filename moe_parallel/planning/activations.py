@@ -62,6 +62,7 @@ from ..core.capacity import capacity_from_ratio, capacity_ratio
 from ..core.dispatcher import AllToAllTokenDispatcher, CombineState, Dispatch, permute_rows
 from ..core.layer import MoELayer, moe_layers
 from ..experts import GroupedExperts
+from ..models.decoder import DecoderConfig
 from ..models.gpt import LMHead, TokenEmbedding
 from .model import ModelConfig, build_stage, pipeline_family
 
@@ -550,3 +551,86 @@ def count_pipeline_forwards(engine) -> list[int]:
 
     engine.module.activation_checkpoint_func = counted_checkpoint
     return per_micro_batch
+
+
+# ---------------------------------------------------------------------------------------- many layouts
+
+
+class UnitActivations:
+    """A stage's activations summed from one-block units, each distinct block traced once.
+
+    A unit is a stage of the ``num_layers``-stage pipeline: one block (the first unit also embeds,
+    the last also holds the final norm, the head, the MTP modules and the loss). What a stage saves
+    is the sum of what its units save (a block saves its own input; no storage is saved by two
+    blocks), so a search over many layouts traces each distinct block once per micro-batch size
+    instead of every stage of every layout. Blocks are the same when their modules print the same
+    and they attend alike (window, chunk, RoPE or not). :func:`predict_activation_bytes` traces a
+    stage whole; the two agree except at PP = 1 with multi-token prediction, where the plain model's
+    loss saves slightly other tensors than the pipeline's.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.num_units = config.num_layers
+        self._signatures: list[tuple] | None = None
+        self._traced: dict[tuple, ActivationBytes] = {}
+
+    def signature(self, unit: int) -> tuple:
+        if self._signatures is None:
+            family = pipeline_family(self.config)
+            sigs = []
+            for i in range(self.num_units):
+                stage = build_stage(self.config, self.num_units, i, ep=1)
+                blocks = [f for f in stage.forward_funcs if type(f).__name__ == family.block]
+                attends = ()
+                if isinstance(self.config, DecoderConfig):
+                    attends = (self.config.layer_type(i), i in self.config.nope_layers)
+                sigs.append((stage.is_first, stage.is_last, tuple(map(str, blocks)), attends))
+            self._signatures = sigs
+        return self._signatures[unit]
+
+    def unit(self, unit: int, **trace: object) -> ActivationBytes:
+        key = (self.signature(unit), tuple(sorted(trace.items())))
+        if key not in self._traced:
+            self._traced[key] = predict_activation_bytes(self.config, num_stages=self.num_units, stage=unit, **trace)
+        return self._traced[key]
+
+    def stage(
+        self,
+        *,
+        num_stages: int,
+        stage: int,
+        micro_batch: int,
+        seq_len: int,
+        ep: int,
+        dtype: torch.dtype,
+        attention: str = GPU_ATTENTION,
+    ) -> ActivationBytes:
+        """What :func:`predict_activation_bytes` gives for this stage, from the units it holds."""
+        family = pipeline_family(self.config)
+        parts, unit_parts = family.parts(self.config, num_stages), family.parts(self.config, self.num_units)
+        start, stop = parts[stage], parts[stage + 1]
+        units = [u for u in range(self.num_units) if start <= unit_parts[u] and unit_parts[u + 1] <= stop]
+        trace = dict(micro_batch=micro_batch, seq_len=seq_len, ep=ep, dtype=dtype, attention=attention)
+        got = [self.unit(u, **trace) for u in units]
+        checkpointing = num_stages > 1
+        saved = sum(a.saved for a in got)
+        return ActivationBytes(
+            saved=saved,
+            saved_checkpointed=sum(a.saved_checkpointed for a in got) if checkpointing else saved,
+            logits=got[-1].logits if stage == num_stages - 1 else 0,
+            received=got[0].received if stage > 0 else 0,
+            sent=got[-1].sent if stage < num_stages - 1 else 0,
+            moe_rows=max(a.moe_rows for a in got),
+            recompute=max(a.recompute for a in got) if checkpointing else 0,
+            forward_flops=sum(a.forward_flops for a in got),
+            checkpointing=checkpointing,
+            attention=attention,
+            expert_path=EXPERT_PATH,
+            dtype=dtype,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            stage=stage,
+            num_stages=num_stages,
+            ep=ep,
+        )

@@ -116,6 +116,7 @@ def predict_comm(
     grad_accum: int,
     dtype: torch.dtype,
     ds_config: dict[str, Any] | None = None,
+    stage_model: StageModel | None = None,
 ) -> CommBytes:
     """Bytes one rank of pipeline stage ``stage`` sends per training step (see the module docstring).
 
@@ -124,6 +125,10 @@ def predict_comm(
     parameters' and activations' dtype, in which gradients travel too (also with fp32 gradient
     accumulation) unless ``ds_config`` sets DeepSpeed's ``communication_data_type``; ``ds_config``
     is checked for settings whose bytes are not predicted (``zero_optimization.parameter_alignment``).
+    ``stage_model``: the stage already built by ``build_stage(config, num_stages, stage, ep)`` (a
+    planner reuses it over layouts). With multi-token prediction (DeepSeek-V3's MTP modules) the
+    numbers are an estimate: the MTP modules' MoE layers count as blocks, and at PP > 1 only the
+    hidden states count between stages.
     """
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
@@ -131,19 +136,16 @@ def predict_comm(
         raise ValueError(f"zero_stage={zero_stage}: MoE layers train at ZeRO 0, 1 or 2")
     if num_stages > 1 and zero_stage == 2:
         raise ValueError("DeepSpeed's pipeline engine runs ZeRO 0 or 1, not 2")
-    if getattr(config, "mtp_layers", 0) > 0:
-        # A step with MTP modules makes other all-to-alls than the stage's MoE layers account for
-        # (an engine step shows it), and at PP > 1 more than the hidden states travel between stages.
-        raise ValueError("model.mtp_layers > 0: multi-token prediction's communication is not predicted")
     ds_config = ds_config or {}
     if ds_config.get("zero_optimization", {}).get("parameter_alignment", False):
         raise ValueError("zero_optimization.parameter_alignment=true: its padded partitions are not predicted")
-    stage_model = build_stage(config, num_stages, stage, ep)
+    if stage_model is None:
+        stage_model = build_stage(config, num_stages, stage, ep)
     row_bytes_per_dim = dtype_bytes(dtype)
     tokens = micro_batch * seq_len
 
     sent = dispatch = bound = counts = calls = 0
-    exact = True
+    exact = getattr(config, "mtp_layers", 0) == 0
     for layer in moe_layers(stage_model.module) if ep > 1 else []:
         cfg = layer.config
         row = cfg.hidden_size * row_bytes_per_dim

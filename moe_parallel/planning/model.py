@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.layer import MoELayer, moe_layers
 from ..integration.deepspeed import expert_group_name
@@ -70,7 +71,7 @@ def build_stage(config: ModelConfig, num_stages: int, stage: int, ep: int = 1) -
     """
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage={stage} is outside 0..{num_stages - 1}")
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitOnMeta():
         if num_stages == 1:
             model = plain_model_class(config)(config)
             stage_model = StageModel(0, 1, model, [model], None, (0, 1))
@@ -80,6 +81,22 @@ def build_stage(config: ModelConfig, num_stages: int, stage: int, ep: int = 1) -
         for layer in moe_layers(stage_model.module):
             keep_local_experts(layer, ep)
     return stage_model
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips the in-place initialisers on meta tensors: they have no values to fill, and each call
+    still costs a trip through torch's reference implementations (most of a large model's build)."""
+
+    _FILLS = frozenset(
+        getattr(torch.Tensor, name)
+        for name in ("normal_", "uniform_", "zero_", "fill_", "copy_", "trunc_normal_")
+        if hasattr(torch.Tensor, name)
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _pipeline_stage(config: ModelConfig, num_stages: int, stage: int) -> StageModel:

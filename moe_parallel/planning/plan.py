@@ -14,15 +14,16 @@ NCCL and allocator slack), which no meta-device build can see.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..integration.parallel import ParallelConfigError, ParallelLayout
-from .activations import predict_activation_bytes
+from .activations import UnitActivations
 from .comm import predict_comm
-from .model import ModelConfig, StageModel, build_stage, is_expert_param
+from .model import ModelConfig, StageModel, build_stage, is_expert_param, pipeline_family
 from .states import predict_state_bytes
 
 GiB = 1024**3
@@ -167,12 +168,16 @@ class LayoutPlan:
 
 
 class Planner:
-    """Plans layouts of one model; keeps the meta-device stages and traces that layouts share."""
+    """Plans layouts of one model. Stages that hold the same blocks (the middle stages of a deep
+    pipeline, say) are planned once: model states, traffic and activations are cached by what a
+    stage holds, and activations are summed from blocks traced once each (``UnitActivations``)."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.units = UnitActivations(config)
         self._stages: dict[tuple, StageModel] = {}
-        self._activations: dict[tuple, object] = {}
+        self._states: dict[tuple, object] = {}
+        self._comm: dict[tuple, object] = {}
 
     def stage(self, pp: int, stage: int, ep: int) -> StageModel:
         key = (pp, stage, ep)
@@ -180,37 +185,45 @@ class Planner:
             self._stages[key] = build_stage(self.config, pp, stage, ep)
         return self._stages[key]
 
-    def activations(self, layout: Layout, workload: Workload, stage: int):
-        key = (layout.pp, stage, layout.micro_batch, workload.seq_len, workload.dtype, workload.attention)
-        if key not in self._activations:
-            self._activations[key] = predict_activation_bytes(
-                self.config,
+    def holds(self, pp: int, stage: int) -> tuple:
+        """What stage ``stage`` of ``pp`` holds: its blocks' signatures (equal for equal stages)."""
+        family = pipeline_family(self.config)
+        parts, unit_parts = family.parts(self.config, pp), family.parts(self.config, self.units.num_units)
+        return tuple(
+            self.units.signature(u)
+            for u in range(self.units.num_units)
+            if parts[stage] <= unit_parts[u] and unit_parts[u + 1] <= parts[stage + 1]
+        )
+
+    def plan(self, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
+        """Per-stage memory and communication of ``layout`` (and its step time on ``cluster``)."""
+        layout.check(self.config)
+        checkpointed = layout.activation_checkpointing and layout.pp > 1  # the app checkpoints pipeline blocks
+        ds_key = json.dumps(workload.ds_config, sort_keys=True, default=str)
+        stages = []
+        for s in range(layout.pp):
+            holds = self.holds(layout.pp, s)
+            key = (holds, layout.ep, layout.dp, layout.zero_stage, workload.precision, workload.weight_decay, ds_key)
+            if key not in self._states:
+                self._states[key] = predict_state_bytes(
+                    self.stage(layout.pp, s, layout.ep),
+                    dp=layout.dp,
+                    ep=layout.ep,
+                    zero_stage=layout.zero_stage,
+                    precision=workload.precision,
+                    weight_decay=workload.weight_decay,
+                    ds_config=workload.ds_config,
+                )
+            states = self._states[key]
+            acts = self.units.stage(
                 num_stages=layout.pp,
-                stage=stage,
+                stage=s,
                 micro_batch=layout.micro_batch,
                 seq_len=workload.seq_len,
                 ep=layout.ep,
                 dtype=workload.dtype,
                 attention=workload.attention,
             )
-        return self._activations[key]
-
-    def plan(self, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
-        """Per-stage memory and communication of ``layout`` (and its step time on ``cluster``)."""
-        layout.check(self.config)
-        checkpointed = layout.activation_checkpointing and layout.pp > 1  # the app checkpoints pipeline blocks
-        stages = []
-        for s in range(layout.pp):
-            states = predict_state_bytes(
-                self.stage(layout.pp, s, layout.ep),
-                dp=layout.dp,
-                ep=layout.ep,
-                zero_stage=layout.zero_stage,
-                precision=workload.precision,
-                weight_decay=workload.weight_decay,
-                ds_config=workload.ds_config,
-            )
-            acts = self.activations(layout, workload, s)
             # DeepSpeed's 1F1B keeps the forwards of up to (stages - stage) micro-batches awaiting backward.
             inflight = min(layout.pp - s, layout.grad_accum)
             saved = acts.saved_checkpointed * inflight + acts.recompute if checkpointed else acts.saved * inflight
@@ -220,24 +233,38 @@ class Planner:
                 "master weights": states.master,
                 "optimizer states": states.optimizer,
                 "activations": saved,
-                "logits": acts.logits if s == layout.pp - 1 else 0,
+                "logits": acts.logits,
                 "comm buffers": states.buffers,
                 "reserve": cluster.reserve if cluster is not None else 0,
             }
-            comm = predict_comm(
-                self.config,
-                num_stages=layout.pp,
-                stage=s,
-                ep=layout.ep,
-                dp=layout.dp,
-                zero_stage=layout.zero_stage,
-                micro_batch=layout.micro_batch,
-                seq_len=workload.seq_len,
-                grad_accum=layout.grad_accum,
-                dtype=workload.dtype,
-                ds_config=workload.ds_config,
+            comm_key = (
+                holds,
+                layout.pp,
+                layout.ep,
+                layout.dp,
+                layout.zero_stage,
+                layout.micro_batch,
+                layout.grad_accum,
+                workload.seq_len,
+                workload.dtype,
+                ds_key,
             )
-            stages.append(StagePlan(s, memory, comm, acts.forward_flops, inflight))
+            if comm_key not in self._comm:
+                self._comm[comm_key] = predict_comm(
+                    self.config,
+                    num_stages=layout.pp,
+                    stage=s,
+                    ep=layout.ep,
+                    dp=layout.dp,
+                    zero_stage=layout.zero_stage,
+                    micro_batch=layout.micro_batch,
+                    seq_len=workload.seq_len,
+                    grad_accum=layout.grad_accum,
+                    dtype=workload.dtype,
+                    ds_config=workload.ds_config,
+                    stage_model=self.stage(layout.pp, s, layout.ep),
+                )
+            stages.append(StagePlan(s, memory, self._comm[comm_key], acts.forward_flops, inflight))
         plan = LayoutPlan(self.config, layout, workload, stages)
         if cluster is not None:
             plan.step_time = step_time(plan, cluster)
@@ -270,29 +297,38 @@ def _bandwidth(cluster: Cluster, span: int) -> float:
 
 
 def step_time(plan: LayoutPlan, cluster: Cluster) -> dict[str, float]:
-    """Seconds per step: compute (forward + backward, plus a recompute with checkpointing) at
-    ``cluster.mfu`` of peak, the token all-to-alls and stage-to-stage sends on the critical path, the
-    1F1B bubble, and the data-parallel gradient reduction after the last micro-batch (ring cost)."""
+    """Seconds per step of the slowest stage: compute (forward, backward at twice the forward, and a
+    recompute with checkpointing) at ``cluster.mfu`` of peak; the token all-to-alls (their bytes that
+    leave the rank) and the stage-to-stage sends on the critical path; the 1F1B bubble; after the last
+    micro-batch, the gradient reductions (ring all-reduce) and ZeRO's all-gather of updated parameters.
+    A group of consecutive ranks that fits a node runs at the node's bandwidth, else the network's."""
     lay = plan.layout
     m = lay.grad_accum
+    passes = 4.0 if lay.activation_checkpointing and lay.pp > 1 else 3.0
     worst: dict[str, float] = {}
     for st in plan.stages:
-        passes = 4.0 if lay.activation_checkpointing and lay.pp > 1 else 3.0  # fwd + 2x fwd for bwd (+ recompute)
+        c = st.comm
         compute = passes * st.forward_flops * m / (cluster.peak_flops * cluster.mfu)
-        a2a = st.comm.alltoall_bytes * st.comm.offrank_fraction / _bandwidth(cluster, lay.ep)
-        p2p = st.comm.p2p_bytes / _bandwidth(cluster, lay.dp + 1) if lay.pp > 1 else 0.0
-        # DP groups are consecutive ranks; an expert-DP group strides by ep over the same span.
-        dp_time = _ring_factor(lay.dp) * st.comm.dp_grad_bytes / _bandwidth(cluster, lay.dp)
-        dp_time += _ring_factor(lay.expert_dp) * st.comm.expert_dp_grad_bytes / _bandwidth(cluster, lay.dp)
+        a2a = c.alltoall_remote_bytes / _bandwidth(cluster, lay.ep)
+        # Stages are dp ranks apart: the next stage is on the same node only if a node spans both.
+        p2p = c.p2p_bytes / _bandwidth(cluster, 2 * lay.dp) if lay.pp > 1 else 0.0
+        dp_bw = _bandwidth(cluster, lay.dp)  # an expert-DP group strides by ep over the same ranks
+        reduce = (
+            _ring_factor(lay.dp) * c.dp_grad_bytes
+            + _ring_factor(lay.expert_dp) * c.expert_dp_grad_bytes
+            + (lay.dp - 1) * c.dp_param_gather_bytes
+            + (lay.expert_dp - 1) * c.expert_dp_param_gather_bytes
+        ) / dp_bw + c.tied_grad_bytes / _bandwidth(cluster, lay.world_size)
         per_mb = (compute + a2a + p2p) / m
-        if per_mb * (m + lay.pp - 1) + dp_time > worst.get("total", -1.0):
+        total = per_mb * (m + lay.pp - 1) + reduce
+        if total > worst.get("total", -1.0):
             worst = {
                 "compute": compute,
                 "all-to-all": a2a,
                 "pipeline sends": p2p,
                 "bubble": per_mb * (lay.pp - 1),
-                "gradient reduction": dp_time,
-                "total": per_mb * (m + lay.pp - 1) + dp_time,
+                "gradient sync": reduce,
+                "total": total,
             }
     return worst
 
@@ -334,7 +370,12 @@ def candidate_layouts(
 @dataclass
 class SearchResult:
     fitting: list[LayoutPlan]  # best first
-    rejected: list[tuple[Layout, str]]  # what does not fit, and the component that overflows
+    rejected: list[tuple[Layout, str]]  # what does not fit, and why (the component that overflows)
+    nearest: LayoutPlan | None = None  # of those planned and not fitting, the one with the smallest peak
+
+
+def _by_micro_batch(layout: Layout) -> tuple:
+    return (layout.pp, layout.ep, layout.zero_stage, layout.activation_checkpointing, layout.micro_batch)
 
 
 def search(config: ModelConfig, workload: Workload, cluster: Cluster, global_batch: int, **candidates) -> SearchResult:
@@ -342,14 +383,25 @@ def search(config: ModelConfig, workload: Workload, cluster: Cluster, global_bat
     ranked by estimated step time (ties: less peak memory first)."""
     planner = Planner(config)
     fitting, rejected = [], []
-    for layout in candidate_layouts(config, cluster.gpus, global_batch, **candidates):
+    nearest = None
+    too_big: dict[tuple, int] = {}  # the smallest micro-batch that did not fit, per layout otherwise alike
+    for layout in sorted(candidate_layouts(config, cluster.gpus, global_batch, **candidates), key=_by_micro_batch):
+        alike = (layout.pp, layout.ep, layout.zero_stage, layout.activation_checkpointing)
+        if alike in too_big:  # memory only grows with the micro-batch (activations, logits)
+            rejected.append(
+                (layout, f"needs more than micro-batch {too_big[alike]} of the same layout, which does not fit")
+            )
+            continue
         plan = planner.plan(layout, workload, cluster)
         if plan.fits(cluster):
             fitting.append(plan)
         else:
+            too_big[alike] = layout.micro_batch
             rejected.append((layout, overflow_message(plan, cluster, planner)))
+            if nearest is None or plan.peak.total < nearest.peak.total:
+                nearest = plan
     fitting.sort(key=lambda p: (p.step_time["total"], p.peak.total))
-    return SearchResult(fitting, rejected)
+    return SearchResult(fitting, rejected, nearest)
 
 
 # ---------------------------------------------------------------- refusal
