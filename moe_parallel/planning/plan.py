@@ -139,6 +139,7 @@ class StagePlan:
     comm: object  # comm.CommBytes
     forward_flops: float  # one micro-batch's forward on one rank
     inflight_micro_batches: int
+    activations: object  # activations.ActivationBytes of one micro-batch
 
     @property
     def total(self) -> int:
@@ -264,7 +265,7 @@ class Planner:
                     ds_config=workload.ds_config,
                     stage_model=self.stage(layout.pp, s, layout.ep),
                 )
-            stages.append(StagePlan(s, memory, self._comm[comm_key], acts.forward_flops, inflight))
+            stages.append(StagePlan(s, memory, self._comm[comm_key], acts.forward_flops, inflight, acts))
         plan = LayoutPlan(self.config, layout, workload, stages)
         if cluster is not None:
             plan.step_time = step_time(plan, cluster)
