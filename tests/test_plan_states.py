@@ -92,8 +92,11 @@ def _check_cases(rank: int, world: int, pp: int, ep: int, cases: list[tuple]) ->
         predicted = predict_state_bytes(
             stage, dp=dp, ep=ep, zero_stage=zero, precision=precision, ds_config=ds, dp_rank=state.dp_rank
         )
-        where = (name, f"pp={pp} world={world} ep={ep} zero={zero} {precision} rank={rank}")
-        assert measured.as_dict() == predicted.as_dict(), (where, measured.as_dict(), predicted.as_dict())
+        where = (name, f"pp={pp} world={world} ep={ep} zero={zero} {precision}")
+        mine = None if measured.as_dict() == predicted.as_dict() else (rank, measured.as_dict(), predicted.as_dict())
+        every: list = [None] * world
+        dist.all_gather_object(every, mine)  # every rank fails together: none waits at a barrier for a dead one
+        assert every == [None] * world, (where, [m for m in every if m])
         assert measured.params > 0 and measured.optimizer > 0 and measured.grads > 0, where
         del engine, model
         dist.barrier()

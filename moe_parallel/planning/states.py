@@ -128,17 +128,23 @@ def _group_layout(numels: list[int], param_alignment: int) -> tuple[list[int], i
     return offsets, current
 
 
-def _zero_partition_grads(numels: list[int], offsets: list[int], start: int, size: int) -> tuple[int, int]:
+def _zero_partition_grads(
+    numels: list[int], offsets: list[int], start: int, size: int, bucket: int
+) -> tuple[int, int, int]:
     """ZeRO 1/2 gradient elements of one group's partition ``[start, start + size)``: (elements of the
     parameters it touches, copied whole into ZeRO's contiguous gradient buffer; zero-padding elements
-    DeepSpeed allocates where no parameter covers the partition)."""
-    whole = covered = 0
+    DeepSpeed allocates where no parameter covers the partition; elements of the other parameters larger
+    than the bucket, whose gradients bypass the bucket and, under ZeRO-1, stay in their own storage until
+    the end of backward)."""
+    whole = covered = large = 0
     end = start + size
     for numel, offset in zip(numels, offsets):
         if start <= offset < end or offset < start < offset + numel:
             whole += numel
             covered += min(offset + numel, end) - max(offset, start)
-    return whole, size - covered
+        elif numel > bucket:
+            large += numel
+    return whole, size - covered, large
 
 
 def predict_state_bytes(
@@ -174,6 +180,7 @@ def predict_state_bytes(
     size = dtype_bytes(dtype)
     zero = _zero_config(ds_config)
     pipelined = stage.num_stages > 1
+    bucket = int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET_SIZE))
     groups = [g for g in optimizer_param_groups(stage.module, weight_decay) if g["params"]]
     parts = {True: dict.fromkeys(COMPONENTS, 0), False: dict.fromkeys(COMPONENTS, 0)}
     for group in groups:
@@ -200,7 +207,7 @@ def predict_state_bytes(
                 flat = _aligned(total, alignment)
                 partition = flat // count
                 out["params"] += flat * size
-                out["grads"] += flat * size
+                out["grads"] += (flat + total) * size  # its flat buffer, and the parameters' .grad it is read from
                 out["master"] += partition * 4
                 out["optimizer"] += 2 * partition * 4 + ADAM_STEP_BYTES
             continue
@@ -208,13 +215,14 @@ def predict_state_bytes(
         offsets, padded = _group_layout(numels, param_alignment)
         flat = _aligned(padded, alignment)
         partition = flat // count
-        whole, zeros = _zero_partition_grads(numels, offsets, rank * partition, partition)
+        whole, zeros, large = _zero_partition_grads(numels, offsets, rank * partition, partition, bucket)
         out["params"] += flat * size
-        out["grads"] += (whole + zeros) * size
+        if zero_stage == 2:  # ZeRO-2 frees the gradients of other ranks' parameters as it reduces them
+            large = 0
+        out["grads"] += (whole + zeros + large) * size
         out["master"] += partition * 4
         out["optimizer"] += 2 * partition * 4 + ADAM_STEP_BYTES
     if zero_stage in (1, 2):
-        bucket = int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET_SIZE))
         copies = 2 if zero.get("overlap_comm", False) else 1
         if pipelined and zero_stage == 1:
             copies += 1  # reduce_gradients(pipeline_parallel=True) adds one beside the backward hooks' own
