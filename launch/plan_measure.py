@@ -102,12 +102,15 @@ def measure(cfg: DictConfig, overrides: list[str], args) -> int:
     model states match exactly, activations within 10% and the all-to-all within its bound."""
     from launch.plan import layout_of, model_of, workload_of
     from moe_parallel.planning.plan import Planner
+    from moe_parallel.planning.states import predict_state_bytes
 
     world = args.gpus or cfg.parallel.pp * cfg.parallel.ep
     app_config.validate(cfg, world)
     precision = app_config.resolve_precision(cfg.deepspeed.precision)
     layout = layout_of(cfg, world)
-    plan = Planner(model_of(cfg)).plan(layout, workload_of(cfg, precision=precision, attention="math"))
+    planner = Planner(model_of(cfg))
+    workload = workload_of(cfg, precision=precision, attention="math")
+    plan = planner.plan(layout, workload)
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(
             _worker,
@@ -119,6 +122,17 @@ def measure(cfg: DictConfig, overrides: list[str], args) -> int:
         while not ctx.join():
             pass
         reports = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
+    for rep in reports:  # the plan shows the busiest rank of a stage; each rank is compared with its own
+        rep["predicted_states"] = predict_state_bytes(
+            planner.stage(layout.pp, rep["stage"], layout.ep),
+            dp=layout.dp,
+            ep=layout.ep,
+            zero_stage=layout.zero_stage,
+            precision=workload.precision,
+            weight_decay=workload.weight_decay,
+            ds_config=workload.ds_config,
+            dp_rank=rep["dp_rank"],
+        ).combined.as_dict()
     return compare(plan, reports)
 
 
@@ -128,11 +142,13 @@ def compare(plan, reports: list[dict[str, Any]]) -> int:
     ok = True
     names = {"params": "parameters", "grads": "gradients", "master": "master weights", "optimizer": "optimizer states",
              "buffers": "comm buffers"}  # fmt: skip
+    # each rank's own model-state prediction (``predicted_states``), else its stage's busiest rank
     print(f"{'rank':>4} {'stage':>5}  {'what':<26}{'predicted':>16}{'measured':>16}  ")
     for rank, rep in enumerate(reports):
         st = plan.stages[rep["stage"]]
         for key, label in names.items():
-            got, want = rep["states"][key], st.memory[label]
+            got = rep["states"][key]
+            want = rep["predicted_states"][key] if "predicted_states" in rep else st.memory[label]
             ok &= got == want
             print(
                 f"{rank:>4} {rep['stage']:>5}  {label:<26}{want:>16,}{got:>16,}  {'ok' if got == want else 'DIFFERS'}"

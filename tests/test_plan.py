@@ -227,3 +227,43 @@ def test_stages_summed_from_blocks_equal_whole_stage_traces(family):
                     num_stages=pp, stage=stage, micro_batch=2, seq_len=32, ep=ep, dtype=torch.float32, attention="math"
                 )
                 assert units.stage(**kw) == predict_activation_bytes(config, **kw), (family, pp, ep, stage)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+experiment=cpu_demo"],
+        [
+            "+experiment=cpu_demo",
+            "parallel.pp=2",
+            "parallel.ep=1",
+            "deepspeed.activation_checkpointing=true",
+            "train.grad_accum=2",
+        ],
+    ],
+)
+def test_measure_mode_holds_on_the_users_own_small_config(overrides):
+    out = subprocess.run(
+        [sys.executable, "launch/plan.py", *overrides, "data.seq_len=32", "train.micro_batch_size=2", "--gpus", "2",
+         "--measure"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "prediction holds" in out.stdout
+    assert out.stdout.count(" ok\n") == 2 * 5  # five model-state components on each of the two ranks
+
+
+def test_measure_comparison_fails_on_a_wrong_prediction():
+    from launch.plan_measure import compare
+
+    cfg = app_plan.compose(["+experiment=cpu_demo"])
+    plan = Planner(app_plan.model_of(cfg)).plan(app_plan.layout_of(cfg, 2), app_plan.workload_of(cfg, "fp32", "math"))
+    states = {k: plan.stages[0].memory[v] for k, v in
+              (("params", "parameters"), ("grads", "gradients"), ("master", "master weights"),
+               ("optimizer", "optimizer states"), ("buffers", "comm buffers"))}  # fmt: skip
+    acts = plan.stages[0].activations.saved
+    good = {"stage": 0, "dp_rank": 0, "states": states, "saved_per_micro_batch": [acts], "alltoall_to_others": 0}
+    assert compare(plan, [good]) == 0
+    assert compare(plan, [{**good, "states": {**states, "grads": states["grads"] + 4}}]) == 4
+    assert compare(plan, [{**good, "saved_per_micro_batch": [acts * 2]}]) == 4
+    assert compare(plan, [{**good, "alltoall_to_others": 10 * plan.stages[0].comm.alltoall_bound}]) == 4

@@ -206,14 +206,21 @@ class Planner:
             holds = self.holds(layout.pp, s)
             key = (holds, layout.ep, layout.dp, layout.zero_stage, workload.precision, workload.weight_decay, ds_key)
             if key not in self._states:
-                self._states[key] = predict_state_bytes(
-                    self.stage(layout.pp, s, layout.ep),
-                    dp=layout.dp,
-                    ep=layout.ep,
-                    zero_stage=layout.zero_stage,
-                    precision=workload.precision,
-                    weight_decay=workload.weight_decay,
-                    ds_config=workload.ds_config,
+                self._states[key] = max(
+                    (
+                        predict_state_bytes(
+                            self.stage(layout.pp, s, layout.ep),
+                            dp=layout.dp,
+                            ep=layout.ep,
+                            zero_stage=layout.zero_stage,
+                            precision=workload.precision,
+                            weight_decay=workload.weight_decay,
+                            ds_config=workload.ds_config,
+                            dp_rank=r,
+                        )
+                        for r in _ranks_to_plan(layout.dp)
+                    ),
+                    key=lambda b: b.total,
                 )
             states = self._states[key]
             acts = self.units.stage(
@@ -278,6 +285,14 @@ class Planner:
             if sum(p.numel() for p in params if is_expert_param(p)) * 2 > sum(p.numel() for p in params):
                 return True
         return False
+
+
+def _ranks_to_plan(dp: int) -> list[int]:
+    """The data-parallel ranks whose model states a plan computes, keeping the busiest: under ZeRO 1
+    the gradients a rank holds at the end of backward depend on where its partition falls. Every
+    rank of a small group; of a large one the first two, the middle and the last (the one whose
+    partition holds the padding)."""
+    return list(range(dp)) if dp <= 16 else sorted({0, 1, dp // 2, dp - 1})
 
 
 def plan_layout(config: ModelConfig, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
