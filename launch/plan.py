@@ -133,17 +133,34 @@ def render_plan(plan: LayoutPlan, cluster: Cluster | None) -> str:
     lay, work = plan.layout, plan.workload
     columns = distinct_stages(plan)
     width = max(12, *(len(name) + 2 for name, _ in columns))
+    big = max(st.total for st in plan.stages) >= GiB
+    unit, scale = ("GiB", GiB) if big else ("MiB", 2**20)
+
+    def fmt(n: float) -> str:
+        return f"{n / scale:,.2f}"
+
     lines = [
         f"layout: world {lay.world_size} = pp {lay.pp} x dp {lay.dp} (ep {lay.ep}, expert-dp {lay.expert_dp}), "
         f"ZeRO-{lay.zero_stage}, micro-batch {lay.micro_batch} x {lay.grad_accum} accumulation, seq {work.seq_len}, "
         f"{work.precision}, {work.attention} attention"
         + (", activation checkpointing" if lay.activation_checkpointing and lay.pp > 1 else ""),
         "",
-        "per-rank memory, GiB".ljust(22) + "".join(name.rjust(width) for name, _ in columns),
+        f"per-rank memory, {unit}".ljust(22) + "".join(name.rjust(width) for name, _ in columns),
     ]
     for comp in COMPONENTS:
-        lines.append(comp.ljust(22) + "".join(_gib(st.memory[comp]).rjust(width) for _, st in columns))
-    lines.append("total".ljust(22) + "".join(_gib(st.total).rjust(width) for _, st in columns))
+        lines.append(comp.ljust(22) + "".join(fmt(st.memory[comp]).rjust(width) for _, st in columns))
+    lines.append("total".ljust(22) + "".join(fmt(st.total).rjust(width) for _, st in columns))
+    lines.append(
+        "  saved per micro-batch".ljust(22) + "".join(fmt(st.activations.saved).rjust(width) for _, st in columns)
+    )
+    if lay.pp > 1:  # what checkpointing would keep instead (the app checkpoints pipeline blocks)
+        lines.append(
+            "  same, checkpointed".ljust(22)
+            + "".join(fmt(st.activations.saved_checkpointed).rjust(width) for _, st in columns)
+        )
+    lines.append(
+        "  in flight (1F1B)".ljust(22) + "".join(str(st.inflight_micro_batches).rjust(width) for _, st in columns)
+    )
     if cluster is not None:
         lines.append("device".ljust(22) + f"{_gib(cluster.gpu_memory)} GiB, fits under {_gib(cluster.usable_memory)}")
     lines += ["", "per-rank traffic per step".ljust(28) + "".join(name.rjust(width) for name, _ in columns)]
