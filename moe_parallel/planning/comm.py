@@ -30,7 +30,8 @@ all-reduce, the same whole gradients, once per step at ZeRO 1 and once per micro
 and the partition each rank contributes to the all-gather of updated parameters at ZeRO 1 and 2
 (and at ZeRO 0 with bf16 under the pipeline engine, whose ``BF16_Optimizer`` partitions likewise).
 Weights tied across pipeline stages have their gradients all-reduced once more, over those stages.
-Not predicted (refused): multi-token prediction modules and ZeRO's ``parameter_alignment``.
+Not predicted (refused): ZeRO's ``parameter_alignment``. With multi-token prediction modules the
+numbers are an estimate: their MoE layers count as blocks, and only hidden states count between stages.
 
 Shape suffixes: T tokens per micro-batch per rank, K top_k, E experts, e = E / EP local experts,
 C capacity per expert.
@@ -47,9 +48,9 @@ from ..core.capacity import expert_capacity
 from ..core.layer import moe_layers
 from ..integration.engine import optimizer_param_groups
 from .model import ModelConfig, StageModel, build_stage, dtype_bytes, is_expert_param, pipeline_family
+from .states import NCCL_START_ALIGNMENT_FACTOR, aligned_numel
 
 COUNTS_DTYPE_BYTES = 8  # the counts exchange sends int64
-ZERO_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups pad to 2 * dp elements
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _grad_and_gather_bytes(
         if ranks == 1:
             continue
         numel = sum(p.numel() for p in params)
-        padded = -(-numel // (ZERO_ALIGNMENT * ranks)) * ZERO_ALIGNMENT * ranks
+        padded = aligned_numel(numel, NCCL_START_ALIGNMENT_FACTOR * ranks)
         if group.get("moe", False):
             expert_gather += padded // ranks * param_elem
         else:

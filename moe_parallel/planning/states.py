@@ -113,8 +113,9 @@ def _param_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _aligned(numel: int, alignment: int) -> int:
-    return int(math.ceil(numel / alignment)) * alignment
+def aligned_numel(numel: int, alignment: int) -> int:
+    """``numel`` rounded up to a multiple of ``alignment`` (integer arithmetic: exact at any size)."""
+    return -(-numel // alignment) * alignment
 
 
 def _group_layout(numels: list[int], param_alignment: int) -> tuple[list[int], int]:
@@ -204,7 +205,7 @@ def predict_state_bytes(
                 out["master"] += total * 4
                 out["optimizer"] += 2 * total * 4 + ADAM_STEP_BYTES * len(numels)
             else:  # BF16_Optimizer: flat and aligned, fp32 master partition, flat gradient buffer
-                flat = _aligned(total, alignment)
+                flat = aligned_numel(total, alignment)
                 partition = flat // count
                 out["params"] += flat * size
                 out["grads"] += (flat + total) * size  # its flat buffer, and the parameters' .grad it is read from
@@ -213,7 +214,7 @@ def predict_state_bytes(
             continue
         param_alignment = 16 // math.gcd(16, size) if zero.get("parameter_alignment", False) else 1
         offsets, padded = _group_layout(numels, param_alignment)
-        flat = _aligned(padded, alignment)
+        flat = aligned_numel(padded, alignment)
         partition = flat // count
         whole, zeros, large = _zero_partition_grads(numels, offsets, rank * partition, partition, bucket)
         out["params"] += flat * size
