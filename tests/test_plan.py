@@ -267,3 +267,21 @@ def test_measure_comparison_fails_on_a_wrong_prediction():
     assert compare(plan, [{**good, "states": {**states, "grads": states["grads"] + 4}}]) == 4
     assert compare(plan, [{**good, "saved_per_micro_batch": [acts * 2]}]) == 4
     assert compare(plan, [{**good, "alltoall_to_others": 10 * plan.stages[0].comm.alltoall_bound}]) == 4
+
+
+@pytest.mark.parametrize("value", ["lots", "0GiB", "-5MiB", "80 parsecs"])
+def test_a_bad_device_memory_is_refused_by_name(value):
+    from launch import config as app_config
+
+    cfg = app_plan.compose(["+experiment=cpu_demo", f"train.device_memory={value}"])
+    with pytest.raises(AppConfigError, match="train.device_memory="):
+        app_config.validate(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    "text, size", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("1.5 MiB", 3 * 2**19), (4096, 4096)]
+)
+def test_sizes_parse_in_binary_and_decimal_units(text, size):
+    from launch.config import parse_bytes
+
+    assert parse_bytes(text, "k") == size
