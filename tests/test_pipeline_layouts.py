@@ -151,11 +151,15 @@ def _stage_without_moe_under_zero1(rank: int, world_size: int) -> None:
     ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
     with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization.stage=1 .*stage=0"):
         build_engine(model, {**ds, "zero_optimization": {"stage": 1}}, lr=1e-3)
+    # bf16 at ZeRO 0 runs DeepSpeed's BF16_Optimizer in a pipeline: partitioned per group, the same hang
+    with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization.stage=0 with bf16 .*in fp32"):
+        build_engine(model, {**ds, "zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, lr=1e-3)
     engine, _, _ = build_engine(model, {**ds, "zero_optimization": {"stage": 0}}, lr=1e-3)  # this one trains
     assert engine.train_batch(data_iter=iter([micro_batch(0, 0)])).isfinite()
 
 
 def test_zero_refuses_a_stage_without_moe_layers_instead_of_hanging():
-    """DeepSpeed's ZeRO 1/2 gradient norm makes one collective per optimizer param group: a stage
-    with no MoE layer (fewer groups) would hang the job. build_engine refuses it on every rank."""
+    """DeepSpeed's ZeRO 1/2 (and bf16 ZeRO 0) gradient norm makes one collective per optimizer param
+    group: a stage with no MoE layer (fewer groups) would hang the job. build_engine refuses it on
+    every rank."""
     run_distributed(_stage_without_moe_under_zero1, 2)

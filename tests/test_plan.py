@@ -285,3 +285,20 @@ def test_sizes_parse_in_binary_and_decimal_units(text, size):
     from launch.config import parse_bytes
 
     assert parse_bytes(text, "k") == size
+
+
+def test_a_layout_whose_stages_have_different_optimizer_groups_is_refused_as_build_engine_refuses_it():
+    """A stage of dense blocks only (a DeepSeek-V3-like model's first block, one block a stage) has
+    fewer optimizer groups than the others: DeepSpeed's ZeRO-1 gradient norm would hang, so the plan
+    says so, as build_engine does."""
+    from moe_parallel.planning.plan import PlanError
+    from tests.test_plan_activations import model_config
+
+    config = model_config("deepseek_v3", 1.0)
+    assert config.first_dense_layers >= 1
+    planner, pp = Planner(config), config.num_layers
+    with pytest.raises(PlanError, match=f"parallel.pp={pp} puts a stage without MoE layers"):
+        planner.plan(Layout(pp=pp, dp=2, ep=2, zero_stage=1), Workload(seq_len=16))
+    with pytest.raises(PlanError, match="with bf16"):
+        planner.plan(Layout(pp=pp, dp=2, ep=2, zero_stage=0), Workload(seq_len=16, precision="bf16"))
+    assert planner.plan(Layout(pp=pp, dp=2, ep=2, zero_stage=0), Workload(seq_len=16, precision="fp32")).stages

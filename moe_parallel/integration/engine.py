@@ -79,14 +79,15 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def check_param_groups_agree(param_groups: list[dict[str, Any]], zero_stage: int) -> None:
-    """Under ZeRO 1/2, DeepSpeed's gradient-norm step makes one collective per optimizer param group
-    over the whole pipeline: ranks with different groups (a pipeline stage holding no MoE layer next
-    to one that does) would wait for each other forever. Refuse that on every rank, before
+def check_param_groups_agree(param_groups: list[dict[str, Any]], zero_stage: int, bf16: bool = False) -> None:
+    """Under ZeRO 1/2, and with bf16 at ZeRO 0 (DeepSpeed's ``BF16_Optimizer``, which partitions
+    likewise), DeepSpeed's gradient-norm step makes one collective per optimizer param group over the
+    whole pipeline: ranks with different groups (a pipeline stage holding no MoE layer next to one
+    that does) would wait for each other forever. Refuse that on every rank, before
     ``deepspeed.initialize``. One small all-gather of the group names."""
     import torch.distributed as dist
 
-    if zero_stage == 0 or not dist.is_initialized() or dist.get_world_size() == 1:
+    if (zero_stage == 0 and not bf16) or not dist.is_initialized() or dist.get_world_size() == 1:
         return
     mine = tuple(group.get("name", "") for group in param_groups)
     every: list[Any] = [None] * dist.get_world_size()
@@ -95,10 +96,11 @@ def check_param_groups_agree(param_groups: list[dict[str, Any]], zero_stage: int
         kinds = sorted(set(every))
         ranks = {kind: [r for r, k in enumerate(every) if k == kind] for kind in kinds}
         detail = "; ".join(f"ranks {ranks[k]}: {list(k)}" for k in kinds)
+        setting = f"deepspeed.zero_optimization.stage={zero_stage}" + (" with bf16" if bf16 and zero_stage == 0 else "")
         raise DeepSpeedConfigError(
-            f"deepspeed.zero_optimization.stage={zero_stage} needs the same optimizer param groups on every rank, "
+            f"{setting} needs the same optimizer param groups on every rank, "
             f"but they differ ({detail}): a pipeline stage holds no MoE layer while another does, and "
-            "DeepSpeed's ZeRO gradient-norm step would hang. Use zero_optimization.stage=0 for this layout, or "
+            "DeepSpeed's gradient-norm step would hang. Use zero_optimization.stage=0 in fp32 for this layout, or "
             "choose parallel.pp / the layers' partition so that every stage holds at least one MoE layer"
         )
 
@@ -137,7 +139,11 @@ def build_engine(
     config.pop("optimizer", None)  # the optimizer is built here, from param groups DeepSpeed needs
     config.setdefault("zero_allow_untested_optimizer", True)
     param_groups = optimizer_param_groups(model, weight_decay)
-    check_param_groups_agree(param_groups, config.get("zero_optimization", {}).get("stage", 0))
+    check_param_groups_agree(
+        param_groups,
+        config.get("zero_optimization", {}).get("stage", 0),
+        bf16=config.get("bf16", {}).get("enabled", False),
+    )
     optimizer = make_optimizer(param_groups, lr=lr, betas=betas)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integration.engine import optimizer_param_groups
 from ..integration.parallel import ParallelConfigError, ParallelLayout
 from .activations import UnitActivations
 from .comm import predict_comm
@@ -196,9 +197,28 @@ class Planner:
             if parts[stage] <= unit_parts[u] and unit_parts[u + 1] <= parts[stage + 1]
         )
 
+    def check_groups_agree(self, layout: Layout, workload: Workload) -> None:
+        """Refuse what ``build_engine`` refuses before it would hang: under ZeRO 1/2, or bf16 at ZeRO 0
+        in a pipeline, DeepSpeed's gradient norm makes one collective per optimizer group, so every
+        stage needs the same groups (a stage without MoE layers has fewer)."""
+        if layout.pp == 1 or (layout.zero_stage == 0 and workload.precision != "bf16"):
+            return
+        kinds = {
+            tuple(g.get("name", "") for g in optimizer_param_groups(self.stage(layout.pp, s, layout.ep).module, 0.1))
+            for s in range(layout.pp)
+        }
+        if len(kinds) > 1:
+            setting = f"deepspeed.zero_stage={layout.zero_stage}" + (" with bf16" if layout.zero_stage == 0 else "")
+            raise PlanError(
+                f"parallel.pp={layout.pp} puts a stage without MoE layers beside stages with them, which "
+                f"{setting} cannot train (DeepSpeed's gradient norm would hang; build_engine refuses it): "
+                "choose another parallel.pp, or ZeRO 0 in fp32"
+            )
+
     def plan(self, layout: Layout, workload: Workload, cluster: Cluster | None = None) -> LayoutPlan:
         """Per-stage memory and communication of ``layout`` (and its step time on ``cluster``)."""
         layout.check(self.config)
+        self.check_groups_agree(layout, workload)
         checkpointed = layout.activation_checkpointing and layout.pp > 1  # the app checkpoints pipeline blocks
         ds_key = json.dumps(workload.ds_config, sort_keys=True, default=str)
         stages = []
@@ -408,7 +428,11 @@ def search(config: ModelConfig, workload: Workload, cluster: Cluster, global_bat
                 (layout, f"needs more than micro-batch {too_big[alike]} of the same layout, which does not fit")
             )
             continue
-        plan = planner.plan(layout, workload, cluster)
+        try:
+            plan = planner.plan(layout, workload, cluster)
+        except PlanError as err:  # a layout DeepSpeed cannot train
+            rejected.append((layout, str(err)))
+            continue
         if plan.fits(cluster):
             fitting.append(plan)
         else:
