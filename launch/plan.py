@@ -90,14 +90,16 @@ def memory_check(cfg: DictConfig, world_size: int, device_memory: int, attention
     """Refuse (``AppConfigError``) a layout whose planned peak per rank exceeds ``device_memory``:
     the message names the stage, the component that overflows and the cheapest fix. Run by every
     rank before any collective (each computes the same plan)."""
-    config = model_of(cfg)
-    layout = layout_of(cfg, world_size)
-    planner = Planner(config)
+    planner = Planner(model_of(cfg))
     cluster = Cluster(gpus=world_size, gpu_memory=device_memory, margin=0.0)
-    plan = planner.plan(layout, workload_of(cfg, attention=attention), cluster)
+    try:
+        plan = planner.plan(layout_of(cfg, world_size), workload_of(cfg, attention=attention), cluster)
+    except PlanError as err:
+        raise app_config.AppConfigError(str(err)) from None
     if not plan.fits(cluster):
+        where = "train.device_memory" if cfg.train.device_memory is not None else "the GPU's memory"
         raise app_config.AppConfigError(
-            f"the planned memory does not fit train.device_memory: {overflow_message(plan, cluster, planner)} "
+            f"the planned memory does not fit {where}: {overflow_message(plan, cluster, planner)} "
             "(python launch/plan.py with the same overrides shows the whole plan; train.memory_check=false "
             "trains anyway)"
         )
