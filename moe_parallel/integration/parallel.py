@@ -55,18 +55,18 @@ class ParallelLayout:
         if world % pp:
             raise ParallelConfigError(
                 f"world size {world} is not divisible by pipeline stages parallel.pp={pp}: "
-                f"launch a multiple of {pp} processes or choose pp among {_divisors(world)}"
+                f"launch a multiple of {pp} processes or choose pp among {divisors(world)}"
             )
         dp = world // pp
         if dp % ep:
             raise ParallelConfigError(
                 f"data-parallel size {dp} (= world {world} / pp {pp}) is not divisible by "
-                f"parallel.ep={ep}: choose ep among {_divisors(dp)}"
+                f"parallel.ep={ep}: choose ep among {divisors(dp)}"
             )
         if self.num_experts is not None and self.num_experts % ep:
             raise ParallelConfigError(
                 f"moe.num_experts={self.num_experts} is not divisible by parallel.ep={ep}: "
-                f"choose ep among {[d for d in _divisors(dp) if self.num_experts % d == 0]}"
+                f"choose ep among {[d for d in divisors(dp) if self.num_experts % d == 0]}"
             )
 
     @property
@@ -103,7 +103,8 @@ class ParallelLayout:
         return [dp[i::ep] for dp in self.data_parallel_groups() for i in range(ep)]
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending: the sizes ``n`` ranks split into evenly."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 

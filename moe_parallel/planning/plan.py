@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..integration.engine import optimizer_param_groups
-from ..integration.parallel import ParallelConfigError, ParallelLayout
+from ..integration.parallel import ParallelConfigError, ParallelLayout, divisors
 from .activations import UnitActivations
 from .comm import predict_comm
 from .model import ModelConfig, StageModel, build_stage, is_expert_param, pipeline_family
@@ -372,10 +372,6 @@ def step_time(plan: LayoutPlan, cluster: Cluster) -> dict[str, float]:
 # ---------------------------------------------------------------- search
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidate_layouts(
     config: ModelConfig,
     gpus: int,
@@ -391,11 +387,11 @@ def candidate_layouts(
     only where the app applies it (pp > 1)."""
     num_experts = config.moe.num_experts if config.moe else 1
     out = []
-    for pp in _divisors(gpus):
+    for pp in divisors(gpus):
         if pp > config.num_layers or (max_pp is not None and pp > max_pp):
             continue
         dp = gpus // pp
-        for ep, zero, mb in itertools.product(_divisors(dp), zero_stages, micro_batches):
+        for ep, zero, mb in itertools.product(divisors(dp), zero_stages, micro_batches):
             if num_experts % ep or (zero == 2 and pp > 1) or global_batch % (mb * dp):
                 continue
             for ckpt in (False, True) if pp > 1 else (False,):
