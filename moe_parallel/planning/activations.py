@@ -615,7 +615,8 @@ class UnitActivations:
         got = [self.unit(u, **trace) for u in units]
         checkpointing = num_stages > 1
         saved = sum(a.saved for a in got)
-        return ActivationBytes(
+        return dataclasses.replace(  # the trace settings (dtype, attention, ...) are the units'
+            got[0],
             saved=saved,
             saved_checkpointed=sum(a.saved_checkpointed for a in got) if checkpointing else saved,
             logits=got[-1].logits if stage == num_stages - 1 else 0,
@@ -625,12 +626,6 @@ class UnitActivations:
             recompute=max(a.recompute for a in got) if checkpointing else 0,
             forward_flops=sum(a.forward_flops for a in got),
             checkpointing=checkpointing,
-            attention=attention,
-            expert_path=EXPERT_PATH,
-            dtype=dtype,
-            micro_batch=micro_batch,
-            seq_len=seq_len,
             stage=stage,
             num_stages=num_stages,
-            ep=ep,
         )
