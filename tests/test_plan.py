@@ -297,7 +297,7 @@ def test_a_layout_whose_stages_have_different_optimizer_groups_is_refused_as_bui
     config = model_config("deepseek_v3", 1.0)
     assert config.first_dense_layers >= 1
     planner, pp = Planner(config), config.num_layers
-    with pytest.raises(PlanError, match=f"parallel.pp={pp} puts a stage without MoE layers"):
+    with pytest.raises(PlanError, match=f"parallel.pp={pp} gives the stages different optimizer param groups"):
         planner.plan(Layout(pp=pp, dp=2, ep=2, zero_stage=1), Workload(seq_len=16))
     with pytest.raises(PlanError, match="with bf16"):
         planner.plan(Layout(pp=pp, dp=2, ep=2, zero_stage=0), Workload(seq_len=16, precision="bf16"))

@@ -149,7 +149,8 @@ class ActivationBytes:
     - ``logits``: on the last stage, the distinct vocabulary-sized tensors of the head and the loss,
       held at once before the backward: the logits (in ``dtype``), their fp32 copy for the loss
       (bf16) and the fp32 log-probabilities the loss saves (which ``saved`` includes), multi-token
-      prediction heads too; 0 on other stages;
+      prediction heads too; 0 on other stages; ``logits_saved``: the part of them that ``saved``
+      holds too (a plan adds ``saved - logits_saved`` and ``logits``, counting each tensor once);
     - ``received``: the activation a stage receives from the previous one (0 on the first), which
       the pipeline engine buffers per micro-batch in flight and clones for the forward;
     - ``sent``: the activation it sends to the next (0 on the last), buffered likewise;
@@ -166,6 +167,7 @@ class ActivationBytes:
     saved: int
     saved_checkpointed: int
     logits: int
+    logits_saved: int
     received: int
     sent: int
     moe_rows: int
@@ -402,9 +404,9 @@ def _trace(
     dtype: torch.dtype,
     attention: str,
     checkpointed: bool,
-) -> tuple[int, int, int, int, int, int, float]:
+) -> tuple[int, int, int, int, int, int, float, int]:
     """One traced forward (and loss) of the stage on meta: ``(saved, logits, received, sent, moe_rows,
-    largest block's saved bytes, forward flops)``."""
+    largest block's saved bytes, forward flops, the logits' bytes among the saved)``."""
     stage_model = build_stage(config, num_stages, stage, ep=1)
     module = stage_model.module
     _prepare_for_trace(module, dtype, ep)
@@ -446,6 +448,8 @@ def _trace(
                 else:
                     _stage_loss(stage_model, config)(x, targets)
     logits = vocab.counter.bytes if stage_model.is_last else 0
+    both = set(vocab.counter._storages) & set(counter._storages)
+    logits_saved = sum(counter._storages[key].nbytes() for key in both)
     layers = moe_layers(module)
     rows = expected_rows(layers[0], B * S, ep) if layers else 0
     # The grouped GEMM is a custom op the flop counter does not see: each row goes through one
@@ -453,7 +457,8 @@ def _trace(
     expert_flops = sum(
         2 * rows * sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts for layer in layers
     )
-    return counter.bytes, logits, received, sent, rows, largest_block, flops.get_total_flops() + expert_flops
+    flops_total = flops.get_total_flops() + expert_flops
+    return counter.bytes, logits, received, sent, rows, largest_block, flops_total, logits_saved
 
 
 def predict_activation_bytes(
@@ -485,13 +490,14 @@ def predict_activation_bytes(
     if moe is not None and moe.num_experts % ep:
         raise ValueError(f"ep={ep} does not divide num_experts={moe.num_experts}")
     args = (config, num_stages, stage, micro_batch, seq_len, ep, dtype, attention)
-    saved, logits, received, sent, rows, largest_block, forward_flops = _trace(*args, checkpointed=False)
+    saved, logits, received, sent, rows, largest_block, forward_flops, logits_saved = _trace(*args, checkpointed=False)
     checkpointing = num_stages > 1
     saved_checkpointed = _trace(*args, checkpointed=True)[0] if checkpointing else saved
     return ActivationBytes(
         saved=saved,
         saved_checkpointed=saved_checkpointed,
         logits=logits,
+        logits_saved=logits_saved,
         received=received,
         sent=sent,
         moe_rows=rows,
@@ -620,6 +626,7 @@ class UnitActivations:
             saved=saved,
             saved_checkpointed=sum(a.saved_checkpointed for a in got) if checkpointing else saved,
             logits=got[-1].logits if stage == num_stages - 1 else 0,
+            logits_saved=got[-1].logits_saved if stage == num_stages - 1 else 0,
             received=got[0].received if stage > 0 else 0,
             sent=got[-1].sent if stage < num_stages - 1 else 0,
             moe_rows=max(a.moe_rows for a in got),

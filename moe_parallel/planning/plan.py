@@ -210,7 +210,8 @@ class Planner:
         if len(kinds) > 1:
             setting = f"deepspeed.zero_stage={layout.zero_stage}" + (" with bf16" if layout.zero_stage == 0 else "")
             raise PlanError(
-                f"parallel.pp={layout.pp} puts a stage without MoE layers beside stages with them, which "
+                f"parallel.pp={layout.pp} gives the stages different optimizer param groups (a stage without MoE "
+                "layers, or expert parameters that DeepSpeed splits into another number of groups), which "
                 f"{setting} cannot train (DeepSpeed's gradient norm would hang; build_engine refuses it): "
                 "choose another parallel.pp, or ZeRO 0 in fp32"
             )
@@ -252,9 +253,11 @@ class Planner:
                 dtype=workload.dtype,
                 attention=workload.attention,
             )
-            # DeepSpeed's 1F1B keeps the forwards of up to (stages - stage) micro-batches awaiting backward.
+            # DeepSpeed's 1F1B keeps the forwards of up to (stages - stage) micro-batches awaiting backward
+            # (one on the last stage, the only one with logits: those it saves are counted there).
             inflight = min(layout.pp - s, layout.grad_accum)
-            saved = acts.saved_checkpointed * inflight + acts.recompute if checkpointed else acts.saved * inflight
+            per_mb = (acts.saved_checkpointed if checkpointed else acts.saved) - acts.logits_saved
+            saved = per_mb * inflight + (acts.recompute if checkpointed else 0)
             memory = {
                 "parameters": states.params,
                 "gradients": states.grads,
