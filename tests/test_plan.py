@@ -210,7 +210,10 @@ def test_layout_plan_of_the_configured_layout_names_every_component(tmp_path):
     assert plan.stages[0].memory["logits"] == 0 and plan.stages[1].memory["logits"] > 0
 
 
-@pytest.mark.parametrize("family", ["gpt", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param("gpt", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow), "deepseek_v3"],
+)
 def test_stages_summed_from_blocks_equal_whole_stage_traces(family):
     """The search's per-block sums against tracing each stage whole, over layouts and routing."""
     import torch
@@ -233,13 +236,16 @@ def test_stages_summed_from_blocks_equal_whole_stage_traces(family):
     "overrides",
     [
         ["+experiment=cpu_demo"],
-        [
-            "+experiment=cpu_demo",
-            "parallel.pp=2",
-            "parallel.ep=1",
-            "deepspeed.activation_checkpointing=true",
-            "train.grad_accum=2",
-        ],
+        pytest.param(
+            [
+                "+experiment=cpu_demo",
+                "parallel.pp=2",
+                "parallel.ep=1",
+                "deepspeed.activation_checkpointing=true",
+                "train.grad_accum=2",
+            ],
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_measure_mode_holds_on_the_users_own_small_config(overrides):
