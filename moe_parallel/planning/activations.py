@@ -595,6 +595,14 @@ class UnitActivations:
             self._signatures = sigs
         return self._signatures[unit]
 
+    def units_in(self, num_stages: int, stage: int) -> list[int]:
+        """The units (blocks, with the layers around the first and last) that ``stage`` of ``num_stages`` holds."""
+        family = pipeline_family(self.config)
+        parts, unit_parts = family.parts(self.config, num_stages), family.parts(self.config, self.num_units)
+        return [
+            u for u in range(self.num_units) if parts[stage] <= unit_parts[u] and unit_parts[u + 1] <= parts[stage + 1]
+        ]
+
     def unit(self, unit: int, **trace: object) -> ActivationBytes:
         key = (self.signature(unit), tuple(sorted(trace.items())))
         if key not in self._traced:
@@ -613,10 +621,7 @@ class UnitActivations:
         attention: str = GPU_ATTENTION,
     ) -> ActivationBytes:
         """What :func:`predict_activation_bytes` gives for this stage, from the units it holds."""
-        family = pipeline_family(self.config)
-        parts, unit_parts = family.parts(self.config, num_stages), family.parts(self.config, self.num_units)
-        start, stop = parts[stage], parts[stage + 1]
-        units = [u for u in range(self.num_units) if start <= unit_parts[u] and unit_parts[u + 1] <= stop]
+        units = self.units_in(num_stages, stage)
         trace = dict(micro_batch=micro_batch, seq_len=seq_len, ep=ep, dtype=dtype, attention=attention)
         got = [self.unit(u, **trace) for u in units]
         checkpointing = num_stages > 1

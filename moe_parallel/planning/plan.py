@@ -24,7 +24,7 @@ from ..integration.engine import optimizer_param_groups
 from ..integration.parallel import ParallelConfigError, ParallelLayout, divisors
 from .activations import UnitActivations
 from .comm import predict_comm
-from .model import ModelConfig, StageModel, build_stage, is_expert_param, pipeline_family
+from .model import ModelConfig, StageModel, build_stage, is_expert_param
 from .states import predict_state_bytes
 
 GiB = 1024**3
@@ -189,13 +189,7 @@ class Planner:
 
     def holds(self, pp: int, stage: int) -> tuple:
         """What stage ``stage`` of ``pp`` holds: its blocks' signatures (equal for equal stages)."""
-        family = pipeline_family(self.config)
-        parts, unit_parts = family.parts(self.config, pp), family.parts(self.config, self.units.num_units)
-        return tuple(
-            self.units.signature(u)
-            for u in range(self.units.num_units)
-            if parts[stage] <= unit_parts[u] and unit_parts[u + 1] <= parts[stage + 1]
-        )
+        return tuple(self.units.signature(u) for u in self.units.units_in(pp, stage))
 
     def check_groups_agree(self, layout: Layout, workload: Workload) -> None:
         """Refuse what ``build_engine`` refuses before it would hang: under ZeRO 1/2, or bf16 at ZeRO 0
