@@ -173,6 +173,8 @@ def test_training_refuses_a_layout_that_cannot_fit_the_declared_memory():
         app_plan.memory_check(cfg, 2, 4 * 2**20, "math")
     message = str(err.value)
     assert "stage 0" in message and "train.memory_check=false" in message
+    # DeepSpeed's default 5e8-element gradient bucket is the tiny model's largest part
+    assert "the largest part is comm buffers" in message and "reduce_bucket_size" in message
     cfg = app_plan.compose(["+experiment=cpu_demo"])
     plan = app_plan.memory_check(cfg, 2, 64 * GiB, "math")
     assert plan.peak.total < 64 * GiB

@@ -454,6 +454,13 @@ def overflow_message(plan: LayoutPlan, cluster: Cluster, planner: Planner | None
 def cheapest_fix(plan: LayoutPlan, component: str, planner: Planner | None = None) -> str:
     """The change that shrinks ``component`` without adding devices, where one exists."""
     lay = plan.layout
+    if component == "comm buffers":  # DeepSpeed's gradient buckets: reduce_bucket_size elements each
+        stage = lay.zero_stage
+        return (
+            "lower DeepSpeed's zero_optimization.reduce_bucket_size (default 5e8 elements per bucket), e.g. "
+            f"'+deepspeed.extra.zero_optimization={{stage: {stage}, reduce_bucket_size: 50000000}}' "
+            "(deepspeed.extra replaces the whole zero_optimization entry: keep the stage in it)"
+        )
     if component in ("activations", "logits"):
         if lay.pp > 1 and not lay.activation_checkpointing:
             return "turn on deepspeed.activation_checkpointing=true"
