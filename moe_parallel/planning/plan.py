@@ -445,7 +445,8 @@ def overflow_message(plan: LayoutPlan, cluster: Cluster, planner: Planner | None
     peak = plan.peak
     component = peak.largest()
     return (
-        f"stage {peak.stage} needs {peak.total / GiB:.1f} GiB per rank, over the {cluster.usable_memory / GiB:.1f} GiB "
+        f"stage {peak.stage} needs {peak.total / GiB:.1f} GiB per rank (with a {peak.memory['reserve'] / GiB:.1f} GiB "
+        f"reserve for CUDA and NCCL), over the {cluster.usable_memory / GiB:.1f} GiB "
         f"usable of {cluster.gpu_memory / GiB:.1f} GiB ({cluster.margin:.0%} margin); the largest part is "
         f"{component} ({peak.memory[component] / GiB:.1f} GiB): {cheapest_fix(plan, component, planner)}"
     )
