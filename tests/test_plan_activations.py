@@ -284,57 +284,14 @@ def test_pp2_every_family_with_and_without_checkpointing():
 # ---------------------------------------------------------------------------------------- 600B class
 
 
-def deepseek_v3_config() -> DecoderConfig:
-    """DeepSeek-V3 (671B) as its config.json gives it."""
-    return DecoderConfig(
-        vocab_size=129280,
-        num_layers=61,
-        hidden_size=7168,
-        num_heads=128,
-        ffn_hidden_size=18432,
-        attention="mla",
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        head_dim=64,
-        first_dense_layers=3,
-        mtp_layers=1,
-        rope_theta=10000.0,
-        rope_interleave=True,
-        rope_scaling={
-            "rope_type": "yarn",
-            "factor": 40.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
-        norm_eps=1e-6,
-        moe=dict(
-            num_experts=256,
-            top_k=8,
-            ffn_hidden_size=2048,
-            shared_expert_ffn_hidden_size=2048,
-            score_func="sigmoid",
-            normalize_top_k=True,
-            selection_bias=True,
-            num_groups=8,
-            topk_groups=4,
-            routed_scaling_factor=2.5,
-            aux_loss_coeff=0.0,
-            capacity_factor=None,
-        ),
-        hf_model_type="deepseek_v3",
-    )
-
-
-def test_deepseek_v3_sized_stage_traces_in_seconds_without_memory():
+def test_deepseek_v3_sized_stage_traces_in_seconds_without_memory(tmp_path):
     import resource
 
-    config = deepseek_v3_config()
+    from moe_parallel import hf
+    from tests.published_configs import DEEPSEEK_V3, write_config
+
+    config = hf.load_config(write_config(DEEPSEEK_V3, tmp_path / "dsv3"))  # dropless, as from_pretrained loads it
+    assert config.moe.capacity_factor is None
     T, D, K = 4096, config.hidden_size, config.moe.top_k
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
