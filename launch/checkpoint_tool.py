@@ -138,7 +138,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         state = load_plain(weights)
     except UnsafeFileError as err:
         raise CheckpointError(f"{err}: export it again from a checkpoint, or load it only if you trust it") from None
-    except Exception as err:  # a truncated or damaged file (an export from before exports were checksummed)
+    except Exception as err:  # a truncated or damaged file (e.g. an export without a checksum record)
         raise CheckpointError(f"{weights} cannot be read ({type(err).__name__}: {err}): export it again") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{weights} is not a state dict of tensors (one that 'export' writes)")

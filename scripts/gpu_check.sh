@@ -115,7 +115,7 @@ else
         --peak-tflops 790 --json "$WORK/bench.json"
 fi
 
-# 2b. The shape sweep (issue 12) in bf16: 8 of its sampled points, sized for the GPU, EP=2 points
+# 2b. The shape sweep in bf16: 8 of its sampled points, sized for the GPU, EP=2 points
 # skipped on one GPU; no fresh memory processes (the budget). A dry run: the --quick machinery.
 if [ $MODE = cuda ]; then
     stage sweep $B_SWEEP "$PY" benchmarks/bench_moe.py --sweep --device cuda --dtype bfloat16 --sweep-points 8 \

@@ -594,8 +594,8 @@ def load_checkpoint(
     Every rank checks each file it reads against the manifest's checksum first. Strict: a corrupt
     or missing file, a parameter or persistent buffer missing from the checkpoint or present there
     but not in the model, a missing expert shard or a shape mismatch is a :class:`CheckpointError`,
-    raised on every rank, before the model is changed. A checkpoint older than buffers in
-    checkpoints loads with a warning naming the buffers that keep their current values.
+    raised on every rank, before the model is changed. A checkpoint of an earlier format,
+    whose manifest lists no buffers, loads with a warning naming the buffers that keep their current values.
     """
     model = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0

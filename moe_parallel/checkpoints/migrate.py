@@ -1,7 +1,7 @@
 """Convert checkpoints of earlier formats, once, into files that load with ``weights_only=True``.
 
-Before format 3, every rank's RNG file held NumPy's state as NumPy objects, which the restricted
-unpickler refuses. Loads now refuse such files; :func:`migrate_checkpoint` reads them once more with
+In formats 1 and 2, every rank's RNG file holds NumPy's state as NumPy objects, which the restricted
+unpickler refuses, and so loads refuse such files; :func:`migrate_checkpoint` reads them once more with
 the restricted unpickler plus exactly the globals those files hold (NumPy's ``ndarray``, ``dtype``
 and array reconstructor), converts them to tensors and plain data and rewrites them. A file that asks
 for anything else is refused, not converted: migrating runs no code from a file either. ``trust=True``

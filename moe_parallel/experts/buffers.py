@@ -13,8 +13,7 @@ buffer's size; jemalloc, tcmalloc or mimalloc preloaded), the buffers come from 
 freed memory comes back warm and serves activations too, which neither a mapping nor the pool can.
 Otherwise a new buffer is a mapping advised ``MADV_HUGEPAGE`` where the kernel offers transparent
 huge pages (a fault per 2 MiB, not per 4 KiB), and with the pool on, a buffer whose tensors are all
-gone is handed out again, warm, as glibc keeps small blocks (BENCHMARKS.md, "Weight-gradient
-buffers").
+gone is handed out again, warm, as glibc keeps small blocks: the step then pays no page faults for it.
 
 The pool is off by default (``MOE_PARALLEL_GRAD_POOL=1`` or :func:`set_gradient_pool` turns it on):
 its idle buffers stay resident through the next forward, where a layer that frees its gradients

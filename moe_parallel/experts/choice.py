@@ -48,7 +48,8 @@ from .padded import padded_runs
 
 @dataclass(frozen=True)
 class ExpertCostModel:
-    # Medians of calibrate() on the project's 2-core CPU VM (2 threads): BENCHMARKS.md, "Cost model".
+    # Defaults: what calibrate() measures on a 2-core x86 CPU with 2 threads (medians of 7 runs each);
+    # `python -m moe_parallel.experts.choice calibrate cost.json` measures them on another machine.
     gemm_flops: float = 1.12e11  # sustained fp32 GEMM rate of a large product, FLOP/s
     expert_call_s: float = 2.86e-4  # operator calls of one active expert in the loop, fwd+bwd
     expert_rows: float = 76.0  # the loop's small per-expert GEMMs, as rows of large-GEMM work
