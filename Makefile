@@ -83,6 +83,11 @@ gpu-check: venv
 gpu-wheels: venv
 	$(PY) scripts/gpu_wheels.py
 
+# docs/config.md: every Hydra key and config option, generated from launch/config.py and conf/.
+.PHONY: docs
+docs: venv
+	$(PY) -m launch.config_reference --write
+
 lint: venv
 	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks
 

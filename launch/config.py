@@ -26,65 +26,82 @@ class AppConfigError(ValueError):
     """A training-app setting is out of range; the message names the key and the fix."""
 
 
+# The typed schema. Each key's description is its trailing comment, or else the comment block directly
+# above it: docs/config.md is generated from them (python -m launch.config_reference --write).
+
+
 @dataclass
 class ModelConf:
-    kind: str = "gpt"  # gpt: the reference MoE-GPT below | hf: a Hugging Face model (model=hf, model.path)
+    """The model: the reference MoE-GPT (``kind=gpt``) or a Hugging Face model (``model=hf``).
+
+    With ``kind=hf`` the shape comes from ``model.path``'s config.json, and the shape keys (``num_layers``
+    to ``init_std``) are not read.
+    """
+
+    kind: str = "gpt"  # gpt: the reference MoE-GPT | hf: a Hugging Face model (model=hf, model.path)
     path: str | None = None  # kind=hf: the model directory (config.json, *.safetensors, tokenizer files)
     upcycle_experts: int | None = None  # kind=hf from a dense Llama/Qwen3: experts per MoE layer (upcycling)
     upcycle_top_k: int = 2  # kind=hf, upcycling: experts per token
     # kind=hf, DeepSeek-V3 multi-token prediction: how many of the checkpoint's MTP modules to train
-    # (null: all of config.json's num_nextn_predict_layers; 0: none, skipped as transformers skips
-    # them), and the weight of their mean loss beside the LM loss (Megatron's mtp_loss_scaling_factor).
+    # (null: all of config.json's num_nextn_predict_layers; 0: none, skipped as transformers skips them).
     mtp_layers: int | None = None
+    # kind=hf: the weight of the MTP modules' mean loss beside the LM loss (Megatron's mtp_loss_scaling_factor)
     mtp_loss_weight: float = 0.1
-    # kind=gpt: the reference model's shape (with kind=hf, config.json decides it)
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 4
-    ffn_hidden_size: int = 512
+    num_layers: int = 4  # transformer blocks
+    hidden_size: int = 128  # model width (embedding and residual stream)
+    num_heads: int = 4  # attention heads (hidden_size / num_heads per head)
+    ffn_hidden_size: int = 512  # hidden width of the dense FFNs (and of the experts unless moe.expert_ffn_hidden_size)
     moe_every: int = 2  # block i is MoE iff (i + 1) % moe_every == 0; 0 = no MoE block (needs dense=true)
     dense: bool = False  # true: a model without MoE blocks, on purpose (moe_every=0); refused otherwise
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     activation: str = "gelu"  # gelu | swiglu | relu | silu
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
-    init_seed: int = 1234
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weight
+    dropout: float = 0.0  # dropout probability (after the position embedding and in the blocks)
+    init_std: float = 0.02  # std of the normal weight initialisation
+    init_seed: int = 1234  # every weight is seeded from this and its name (upcycling: the new routers)
 
 
 @dataclass
 class MoEConf:
-    num_experts: int = 8
-    top_k: int = 2
-    expert_ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
+    """The MoE layers: routing, capacity, load balancing and the experts' compute path.
+
+    With ``model=hf`` (``moe=hf``) config.json decides the architecture; only the training settings
+    apply (capacity, losses, router noise, balancing, ``expert_gemm``, ``check_inputs``).
+    """
+
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts per token
+    expert_ffn_hidden_size: int | None = None  # hidden width of each expert; null: model.ffn_hidden_size
     score_func: str = "softmax"  # softmax | sigmoid
-    normalize_top_k: bool = True
+    normalize_top_k: bool = True  # divide the k combine weights by their sum (top_k >= 2)
     score_after_topk: bool = False  # softmax over the k selected logits only
-    num_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in num_groups groups,
+    num_groups: int = 1  # group-limited routing (DeepSeek-V3): the experts form num_groups equal groups
     topk_groups: int = 1  # tokens choose among the experts of their topk_groups best groups
     group_score: str = "top2_sum"  # a group's score: top2_sum (DeepSeek-V3) | max (DeepSeek-V2)
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
     router_bias: bool = False  # a trained bias on the router's logits (GPT-OSS)
     input_weighted: bool = False  # combine weights scale the expert's input, not its output (Llama 4)
     selection_bias: bool = False  # a per-expert bias for selection only (implied by expert_bias_update_rate > 0)
-    router_noise: str = "none"  # none | jitter | gumbel
-    router_jitter_eps: float = 0.01
-    capacity_factor: float | None = 1.25  # null = dropless
-    eval_capacity_factor: float | None = 2.0
-    min_capacity: int = 4
-    drop_policy: str = "probs"  # probs | position
-    aux_loss_coeff: float = 0.01
-    z_loss_coeff: float = 0.001
+    router_noise: str = "none"  # training noise: none | jitter (on the router's input) | gumbel (on selection)
+    router_jitter_eps: float = 0.01  # router_noise=jitter: the input is scaled by uniform [1 - eps, 1 + eps]
+    capacity_factor: float | None = 1.25  # per-expert capacity in training, x a balanced share; null = dropless
+    eval_capacity_factor: float | None = 2.0  # the same in evaluation; null = dropless
+    min_capacity: int = 4  # the least capacity an expert has, whatever the factor
+    drop_policy: str = "probs"  # over capacity, keep first: probs (highest weights) | position (first choices)
+    aux_loss_coeff: float = 0.01  # weight of the load-balancing loss
+    z_loss_coeff: float = 0.001  # weight of the router z-loss (keeps the logits small)
     expert_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing
-    shared_expert_ffn_hidden_size: int = 0
+    shared_expert_ffn_hidden_size: int = 0  # hidden width of an always-on shared expert; 0 = none
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     # auto (CUDA bf16: grouped; CPU: loop or padded by the cost model, experts/choice.py) | grouped | loop | padded
     expert_gemm: str = "auto"
-    check_inputs: bool = False
+    check_inputs: bool = False  # NaN/Inf checks on each MoE layer's input (a host sync per layer)
 
 
 @dataclass
 class ParallelConf:
+    """The parallel layout: pipeline stages and expert parallelism; the rest of the world is data parallel."""
+
     pp: int = 1  # pipeline stages
     ep: int = 1  # expert-parallel size (divides world / pp)
     backend: str | None = None  # null: nccl on GPUs, gloo on CPUs
@@ -93,61 +110,71 @@ class ParallelConf:
 
 @dataclass
 class DeepSpeedConf:
+    """The DeepSpeed engine; the DeepSpeed JSON is generated from these keys and ``train.*``."""
+
     zero_stage: int = 1  # 0, 1 or 2 (3 cannot hold expert-parallel layers)
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
-    grad_clip: float = 1.0
-    activation_checkpointing: bool = False
+    grad_clip: float = 1.0  # gradient-norm clipping (DeepSpeed's gradient_clipping)
+    activation_checkpointing: bool = False  # recompute each block in backward (pipeline layouts, parallel.pp > 1)
     extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
 
 
 @dataclass
 class OptimConf:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-3  # peak learning rate, reached after the warmup
+    min_lr: float = 3e-4  # the learning rate at the end of the schedule
+    warmup_steps: int = 20  # linear warmup from lr / warmup_steps to lr
+    schedule: str = "cosine"  # decay from lr to min_lr over train.steps: cosine | linear | constant
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
 
 
 @dataclass
 class DataConf:
-    files: list[str] | None = None  # null: the Python standard library's sources (no download)
-    max_corpus_bytes: int = 4_000_000
-    vocab_size: int = 2048
-    tokenizer_type: str = "bpe"
-    seq_len: int = 128
-    val_fraction: float = 0.02
-    seed: int = 1234
-    cache_dir: str = "~/.cache/moe_parallel/data"
+    """The training text, its tokenizer and the token cache."""
+
+    files: list[str] | None = None  # text or JSONL ("text" field) files, globs ok; null: the Python standard library
+    max_corpus_bytes: int = 4_000_000  # cap on the default standard-library corpus (whole files, in sorted order)
+    vocab_size: int = 2048  # vocabulary of the tokenizer trained on the corpus
+    tokenizer_type: str = "bpe"  # the trained SentencePiece tokenizer: bpe | unigram
+    seq_len: int = 128  # tokens per training sequence
+    val_fraction: float = 0.02  # fraction of the tokens held out for validation (whole documents)
+    seed: int = 1234  # checked (an integer >= 0); the batch order comes from train.seed
+    cache_dir: str = "~/.cache/moe_parallel/data"  # tokenizer and token cache (on a cluster: a shared filesystem)
     tokenizer: str | None = None  # a pretrained tokenizer (dir or file); null: model.path with model=hf, else train one
 
 
 @dataclass
 class LoggerConf:
+    """Weights & Biases logging; ``<run_dir>/metrics.jsonl`` is written in every mode."""
+
     mode: str = "offline"  # offline | online | disabled (the JSONL mirror is always written)
-    project: str = "moe_parallel"
-    entity: str | None = None
-    group: str | None = None  # null: the experiment name
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    heatmap_every: int = 10  # in log calls (every train.log_every steps)
-    heatmap_window: int = 500
-    init_timeout: float = 90.0
+    project: str = "moe_parallel"  # W&B project
+    entity: str | None = None  # W&B team or user; null: the default one
+    group: str | None = None  # W&B group; null: the experiment name
+    name: str | None = None  # the run's display name; null: W&B's generated one
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    heatmap_every: int = 10  # log each layer's expert-load heatmap every this many log calls (0 = never)
+    heatmap_window: int = 500  # steps kept in each layer's rolling heatmap
+    init_timeout: float = 90.0  # seconds W&B may take to start before the run goes on without it
 
 
 @dataclass
 class TrainConf:
-    steps: int = 300
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
+    """The training loop: steps, batch, evaluation, checkpoints and the health checks."""
+
+    steps: int = 300  # optimizer steps of the whole run
+    micro_batch_size: int = 8  # sequences per rank per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # steps between metric logs
+    eval_every: int = 100  # steps between validation losses
+    eval_batches: int = 8  # validation batches per evaluation (the same ones every time)
+    ckpt_every: int = 100  # steps between checkpoints (and one after the last step)
+    keep_checkpoints: int = 2  # newest checkpoints kept by rotation
+    seed: int = 0  # seeds Python's, NumPy's and torch's RNGs and the batch order
     run_dir: str | None = None  # null: runs/<experiment>/<slurm job id or timestamp>
     resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
     exit_after_steps: int | None = None  # checkpoint and stop after this many steps of this job
@@ -157,13 +184,11 @@ class TrainConf:
     # non-finite loss stops at once.
     max_skipped_steps: int = 3
     # Expert collapse: warn (once per episode, W&B alert, metrics.jsonl) when an MoE layer stays
-    # degenerate this many steps in a row; 0 turns the check off. Degenerate = an expert under
-    # collapse_min_load_fraction of the mean load, max/mean load above collapse_max_load_ratio, or
-    # router entropy (nats) below collapse_min_entropy.
+    # degenerate this many steps in a row (the three thresholds below); 0 turns the check off.
     collapse_window: int = 50
-    collapse_min_load_fraction: float = 0.01
-    collapse_max_load_ratio: float = 3.0
-    collapse_min_entropy: float = 0.01
+    collapse_min_load_fraction: float = 0.01  # degenerate: an expert under this fraction of the mean load
+    collapse_max_load_ratio: float = 3.0  # degenerate: the busiest expert's load above this multiple of the mean
+    collapse_min_entropy: float = 0.01  # degenerate: router entropy (nats) below this
     # torch.compile each transformer block (regional compilation, moe_parallel.training.block_compile): the
     # default backend, inductor, needs a C++ compiler on CPUs and Triton on GPUs. The first steps
     # include the compile time.
@@ -172,15 +197,17 @@ class TrainConf:
     # (the traced forward and backward graphs run with eager kernels: no compiler, quick to build).
     compile_backend: str = "inductor"
     # Start-up memory check (launch/plan.py): every rank refuses a layout whose planned peak per rank
-    # exceeds the device's memory: train.device_memory (e.g. 80GiB), or null for the GPU's own size
-    # (CPUs: unchecked unless declared). memory_check=false trains anyway.
+    # exceeds the device's memory: this size (e.g. 80GiB), or null for the GPU's own size (CPUs:
+    # unchecked unless declared).
     device_memory: str | None = None
-    memory_check: bool = True
+    memory_check: bool = True  # false: train even where the planned peak exceeds the device's memory
 
 
 @dataclass
 class AppConf:
-    experiment: str = "default"
+    """The training app's whole configuration: one node per config group, plus ``train``."""
+
+    experiment: str = "default"  # the experiment's name: the run directory's parent and the W&B group
     model: ModelConf = MISSING
     moe: MoEConf = MISSING
     parallel: ParallelConf = MISSING
