@@ -16,8 +16,8 @@ Reading ``.wandb`` files: they are W&B's transaction log, a LevelDB-style log of
 ``wandb.proto.wandb_internal_pb2.Record`` messages (the format ``wandb sync`` uploads). The file
 starts with a 7-byte header (``:W&B``, magic 0xBEE1, version 0); then come 32 KiB blocks of chunks,
 each with a 7-byte header: CRC-32 (zlib's, of the type byte then the data), length (uint16) and type
-(FULL, or FIRST / MIDDLE / LAST pieces of a record split across blocks). wandb 0.31 no longer ships a
-Python reader (``wandb.sdk.internal.datastore`` is gone; its reader lives in the Go ``wandb-core``,
+(FULL, or FIRST / MIDDLE / LAST pieces of a record split across blocks). wandb (0.31) ships no
+Python reader (``wandb.sdk.internal.datastore`` does not exist; its reader lives in the Go ``wandb-core``,
 reachable only through ``wandb leet inspect``), so :func:`iter_wandb_records` walks the chunks here,
 checks every CRC, and decodes each record with wandb's own protobuf classes. History records
 (``Record.history``) carry the logged values as items keyed by name (or a nested key, joined with

@@ -170,6 +170,6 @@ moe_run_step() {
 # srun options for one task per GPU (or per node on CPUs) running the trainer.
 moe_srun_args() {
     MOE_SRUN=(srun --kill-on-bad-exit=1)
-    # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the job: pass it on.
+    # srun (Slurm >= 22.05) does not inherit --cpus-per-task from the job: pass it on.
     if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then MOE_SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 }
