@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from launch import data as D
 from launch.data import (
     DataConfig,
     DataConfigError,
@@ -29,6 +28,7 @@ from launch.data import (
     token_dtype,
     train_tokenizer,
 )
+from launch.data import token_cache as D
 
 SMALL = dict(max_corpus_bytes=200_000, vocab_size=400, val_fraction=0.05, seq_len=32)
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch import data as D
 from launch.data import (
     DataConfig,
     DataError,
@@ -30,6 +29,7 @@ from launch.data import (
     prepare_data,
     train_tokenizer,
 )
+from launch.data import token_cache as D
 from tests.test_data import count_calls
 
 CHUNK = 1024  # bytes per checksummed chunk in these builds (the default is sized for terabyte caches)
