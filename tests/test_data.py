@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from launch import data as D
 from launch.data import (
     DataConfig,
     DataConfigError,
@@ -23,10 +22,13 @@ from launch.data import (
     DistributedBatchIterator,
     PackedDataset,
     iter_eval_batches,
+    load_tokenizer,
     prepare_data,
     read_documents,
     resolve_corpus,
+    token_cache,
     token_dtype,
+    tokenizer,
     train_tokenizer,
 )
 
@@ -56,15 +58,15 @@ def text_files(tmp_path) -> list[Path]:
     return out
 
 
-def count_calls(monkeypatch, name: str) -> list[int]:
+def count_calls(monkeypatch, module, name: str) -> list[int]:
     calls: list[int] = []
-    original = getattr(D, name)
+    original = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(D, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
@@ -131,7 +133,7 @@ def test_jsonl_documents_and_bad_lines(tmp_path):
 
 
 def test_tokenizer_cache_hit_and_content_change(text_files, tmp_path, monkeypatch):
-    trainings = count_calls(monkeypatch, "_train_sentencepiece")
+    trainings = count_calls(monkeypatch, tokenizer, "_train_sentencepiece")
     cfg = small_cfg(tmp_path / "cache", files=[str(p) for p in text_files])
     first = train_tokenizer(cfg)
     mtime = first.stat().st_mtime_ns
@@ -155,7 +157,7 @@ def test_unigram_on_a_bounded_sample(tmp_path):
     info = json.loads((path.parent / "tokenizer.json").read_text())
     assert info["sample_sentences"] == 1000 < info["corpus_lines"]
     assert info["options"]["model_type"] == "unigram" and info["options"]["byte_fallback"]
-    sp = D.load_tokenizer(path)
+    sp = load_tokenizer(path)
     text = "def f(x):\n    return x + 1  # ünïcode 世界\n"
     assert sp.decode(sp.encode(text)) == text  # byte fallback: any text encodes, whitespace kept
 
@@ -197,7 +199,7 @@ def test_prepare_is_deterministic_and_seed_independent(prepared, tmp_path, monke
     assert other.directory.name == data.directory.name  # seed/seq_len don't change the prepared data
     assert digest(other.train_tokens) == digest(data.train_tokens)
     assert digest(other.val_tokens) == digest(data.val_tokens)
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     again = prepare_data(cfg)
     assert builds == [] and again.directory == data.directory
     assert token_dtype(400) == np.uint16 and token_dtype(70_000) == np.uint32
@@ -228,7 +230,7 @@ def test_two_processes_prepare_same_cache_concurrently(text_files, tmp_path):
 
 def test_lock_serialises_builds(text_files, tmp_path, monkeypatch):
     active, peak, builds = [0], [0], []
-    original = D._build_dataset
+    original = token_cache._build_dataset
 
     def slow_build(*args, **kwargs):
         active[0] += 1
@@ -240,7 +242,7 @@ def test_lock_serialises_builds(text_files, tmp_path, monkeypatch):
         finally:
             active[0] -= 1
 
-    monkeypatch.setattr(D, "_build_dataset", slow_build)
+    monkeypatch.setattr(token_cache, "_build_dataset", slow_build)
     cfg = small_cfg(tmp_path / "cache", files=[str(p) for p in text_files], val_fraction=0.3)
     out: list = []
     threads = [threading.Thread(target=lambda: out.append(prepare_data(cfg).directory)) for _ in range(2)]
@@ -275,7 +277,7 @@ def run_ranks(world: int, fn) -> list:
 
 def test_waiting_ranks_call_the_barrier_then_open(text_files, tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path / "cache", files=[str(p) for p in text_files], val_fraction=0.3)
-    prepares = count_calls(monkeypatch, "_prepare_here")
+    prepares = count_calls(monkeypatch, token_cache, "_prepare_here")
     events: list[tuple[int, str, bool]] = []
 
     def fn(rank, wait):

@@ -20,16 +20,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch import data as D
 from launch.data import (
+    FORMAT_VERSION,
     DataConfig,
     DataError,
     DistributedBatchIterator,
     PackedDataset,
+    cache,
     iter_eval_batches,
+    open_prepared,
     prepare_data,
+    token_cache,
     train_tokenizer,
 )
+from launch.data import tokenizer as tokenizer_module
 from tests.test_data import count_calls
 
 CHUNK = 1024  # bytes per checksummed chunk in these builds (the default is sized for terabyte caches)
@@ -39,7 +43,7 @@ EOS = "<|endoftext|>"
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_BYTES", CHUNK, raising=False)
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", CHUNK)
 
 
 def write_corpus(folder: Path) -> list[str]:
@@ -206,7 +210,7 @@ def test_each_chunk_is_checked_once_per_process(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path)
     data = prepare_data(cfg)
     ds = data.dataset("train", SEQ)
-    checked = count_calls(monkeypatch, "_crc32")
+    checked = count_calls(monkeypatch, cache, "_crc32")
     ds.get_batch([0, 1])
     first = len(checked)
     assert first == 1  # windows 0 and 1 lie in the first 1 KiB chunk
@@ -223,7 +227,7 @@ def test_truncated_token_file_is_rebuilt_on_the_preparing_rank(tmp_path, monkeyp
     pristine = snapshot(directory)
     with open(directory / "train.bin", "r+b") as f:
         f.truncate(CHUNK)
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     again = prepare_data(cfg)
     assert builds == [1] and snapshot(again.directory) == pristine
 
@@ -263,7 +267,7 @@ def test_damaged_meta_json_is_rebuilt_on_the_preparing_rank(tmp_path, monkeypatc
     directory = prepare_data(cfg).directory
     pristine = snapshot(directory)
     damage_meta(directory / "meta.json", how)
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     with caplog.at_level(logging.WARNING, logger="launch.data"):
         again = prepare_data(cfg)
     assert builds == [1]
@@ -291,7 +295,7 @@ def test_damaged_tokenizer_in_the_dataset_directory(tmp_path, monkeypatch):
     flip_bit(directory / "tokenizer.model", (directory / "tokenizer.model").stat().st_size // 2, 3)
     with pytest.raises(DataError, match=re.escape(str(directory / "tokenizer.model"))):
         prepare_data(cfg, rank=1, barrier=noop)
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     again = prepare_data(cfg)
     assert builds == [1] and snapshot(again.directory) == pristine
 
@@ -302,7 +306,7 @@ def test_damaged_tokenizer_cache_is_retrained(tmp_path, monkeypatch, damaged):
     model = train_tokenizer(cfg)
     pristine = snapshot(model.parent)
     flip_bit(model.parent / damaged, 40, 1)
-    trainings = count_calls(monkeypatch, "_train_sentencepiece")
+    trainings = count_calls(monkeypatch, tokenizer_module, "_train_sentencepiece")
     assert train_tokenizer(cfg) == model
     assert trainings == [1] and snapshot(model.parent) == pristine
 
@@ -322,7 +326,7 @@ def test_damaged_pretrained_tokenizer_copies(tmp_path, monkeypatch, kind):
     pristine = snapshot(directory)
     copies = sorted(p.name for p in tokenizer.iterdir())
     assert set(copies) <= set(pristine)
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     for name in copies:
         flip_bit(directory / name, 1, 2)
         with pytest.raises(DataError, match=re.escape(str(directory / name))):
@@ -434,7 +438,7 @@ def test_rank_without_the_index_repairs_for_itself(tmp_path, monkeypatch):
     pristine = snapshot(directory)
     shutil.rmtree(cfg.cache_path / "index")
     damage_meta(directory / "meta.json", "truncated")
-    builds = count_calls(monkeypatch, "_build_dataset")
+    builds = count_calls(monkeypatch, token_cache, "_build_dataset")
     assert snapshot(prepare_data(cfg, rank=1, barrier=noop).directory) == pristine and builds == [1]
 
 
@@ -462,7 +466,7 @@ def test_every_file_of_an_entry_is_checksummed(tmp_path):
     for entry, meta_name in ((data.directory, "meta.json"), (model.parent, "tokenizer.json")):
         meta = json.loads((entry / meta_name).read_text())
         assert set(meta["files"]) | {meta_name} == {p.name for p in entry.iterdir()}, entry
-        assert meta["format"] == D.FORMAT_VERSION and len(meta["checksum"]) == 64
+        assert meta["format"] == FORMAT_VERSION and len(meta["checksum"]) == 64
     for split in ("train", "val"):
         record = data.meta["files"][f"{split}.bin"]
         assert record["chunk_bytes"] == CHUNK and record["crc32"] == f"{split}.crc32"
@@ -477,4 +481,4 @@ def test_a_cache_without_checksums_is_refused(tmp_path):
     meta = {k: v for k, v in data.meta.items() if k not in ("files", "checksum")}
     (old / "meta.json").write_text(json.dumps({**meta, "format": 1}, indent=1))
     with pytest.raises(DataError, match=rf"{re.escape(str(old / 'meta.json'))} holds no checksum"):
-        D.open_prepared(old)
+        open_prepared(old)
