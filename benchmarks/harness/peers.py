@@ -84,8 +84,8 @@ class Step:
             for sub in module.modules():
                 if hasattr(sub, "execution_path"):
                     sub.expert_gemm = path
-                    # "grouped" is checked on the next forward (resolve_path); the CPU paths are fixed here.
-                    sub.resolved_gemm = None if path == "grouped" else path
+                    # "grouped" and "auto" resolve on the next forward (resolve_path); the CPU paths are fixed here.
+                    sub.resolved_gemm = None if path in ("grouped", "auto") else path
 
     def clear_grads(self) -> None:
         for t in self.leaves:
