@@ -58,8 +58,8 @@ SWEEP_GPU_GEMM_FLOPS, SWEEP_GPU_MOVE_BYTES_PER_S, SWEEP_GPU_MAX_TOKENS = 4.0e14,
 SWEEP_ROW_PASSES_D, SWEEP_ROW_PASSES_F = 12.0, 6.0
 # Two named shapes, run at their own T: a Switch-style top-1 layer at cf=1.0, and many small experts.
 SWEEP_NAMED = (
-    BenchConfig("switch", 8192, 512, 1024, 16, 1, 1.0),
-    BenchConfig("small-experts", 4096, 256, 1024, 64, 2, 1.25),
+    BenchConfig("named-switch", 8192, 512, 1024, 16, 1, 1.0),
+    BenchConfig("named-small-experts", 4096, 256, 1024, 64, 2, 1.25),
 )
 
 
