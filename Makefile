@@ -46,13 +46,14 @@ PLAN_ARGS ?= model=medium data.seq_len=2048 --search --gpus 16 --gpu-memory 80Gi
 plan: venv
 	$(PY) launch/plan.py $(PLAN_ARGS)
 
-# Our MoE vs DeepSpeed's vs the GEMM floor (BENCHMARKS.md). Options: make bench BENCH_ARGS="--configs c2 --reps 15";
-# on a GPU: BENCH_ARGS="--device cuda" (bf16).
+# Our MoE vs DeepSpeed's vs the GEMM floor, written to BENCHMARKS.md's results block. Options:
+# make bench BENCH_ARGS="--configs c2 --reps 15"; on a GPU: BENCH_ARGS="--device cuda" (bf16). The tools
+# behind it: benchmarks/bench_moe.py --help.
 bench: venv
 	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)
 
-# The sampled shape sweep (issue 12): ours and the drop-in against DeepSpeed at 35+ shapes, about 15 minutes;
-# writes the sweep block of BENCHMARKS.md.
+# The sampled shape sweep: ours and the drop-in against DeepSpeed at 35+ shapes, about 15 minutes on a
+# small CPU; writes the sweep block of BENCHMARKS.md.
 SWEEP_ARGS ?= --reps 8 --warmup 1
 bench-sweep: venv
 	$(PY) benchmarks/bench_moe.py --sweep $(SWEEP_ARGS)

@@ -41,32 +41,31 @@ import itertools
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor, nn
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness.configs import AUX_LOSS_COEFF  # noqa: E402
+from benchmarks.harness.peers import Step, deepspeed_moe_args, gelu_expert  # noqa: E402
+from benchmarks.harness.report import versions_line  # noqa: E402
 from launch.env import free_port  # noqa: E402
 from moe_parallel import MoEConfig, MoELayer  # noqa: E402
 from moe_parallel.core.counters import count_collectives, count_host_syncs  # noqa: E402
 
 EP_SIZE = 2
-AUX_LOSS_COEFF = 0.01
 GATE_STD = 0.05  # gate weights ~ N(0, GATE_STD^2): logits of std ~1 at D=512, routing neither flat nor peaked
 LAYERS = ("deepspeed", "compat", "ours")
 LAYER_NAMES = {
@@ -139,27 +138,6 @@ def routings(layer: str, top_ks: tuple[int, ...], experts: int) -> list[Routing]
 # --------------------------------------------------------------------------- one rank
 
 
-@dataclass
-class Step:
-    """One forward+backward of a layer, and the tensors whose gradients it fills."""
-
-    run: Callable[[], None]
-    leaves: list[Tensor]
-
-
-def _deepspeed_expert(shape: Shape) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(shape.hidden, shape.ffn, bias=False), nn.GELU(), nn.Linear(shape.ffn, shape.hidden, bias=False)
-    )
-
-
-def pin_expert_path(module: nn.Module, expert_gemm: str) -> None:
-    """Our experts inside ``module`` (``MoELayer``'s, the drop-in's) run ``expert_gemm`` from now on."""
-    for sub in module.modules():
-        if hasattr(sub, "execution_path"):
-            sub.expert_gemm = expert_gemm
-
-
 def build_step(
     layer: str, shape: Shape, routing: Routing, gate_ED: Tensor, x_TD: Tensor, grad_TD: Tensor, expert_gemm: str
 ) -> Step:
@@ -178,36 +156,24 @@ def build_step(
             shared_expert_ffn_hidden_size=shape.ffn if routing.shared else 0,
         )
         moe = MoELayer(config, ep_group=dist.group.WORLD).train()
-        pin_expert_path(moe, expert_gemm)
         with torch.no_grad():
             moe.router.weight.copy_(gate_ED)
 
         def run() -> None:
             moe(x_TD).backward(grad_TD)  # the aux loss reaches the gradient through the output
 
-        return Step(run, [x_TD, *moe.parameters()])
+        step = Step(run, [x_TD, *moe.parameters()], [moe])
+        step.pin_expert_path(expert_gemm)
+        return step
 
     if layer == "deepspeed":
         from deepspeed.moe.layer import MoE
     else:
         from moe_parallel.integration.compat import MoE
-    moe = MoE(
-        hidden_size=shape.hidden,
-        expert=_deepspeed_expert(shape),
-        num_experts=shape.experts,
-        ep_size=EP_SIZE,
-        k=routing.top_k,
-        capacity_factor=cf or 1.0,
-        eval_capacity_factor=cf or 1.0,
-        min_capacity=4,
-        drop_tokens=cf is not None,
-        use_rts=False,
-        top2_2nd_expert_sampling=False,
-    ).train()
+    args = deepspeed_moe_args(shape.hidden, shape.experts, EP_SIZE, routing.top_k, cf)
+    moe = MoE(expert=gelu_expert(shape.hidden, shape.ffn), **args).train()
     with contextlib.redirect_stdout(io.StringIO()):  # "No existing process group found, creating ..."
         moe.set_deepspeed_parallelism()
-    if layer == "compat":
-        pin_expert_path(moe, expert_gemm)
     with torch.no_grad():
         (moe.deepspeed_moe.gate.wg if layer == "deepspeed" else moe.router).weight.copy_(gate_ED)
 
@@ -215,16 +181,16 @@ def build_step(
         y_TD, l_aux, _ = moe(x_TD)
         torch.autograd.backward([y_TD, l_aux], [grad_TD, torch.full_like(l_aux, AUX_LOSS_COEFF)])
 
-    return Step(run_ds, [x_TD, *moe.parameters()])
+    step = Step(run_ds, [x_TD, *moe.parameters()], [moe] if layer == "compat" else [])
+    step.pin_expert_path(expert_gemm)
+    return step
 
 
 def measure(step: Step) -> dict:
     """One warm-up step, then the collectives and host syncs of exactly one step."""
-    step.run()
-    for t in step.leaves:
-        t.grad = None
+    step()
     with count_collectives() as collectives, count_host_syncs() as syncs:
-        step.run()
+        step()  # its gradients start from None, as the warm-up's did
     return {"calls": collectives.calls, "bytes": collectives.total_bytes_sent, "syncs": syncs.reads}
 
 
@@ -335,7 +301,7 @@ def markdown(shapes: list[Shape], rank0: list[dict], expert_gemm: str, argv: lis
         "rank 0 after one warm-up step (rank 1 calls as many collectives). Bytes: what rank 0 sends to the other "
         "rank; `vs DeepSpeed`: over DeepSpeed's at the same top-k and capacity. `_local_scalar_dense` is "
         f"`.item()`/`int()`/`bool()` of a tensor. Our experts: `expert_gemm={expert_gemm!r}`. "
-        f"torch {torch.__version__}, deepspeed {version('deepspeed')}, Python {platform.python_version()}. "
+        f"{versions_line()}. "
         f"Command: `{command_line(argv)}`.",
     ]
     for shape in shapes:

@@ -26,7 +26,6 @@ Models:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness.report import cpu_model  # noqa: E402
 from moe_parallel.models import GPT, Decoder, GPTConfig, lm_loss  # noqa: E402
 from moe_parallel.training.block_compile import compile_blocks  # noqa: E402
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} "
         f"threads; fp32, batch {args.batch} x seq {args.seq}, backend {args.backend}, {args.rounds} paired rounds "
         f"after {args.warmup} warm-up steps\n"
     )

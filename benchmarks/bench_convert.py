@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness.procmem import reset_high_water_mark, status_bytes  # noqa: E402
+
 # A model whose layers are small and many: its size grows with the layer count, its largest
 # tensor (the embedding, 8 MiB in bf16) does not.
 SHAPE = dict(
@@ -87,14 +89,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------- the child: one conversion, measured
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def warm_up(config_dir: Path) -> None:
     """Import what a conversion imports on first use: transformers' config classes, and the ~800
     modules (torch.fx, sympy, ...) that building the model on the meta device pulls in."""
@@ -113,12 +107,12 @@ def child(argv: list[str]) -> None:
 
     source = Path(argv[1])
     warm_up(source if argv[0] == "import-hf" else source / "hf_model")
-    baseline = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+    baseline = status_bytes("VmRSS")
+    reset_high_water_mark()  # the high-water mark starts again from here
     start = time.perf_counter()
     rc = main(argv)
     seconds = time.perf_counter() - start
-    print(json.dumps({"baseline": baseline, "peak": _status("VmHWM"), "seconds": seconds, "rc": rc}))
+    print(json.dumps({"baseline": baseline, "peak": status_bytes("VmHWM"), "seconds": seconds, "rc": rc}))
 
 
 def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, float]:

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -55,6 +54,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.harness.report import cpu_model  # noqa: E402
+from benchmarks.harness.rounds import median_ci  # noqa: E402
+
 FAMILIES = ("mixtral", "qwen3_moe")
 SIDES = ("ours", "autoep")
 SCRIPTS = {"ours": HERE / "models_ours.py", "autoep": HERE / "models_peer_autoep.py"}
@@ -226,22 +230,7 @@ def per_step(results: list[dict], key: str, reduce) -> list[float]:
     return [reduce(values) for values in zip(*(r[key] for r in results))]
 
 
-# ---------------------------------------------------------------------------------------- statistics
-
-
-def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Order-statistic interval ``[x(j), x(n+1-j)]`` for the median: the narrowest whose coverage
-    ``1 - 2 P(Binomial(n, 1/2) < j)`` is at least ``level`` (or [min, max] if none is); returns
-    (low, high, coverage)."""
-    xs, n = sorted(values), len(values)
-
-    def coverage(j: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2**n
-
-    j = 1
-    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
-        j += 1
-    return xs[j - 1], xs[n - j], coverage(j)
+# ---------------------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -369,17 +358,9 @@ def profile_table(key: str, profile: dict[str, dict]) -> str:
 
 
 def machine_line(args: argparse.Namespace) -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, fp32, gloo; torch threads per process: "
+        f"{os.cpu_count()}-core CPU ({cpu_model()}), torch {torch.__version__}, fp32, gloo; torch threads per process: "
         f"{args.cores} at EP=1, {max(1, args.cores // 2)} at EP=2; load average now {load}"
     )
 

@@ -5,7 +5,7 @@ from rounds in which both ran in one process. DeepSpeed's layer is the same code
 the change of that ratio at a point, ``(DS / ours)_after / (DS / ours)_before``, is our layer's
 speed-up there, with the machine's drift between the two runs divided out. The report gives it per
 point, and its median over the points shared by both sweeps with an order-statistic confidence
-interval (distribution-free; ``benchmarks/bench_models.py`` computes the same interval).
+interval (distribution-free; ``benchmarks/harness/rounds.py``'s ``median_ci``, as ``bench_models.py``).
 
     git worktree add ../before <commit>
     PYTHONPATH=../before .venv/bin/python ../before/benchmarks/bench_moe.py --sweep --reps 8 --warmup 1 \\
@@ -23,7 +23,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_models import median_ci
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.rounds import median_ci  # noqa: E402
 
 RATIO = "deepspeed/ours"
 

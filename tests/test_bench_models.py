@@ -21,13 +21,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_models  # noqa: E402
 import models_side  # noqa: E402
 
+from benchmarks.harness.rounds import median_ci  # noqa: E402
+
 
 def test_order_statistic_interval_for_the_median() -> None:
     values = [5.0, 1.0, 4.0, 2.0, 3.0]
-    assert bench_models.median_ci(values) == (1.0, 5.0, 1 - 2 / 32)  # [min, max]: 93.75% at n=5
-    low, high, cov = bench_models.median_ci([float(x) for x in range(10)])
+    assert median_ci(values) == (1.0, 5.0, 1 - 2 / 32)  # [min, max]: 93.75% at n=5
+    low, high, cov = median_ci([float(x) for x in range(10)])
     assert (low, high) == (1.0, 8.0) and cov == pytest.approx(1 - 2 * 11 / 1024)  # x(2), x(9)
-    assert bench_models.median_ci([2.0])[2] == 0.0
+    assert median_ci([2.0])[2] == 0.0
 
 
 def test_rows_pair_rounds_and_compare_first_losses() -> None:

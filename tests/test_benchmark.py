@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmarks import bench_moe, moe_compare, moe_sweep
+from benchmarks.harness import configs, peers
+from benchmarks.harness.rounds import Timing, balanced_orders, time_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,20 +49,9 @@ def test_quick_benchmark_runs_every_implementation(tmp_path: Path, dtype: str, c
     assert not output.exists()  # --quick never writes the results page
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_moe", REPO / "benchmarks" / "bench_moe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("n", range(1, 10))
 def test_round_orders_put_each_implementation_after_each_other_equally_often(n: int) -> None:
-    bench = _bench_module()
-    orders = bench.balanced_orders(n)
+    orders = balanced_orders(n)
     assert all(sorted(order) == list(range(n)) for order in orders)  # a round runs each one once
     cycle = [i for order in orders for i in order]
     after = collections.Counter(zip(cycle, cycle[1:] + cycle[:1])) if n > 1 else collections.Counter()
@@ -67,7 +61,7 @@ def test_round_orders_put_each_implementation_after_each_other_equally_often(n: 
     names = [f"impl{i}" for i in range(n)]
     steps = {name: (lambda name=name: ran.append(name) or 0.001) for name in names}
     reps = 2 * len(orders)
-    rounds = bench.time_interleaved(steps, warmup=1, reps=reps, failed={})
+    rounds = time_interleaved(steps, warmup=1, reps=reps, failed={})
     assert all(len(rounds[name]) == reps for name in names)
     timed = ran[n:]
     after = collections.Counter(zip(ran[n - 1 :], timed))
@@ -76,23 +70,21 @@ def test_round_orders_put_each_implementation_after_each_other_equally_often(n: 
 
 
 def test_device_and_dtype_pick_their_own_results_block() -> None:
-    bench = _bench_module()
-    assert bench.results_block(bench.parse_args([])) == "default"
-    assert bench.results_block(bench.parse_args(["--tuned-malloc"])) == "tuned-malloc"
-    assert bench.results_block(bench.parse_args(["--dtype", "bfloat16"])) == "cpu-bfloat16"
-    cuda = bench.parse_args(["--device", "cuda"])
-    assert (cuda.dtype, bench.results_block(cuda)) == ("bfloat16", "cuda-bfloat16")
-    assert bench.results_block(bench.parse_args(["--expert-gemm", "grouped"])) == "default-grouped"
+    assert moe_compare.results_block(bench_moe.parse_args([])) == "default"
+    assert moe_compare.results_block(bench_moe.parse_args(["--tuned-malloc"])) == "tuned-malloc"
+    assert moe_compare.results_block(bench_moe.parse_args(["--dtype", "bfloat16"])) == "cpu-bfloat16"
+    cuda = bench_moe.parse_args(["--device", "cuda"])
+    assert (cuda.dtype, moe_compare.results_block(cuda)) == ("bfloat16", "cuda-bfloat16")
+    assert moe_compare.results_block(bench_moe.parse_args(["--expert-gemm", "grouped"])) == "default-grouped"
 
 
 def test_gpu_run_refuses_cpu_only_options_and_a_missing_gpu(capsys) -> None:
-    bench = _bench_module()
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "cuda", "--profile"])
+        bench_moe.parse_args(["--device", "cuda", "--profile"])
     assert "--profile and --tuned-malloc are CPU measurements" in capsys.readouterr().err
-    if not bench.torch.cuda.is_available():
+    if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
-            bench.selected_configs(bench.parse_args(["--device", "cuda"]))
+            moe_compare.selected_configs(bench_moe.parse_args(["--device", "cuda"]))
 
 
 def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Path) -> None:
@@ -139,7 +131,7 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
 
 @pytest.mark.parametrize("seed, count", [(None, 32), (2026, 16), (5, 40)])
 def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate(seed: int | None, count: int) -> None:
-    bench = _bench_module()
+    bench = moe_sweep
     seed = bench.SWEEP_SEED if seed is None else seed
     points = bench.sweep_points(count, seed=seed)
     assert points == bench.sweep_points(count, seed=seed)  # seeded
@@ -168,8 +160,7 @@ def test_sweep_sampling_is_deterministic_balanced_and_sized_by_the_estimate(seed
 
 
 def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
-    bench = _bench_module()
-    cfg = bench.BenchConfig("p1", 512, 32, 64, 8, 2, 1.25)
+    cfg = configs.BenchConfig("p1", 512, 32, 64, 8, 2, 1.25)
     rounds = {
         "ours": [0.1, 0.1],
         "compat": [0.2, 0.2],
@@ -177,9 +168,9 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
         "moved": [0.05, 0.05],
         "ours_twin": [0.11, 0.11],
     }
-    timing = bench.Timing(rounds, 400, deepspeed_rows=500)
-    row = bench.SweepRow(cfg, timing, {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
-    lines = bench.sweep_table([row]).splitlines()
+    timing = Timing(rounds, 400, deepspeed_rows=500)
+    row = moe_sweep.SweepRow(cfg, timing, {"deepspeed": 30.0, "ours": 10.0, "compat": 20.0}, "loop")
+    lines = moe_sweep.sweep_table([row]).splitlines()
     columns = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = dict(zip(columns, (c.strip() for c in lines[2].strip("|").split("|"))))
     assert (cells["peak MiB ours"], cells["peak MiB drop-in"], cells["peak MiB DS"]) == ("10", "20", "30")
@@ -197,7 +188,7 @@ def test_sweep_table_puts_each_measurement_under_its_own_column() -> None:
 def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None, count: int = 8) -> dict:
     rounds = {"ours": [ours_s] * 2, "compat": [0.2] * 2, "deepspeed": [0.4] * 2, "moved": [0.05] * 2}
     rounds["ours_twin"] = [ours_s] * 2
-    rows = [bench.SweepRow(c, bench.Timing(rounds, 400, deepspeed_rows=500), {"ours": 1.0}, "loop") for c in cfgs]
+    rows = [bench.SweepRow(c, Timing(rounds, 400, deepspeed_rows=500), {"ours": 1.0}, "loop") for c in cfgs]
     run = {"command": f"run ours={ours_s}", "machine": "test", "device": "cpu", "dtype": "float32"}
     run["points"] = [bench.sweep_row_json(r) for r in rows]
     if seed is not None:  # files written before --sweep-seed have neither: the default sample
@@ -207,7 +198,7 @@ def _sweep_run_json(bench, cfgs, ours_s: float, seed: int | None, count: int = 8
 
 @pytest.mark.parametrize("seed", [None, 2026])
 def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path, seed: int | None) -> None:
-    bench = _bench_module()
+    bench = moe_sweep
     points = bench.sweep_points(32 if seed is None else 8, seed=bench.SWEEP_SEED if seed is None else seed)
     first, rerun = tmp_path / "a.json", tmp_path / "b.json"
     ep2 = [p for p in points if p.ep_size == 2][:1]  # named as the sample it was drawn from names it
@@ -229,13 +220,12 @@ def test_merging_sweep_runs_takes_each_point_from_its_latest_run(tmp_path: Path,
 
 
 def test_deepspeed_rows_are_its_padded_capacity_or_the_busiest_expert_when_dropless() -> None:
-    bench = _bench_module()
-    capped = bench.BenchConfig("p1", 4096, 32, 64, 8, 2, 1.25)
-    assert bench.ds_buffer_rows(capped, busiest_routed=4000) == 8 * 1280  # ceil(4096 * 2 / 8 * 1.25)
-    dropless = bench.BenchConfig("p2", 4096, 32, 64, 8, 2, None)
-    assert bench.ds_buffer_rows(dropless, busiest_routed=1100) == 8 * 1100
-    assert bench.ds_buffer_rows(dataclasses.replace(dropless, ep_size=2), busiest_routed=600) == 2 * 8 * 600
-    assert bench.Timing({}, 0).padding_ratio() is None  # no rows known: no ratio
+    capped = configs.BenchConfig("p1", 4096, 32, 64, 8, 2, 1.25)
+    assert configs.ds_buffer_rows(capped, busiest_routed=4000) == 8 * 1280  # ceil(4096 * 2 / 8 * 1.25)
+    dropless = configs.BenchConfig("p2", 4096, 32, 64, 8, 2, None)
+    assert configs.ds_buffer_rows(dropless, busiest_routed=1100) == 8 * 1100
+    assert configs.ds_buffer_rows(dataclasses.replace(dropless, ep_size=2), busiest_routed=600) == 2 * 8 * 600
+    assert Timing({}, 0).padding_ratio() is None  # no rows known: no ratio
 
 
 @pytest.mark.parametrize("path", ["loop", "padded", "grouped"])
@@ -243,10 +233,9 @@ def test_pinning_a_path_reaches_ours_the_drop_in_and_moved(path: str) -> None:
     """The sweep's memory processes run the path the timing process took: ``pin_expert_path`` sets it
     on every experts module a step runs (ours, ``moved``, the drop-in's stacked experts), also after
     ``auto`` resolved theirs in a first step."""
-    bench = _bench_module()
-    cfg = bench.BenchConfig("tiny", 64, 16, 32, 4, 2, 1.25)
-    problem = bench.make_problem(cfg)
-    steps = [bench.BUILDERS[name](problem) for name in ("ours", "moved", "compat")]
+    cfg = configs.BenchConfig("tiny", 64, 16, 32, 4, 2, 1.25)
+    problem = peers.make_problem(cfg)
+    steps = [peers.BUILDERS[name](problem) for name in ("ours", "moved", "compat")]
     for step in steps:
         step()  # auto resolves
         step.pin_expert_path(path)
@@ -262,22 +251,21 @@ def test_pinning_a_path_reaches_ours_the_drop_in_and_moved(path: str) -> None:
 def test_moved_and_the_floor_compute_on_the_rows_ours_keeps() -> None:
     """``moved`` is ours with the routing fixed: the same output and expert gradients on that input;
     the floor's rows are the kept ones, grouped by expert."""
-    bench = _bench_module()
-    cfg = bench.BenchConfig("tiny", 96, 16, 32, 4, 2, 1.0)
-    problem = bench.make_problem(cfg)
-    plan = bench.routing_plan(problem)
-    rows, counts = bench.routed_rows(problem, plan)
+    cfg = configs.BenchConfig("tiny", 96, 16, 32, 4, 2, 1.0)
+    problem = peers.make_problem(cfg)
+    plan = peers.routing_plan(problem)
+    rows, counts = peers.routed_rows(problem, plan)
     assert counts == plan.tokens_per_expert_E.tolist() and rows.shape[0] == sum(counts) < 96 * 2  # drops
     kept = plan.token_idx_A[: sum(counts)]
-    assert bench.torch.equal(rows, problem.x_TD[kept])
-    assert bench.row_counts(problem) == (sum(counts), int(plan.routed_per_expert_E.max()))
+    assert torch.equal(rows, problem.x_TD[kept])
+    assert peers.row_counts(problem) == (sum(counts), int(plan.routed_per_expert_E.max()))
     grads = []
-    for step in (bench.build_moved(problem), bench.build_ours(problem)):
+    for step in (peers.build_moved(problem), peers.build_ours(problem)):
         step()
         grads.append([p.grad.clone() for p in problem.layer.experts.parameters()])
     for moved_grad, ours_grad in zip(*grads, strict=True):
-        bench.torch.testing.assert_close(moved_grad, ours_grad)
-    floor = bench.build_floor(problem)
+        torch.testing.assert_close(moved_grad, ours_grad)
+    floor = peers.build_floor(problem)
     floor()
     assert [x.shape[0] for x in floor.leaves[: len(counts)]] == counts
 
@@ -285,14 +273,13 @@ def test_moved_and_the_floor_compute_on_the_rows_ours_keeps() -> None:
 def test_calibrate_writes_the_cost_file_the_experts_pin(tmp_path: Path, monkeypatch, capsys) -> None:
     """``--calibrate PATH`` writes experts/choice.py's calibration file (its measurement made small
     here), which ``MOE_PARALLEL_EXPERT_COST`` then pins."""
-    bench = _bench_module()
-    real = bench.choice.calibrate
-    monkeypatch.setattr(bench.choice, "calibrate", lambda: real(reps=1, hidden=64, ffn=64))
+    real = bench_moe.choice.calibrate
+    monkeypatch.setattr(bench_moe.choice, "calibrate", lambda: real(reps=1, hidden=64, ffn=64))
     path = tmp_path / "cost.json"
-    bench.main(["--calibrate", str(path)])
+    bench_moe.main(["--calibrate", str(path)])
     out = capsys.readouterr().out
-    assert f"measured ({bench.torch.get_num_threads()} threads)" in out and "defaults:" in out
-    monkeypatch.setenv(bench.choice.COST_FILE_ENV, str(path))
-    model = bench.choice.cost_model()
+    assert f"measured ({torch.get_num_threads()} threads)" in out and "defaults:" in out
+    monkeypatch.setenv(bench_moe.choice.COST_FILE_ENV, str(path))
+    model = bench_moe.choice.cost_model()
     assert dataclasses.asdict(model) == {k: float(v) for k, v in json.loads(path.read_text()).items()}
     assert model.gemm_flops > 0 and model.move_bytes_per_s > 0

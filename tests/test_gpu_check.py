@@ -92,15 +92,13 @@ def test_stages_past_the_deadline_are_recorded_and_the_results_file_still_writte
 
 def test_grouped_floor_computes_what_the_per_expert_floor_does():
     """On a GPU the floor is two grouped GEMMs on pre-aligned rows: the same gradients as the loop."""
-    spec = importlib.util.spec_from_file_location("bench_moe", REPO / "benchmarks" / "bench_moe.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    cfg = bench.QUICK_CONFIGS["large"]
+    from benchmarks.harness import configs, peers
+
+    cfg = configs.QUICK_CONFIGS["large"]
     floors = {}
     for gemm in ("loop", "grouped"):
-        problem = bench.make_problem(cfg, target=bench.Target(expert_gemm=gemm))
-        step = bench.build_floor(problem)
+        problem = peers.make_problem(cfg, target=configs.Target(expert_gemm=gemm))
+        step = peers.build_floor(problem)
         step()
         floors[gemm] = step.leaves
     loop, grouped = floors["loop"], floors["grouped"]
@@ -109,8 +107,8 @@ def test_grouped_floor_computes_what_the_per_expert_floor_does():
     assert len(grouped) == 3  # x_ND, w1_eDF, w2_eFD: the grouped form was taken
     torch.testing.assert_close(grouped[1].grad, torch.stack([w.grad for w in w1_loop]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grouped[2].grad, torch.stack([w.grad for w in w2_loop]), rtol=1e-4, atol=1e-5)
-    assert bench.expert_gemm_flops(cfg, 10) == 12 * 10 * cfg.hidden * cfg.ffn
-    assert (bench.CONFIGS["large"].tokens, bench.CONFIGS["large"].top_k) == (65536, 6)
+    assert configs.expert_gemm_flops(cfg, 10) == 12 * 10 * cfg.hidden * cfg.ffn
+    assert (configs.CONFIGS["large"].tokens, configs.CONFIGS["large"].top_k) == (65536, 6)
 
 
 # --------------------------------------------------------------------------- model FLOPs
