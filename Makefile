@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU_PIN)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[hf,app,dev]"
 	@# On a CPU machine DeepSpeed JIT-builds its shared-memory all-reduce op at the first start-up
 	@# (about a minute); build it here, once, into TORCH_EXTENSIONS_DIR.
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \

@@ -4,7 +4,7 @@ What is compared: a tiny random Mixtral and Qwen3-MoE (transformers' config clas
 ``save_pretrained`` to a temporary directory; nothing downloads), trained
 
 - by our app (``benchmarks/models_ours.py``): what ``launch/train.py model=hf model.path=DIR``
-  builds: ``launch.hf_model.build_model`` and ``moe_parallel.engine.build_engine``, main venv;
+  builds: ``launch.hf_model.build_model`` and ``moe_parallel.integration.engine.build_engine``, main venv;
 - by DeepSpeed AutoEP (``benchmarks/models_peer_autoep.py``): the HF model itself, its MoE blocks
   swapped by ``deepspeed.initialize`` with ``expert_parallel.preset_model``, in ``.venv-autoep``
   (AutoEP 0.19.8 needs transformers 5.15; ``make bench-models`` builds that venv);

@@ -106,8 +106,9 @@ def init_distributed(launch: LaunchEnv, backend: str | None, timeout_s: int) -> 
 
     Returns the backend: NCCL where CUDA is available, gloo otherwise (unless given).
     """
-    import deepspeed
     import torch
+
+    from moe_parallel.integration.deepspeed import init_distributed as deepspeed_init_distributed
 
     os.environ.update(
         RANK=str(launch.rank),
@@ -120,7 +121,7 @@ def init_distributed(launch: LaunchEnv, backend: str | None, timeout_s: int) -> 
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    deepspeed_init_distributed(backend, timedelta(seconds=timeout_s))
     return backend
 
 

@@ -32,7 +32,8 @@ from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load, with_mtp
 from moe_parallel.hf.upcycle import UpcycledSource
 from moe_parallel.integration.parallel import ParallelState
-from moe_parallel.models.decoder import DecoderConfig, decoder_pipeline
+from moe_parallel.integration.pipeline import decoder_pipeline
+from moe_parallel.models.decoder import DecoderConfig
 
 # moe.* keys that are training settings of a pretrained model's MoE layers (the rest is config.json's).
 TRAINING_KEYS = (

@@ -78,7 +78,8 @@ from moe_parallel.integration.parallel import (
     describe_collective_timeout,
     initialize_parallel,
 )
-from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, gpt_pipeline, lm_loss
+from moe_parallel.integration.pipeline import gpt_pipeline
+from moe_parallel.models import GPT, DecoderConfigError, GPTConfigError, lm_loss
 from moe_parallel.models.mtp import pipeline_loss_parts
 from moe_parallel.training.block_compile import compile_blocks, is_compiled
 from moe_parallel.training.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe, split_expert_load

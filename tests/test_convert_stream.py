@@ -255,7 +255,7 @@ def _load_imported(rank, world, ckpt: str, bf16: bool, result: str) -> None:
     from moe_parallel.checkpoints.checkpoint import canonical_names, load_checkpoint
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from moe_parallel.models import decoder_pipeline
+    from moe_parallel.integration.pipeline import decoder_pipeline
 
     config = hf.load_config(Path(ckpt) / hf_convert.HF_MODEL_DIR)
     state = initialize_parallel(pipeline_parallel_size=1, expert_parallel_size=1, num_experts=config.moe.num_experts)

@@ -8,15 +8,12 @@ import random
 import pytest
 import torch
 
-from moe_parallel.models import (
-    Decoder,
-    DecoderConfig,
-    DecoderConfigError,
-    decoder_layer_names,
+from moe_parallel.integration.pipeline import (
     decoder_pipeline_parts,
     decoder_pipeline_to_plain,
     decoder_plain_to_pipeline,
 )
+from moe_parallel.models import Decoder, DecoderConfig, DecoderConfigError, decoder_layer_names
 from moe_parallel.models.rope import apply_rotary, rotary_cos_sin
 
 BASE = dict(vocab_size=40, num_layers=3, hidden_size=16, num_heads=4, ffn_hidden_size=24)

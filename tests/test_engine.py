@@ -160,7 +160,7 @@ def test_fused_adam_from_apex_when_a_cuda_build_is_importable(monkeypatch):
 
 
 def test_pipeline_partition_key_is_gone_so_an_override_cannot_be_silently_ignored():
-    """The pipeline partition is fixed by moe_parallel.models.pipeline_parts (and checked against
+    """The pipeline partition is fixed by moe_parallel.integration.pipeline.pipeline_parts (and checked against
     DeepSpeed's in gpt_pipeline); a config key that nothing read was removed, so overriding it fails."""
     from pathlib import Path
 

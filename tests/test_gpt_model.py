@@ -13,18 +13,13 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_parallel import MoEConfig, MoEConfigError
-from moe_parallel.models import (
-    GPT,
-    GPTConfig,
-    GPTConfigError,
+from moe_parallel.integration.pipeline import (
     gpt_pipeline,
-    make_norm,
-    moe_layers,
-    pipeline_layer_names,
     pipeline_parts,
     pipeline_to_plain_state_dict,
     plain_to_pipeline_state_dict,
 )
+from moe_parallel.models import GPT, GPTConfig, GPTConfigError, make_norm, moe_layers, pipeline_layer_names
 from tests.dist_utils import free_port, run_distributed
 from tests.tolerance import float_tolerance
 

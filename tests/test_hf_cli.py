@@ -93,7 +93,7 @@ def _resave_at_pp2_ep2(rank, world, ckpt: str, out: str) -> None:
     from moe_parallel import hf
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from moe_parallel.models import decoder_pipeline
+    from moe_parallel.integration.pipeline import decoder_pipeline
 
     config = hf.load_config(Path(ckpt) / hf_convert.HF_MODEL_DIR)
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2, num_experts=config.moe.num_experts)

@@ -14,7 +14,8 @@ from moe_parallel import hf
 from moe_parallel.checkpoints.checkpoint import export_consolidated, save_checkpoint
 from moe_parallel.hf.load import build_and_load
 from moe_parallel.integration.parallel import initialize_parallel
-from moe_parallel.models import decoder_pipeline, decoder_pipeline_parts, lm_loss
+from moe_parallel.integration.pipeline import decoder_pipeline, decoder_pipeline_parts
+from moe_parallel.models import lm_loss
 from tests.dist_utils import run_distributed
 from tests.hf_models import EAGER, FAMILIES, random_hf_config, relative_error, save_hf_model, tokens
 

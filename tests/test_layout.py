@@ -1,54 +1,16 @@
-"""The package layout: old flat import paths still work (with a DeprecationWarning) and the
-module-level imports between moe_parallel's own modules form no cycle."""
+"""The package layout: the public import paths work without warnings, and the module-level imports
+between moe_parallel's own modules form no cycle."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import moe_parallel
 
 PACKAGE_DIR = Path(moe_parallel.__file__).resolve().parent
-
-# old path -> new path (moe_parallel.<old> -> moe_parallel.<new>)
-MOVED = {
-    "config": "core.config",
-    "router": "core.router",
-    "capacity": "core.capacity",
-    "dispatcher": "core.dispatcher",
-    "comm": "core.comm",
-    "aux_loss": "core.aux_loss",
-    "layer": "core.layer",
-    "counters": "core.counters",
-    "deepspeed_integration": "integration.deepspeed",
-    "engine": "integration.engine",
-    "parallel": "integration.parallel",
-    "checkpoint": "checkpoints.checkpoint",
-    "checkpoint_store": "checkpoints.store",
-    "checkpoint_migrate": "checkpoints.migrate",
-    "safe_files": "checkpoints.safe_files",
-    "metrics": "training.metrics",
-    "block_compile": "training.block_compile",
-    # moved earlier
-    "expert_cost": "experts.choice",
-    "cpu_buffers": "experts.buffers",
-    "module_experts": "experts.modules",
-}
-
-
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_path_warns_and_aliases(old: str) -> None:
-    new = importlib.import_module(f"moe_parallel.{MOVED[old]}")
-    sys.modules.pop(f"moe_parallel.{old}", None)  # a shim warns when it is first imported
-    with pytest.warns(DeprecationWarning, match=rf"moe_parallel\.{old} moved to moe_parallel\.{MOVED[old]};"):
-        module = importlib.import_module(f"moe_parallel.{old}")
-    assert module is new
-    assert sys.modules[f"moe_parallel.{old}"] is new
 
 
 def test_compat_is_a_public_path_without_warning() -> None:

@@ -1,4 +1,4 @@
-"""The pipeline plumbing both model families share (moe_parallel.models.pipeline): partitions,
+"""The pipeline plumbing both model families share (moe_parallel.integration.pipeline): partitions,
 plain <-> pipeline names over random shapes, canonical names, and the builders' checks, which
 refuse before any collective (no process group is created here)."""
 
@@ -10,25 +10,28 @@ import pytest
 import torch
 from torch import nn
 
+from moe_parallel.integration.pipeline import (
+    decoder_canonical_names,
+    decoder_pipeline,
+    decoder_pipeline_parts,
+    decoder_pipeline_to_plain,
+    decoder_plain_to_pipeline,
+    gpt_pipeline,
+    pipeline_canonical_names,
+    pipeline_parts,
+    pipeline_to_plain_state_dict,
+    plain_to_pipeline_state_dict,
+)
 from moe_parallel.models import (
     Decoder,
     DecoderConfig,
     DecoderConfigError,
     GPTConfig,
     GPTConfigError,
-    decoder_canonical_names,
     decoder_layer_names,
-    decoder_pipeline,
-    decoder_pipeline_parts,
-    decoder_pipeline_to_plain,
-    decoder_plain_to_pipeline,
-    gpt_pipeline,
     pipeline_layer_names,
-    pipeline_parts,
-    pipeline_to_plain_state_dict,
-    plain_to_pipeline_state_dict,
 )
-from moe_parallel.models.gpt import GPT, pipeline_canonical_names
+from moe_parallel.models.gpt import GPT
 
 
 def gpt_config(layers: int, tie: bool) -> GPTConfig:

@@ -317,7 +317,7 @@ MICRO_BATCHES = 2
 def _pipeline_vs_plain(rank: int, world: int, out_dir: str) -> None:
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from moe_parallel.models import decoder_canonical_names, decoder_pipeline
+    from moe_parallel.integration.pipeline import decoder_canonical_names, decoder_pipeline
     from moe_parallel.models.mtp import pipeline_loss_parts
 
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=1)

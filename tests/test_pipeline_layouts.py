@@ -18,7 +18,8 @@ import torch.distributed as dist
 from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from moe_parallel.integration.engine import build_engine
 from moe_parallel.integration.parallel import initialize_parallel
-from moe_parallel.models import GPT, GPTConfig, gpt_pipeline, lm_loss
+from moe_parallel.integration.pipeline import gpt_pipeline
+from moe_parallel.models import GPT, GPTConfig, lm_loss
 from tests.dist_utils import run_distributed
 
 STEPS, MICRO, MICRO_BATCHES = 8, 2, 2

@@ -228,7 +228,7 @@ def test_ep2_decoders_match_real_steps_on_every_rank():
 def _pp2_worker(rank: int, world_size: int, cases: list[tuple[str, float | None, bool]]) -> None:
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from moe_parallel.models import decoder_pipeline, gpt_pipeline
+    from moe_parallel.integration.pipeline import decoder_pipeline, gpt_pipeline
 
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=1)
     micro_batches = 2

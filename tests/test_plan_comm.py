@@ -155,7 +155,8 @@ def record_step(pipe_ranks: set[int]):
 def build(family: str, capacity_factor, pp: int, ep: int, zero: int, dtype: torch.dtype, ds_extra: dict):
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from moe_parallel.models import GPT, decoder_pipeline, gpt_pipeline
+    from moe_parallel.integration.pipeline import decoder_pipeline, gpt_pipeline
+    from moe_parallel.models import GPT
     from moe_parallel.models.decoder import Decoder
 
     config = gpt_config(capacity_factor) if family == "gpt" else hf_config(family, capacity_factor)

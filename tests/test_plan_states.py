@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from moe_parallel.integration.engine import build_engine
 from moe_parallel.integration.parallel import initialize_parallel
-from moe_parallel.models.gpt import GPT, GPTConfig, gpt_pipeline, lm_loss
+from moe_parallel.integration.pipeline import gpt_pipeline
+from moe_parallel.models.gpt import GPT, GPTConfig, lm_loss
 from moe_parallel.planning.model import build_stage, is_expert_param
 from moe_parallel.planning.states import Components, StateBytes, measure_state_bytes, predict_state_bytes
 from tests.dist_utils import run_distributed
@@ -54,7 +55,8 @@ def hf_config(family: str):
 
 
 def build_model(config, pp: int, state):
-    from moe_parallel.models.decoder import Decoder, DecoderConfig, decoder_pipeline
+    from moe_parallel.integration.pipeline import decoder_pipeline
+    from moe_parallel.models.decoder import Decoder, DecoderConfig
 
     if isinstance(config, DecoderConfig):
         if pp == 1:

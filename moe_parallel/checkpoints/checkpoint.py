@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..core.comm import broadcast_from_rank0
 from ..core.layer import MoELayer, moe_layers
+from ..integration import deepspeed as ds_integration
 from .store import (
     FORMAT_VERSION,
     CheckpointError,
@@ -103,17 +104,15 @@ class _Placement:
 
 
 def _placement(engine) -> _Placement:
-    from deepspeed.utils import groups
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     stage_id = getattr(engine, "stage_id", 0)
     if not dist.is_initialized():
         return _Placement(rank, world, stage_id, True, True)
     mpu = getattr(engine, "mpu", None)
-    dp_rank = mpu.get_data_parallel_rank() if mpu is not None else dist.get_rank(groups._get_data_parallel_group())
+    dp_rank = mpu.get_data_parallel_rank() if mpu is not None else ds_integration.data_parallel_rank()
     layers = numbered_moe_layers(engine.module)
-    edp_rank = groups._get_expert_data_parallel_rank(layers[0].expert_group_name) if layers else dp_rank
+    edp_rank = ds_integration.expert_data_parallel_rank(layers[0].expert_group_name) if layers else dp_rank
     return _Placement(rank, world, stage_id, dp_rank == 0, edp_rank == 0)
 
 
@@ -230,41 +229,33 @@ def _is_zero_mapped(param: Tensor) -> bool:
 
 
 def _full_param(param: Tensor, master: Tensor | None) -> Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param
-
     if _is_zero_mapped(param):
-        return safe_get_full_fp32_param(param).float().cpu().clone()
+        return ds_integration.full_fp32_param(param).float().cpu().clone()
     return (param if master is None else master).detach().float().cpu().clone()
 
 
 def _full_optim_state(engine, param: Tensor, master: Tensor | None) -> dict[str, Tensor]:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
     if _is_zero_mapped(param):
-        return {k: safe_get_full_optimizer_state(param, k).float().cpu().clone() for k in OPTIM_KEYS}
+        return {k: ds_integration.full_optimizer_state(param, k).float().cpu().clone() for k in OPTIM_KEYS}
     state = _inner_state(engine).get(param if master is None else master, {})
     return {k: state[k].float().cpu().clone() for k in OPTIM_KEYS if k in state}
 
 
 def _set_param(param: Tensor, value: Tensor, master: Tensor | None) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param
-
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
         if master is not None:
             master.copy_(value.to(master.dtype))
     if _is_zero_mapped(param):
-        safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+        ds_integration.set_full_fp32_param(param, value.to(param.device, torch.float32))
 
 
 def _set_optim_state(engine, param: Tensor, state: dict[str, Tensor], step: int, master: Tensor | None) -> None:
-    from deepspeed.utils import safe_set_full_optimizer_state
-
     if not state:
         return
     if _is_zero_mapped(param):
         for k in OPTIM_KEYS:
-            safe_set_full_optimizer_state(param, state[k].to(param.device, torch.float32), k)
+            ds_integration.set_full_optimizer_state(param, state[k].to(param.device, torch.float32), k)
         return
     target = param if master is None else master
     slot = _inner_state(engine)[target]
@@ -281,8 +272,6 @@ def _link_flat_optimizer_states(engine, create_at_step: int | None = None) -> No
     for them. Link all groups here; with ``create_at_step`` (loading into a fresh engine), create the
     Adam state first.
     """
-    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
     opt = _optimizer(engine)
     lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
     flat_groups = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(
@@ -300,7 +289,7 @@ def _link_flat_optimizer_states(engine, create_at_step: int | None = None) -> No
                 exp_avg_sq=torch.zeros_like(flat),
             )
         if state:
-            lazy_init_hp_params_optimizer_state(lp_params, flat, inner_state)
+            ds_integration.link_optimizer_state(lp_params, flat, inner_state)
 
 
 def _set_optimizer_step(engine, step: int) -> None:

@@ -30,6 +30,8 @@ API (stable; the command line and training build on it):
   collective (every rank checks the whole checkpoint from the file headers).
 """
 
+# First: fails with the command that installs the Hugging Face packages when they are missing.
+from . import _extra  # noqa: F401
 from .families import (
     FAMILIES,
     Family,

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ..core.comm import ProcessGroup
 from ..core.layer import MoELayer, moe_layers
 from ..integration.deepspeed import mark_expert_parameters
-from ..models.decoder import Decoder, DecoderConfig, decoder_canonical_names
+from ..integration.pipeline import decoder_canonical_names
+from ..models.decoder import Decoder, DecoderConfig
 from .families import HFConversionError, decoder_config_from_hf, family, load_hf_config, read_config_json
 from .fused_experts import fused_expert_keys, fused_layout_message
 from .quantization import check_quantization

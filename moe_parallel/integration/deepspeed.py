@@ -1,5 +1,6 @@
-"""Everything moe_parallel does with DeepSpeed, in one module, importing DeepSpeed only when called.
+"""DeepSpeed's primitives as moe_parallel uses them, importing DeepSpeed only when called.
 
+- :func:`init_distributed`: torch.distributed started through ``deepspeed.init_distributed``.
 - :func:`expert_group_name`: the name DeepSpeed files an expert-parallel group under.
 - :func:`mark_as_deepspeed_moe`: DeepSpeed's engine finds MoE layers with ``isinstance(module,
   deepspeed.moe.layer.MoE)`` (and then keeps expert parameters in their own ZeRO groups, reduces them
@@ -8,8 +9,12 @@
   an extra base the moment DeepSpeed is loaded: at construction if it already is, else by
   :func:`moe_parallel.integration.engine.build_engine` or by the DeepSpeed drop-in. None of DeepSpeed's MoE code
   runs: our methods come first in the MRO.
-- :func:`register_expert_groups`, :func:`deepspeed_expert_group`, :func:`check_expert_groups`: the
-  expert-parallel groups in ``deepspeed.utils.groups``.
+- :func:`register_expert_groups`, :func:`deepspeed_expert_group`, :func:`check_expert_groups`,
+  :func:`data_parallel_rank`, :func:`expert_data_parallel_rank`: the process groups in
+  ``deepspeed.utils.groups``.
+- :func:`full_fp32_param`, :func:`full_optimizer_state`, :func:`set_full_fp32_param`,
+  :func:`set_full_optimizer_state`, :func:`link_optimizer_state`: whole values of ZeRO-partitioned
+  parameters and their Adam states (what topology-free checkpoints read and write).
 - :func:`use_topology_free_checkpoints`: ``engine.save_checkpoint`` / ``load_checkpoint`` routed to
   :mod:`moe_parallel.checkpoints.checkpoint` (for engines built by ``build_engine``).
 - :func:`unlink_shm_allreduce_buffers`: the ``/dev/shm`` files DeepSpeed's CPU communication leaves
@@ -22,11 +27,20 @@ import functools
 import os
 import sys
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.comm import ProcessGroup
+
+
+def init_distributed(backend: str, timeout: timedelta) -> None:
+    """Initialise torch.distributed through ``deepspeed.init_distributed`` (rendezvous from the
+    ``RANK``/``WORLD_SIZE``/``MASTER_*`` environment; no MPI discovery), so DeepSpeed's comm wraps it."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -132,6 +146,21 @@ def check_expert_groups(layer: Any) -> None:
         )
 
 
+def data_parallel_rank() -> int:
+    """This rank's index in DeepSpeed's data-parallel group (engines built without an ``mpu``)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    return dist.get_rank(groups._get_data_parallel_group())
+
+
+def expert_data_parallel_rank(group_name: str) -> int:
+    """This rank's index in the expert-data-parallel group of the expert group ``group_name``."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(group_name)
+
+
 class ExpertGroupError(ValueError):
     """DeepSpeed's expert groups cannot be built for this layer; the message names the fix."""
 
@@ -171,6 +200,42 @@ def deepspeed_expert_group(ep_size: int, use_data_before_expert_parallel_: bool 
             ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
         )
     return groups._get_expert_parallel_group(name)
+
+
+def full_fp32_param(param: Tensor) -> Tensor:
+    """The whole fp32 master value of a ZeRO-partitioned parameter (a collective over its group)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+def full_optimizer_state(param: Tensor, key: str) -> Tensor:
+    """The whole optimizer state ``key`` (``exp_avg``, ...) of a ZeRO-partitioned parameter (a collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return safe_get_full_optimizer_state(param, key)
+
+
+def set_full_fp32_param(param: Tensor, value: Tensor) -> None:
+    """Write this rank's partition of a ZeRO-partitioned parameter's fp32 master value from its whole ``value``."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value)
+
+
+def set_full_optimizer_state(param: Tensor, value: Tensor, key: str) -> None:
+    """Write this rank's partition of optimizer state ``key`` of a ZeRO-partitioned parameter."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    safe_set_full_optimizer_state(param, value, key)
+
+
+def link_optimizer_state(lp_params: list[Tensor], flat: Tensor, optimizer_state: dict) -> None:
+    """Point the fragment mappings of one ZeRO/bf16 parameter group (``lp_params``, flat fp32
+    partition ``flat``) at their optimizer state, as DeepSpeed does lazily for the first group only."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    lazy_init_hp_params_optimizer_state(lp_params, flat, optimizer_state)
 
 
 def use_topology_free_checkpoints(engine: Any) -> None:

@@ -1,16 +1,15 @@
-"""Models built from :class:`moe_parallel.MoELayer`: the reference GPT and the decoder family of the open MoE models."""
+"""Models built from :class:`moe_parallel.MoELayer`: the reference GPT and the decoder family of the open MoE models.
+
+The plain modules live here; :mod:`moe_parallel.integration.pipeline` builds them as DeepSpeed
+pipelines (``gpt_pipeline``, ``decoder_pipeline``) and maps names between the two forms.
+"""
 
 from .decoder import (
     Decoder,
     DecoderBlock,
     DecoderConfig,
     DecoderConfigError,
-    decoder_canonical_names,
     decoder_layer_names,
-    decoder_pipeline,
-    decoder_pipeline_parts,
-    decoder_pipeline_to_plain,
-    decoder_plain_to_pipeline,
 )
 from .gpt import (
     GPT,
@@ -23,15 +22,10 @@ from .gpt import (
     PositionEmbedding,
     TokenEmbedding,
     TransformerBlock,
-    gpt_layer_specs,
-    gpt_pipeline,
     lm_loss,
     make_norm,
     moe_layers,
     pipeline_layer_names,
-    pipeline_parts,
-    pipeline_to_plain_state_dict,
-    plain_to_pipeline_state_dict,
 )
 
 __all__ = [
@@ -39,12 +33,7 @@ __all__ = [
     "DecoderBlock",
     "DecoderConfig",
     "DecoderConfigError",
-    "decoder_canonical_names",
     "decoder_layer_names",
-    "decoder_pipeline",
-    "decoder_pipeline_parts",
-    "decoder_pipeline_to_plain",
-    "decoder_plain_to_pipeline",
     "GPT",
     "CausalSelfAttention",
     "DenseFFN",
@@ -55,13 +44,8 @@ __all__ = [
     "PositionEmbedding",
     "TokenEmbedding",
     "TransformerBlock",
-    "gpt_layer_specs",
-    "gpt_pipeline",
     "lm_loss",
     "make_norm",
     "moe_layers",
     "pipeline_layer_names",
-    "pipeline_parts",
-    "pipeline_to_plain_state_dict",
-    "plain_to_pipeline_state_dict",
 ]

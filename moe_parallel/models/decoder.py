@@ -9,7 +9,7 @@ router, expert and shared-expert variant is an :class:`MoEConfig` field). What i
 the same in every family: pre-norm blocks, RMSNorm computed in float32.
 
 As the reference GPT, it exists as a plain module and as a DeepSpeed pipeline built from the same
-layers; pipeline layer ``idx`` is:
+layers (:func:`moe_parallel.integration.pipeline.decoder_pipeline`); pipeline layer ``idx`` is:
 
     0            TokenEmbedding   tokens_BS -> x_BSD   (tied with the LM head if tie_embeddings)
     1 + i        DecoderBlock i   x_BSD -> x_BSD       (MoE FFN iff config.is_moe_layer(i))
@@ -31,7 +31,7 @@ A head dim, F FFN dim.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,12 +40,8 @@ from ..core.comm import ProcessGroup
 from ..core.config import MoEConfig
 from ..core.layer import MoELayer
 from .attention import Attention, LatentAttention, RMSNorm
-from .gpt import LMHead, TokenEmbedding, _normal_, embedding_layer_specs, lm_loss
-from .pipeline import PipelineFamily
+from .gpt import LMHead, TokenEmbedding, _normal_, lm_loss
 from .rope import validate_rope_scaling
-
-if TYPE_CHECKING:
-    from deepspeed.pipe import PipelineModule, ProcessTopology
 
 QKNorm = Literal["none", "head", "projection", "weightless"]
 QK_NORMS = ("none", "head", "projection", "weightless")
@@ -442,7 +438,7 @@ class Decoder(nn.Module):
         return lm_loss(logits_BSV, targets_BS)
 
 
-# ---------------------------------------------------------------------------------------- pipeline
+# ---------------------------------------------------------------------------------------- pipeline layer order
 
 
 def decoder_layer_names(config: DecoderConfig) -> list[str]:
@@ -455,79 +451,3 @@ def decoder_layer_names(config: DecoderConfig) -> list[str]:
     if config.mtp_layers > 0:
         names += ["mtp"] if config.tie_embeddings else ["mtp", "embed"]
     return [*names, "lm_head"]
-
-
-def decoder_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> list:
-    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`decoder_layer_names`."""
-    from deepspeed.pipe import LayerSpec
-
-    blocks = [LayerSpec(DecoderBlock, config, i, ep_group) for i in range(config.num_layers)]
-    if config.mtp_layers > 0:
-        from .mtp import mtp_embedding_layer_specs
-
-        embed, tail = mtp_embedding_layer_specs(config, ep_group)
-        return [embed, *blocks, LayerSpec(FinalNorm, config), *tail]
-    embed, head = embedding_layer_specs(config)
-    return [embed, *blocks, LayerSpec(FinalNorm, config), head]
-
-
-DECODER_PIPELINE = PipelineFamily(
-    model="Decoder",
-    builder="decoder_pipeline",
-    block="DecoderBlock",
-    error=DecoderConfigError,
-    layer_names=decoder_layer_names,
-    layer_specs=decoder_layer_specs,
-    loss_fn=lm_loss,
-)
-
-
-def decoder_plain_to_pipeline(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
-    """Rename a :class:`Decoder` state dict to :func:`decoder_pipeline`'s names (all stages together)."""
-    return DECODER_PIPELINE.plain_to_pipeline(state_dict, config)
-
-
-def decoder_pipeline_to_plain(state_dict: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
-    """Inverse of :func:`decoder_plain_to_pipeline` (for one stage's or all stages' keys)."""
-    return DECODER_PIPELINE.pipeline_to_plain(state_dict, config)
-
-
-def decoder_pipeline_parts(config: DecoderConfig, num_stages: int) -> list[int]:
-    """Stage boundaries: stage s builds pipeline layers ``parts[s] <= idx < parts[s+1]``.
-
-    DeepSpeed's ``partition_method="type:DecoderBlock"``: blocks balanced over the stages (at least
-    one each), the embedding on the first stage and the final norm and LM head on the last.
-    """
-    return DECODER_PIPELINE.parts(config, num_stages)
-
-
-def decoder_pipeline(
-    config: DecoderConfig,
-    num_stages: int | None = None,
-    ep_group: ProcessGroup | None = None,
-    topology: ProcessTopology | None = None,
-    activation_checkpoint_interval: int = 0,
-    **pipeline_kwargs: Any,
-) -> PipelineModule:
-    """The decoder as a ``deepspeed.pipe.PipelineModule`` with ``loss_fn=lm_loss`` (see ``gpt_pipeline``);
-    with MTP, the last stage's ``loss_fn`` is an :class:`~moe_parallel.models.mtp.MTPLoss`.
-
-    Give ``num_stages`` or a ``topology`` with a ``pipe`` axis; ``ep_group`` is this rank's
-    expert-parallel group. ``module.canonical_parameter_names()`` maps this stage's names to the
-    plain :class:`Decoder`'s, which checkpoints and ``moe_parallel.hf`` use (``module.decoder_config``
-    is ``config``).
-    """
-    module = DECODER_PIPELINE.build(
-        config, num_stages, ep_group, topology, activation_checkpoint_interval, **pipeline_kwargs
-    )
-    module.decoder_config = config
-    if config.mtp_layers > 0:
-        from .mtp import attach_mtp_loss
-
-        attach_mtp_loss(module, config)  # the last stage's loss_fn adds the MTP loss
-    return module
-
-
-def decoder_canonical_names(module: nn.Module, config: DecoderConfig, buffers: bool = False) -> dict[str, str]:
-    """This stage's parameter names (and persistent buffers with ``buffers``) -> the plain model's names."""
-    return DECODER_PIPELINE.canonical_names(module, config, buffers=buffers)

@@ -1,6 +1,7 @@
 """Reference GPT-style MoE language model, as a plain module (PP=1) and as a DeepSpeed pipeline.
 
-Both forms are built from the same layer classes, in the same order; pipeline layer ``idx`` is:
+Both forms are built from the same layer classes, in the same order (the pipeline by
+:func:`moe_parallel.integration.pipeline.gpt_pipeline`); pipeline layer ``idx`` is:
 
     0            TokenEmbedding      tokens_BS -> x_BSD        (tied with the LM head if tie_embeddings)
     1            PositionEmbedding   x_BSD -> x_BSD            (learned absolute positions, dropout)
@@ -23,7 +24,7 @@ import hashlib
 import importlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,6 @@ from ..core.comm import ProcessGroup
 from ..core.config import ACTIVATIONS, Activation, MoEConfig
 from ..core.layer import MoELayer, moe_layers  # noqa: F401 (moe_layers is re-exported by models)
 from ..experts import activate
-from .pipeline import TIED_EMBEDDING_KEY, PipelineFamily
-
-if TYPE_CHECKING:  # deepspeed is imported lazily: it is slow to import and GPT does not need it
-    from deepspeed.pipe import PipelineModule, ProcessTopology
 
 NormKind = Literal["rmsnorm", "layernorm"]
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -245,11 +242,6 @@ class TokenEmbedding(nn.Module):
         return F.linear(x_BSD, self.weight)
 
 
-def tied_lm_head(embedding: TokenEmbedding, x_BSD: Tensor) -> Tensor:
-    """``forward_fn`` of the pipeline's tied LM head (module-level so the spec stays picklable)."""
-    return embedding.logits(x_BSD)
-
-
 class PositionEmbedding(nn.Module):
     """Adds learned absolute position embeddings, then embedding dropout."""
 
@@ -425,7 +417,7 @@ class GPT(nn.Module):
         return lm_loss(logits_BSV, targets_BS)
 
 
-# ---------------------------------------------------------------------------------------- pipeline
+# ---------------------------------------------------------------------------------------- pipeline layer order
 
 
 def pipeline_layer_names(config: GPTConfig) -> list[str]:
@@ -437,86 +429,3 @@ def pipeline_layer_names(config: GPTConfig) -> list[str]:
     """
     blocks = [f"blocks.{i}" for i in range(config.num_layers)]
     return ["embed", "pos_embed", *blocks, "final_norm", "lm_head"]
-
-
-def embedding_layer_specs(config: Any) -> tuple:
-    """The first and the last pipeline ``LayerSpec``: the token embedding and the LM head, one
-    ``TiedLayerSpec`` module if ``config.tie_embeddings`` (shared by the model families)."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    if not config.tie_embeddings:
-        return LayerSpec(TokenEmbedding, config), LayerSpec(LMHead, config)
-    embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
-    head = TiedLayerSpec(
-        TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
-    )
-    return embed, head
-
-
-def gpt_layer_specs(config: GPTConfig, ep_group: ProcessGroup | None = None) -> list:
-    """The pipeline's ``LayerSpec``/``TiedLayerSpec`` list, in the order of :func:`pipeline_layer_names`."""
-    from deepspeed.pipe import LayerSpec
-
-    embed, head = embedding_layer_specs(config)
-    blocks = [LayerSpec(TransformerBlock, config, i, ep_group) for i in range(config.num_layers)]
-    return [embed, LayerSpec(PositionEmbedding, config), *blocks, LayerSpec(FinalNorm, config), head]
-
-
-GPT_PIPELINE = PipelineFamily(
-    model="GPT",
-    builder="gpt_pipeline",
-    block="TransformerBlock",
-    error=GPTConfigError,
-    layer_names=pipeline_layer_names,
-    layer_specs=gpt_layer_specs,
-    loss_fn=lm_loss,
-)
-
-
-def plain_to_pipeline_state_dict(state_dict: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """Rename a :class:`GPT` state dict to :func:`gpt_pipeline`'s names (all stages together).
-
-    A stage holds the subset of keys its ``state_dict()`` lists; with tied embeddings the first and
-    the last stage both hold ``tied_modules.embed.weight``.
-    """
-    return GPT_PIPELINE.plain_to_pipeline(state_dict, config)
-
-
-def pipeline_to_plain_state_dict(state_dict: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """Inverse of :func:`plain_to_pipeline_state_dict` (for one stage's or all stages' keys)."""
-    return GPT_PIPELINE.pipeline_to_plain(state_dict, config)
-
-
-def pipeline_parts(config: GPTConfig, num_stages: int) -> list[int]:
-    """Stage boundaries of :func:`gpt_pipeline`: stage s builds layers ``parts[s] <= idx < parts[s+1]``.
-
-    The same computation as DeepSpeed's ``partition_method="type:TransformerBlock"``: blocks are
-    balanced over the stages (each stage gets at least one), the embeddings go to the first stage
-    and the LM head to the last. Depends only on ``num_layers`` and ``num_stages``.
-    """
-    return GPT_PIPELINE.parts(config, num_stages)
-
-
-def gpt_pipeline(
-    config: GPTConfig,
-    num_stages: int | None = None,
-    ep_group: ProcessGroup | None = None,
-    topology: ProcessTopology | None = None,
-    activation_checkpoint_interval: int = 0,
-    **pipeline_kwargs: Any,
-) -> PipelineModule:
-    """The model as a ``deepspeed.pipe.PipelineModule`` with ``loss_fn=lm_loss``.
-
-    Needs torch.distributed initialised (DeepSpeed's comm is wrapped around it if needed) and
-    ``LOCAL_RANK`` set, as the DeepSpeed launcher does. Give ``num_stages`` or a ``topology`` with a
-    ``pipe`` axis. ``ep_group`` is this rank's expert-parallel group, inside its stage. Layer ``idx``
-    sits on the stage given by :func:`pipeline_parts`; only ``x_BSD`` crosses stages. With
-    ``activation_checkpoint_interval > 0`` only transformer blocks are recomputed.
-    ``module.canonical_parameter_names()`` maps this stage's names to the plain :class:`GPT`'s.
-    """
-    return GPT_PIPELINE.build(config, num_stages, ep_group, topology, activation_checkpoint_interval, **pipeline_kwargs)
-
-
-def pipeline_canonical_names(module: nn.Module, config: GPTConfig) -> dict[str, str]:
-    """This stage's parameter names -> the plain :class:`GPT`'s names (what checkpoints store)."""
-    return GPT_PIPELINE.canonical_names(module, config)

@@ -34,7 +34,7 @@ Shape suffixes: B batch, S sequence, P positions a depth predicts (S - k), D hid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,7 @@ from torch import Tensor, nn
 from ..core.comm import ProcessGroup
 from .attention import RMSNorm
 from .decoder import DecoderBlock
-from .gpt import LMHead, TokenEmbedding, _normal_, lm_loss, tied_lm_head
-from .pipeline import TIED_EMBEDDING_KEY
+from .gpt import TokenEmbedding, _normal_, lm_loss
 
 if TYPE_CHECKING:
     from .decoder import DecoderConfig
@@ -139,29 +138,6 @@ class MTPStack(nn.Module):
 # ---------------------------------------------------------------------------------------- pipeline
 
 
-def keep_embedding(embedding: TokenEmbedding, x_BSD: Tensor) -> Tensor:
-    """``forward_fn`` of the pass-through layer that puts the tied embedding on the last stage."""
-    return x_BSD
-
-
-def mtp_embedding_layer_specs(config: DecoderConfig, ep_group: ProcessGroup | None = None) -> tuple[Any, list]:
-    """``(embedding spec, [MTPStack, (tied embedding,) head])``: the embedding is a tied module, and on
-    the last stage the head (tied) or a pass-through layer (untied head) holds it there."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    embed = TiedLayerSpec(TIED_EMBEDDING_KEY, TokenEmbedding, config, tied_weight_attr=["weight"])
-    stack = LayerSpec(MTPStack, config, ep_group)
-    if config.tie_embeddings:
-        head = TiedLayerSpec(
-            TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=tied_lm_head, tied_weight_attr=["weight"]
-        )
-        return embed, [stack, head]
-    keep = TiedLayerSpec(
-        TIED_EMBEDDING_KEY, TokenEmbedding, config, forward_fn=keep_embedding, tied_weight_attr=["weight"]
-    )
-    return embed, [stack, keep, LayerSpec(LMHead, config)]
-
-
 class MTPLoss:
     """The last pipeline stage's ``loss_fn``: the LM loss plus, in training, the weighted MTP loss.
 
@@ -189,16 +165,6 @@ class MTPLoss:
         sums, count = self._sums, self._count
         self._sums, self._count = None, 0
         return (torch.zeros(2, dtype=torch.float64) if sums is None else sums), count
-
-
-def attach_mtp_loss(module: nn.Module, config: DecoderConfig) -> None:
-    """Give a ``decoder_pipeline`` stage that holds the MTP modules (the last) an :class:`MTPLoss`."""
-    stacks = [f for f in module.forward_funcs if isinstance(f, MTPStack)]
-    if not stacks:
-        return
-    embedding = module.tied_modules[TIED_EMBEDDING_KEY]
-    heads = [f for f in module.forward_funcs if isinstance(f, LMHead)]
-    module.loss_fn = MTPLoss(stacks[0], embedding, heads[0] if heads else embedding)
 
 
 def pipeline_loss_parts(

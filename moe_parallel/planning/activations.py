@@ -387,7 +387,7 @@ def _stage_loss(stage_model, config: ModelConfig):
     stacks = [f for f in stage_model.forward_funcs if isinstance(f, MTPStack)]
     if not stacks:
         return stage_model.loss_fn
-    from ..models.pipeline import TIED_EMBEDDING_KEY
+    from ..integration.pipeline import TIED_EMBEDDING_KEY
 
     embedding = stage_model.module.tied_modules[TIED_EMBEDDING_KEY]
     heads = [f for f in stage_model.forward_funcs if isinstance(f, LMHead)]
@@ -534,20 +534,22 @@ def count_pipeline_forwards(engine) -> list[int]:
     backward: the returned list fills with one entry per forward. DeepSpeed's reentrant checkpoint
     keeps a block's inputs on its autograd context, not through ``save_for_backward``: they are
     counted where the pipeline hands them to its checkpoint function."""
-    from deepspeed.runtime.pipe import schedule
+    from ..integration.pipeline import wrap_forward_pass
 
     per_micro_batch: list[int] = []
     active: list[SavedTensorBytes] = []
-    forward = engine._INSTRUCTION_MAP[schedule.ForwardPass]
 
-    def counted_forward(self, buffer_id):
-        with saved_tensor_bytes(self.module) as counter:
-            active.append(counter)
-            forward(self, buffer_id)
-            active.pop()
-        per_micro_batch.append(counter.bytes)
+    def counted(forward):
+        def counted_forward(self, buffer_id):
+            with saved_tensor_bytes(self.module) as counter:
+                active.append(counter)
+                forward(self, buffer_id)
+                active.pop()
+            per_micro_batch.append(counter.bytes)
 
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ForwardPass: counted_forward}
+        return counted_forward
+
+    wrap_forward_pass(engine, counted)
     checkpoint = engine.module.activation_checkpoint_func
 
     def counted_checkpoint(function, *args):

@@ -238,23 +238,14 @@ def _tied_grad_bytes(config: ModelConfig, stage_model: StageModel, dtype: torch.
     DeepSpeed's pipeline engine reduces each tied weight (``tied_weight_attr``) once per step over the
     stages that build its ``TiedLayerSpec``, at every ZeRO stage; a key on one stage alone moves nothing.
     """
-    from deepspeed.pipe import TiedLayerSpec
-
     if stage_model.num_stages == 1:
         return 0
-    family = pipeline_family(config)
-    parts = family.parts(config, stage_model.num_stages)
-    owners: dict[str, set[int]] = {}
-    attrs: dict[str, list[str]] = {}
-    for idx, spec in enumerate(family.layer_specs(config, None)):
-        if isinstance(spec, TiedLayerSpec):
-            owner = next(s for s in range(stage_model.num_stages) if parts[s] <= idx < parts[s + 1])
-            owners.setdefault(spec.key, set()).add(owner)
-            attrs[spec.key] = list(spec.tied_weight_attr)
+    tied = pipeline_family(config).tied_weights(config, stage_model.num_stages)
     total = 0
     for key, module in stage_model.module.tied_modules.items():
-        if len(owners[key]) > 1:
-            for attr in attrs[key]:
+        owners, attrs = tied[key]
+        if len(owners) > 1:
+            for attr in attrs:
                 total += _getattr_path(module, attr).numel() * dtype_bytes(dtype)
     return total
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -21,9 +20,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.layer import MoELayer, moe_layers
 from ..integration.deepspeed import expert_group_name
-from ..models.decoder import DECODER_PIPELINE, Decoder, DecoderConfig
-from ..models.gpt import GPT, GPT_PIPELINE, GPTConfig
-from ..models.pipeline import PipelineFamily
+from ..integration.pipeline import DECODER_PIPELINE, GPT_PIPELINE, PipelineFamily
+from ..models.decoder import Decoder, DecoderConfig
+from ..models.gpt import GPT, GPTConfig
 
 ModelConfig = GPTConfig | DecoderConfig
 
@@ -101,31 +100,10 @@ class _NoInitOnMeta(TorchFunctionMode):
 
 def _pipeline_stage(config: ModelConfig, num_stages: int, stage: int) -> StageModel:
     """What ``PipelineModule._build`` builds on one stage: its layers, each tied module once."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
     family = pipeline_family(config)
-    parts = family.parts(config, num_stages)
-    start, stop = parts[stage], parts[stage + 1]
-    module = nn.Module()
-    module.tied_modules = nn.ModuleDict()
-    funcs: list[Callable] = []
-    for idx, spec in enumerate(family.layer_specs(config, None)[start:stop], start):
-        if isinstance(spec, TiedLayerSpec):
-            if spec.key not in module.tied_modules:
-                module.tied_modules[spec.key] = spec.build()
-            tied = module.tied_modules[spec.key]
-            funcs.append(tied if spec.forward_fn is None else partial(spec.forward_fn, tied))
-        elif isinstance(spec, LayerSpec):
-            layer = spec.build()
-            module.add_module(str(idx), layer)
-            funcs.append(layer)
-        elif isinstance(spec, nn.Module):
-            module.add_module(str(idx), spec)
-            funcs.append(spec)
-        else:  # a plain callable between layers
-            funcs.append(spec)
+    module, funcs, layer_range = family.stage_layers(config, num_stages, stage)
     loss_fn = family.loss_fn if stage == num_stages - 1 else None
-    return StageModel(stage, num_stages, module, funcs, loss_fn, (start, stop))
+    return StageModel(stage, num_stages, module, funcs, loss_fn, layer_range)
 
 
 def keep_local_experts(layer: MoELayer, ep: int) -> None:
