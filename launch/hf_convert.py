@@ -62,6 +62,7 @@ def quantization_note(hf_dir: str | Path) -> str | None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
+    """``checkpoint_tool import-hf``: convert, then say what was written (and whether it was dequantized)."""
     path = import_hf(
         args.hf_dir,
         args.out,
@@ -79,6 +80,7 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
+    """``checkpoint_tool export-hf``: convert, then say what was written (and that quantization is not redone)."""
     max_shard = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else None
     out = export_hf(args.dir, args.out, tag=args.tag, dtype=dtype, hf_config=args.hf_config, max_shard_bytes=max_shard)
