@@ -40,10 +40,12 @@ from moe_parallel.training.metrics import ExpertCollapseMonitor, MoEMetricsTrack
 
 
 def _due(step: int, every: int, last: int) -> bool:
+    """Whether a ``train.*_every`` action runs after ``step``: every ``every`` steps, and at the last."""
     return step % every == 0 or step == last
 
 
 def say(rank: int, message: str) -> None:
+    """Print a progress line on rank 0 only (every rank reaches the same point)."""
     if rank == 0:
         print(message, flush=True)
 
