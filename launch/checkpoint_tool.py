@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from launch import hf_convert, run_lock
+from launch import hf_convert, lock_command
 from moe_parallel.checkpoints.checkpoint import (
     CheckpointError,
     export_consolidated,
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     for name, handler in hf_convert.add_commands(sub).items():  # import-hf / export-hf
         sub.choices[name].set_defaults(func=lambda args, handler=handler: handler(args) or 0)
-    run_lock.add_commands(sub)  # lock: who holds a run directory; --break / --force
+    lock_command.add_commands(sub)  # lock: who holds a run directory; --break / --force
     return parser
 
 

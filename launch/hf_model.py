@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from launch.config import AppConfigError, ModelConf, MoEConf
-from launch.hf_convert import HF_MODEL_DIR, TRAINING_FILE, config_dtype, write_hf_model_dir
+from launch.hf_identity import HF_MODEL_DIR, TRAINING_FILE, config_dtype, write_hf_model_dir
 from launch.hf_tokenizer import TokenizerError, load_pretrained_tokenizer
 from moe_parallel import hf
 from moe_parallel.hf.load import TensorSource, build_and_load, with_mtp

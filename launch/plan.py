@@ -372,7 +372,7 @@ def run(argv: list[str]) -> int:
 def main() -> None:
     from hydra.errors import HydraException
 
-    from launch.train import USER_ERRORS
+    from launch.exits import USER_ERRORS
 
     try:
         status = run(sys.argv[1:])

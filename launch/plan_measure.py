@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -> N
 def _measure_rank(cfg: DictConfig) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from launch import train
+    from launch import build
     from moe_parallel.core.counters import count_collectives
     from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.models import lm_loss
@@ -59,8 +59,8 @@ def _measure_rank(cfg: DictConfig) -> dict[str, Any]:
     num_experts = model_cfg.moe.num_experts if model_cfg.moe else None
     state = initialize_parallel(cfg.parallel.pp, cfg.parallel.ep, num_experts)
     torch.manual_seed(cfg.train.seed)
-    model, model_cfg = train._build_model(cfg, state, model_cfg.vocab_size)
-    engine = train._build_engine(cfg, model)
+    model, model_cfg = build.build_model(cfg, state, model_cfg.vocab_size, eager=True)
+    engine = build.build_engine(cfg, model)
     gen = torch.Generator().manual_seed(1000 + state.dp_rank)
     mb, seq, accum = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.grad_accum
     batches = []

@@ -26,15 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import secrets
-import socket
 import string
-import subprocess
-import sys
-import time
 import warnings
 from collections import deque
 from collections.abc import Mapping
@@ -44,10 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from launch.expert_load_plots import expert_load_histogram, render_load_heatmap
+from launch.wandb_service import start_service_outside_process_tree, wait_until_complete
+
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("offline", "online", "disabled")
-MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
 JSONL_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 
@@ -148,52 +144,6 @@ def _new_run_id() -> str:
     """An id in W&B's alphabet and length, for runs without W&B (so a resume keeps one id)."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def expert_load_histogram(counts_E: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(counts, bin_edges)`` with bin ``i`` = expert ``i`` (experts grouped when E > 512), for ``wandb.Histogram``."""
-    counts = np.asarray(counts_E, dtype=np.float64).reshape(-1)
-    num_experts = counts.size
-    if num_experts <= MAX_HISTOGRAM_BINS:
-        return counts, np.arange(num_experts + 1, dtype=np.float64)
-    per_bin = math.ceil(num_experts / MAX_HISTOGRAM_BINS)
-    padded = np.zeros(math.ceil(num_experts / per_bin) * per_bin)
-    padded[:num_experts] = counts
-    edges = np.minimum(np.arange(0, padded.size + 1, per_bin), num_experts).astype(np.float64)
-    return padded.reshape(-1, per_bin).sum(1), edges
-
-
-def render_load_heatmap(steps: list[int], load_SE: np.ndarray, title: str) -> Any:
-    """A matplotlib figure of the load ratio (tokens / mean tokens) per step and expert; 1.0 = balanced.
-
-    Built without pyplot (no global backend or figure registry is touched); ``fig.savefig`` renders
-    with Agg.
-    """
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-
-    mean = load_SE.mean(axis=1, keepdims=True)
-    ratio = np.divide(load_SE, mean, out=np.zeros_like(load_SE, dtype=np.float64), where=mean > 0)
-    vmax = max(2.0, float(ratio.max()) if ratio.size else 2.0)
-    num_steps, num_experts = ratio.shape
-    fig = Figure(figsize=(min(12.0, 3.0 + 0.15 * num_experts), 4.0), dpi=100)
-    ax = fig.subplots()
-    image = ax.imshow(
-        ratio,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="RdBu_r",
-        norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
-        extent=(-0.5, num_experts - 0.5, num_steps - 0.5, -0.5),
-    )
-    ticks = np.linspace(0, num_steps - 1, num=min(num_steps, 6)).round().astype(int)
-    ax.set_yticks(ticks, [str(steps[i]) for i in ticks])
-    ax.set_xlabel("expert")
-    ax.set_ylabel("step")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="tokens / mean tokens")
-    fig.tight_layout()
-    return fig
 
 
 class NullRunLogger:
@@ -440,100 +390,9 @@ class RunLogger(NullRunLogger):
             try:
                 sync_file = Path(run.settings.sync_file)
                 run.finish()
-                _wait_until_complete(sync_file)
+                wait_until_complete(sync_file)
             except Exception as exc:
                 log.warning("W&B failed to finish the run: %s: %s", type(exc).__name__, exc)
-
-
-def _wait_until_complete(sync_file: Path, timeout_s: float = 60.0) -> None:
-    """Wait until the service has written the run's exit record to ``sync_file``.
-
-    ``run.finish()`` returns once the service has the run's last records, not once it has written
-    them; a service this process owns is also waited for at exit, a shared one is not. Reading the
-    file right away (or exiting, and being killed) could then see a run cut short.
-    """
-    from launch.compare import iter_wandb_records
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a tail still being written reads as "damaged"
-            try:
-                if any(r.WhichOneof("record_type") == "exit" for r in iter_wandb_records(sync_file)):
-                    return
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            log.warning("W&B has not written the end of %s after %.0f s", sync_file, timeout_s)
-            return
-        time.sleep(0.2)
-
-
-# Run by `python -c`: start wandb-core detached (it outlives this helper and ignores its exit) and
-# print the token that connects to it.
-_SERVICE_HELPER = """
-import sys
-from wandb.sdk.lib.service import service_process
-from wandb.sdk.wandb_settings import Settings
-print(service_process.start_detached(Settings(), idle_timeout=sys.argv[1]).token.env_value, flush=True)
-"""
-
-
-def start_service_outside_process_tree(idle_timeout: str = "2m", timeout_s: float = 60.0) -> bool:
-    """Start W&B's service process where the signals that stop the job do not reach it.
-
-    wandb starts its service (wandb-core) as a child of the training process. Launchers stop a job
-    by signalling the whole process tree (DeepSpeed's launcher terminates every descendant of each
-    worker); a service killed that way dies before ``finish()`` has written the run, which leaves
-    the offline run a few bytes long. Started through a short-lived helper in its own session, the
-    service is re-parented away from the job and from the terminal's process group (Ctrl-C), so the
-    trainer's own signal handling decides when the run finishes. It exits ``idle_timeout`` after its
-    last client disconnects. ``WANDB_SERVICE`` in the environment (set here, or by the user) makes
-    ``wandb.init`` connect to it. Returns whether it started one; on any failure wandb starts its
-    own service as usual (with a warning).
-    """
-    token = os.environ.get("WANDB_SERVICE")
-    if token and _service_reachable(token):
-        return False
-    os.environ.pop("WANDB_SERVICE", None)  # inherited from a process whose service has exited
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", _SERVICE_HELPER, idle_timeout],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            start_new_session=True,
-            check=True,
-        )
-        os.environ["WANDB_SERVICE"] = out.stdout.strip().splitlines()[-1]
-        return True
-    except Exception as exc:
-        detail = getattr(exc, "stderr", "") or ""
-        log.warning(
-            "W&B service not started outside the process tree (%s: %s %s); a signal to the whole job may cut "
-            "the W&B run short (the JSONL mirror is complete)",
-            type(exc).__name__,
-            exc,
-            detail[-500:],
-        )
-        return False
-
-
-def _service_reachable(token: str, timeout_s: float = 2.0) -> bool:
-    """Whether the W&B service a ``WANDB_SERVICE`` token names accepts connections (unix or tcp)."""
-    if unix := re.fullmatch(r"\d+-\d+-unix-(.+)", token):
-        family, address = socket.AF_UNIX, unix.group(1)
-    elif tcp := re.fullmatch(r"\d+-\d+-tcp-localhost-(\d+)", token):
-        family, address = socket.AF_INET, ("127.0.0.1", int(tcp.group(1)))
-    else:
-        return True  # a format this code does not know: leave it to wandb
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout_s)
-            sock.connect(address)
-        return True
-    except OSError:
-        return False
 
 
 def _default_rank() -> int:

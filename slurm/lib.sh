@@ -15,7 +15,7 @@
 #   NCCL_* / GLOO_SOCKET_IFNAME  passed through; see moe_nccl_defaults below.
 
 # The trainer exits with this code when a signal stopped it before its last step, checkpoint saved
-# (Preemption.EXIT_PREEMPTED in launch/train.py).
+# (EXIT_PREEMPTED in launch/exits.py).
 readonly MOE_EXIT_PREEMPTED=75
 
 moe_log() {

@@ -18,14 +18,8 @@ from torch import nn
 
 from launch import compare
 from launch.compare import iter_wandb_records, load_run, read_wandb_history, read_wandb_run_info, wandb_files
-from launch.wandb_logger import (
-    NullRunLogger,
-    RunLogger,
-    RunLoggerConfigError,
-    WandbSettings,
-    expert_load_histogram,
-    make_run_logger,
-)
+from launch.expert_load_plots import expert_load_histogram
+from launch.wandb_logger import NullRunLogger, RunLogger, RunLoggerConfigError, WandbSettings, make_run_logger
 from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.training.metrics import MoEMetricsTracker, split_expert_load
 

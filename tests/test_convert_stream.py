@@ -206,11 +206,11 @@ def test_an_output_that_does_not_fit_is_refused_before_anything_is_written(tmp_p
 
 
 def test_a_resume_needs_only_the_space_of_the_files_left(tmp_path, small_model, monkeypatch):
-    from launch import hf_convert
+    from launch import hf_import
 
     needs = []
-    check = hf_convert.require_disk_space
-    monkeypatch.setattr(hf_convert, "require_disk_space", lambda out, n, what: needs.append(n) or check(out, n, what))
+    check = hf_import.require_disk_space
+    monkeypatch.setattr(hf_import, "require_disk_space", lambda out, n, what: needs.append(n) or check(out, n, what))
     argv = ["import-hf", str(small_model), "--out", str(tmp_path / "ckpt")]
     assert _killed_after(argv, 20).returncode == -9
     kept = sum(p.stat().st_size for p in resumable.resumable_staging(tmp_path / "ckpt").rglob("*.pt"))
@@ -250,14 +250,14 @@ def test_dtype_is_the_sources_or_the_one_asked_and_glm_keeps_its_fp32_tensors(tm
 def _load_imported(rank, world, ckpt: str, bf16: bool, result: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from launch import hf_convert
+    from launch import hf_identity
     from moe_parallel import hf
     from moe_parallel.checkpoints.checkpoint import canonical_names, load_checkpoint
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.integration.pipeline import decoder_pipeline
 
-    config = hf.load_config(Path(ckpt) / hf_convert.HF_MODEL_DIR)
+    config = hf.load_config(Path(ckpt) / hf_identity.HF_MODEL_DIR)
     state = initialize_parallel(pipeline_parallel_size=1, expert_parallel_size=1, num_experts=config.moe.num_experts)
     model = decoder_pipeline(config, ep_group=state.ep_group, topology=state.deepspeed_topology())
     ds = {

@@ -192,8 +192,8 @@ def test_random_bytes_never_reach_a_batch(tmp_path):
 
 
 def test_training_data_path_refuses_damaged_chunks(tmp_path):
-    """launch/train.py's own ``_build_data`` hands out no batch from a damaged chunk."""
-    from launch.train import _build_data
+    """The training app's own ``build_data`` (launch/build.py) hands out no batch from a damaged chunk."""
+    from launch.build import build_data
 
     cfg = tiny_cfg(tmp_path)
     data = prepare_data(cfg)
@@ -201,7 +201,7 @@ def test_training_data_path_refuses_damaged_chunks(tmp_path):
     path.write_bytes(bytes(path.stat().st_size))
     app = OmegaConf.create({"train": {"micro_batch_size": 2, "grad_accum": 1, "seed": 0}, "data": {"seq_len": SEQ}})
     state = SimpleNamespace(layout=SimpleNamespace(data_parallel_size=1), dp_rank=0)
-    train_iter, _ = _build_data(app, prepare_data(cfg), state)
+    train_iter, _ = build_data(app, prepare_data(cfg), state)
     with pytest.raises(DataError, match=re.escape(str(path))):
         next(train_iter)
 

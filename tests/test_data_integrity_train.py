@@ -27,7 +27,7 @@ def compose(*overrides: str):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.slow  # ~12 s; the fast tier checks the same data path through launch.train._build_data
+@pytest.mark.slow  # ~12 s; the fast tier checks the same data path through launch.build.build_data
 def test_zeroed_train_bin_stops_training_before_a_step(tmp_path):
     overrides = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'run'}"]
     data = prepare_data(app_config.data_config(compose(*overrides)))  # the cache the run opens

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import hf_convert
+from launch import hf_identity
 from launch.checkpoint_tool import main as tool
 from moe_parallel.checkpoints.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from tests.dist_utils import run_distributed
@@ -95,7 +95,7 @@ def _resave_at_pp2_ep2(rank, world, ckpt: str, out: str) -> None:
     from moe_parallel.integration.parallel import initialize_parallel
     from moe_parallel.integration.pipeline import decoder_pipeline
 
-    config = hf.load_config(Path(ckpt) / hf_convert.HF_MODEL_DIR)
+    config = hf.load_config(Path(ckpt) / hf_identity.HF_MODEL_DIR)
     state = initialize_parallel(pipeline_parallel_size=2, expert_parallel_size=2, num_experts=config.moe.num_experts)
     model = decoder_pipeline(config, ep_group=state.ep_group, topology=state.deepspeed_topology())
     ds = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9, "zero_optimization": {"stage": 1}}
@@ -116,7 +116,7 @@ def test_export_from_a_checkpoint_saved_at_pp2_ep2_gives_the_original_tensors(tm
     saved = read_manifest(tmp_path / "pp2ep2" / (tmp_path / "pp2ep2" / "latest").read_text())
     assert saved["saved_world_size"] == 4 and all(ids == list(range(8)) for ids in saved["moe_layers"].values())
 
-    shutil.copytree(tmp_path / "ckpt" / hf_convert.HF_MODEL_DIR, tmp_path / "pp2ep2" / hf_convert.HF_MODEL_DIR)
+    shutil.copytree(tmp_path / "ckpt" / hf_identity.HF_MODEL_DIR, tmp_path / "pp2ep2" / hf_identity.HF_MODEL_DIR)
     assert tool(["export-hf", str(tmp_path / "pp2ep2"), "--out", str(tmp_path / "out")]) == 0
     want, got = hf_tensors(src), hf_tensors(tmp_path / "out")
     shifted = [key for key in want if key.endswith("e_score_correction_bias")]
@@ -197,7 +197,7 @@ def test_bad_input_is_refused_naming_the_key_and_the_fix(tmp_path, capsys):
     assert tool(["import-hf", str(src), "--out", out]) == 0
     assert "choose a new or empty directory" in _error(capsys, ["import-hf", str(src), "--out", out])
     assert "choose a new or empty directory" in _error(capsys, ["export-hf", out, "--out", str(src)])
-    shutil.rmtree(tmp_path / "ckpt" / hf_convert.HF_MODEL_DIR)
+    shutil.rmtree(tmp_path / "ckpt" / hf_identity.HF_MODEL_DIR)
     assert "--hf-config" in _error(capsys, ["export-hf", out, "--out", str(tmp_path / "x")])
     other = tmp_path / "other"
     tiny_family_model("qwen3_moe", other, VOCAB)

@@ -204,7 +204,7 @@ def test_data_lost_after_the_headers_were_checked_is_named_not_a_crash(tmp_path,
     instead of the SIGBUS a memory-mapped read would die of."""
     import shutil
 
-    from launch import hf_convert
+    from launch import hf_import
     from launch.checkpoint_tool import main as tool
     from moe_parallel.hf import load
 
@@ -228,7 +228,7 @@ def test_data_lost_after_the_headers_were_checked_is_named_not_a_crash(tmp_path,
     with pytest.raises(HFConversionError, match=rf"{file} cannot be read"):
         hf.from_pretrained(tmp_path / "hf")
     shutil.copy(intact / "model.safetensors", file)
-    monkeypatch.setattr(hf_convert, "check_source", cut_after_check(hf_convert.check_source))
+    monkeypatch.setattr(hf_import, "check_source", cut_after_check(hf_import.check_source))
     capsys.readouterr()
     assert tool(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err

@@ -337,7 +337,7 @@ def test_upcycled_training_model_starts_with_the_dense_logits(tmp_path):
 
 def _train_the_bias(rank, world, ckpt: str, rate: float) -> None:
     """A few steps of a GLM model with aux-loss-free balancing from the imported checkpoint, saved."""
-    from launch.hf_convert import HF_MODEL_DIR
+    from launch.hf_identity import HF_MODEL_DIR
     from moe_parallel import hf, update_expert_biases
     from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
     from moe_parallel.integration.engine import build_engine
@@ -360,7 +360,7 @@ def _train_the_bias(rank, world, ckpt: str, rate: float) -> None:
 def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
     import shutil
 
-    from launch import hf_convert, hf_model
+    from launch import hf_identity, hf_model
     from moe_parallel.checkpoints.checkpoint import read_manifest
     from tests.dist_utils import run_distributed
     from tests.hf_app_fixtures import tiny_family_model
@@ -374,7 +374,7 @@ def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
 
     rate = 1e-2
     cfg = compose("model=hf", f"model.path={src}", f"moe.expert_bias_update_rate={rate}")
-    shutil.rmtree(ckpt / hf_convert.HF_MODEL_DIR)
+    shutil.rmtree(ckpt / hf_identity.HF_MODEL_DIR)
     hf_model.save_identity(cfg, app_config.model_config(cfg, 0), ckpt)  # what a run writes
     run_distributed(_train_the_bias, 1, str(ckpt), rate, timeout=300)
     trained = torch.load(ckpt / "trained_biases.pt")

@@ -21,22 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import run_lock
-from launch.run_lock import (
-    ALIVE,
-    GONE,
-    UNKNOWN,
-    Holder,
-    ProcessInfo,
-    RunDirLocked,
-    RunLock,
-    RunLockError,
-    break_lock,
-    inspect,
-    judge,
-    process_info,
-    read_holder,
-)
+from launch import lock_holder, run_lock
+from launch.lock_holder import ALIVE, GONE, UNKNOWN, Holder, ProcessInfo, judge, process_info
+from launch.run_lock import RunDirLocked, RunLock, RunLockError, break_lock, inspect, read_holder
 
 REPO = Path(__file__).resolve().parent.parent
 FORK = multiprocessing.get_context("fork")
@@ -62,7 +49,7 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("run.lock."))
 
 
-class FakeSlurm(run_lock.SlurmQuery):
+class FakeSlurm(lock_holder.SlurmQuery):
     def __init__(self, state: str | None, cluster: str | None = "c1") -> None:
         super().__init__()
         self.state, self._cluster_name, self.asked = state, cluster, []

@@ -194,7 +194,7 @@ def test_a_chosen_checkpoint_that_vanishes_before_loading_is_a_checkpoint_error(
 
     import torch
 
-    from launch.train import Trainer
+    from launch.loop import Trainer
     from moe_parallel.checkpoints.checkpoint import CheckpointError, ResumeChoice
 
     chosen = tmp_path / "checkpoints" / "step_00000004"

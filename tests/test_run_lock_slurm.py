@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from launch.run_lock import ALIVE, GONE, Holder, SlurmQuery, judge, read_holder
+from launch.lock_holder import ALIVE, GONE, Holder, SlurmQuery, judge
+from launch.run_lock import read_holder
 
 if TYPE_CHECKING:
     from tests.slurm_cluster import SlurmCluster
