@@ -35,7 +35,8 @@ from moe_parallel.checkpoints.checkpoint import clear_interrupted
 from moe_parallel.core.comm import broadcast_from_rank0
 from moe_parallel.integration.engine import build_engine as build_deepspeed_engine
 from moe_parallel.integration.parallel import ParallelState, apply_timeout_to_all_groups, initialize_parallel
-from moe_parallel.models import GPT, gpt_pipeline
+from moe_parallel.integration.pipeline import gpt_pipeline
+from moe_parallel.models import GPT
 from moe_parallel.training.block_compile import compile_blocks, is_compiled
 from moe_parallel.training.metrics import ExpertCollapseMonitor, MoEMetricsTracker, NonFiniteProbe
 
@@ -204,7 +205,7 @@ def build_data(cfg: DictConfig, data: Any, state: ParallelState) -> tuple[Distri
         dp_rank=state.dp_rank,
         dp_size=dp,
         grad_accum_steps=t.grad_accum,
-        seed=t.seed,
+        seed=cfg.data.seed,
     )
     val_data = PackedDataset(data.val_tokens, cfg.data.seq_len, "validation")
     if len(val_data) < t.micro_batch_size * dp:  # the same on every rank: raised before any collective uses it

@@ -142,7 +142,7 @@ class DataConf:
     tokenizer_type: str = "bpe"  # the trained SentencePiece tokenizer: bpe | unigram
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.02  # fraction of the tokens held out for validation (whole documents)
-    seed: int = 1234  # checked (an integer >= 0); the batch order comes from train.seed
+    seed: int = 1234  # the order of the training batches (a permutation per epoch); resuming needs the same
     cache_dir: str = "~/.cache/moe_parallel/data"  # tokenizer and token cache (on a cluster: a shared filesystem)
     tokenizer: str | None = None  # a pretrained tokenizer (dir or file); null: model.path with model=hf, else train one
 
@@ -174,7 +174,7 @@ class TrainConf:
     eval_batches: int = 8  # validation batches per evaluation (the same ones every time)
     ckpt_every: int = 100  # steps between checkpoints (and one after the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept by rotation
-    seed: int = 0  # seeds Python's, NumPy's and torch's RNGs and the batch order
+    seed: int = 0  # seeds Python's, NumPy's and torch's RNGs (weights: model.init_seed; batch order: data.seed)
     run_dir: str | None = None  # null: runs/<experiment>/<slurm job id or timestamp>
     resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint dir>
     exit_after_steps: int | None = None  # checkpoint and stop after this many steps of this job
