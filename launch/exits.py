@@ -1,7 +1,7 @@
 """How a training job ends: its process exit statuses, the errors that are the user's to fix, and
 the signals that ask it to stop.
 
-The statuses are those of ``python launch/train.py`` on every rank (README, "Failure behaviour");
+The statuses are those of ``python launch/train.py`` on every rank (docs/failure-behaviour.md);
 ``slurm/lib.sh`` requeues a job that exits with :data:`EXIT_PREEMPTED`.
 """
 

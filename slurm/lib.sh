@@ -29,7 +29,7 @@ moe_die() {
 
 # Locate the repository and the interpreter, and cd into the working directory.
 moe_setup() {
-    [ -n "${SLURM_JOB_ID:-}" ] || moe_die "not inside a Slurm job: submit with sbatch (see README.md, section \"Running on a Slurm cluster\")"
+    [ -n "${SLURM_JOB_ID:-}" ] || moe_die "not inside a Slurm job: submit with sbatch (see docs/slurm.md)"
     # From here on SIGUSR1 is ours: its default action would kill this shell before the step starts.
     trap _moe_on_usr1 USR1
     MOE_REPO="${MOE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"

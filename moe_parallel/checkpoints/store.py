@@ -8,7 +8,7 @@ One run's checkpoint directory::
       step_00000100/                one checkpoint: manifest.json and the files it lists
       step_00000200.tmp-1a2b3c4d/   a save in progress or cut short: never loaded, removed by rotation
 
-Guarantees (the README's "Failure behaviour" section states them for users):
+Guarantees (docs/failure-behaviour.md states them for users):
 
 - Every file holds only tensors and plain data and is read with ``weights_only=True``
   (:mod:`.safe_files`): loading a checkpoint never runs code from it, and a file that holds anything

@@ -50,7 +50,7 @@ def validate_deepspeed_config(ds_config: dict[str, Any], model: nn.Module) -> No
                 f"MoE layer {type(layer).__name__} holds module-copy experts (moe_parallel.compat.MoE with an "
                 "expert no stacked form fits), which build_engine's topology-free checkpoints cannot store: "
                 "build the engine with deepspeed.initialize (DeepSpeed's per-expert checkpoints), or give "
-                "compat.MoE an expert with a stacked form (see README, 'DeepSpeed users')"
+                "compat.MoE an expert with a stacked form (see docs/deepspeed.md)"
             )
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = ds_config.get(key)
