@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_parallel import MoELayer
+from moe_parallel import GroupedExperts, MoELayer
 from moe_parallel.core.capacity import expert_capacity
 
 
@@ -77,3 +79,32 @@ def naive_moe(layer: MoELayer, x: Tensor, capacity_tokens: int | None = None) ->
     z = torch.logsumexp(logits, -1).square().mean()
     aux = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z if T > 0 else logits.sum() * 0  # no tokens, no loss
     return y_TD.view(x.shape), aux
+
+
+def expert_pair(
+    num_experts: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **kwargs: Any
+) -> tuple[GroupedExperts, GroupedExperts]:
+    """The per-expert loop and the grouped GEMM over the same weights (``kwargs``: GroupedExperts').
+
+    Biases, when asked for, are drawn from N(0, 1) so that a path that drops them shows.
+    """
+    loop = GroupedExperts(num_experts, expert_gemm="loop", **kwargs).to(device, dtype)
+    grouped = GroupedExperts(num_experts, expert_gemm="grouped", **kwargs).to(device, dtype)
+    if kwargs.get("bias"):
+        with torch.no_grad():
+            for b in (loop.b1, loop.b2):
+                b.normal_()
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def run_experts(experts: GroupedExperts, x: Tensor, counts: Tensor | list[int], grad: Tensor) -> dict[str, Tensor]:
+    """Forward and backward of ``experts`` on a copy of ``x`` (rows grouped by expert, ``counts`` each).
+
+    Returns ``"y"``, ``"grad x"`` and ``"grad <parameter>"`` for every parameter.
+    """
+    x = x.clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = experts(x, counts)
+    y.backward(grad)
+    return {"y": y, "grad x": x.grad} | {f"grad {name}": p.grad for name, p in experts.named_parameters()}

@@ -464,7 +464,7 @@ def _checkpoint_keeps_the_new_parameters(rank: int, world: int, tmp: str) -> Non
     from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from tests.test_engine import VOCAB, E, ToyMoELM, loss_fn
+    from tests.toy_models import DS_CONFIG, VOCAB, E, ToyMoELM, loss_fn
 
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=E, top_k=2, router_bias=True, expert_bias=True,
                     activation="clamped_swiglu", input_weighted=True, capacity_factor=None, init_std=0.2)  # fmt: skip
@@ -473,8 +473,7 @@ def _checkpoint_keeps_the_new_parameters(rank: int, world: int, tmp: str) -> Non
         state = initialize_parallel(expert_parallel_size=ep, num_experts=E)
         model = ToyMoELM(ep_group=state.ep_group, capacity_factor=None)
         model.moe = MoELayer(cfg, ep_group=state.ep_group)
-        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
-        return build_engine(model, config, lr=1e-2, weight_decay=0.0)[0]
+        return build_engine(model, DS_CONFIG, lr=1e-2, weight_decay=0.0)[0]
 
     saved = engine(2)
     for step in range(2):

@@ -6,7 +6,6 @@ and a resumed job continues the same W&B run with exactly the losses of an unint
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -16,50 +15,17 @@ import pytest
 import torch
 
 from launch.compare import read_wandb_history, read_wandb_run_info, wandb_files
-from tests.dist_utils import free_port
+from tests.app_cli import REPO, metric, metric_rows, run_app, tiny_overrides, train_command
 
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 MOE_LAYERS = (0, 1)
 
 
 def train(run_dir: Path, cache: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        str(DEEPSPEED),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
-        "+experiment=cpu_demo",
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.num_heads=2",
-        "model.ffn_hidden_size=128",
-        "model.moe_every=1",
-        "moe.num_experts=4",
-        "data.max_corpus_bytes=300000",
-        "data.vocab_size=512",
-        "data.seq_len=32",
-        f"data.cache_dir={cache}",
-        f"train.steps={steps}",
-        "train.micro_batch_size=4",
-        "train.log_every=2",
-        "train.eval_every=4",
-        "train.eval_batches=2",
-        "train.ckpt_every=4",
-        f"train.run_dir={run_dir}",
-        "train.progress=lines",
-        *extra,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def jsonl_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+    """``steps`` steps of the tiny model at EP=2 under ``deepspeed --num_gpus 2``, W&B offline."""
+    overrides = tiny_overrides(hidden=64, seq_len=32, log_every=2, eval_every=4, eval_batches=2)
+    cmd = [*train_command(2), "+experiment=cpu_demo", *overrides, f"data.cache_dir={cache}", f"train.steps={steps}",
+           "train.ckpt_every=4", f"train.run_dir={run_dir}", *extra]  # fmt: skip
+    return run_app(cmd, timeout=420)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +67,7 @@ def test_resume_continues_the_same_run_and_loss(runs):
     assert len(files) == 2  # one offline run directory per job, same run id: `wandb sync` joins them
     ids = {read_wandb_run_info(f)["run_id"] for f in files}
     assert len(ids) == 1
-    want, got = jsonl_losses(straight), jsonl_losses(stopped)
+    want, got = metric(straight, "train/loss"), metric(stopped, "train/loss")
     assert sorted(got) == sorted(want)
     for step in (10, 12):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
@@ -140,14 +106,7 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     infos = [read_wandb_run_info(wandb_files(run)[0]) for run in runs]
     assert {info["group"] for info in infos} == {"cf_sweep"}
     assert [info["display_name"] for info in infos] == ["moe.capacity_factor=0.5", "moe.capacity_factor=2.0"]
-    dropped = [
-        [
-            row["moe/dropped_fraction"]
-            for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "moe/dropped_fraction" in row
-        ]
-        for run in runs
-    ]
+    dropped = [list(metric(run, "moe/dropped_fraction").values()) for run in runs]
     assert min(dropped[0]) > max(dropped[1])  # a smaller capacity factor drops more
     compare = subprocess.run(
         [sys.executable, "-m", "launch.compare", *map(str, runs), "--out", str(tmp_path / "cmp.png")],
@@ -181,16 +140,9 @@ def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_pa
 def single_process(run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     """The app in one process (world size 1), on the tiny shapes of test_failures with one dense and
     one MoE block."""
-    cmd = [
-        sys.executable, "launch/train.py", "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2",
-        "model.ffn_hidden_size=64", "model.moe_every=2", "moe.num_experts=4", "data.max_corpus_bytes=300000",
-        "data.vocab_size=512", "data.seq_len=16", f"data.cache_dir={cache}", "train.micro_batch_size=4",
-        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.ckpt_every=1000",
-        "train.progress=lines", "logger=disabled", f"train.run_dir={run_dir}", *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    cmd = [*train_command(), *tiny_overrides(moe_every=2), f"data.cache_dir={cache}", "train.ckpt_every=1000",
+           "logger=disabled", f"train.run_dir={run_dir}", *extra]  # fmt: skip
+    return run_app(cmd, timeout=420)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -208,12 +160,11 @@ def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, backend):
         compiled, tmp_path / "cache", f"train.steps={steps}", "train.compile=true", f"train.compile_backend={backend}"
     )
     assert "2 blocks compiled" in proc.stdout, proc.stdout[-2000:]
-    want, got = jsonl_losses(eager), jsonl_losses(compiled)
+    want, got = metric(eager, "train/loss"), metric(compiled, "train/loss")
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     tol = float_tolerance(torch.float32, reduction_size=64, depth=2 * steps)["rtol"]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=tol, abs=tol), (step, got, want)
-
 
 
 @pytest.mark.slow
@@ -223,18 +174,12 @@ def test_compiled_blocks_in_pipeline_stages_with_activation_checkpointing(tmp_pa
     from tests.tolerance import float_tolerance
 
     def pipeline_run(run_dir: Path, *extra: str) -> list[dict]:
-        cmd = [
-            str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-            "parallel.pp=2", "deepspeed.activation_checkpointing=true", "model.num_layers=4", "model.hidden_size=32",
-            "model.num_heads=2", "model.ffn_hidden_size=64", "model.moe_every=2", "moe.num_experts=4",
-            "data.max_corpus_bytes=300000", "data.vocab_size=512", "data.seq_len=16",
-            f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch_size=4", "train.grad_accum=2",
-            "train.steps=3", "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",
-            "train.ckpt_every=1000", "train.progress=lines", "logger=disabled", f"train.run_dir={run_dir}", *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        pipeline = ["parallel.pp=2", "deepspeed.activation_checkpointing=true", "train.grad_accum=2"]
+        run = [f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3", "train.ckpt_every=1000", "logger=disabled"]
+        cmd = [*train_command(2), *pipeline, *tiny_overrides(layers=4, moe_every=2), *run, f"train.run_dir={run_dir}"]
+        cmd += extra
+        run_app(cmd, timeout=600)
+        return metric_rows(run_dir)
 
     want = [row for row in pipeline_run(tmp_path / "eager") if "train/loss" in row]
     got = [row for row in pipeline_run(tmp_path / "compiled", "train.compile=true") if "train/loss" in row]
