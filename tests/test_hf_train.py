@@ -349,7 +349,7 @@ def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
     from moe_parallel.checkpoints.checkpoint import read_manifest
     from tests.dist_utils import run_distributed
     from tests.hf_app_fixtures import tiny_family_model
-    from tests.test_hf_cli import assert_same_tensors, hf_tensors
+    from tests.hf_models import assert_same_tensors, hf_tensors
 
     src, ckpt = tmp_path / "glm", tmp_path / "ckpt"
     tiny_family_model("glm4_moe", src, vocab_size=64, seed=4)  # non-zero e_score_correction_bias

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moe_parallel import MoEConfig, MoEConfigError, MoELayer, expert_capacity
 from moe_parallel.experts.activations import SwiGLUClamp, activate, activate_backward, activate_for_backward
 from tests.dist_utils import run_distributed
+from tests.reference import naive_top_k
 
 PATHS = ("grouped", "loop", "padded")
 
@@ -47,25 +48,7 @@ def reference_route(params: dict, cfg: MoEConfig, x_D: torch.Tensor) -> tuple[li
     logits = params["router.weight"] @ x_D
     if params.get("router.bias") is not None:
         logits = logits + params["router.bias"]
-    scores = torch.softmax(logits, 0) if cfg.score_func == "softmax" else torch.sigmoid(logits)
-    selection = scores.detach().tolist()
-    per_group = cfg.num_experts // cfg.num_groups
-    allowed = list(range(cfg.num_experts))
-    if cfg.num_groups > 1:
-        group_scores = []
-        for g in range(cfg.num_groups):
-            members = sorted(selection[g * per_group : (g + 1) * per_group], reverse=True)
-            group_scores.append(members[0] if cfg.group_score == "max" else sum(members[:2]))
-        best_groups = sorted(range(cfg.num_groups), key=lambda g: -group_scores[g])[: cfg.topk_groups]
-        allowed = [e for e in allowed if e // per_group in best_groups]
-    chosen = sorted(allowed, key=lambda e: -selection[e])[: cfg.top_k]
-    if cfg.score_after_topk:
-        weights = torch.softmax(logits[chosen], 0)
-    else:
-        weights = scores[chosen]
-        if cfg.normalize_top_k and cfg.top_k > 1:
-            weights = weights / weights.sum()
-    return chosen, weights * cfg.routed_scaling_factor
+    return naive_top_k(cfg, logits)
 
 
 def reference_keep(experts: list[list[int]], weights: list[list[float]], cfg: MoEConfig) -> set[tuple[int, int]]:
