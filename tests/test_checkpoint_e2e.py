@@ -14,7 +14,6 @@ import pytest
 
 from launch.checkpoint_tool import main as checkpoint_tool
 from tests.app_cli import REPO, snapshot, tiny_overrides, train_command
-from tests.test_checkpoint_safety import small_tmpfs  # noqa: F401 (a fixture)
 
 TINY = [
     "+experiment=cpu_demo",
@@ -43,12 +42,11 @@ def refused(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt_e2e")
-    run = tmp / "base"
-    ok(train(run, tmp / "cache", "train.steps=4", keep=2))
+def base(tmp_path_factory, app_cache):
+    run = tmp_path_factory.mktemp("ckpt_e2e") / "base"
+    ok(train(run, app_cache, "train.steps=4", keep=2))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
-    return run, tmp / "cache"
+    return run, app_cache
 
 
 @pytest.fixture
@@ -121,7 +119,7 @@ def test_train_steps_below_the_checkpoint_step_is_refused_and_changes_nothing(ru
     assert snapshot(run_dir) == before
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, small_tmpfs):  # noqa: F811
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, small_tmpfs):
     source, cache = base
     run_dir = small_tmpfs / "run"
     shutil.copytree(source, run_dir)

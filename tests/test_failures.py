@@ -1,7 +1,7 @@
 """Failure behaviour of the training app, driven as a user would: the CLI, a real run directory, real signals.
 
 Divergence (non-finite loss, overflow-skipped steps), expert collapse, a stalled rank, Ctrl-C and
-SIGTERM to the `deepspeed` command. Tiny models, 1-2 processes; the corpus is tokenized once per module.
+SIGTERM to the `deepspeed` command. Tiny models, 1-2 processes; the corpus is tokenized once per session.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ TINY = tiny_overrides()
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A tokenized corpus shared by the module's runs (a cold cache would dominate short timeouts)."""
-    return tokenized_cache(tmp_path_factory.mktemp("cache"), 300_000, 16)
+def cache(app_cache) -> Path:
+    """The corpus tokenized before the first run (a cold cache would dominate short timeouts)."""
+    return tokenized_cache(app_cache, 300_000, 16)
 
 
 def single(run_dir: Path, cache: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:

@@ -21,9 +21,9 @@ TINY = [*tiny_overrides(layers=1, corpus_bytes=200_000, micro_batch=2), "logger=
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A tokenized corpus shared by the module's jobs (tokenizing would dominate their start)."""
-    return tokenized_cache(tmp_path_factory.mktemp("cache"), 200_000, 16)
+def cache(app_cache) -> Path:
+    """The corpus tokenized before the first job (tokenizing would dominate its start)."""
+    return tokenized_cache(app_cache, 200_000, 16)
 
 
 class Job(AppJob):

@@ -29,9 +29,9 @@ def train(run_dir: Path, cache: Path, steps: int, *extra: str) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, app_cache):
     tmp = tmp_path_factory.mktemp("e2e")
-    cache = tmp / "cache"
+    cache = app_cache
     straight = tmp / "straight"
     train(straight, cache, 12)
     stopped = tmp / "stopped"
@@ -76,7 +76,7 @@ def test_resume_continues_the_same_run_and_loss(runs):
     assert (stopped / "checkpoints" / "latest").read_text() == "step_00000012"
 
 
-def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
+def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path, app_cache):
     """`-m moe.capacity_factor=0.5,2.0`: two runs, grouped in W&B by experiment, compared by launch.compare."""
     cmd = [
         sys.executable,
@@ -96,7 +96,7 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
         "data.max_corpus_bytes=300000",
         "data.vocab_size=512",
         "data.seq_len=32",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.cache_dir={app_cache}",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -119,14 +119,14 @@ def test_hydra_sweep_makes_one_grouped_run_per_value(tmp_path):
     assert "train/loss" in compare.stdout and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
-def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_path):
+def test_aux_loss_free_balancing_moves_the_expert_bias_and_checkpoints_it(tmp_path, app_cache):
     """moe.expert_bias_update_rate > 0: the app updates every router's selection bias once per step
     (loads summed over DP) and checkpoints it. Each update moves an expert by -rate, 0 or +rate, so
     after an odd number of steps a bias is an odd multiple of rate unless a load tied the mean."""
     from moe_parallel.checkpoints.checkpoint import export_consolidated, resolve_checkpoint
 
     run_dir, rate, steps = tmp_path / "run", 0.01, 5
-    train(run_dir, tmp_path / "cache", steps, f"moe.expert_bias_update_rate={rate}", "logger=disabled")
+    train(run_dir, app_cache, steps, f"moe.expert_bias_update_rate={rate}", "logger=disabled")
     weights = export_consolidated(resolve_checkpoint(run_dir / "checkpoints"))
     biases = {name: value for name, value in weights.items() if name.endswith("expert_bias")}
     assert len(biases) == len(MOE_LAYERS), sorted(weights)
@@ -146,7 +146,7 @@ def single_process(run_dir: Path, cache: Path, *extra: str) -> subprocess.Comple
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, backend):
+def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, app_cache, backend):
     """train.compile=true: every block through torch.compile (aot_eager: the traced graphs; inductor,
     the default: generated kernels), the same training losses as eager within the fp32 tolerance of
     the model's depth over the steps."""
@@ -154,10 +154,10 @@ def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, backend):
 
     steps = 4
     eager = tmp_path / "eager"
-    single_process(eager, tmp_path / "cache", f"train.steps={steps}")
+    single_process(eager, app_cache, f"train.steps={steps}")
     compiled = tmp_path / "compiled"
     proc = single_process(
-        compiled, tmp_path / "cache", f"train.steps={steps}", "train.compile=true", f"train.compile_backend={backend}"
+        compiled, app_cache, f"train.steps={steps}", "train.compile=true", f"train.compile_backend={backend}"
     )
     assert "2 blocks compiled" in proc.stdout, proc.stdout[-2000:]
     want, got = metric(eager, "train/loss"), metric(compiled, "train/loss")
@@ -168,14 +168,14 @@ def test_compiled_blocks_train_to_the_losses_of_eager_blocks(tmp_path, backend):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_in_pipeline_stages_with_activation_checkpointing(tmp_path):
+def test_compiled_blocks_in_pipeline_stages_with_activation_checkpointing(tmp_path, app_cache):
     """train.compile=true on 2 pipeline stages that recompute their blocks in backward: the same losses
     and the same MoE token counts (each micro-batch counted once) as eager blocks."""
     from tests.tolerance import float_tolerance
 
     def pipeline_run(run_dir: Path, *extra: str) -> list[dict]:
         pipeline = ["parallel.pp=2", "deepspeed.activation_checkpointing=true", "train.grad_accum=2"]
-        run = [f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3", "train.ckpt_every=1000", "logger=disabled"]
+        run = [f"data.cache_dir={app_cache}", "train.steps=3", "train.ckpt_every=1000", "logger=disabled"]
         cmd = [*train_command(2), *pipeline, *tiny_overrides(layers=4, moe_every=2), *run, f"train.run_dir={run_dir}"]
         cmd += extra
         run_app(cmd, timeout=600)
