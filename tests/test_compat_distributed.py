@@ -171,7 +171,7 @@ def _train(rank: int, world_size: int, zero_stage: int, ep_size: int, kind: str,
         (0, 2, "tanh"),
         (2, 2, "tanh"),
         (1, 2, "parallel_mlp"),
-        (2, 2, "two_linears"),
+        pytest.param(2, 2, "two_linears", marks=pytest.mark.slow),  # stacked experts, as parallel_mlp
     ],
 )
 def test_simple_moe_model_trains_like_one_process(zero_stage, ep_size, kind, tmp_path, deepspeed_cpu_ops) -> None:
