@@ -226,9 +226,15 @@ GPT_CASES = {
     "dense-layernorm-swiglu-dropout": dict(norm="layernorm", activation="swiglu", dropout=0.1),
     "moe-capacity-softmax-top2": dict(moe=dict(capacity_factor=1.0)),
     "moe-dropless-sigmoid-groups-shared": dict(
-        moe=dict(capacity_factor=None, score_func="sigmoid", num_groups=2, topk_groups=1, selection_bias=True,
-                 shared_expert_ffn_hidden_size=8),
-    ),  # fmt: skip
+        moe=dict(
+            capacity_factor=None,
+            score_func="sigmoid",
+            num_groups=2,
+            topk_groups=1,
+            selection_bias=True,
+            shared_expert_ffn_hidden_size=8,
+        ),
+    ),
     "moe-capacity-top1-position": dict(moe=dict(top_k=1, capacity_factor=1.0, drop_policy="position")),
 }
 
