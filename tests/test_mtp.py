@@ -91,9 +91,16 @@ def reference_total(model: Decoder, tokens_BS, targets_BS) -> tuple[torch.Tensor
     return main + cfg.mtp_loss_weight / len(losses) * sum(losses), losses
 
 
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_mtp_loss_and_gradients_match_the_reference(tie, attention):
+@pytest.mark.parametrize(
+    "attention, tie",
+    # make test: each attention and each head tying once; the other pairs in make test-slow
+    [
+        ("gqa", False),
+        ("mla", True),
+        *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [("gqa", True), ("mla", False)]),
+    ],
+)
+def test_mtp_loss_and_gradients_match_the_reference(attention, tie):
     mla = dict(attention="mla", num_kv_heads=2, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6,
                q_lora_rank=8, rope_interleave=True)  # fmt: skip
     cfg = make(2, tie, **(mla if attention == "mla" else {}))
