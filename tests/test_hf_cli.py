@@ -32,8 +32,15 @@ def load_transformers(path: Path):
     return model.eval()
 
 
-@pytest.mark.parametrize("draw", [0, 1, 2])
-@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize(
+    "family, draw",
+    # make test: one draw of every family (the draws rotate over the families); make test-slow: all three
+    [
+        pytest.param(family, draw, marks=() if draw == i % 3 else pytest.mark.slow)
+        for i, family in enumerate(sorted(FAMILY_CONFIGS))
+        for draw in range(3)
+    ],
+)
 def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     src = tmp_path / "hf"
     shape = random_family_overrides(family, seed=draw) if draw else None  # draw 0: the family's features on
