@@ -21,19 +21,18 @@ def _engine():
     from launch.env import free_port
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from tests.test_engine import E, ToyMoELM
+    from tests.toy_models import DS_CONFIG, E, ToyMoELM
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
     state = initialize_parallel(expert_parallel_size=1, num_experts=E)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
-    engine, _, _ = build_engine(ToyMoELM(ep_group=state.ep_group), {**config, "zero_optimization": {"stage": 1}})
+    engine, _, _ = build_engine(ToyMoELM(ep_group=state.ep_group), {**DS_CONFIG, "zero_optimization": {"stage": 1}})
     return engine
 
 
 def _train_step(engine, step: int) -> None:
-    from tests.test_engine import VOCAB, loss_fn
+    from tests.toy_models import VOCAB, loss_fn
 
     tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(step))
     engine.backward(loss_fn(engine, tokens))

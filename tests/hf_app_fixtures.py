@@ -45,21 +45,14 @@ def tiny_qwen3_moe(dest: Path, vocab_size: int, dtype: torch.dtype = torch.float
     import transformers
 
     kw = dict(
+        COMMON,
         vocab_size=vocab_size,
-        hidden_size=32,
         intermediate_size=64,
         moe_intermediate_size=16,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         num_experts=4,
-        num_experts_per_tok=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=0,
-        pad_token_id=None,
     )
     kw.update(overrides)
     model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
@@ -89,6 +82,19 @@ COMMON = dict(
     pad_token_id=None,
     eos_token_id=0,
 )
+# GLM-4.5's and DeepSeek-V3's expert layout: 8 routed experts in 2 groups, one shared, a dense first layer.
+_GROUPED_ROUTING = dict(
+    n_routed_experts=8,
+    moe_intermediate_size=16,
+    intermediate_size=48,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+)
+# DeepSeek's multi-head latent attention at a tiny width (V2 and V3).
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=4)
 # One tiny config per family, with the family's features switched on (dense layers, shared experts, ...).
 FAMILY_CONFIGS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, intermediate_size=16)),
@@ -107,14 +113,7 @@ FAMILY_CONFIGS = {
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",
         dict(
-            n_routed_experts=8,
-            moe_intermediate_size=16,
-            intermediate_size=48,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.5,
+            **_GROUPED_ROUTING,
             use_qk_norm=True,
             head_dim=8,
         ),
@@ -123,21 +122,9 @@ FAMILY_CONFIGS = {
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
         dict(
-            n_routed_experts=8,
-            moe_intermediate_size=16,
-            intermediate_size=48,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.5,
-            num_key_value_heads=4,
+            **_GROUPED_ROUTING,
+            **_MLA,
             q_lora_rank=16,
-            kv_lora_rank=12,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
-            head_dim=4,
             num_nextn_predict_layers=0,
             rope_parameters={
                 "rope_type": "yarn",
@@ -153,22 +140,14 @@ FAMILY_CONFIGS = {
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
         dict(
-            n_routed_experts=8,
-            moe_intermediate_size=16,
-            intermediate_size=48,
+            _GROUPED_ROUTING,
             n_shared_experts=2,
-            first_k_dense_replace=1,
             topk_method="group_limited_greedy",
             n_group=4,
             topk_group=2,
             routed_scaling_factor=1.5,
-            num_key_value_heads=4,
+            **_MLA,
             q_lora_rank=None,
-            kv_lora_rank=12,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
-            head_dim=4,
         ),
     ),
     "llama4_text": (

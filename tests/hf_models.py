@@ -117,8 +117,16 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
     topk_group = rng.randint(1, max(1, groups - 1)) if rng.random() < 0.8 else groups  # mostly a real limit
     common.update(num_experts_per_tok=rng.randint(2, min(4, topk_group * experts // groups)))
     common["rope_parameters"]["partial_rotary_factor"] = rng.choice([0.5, 1.0])
-    return transformers.Glm4MoeConfig(
-        **common,
+    kw = _grouped_experts(rng, layers, experts, groups, topk_group, expert_ffn, dense_ffn)
+    return transformers.Glm4MoeConfig(**common, **kw, use_qk_norm=seed % 2 == 0)  # both kinds among the draws
+
+
+def _grouped_experts(
+    rng: random.Random, layers: int, experts: int, groups: int, topk_group: int, expert_ffn: int, dense_ffn: int
+) -> dict:
+    """The expert and routing fields GLM-4.5 and DeepSeek share (drawn in one order, so a seed keeps its
+    config): shared experts, group-limited routing, scaling, dense first layers, attention biases."""
+    return dict(
         n_routed_experts=experts,
         moe_intermediate_size=expert_ffn,
         intermediate_size=dense_ffn,
@@ -128,7 +136,6 @@ def random_hf_config(model_type: str, seed: int, min_layers: int = 2, even_exper
         routed_scaling_factor=rng.choice([1.0, 2.5]),
         norm_topk_prob=rng.random() < 0.7,
         first_k_dense_replace=rng.randint(0, layers - 1),
-        use_qk_norm=seed % 2 == 0,  # both kinds among the draws
         attention_bias=rng.random() < 0.5,
     )
 
@@ -151,16 +158,7 @@ def _new_family_config(transformers, model_type: str, rng, common: dict, experts
         if rng.random() < 0.5:
             common["rope_parameters"].update(yarn_rope(rng, mla=True))
         kw = dict(
-            n_routed_experts=experts,
-            moe_intermediate_size=expert_ffn,
-            intermediate_size=dense_ffn,
-            n_shared_experts=rng.choice([1, 2]),
-            n_group=groups,
-            topk_group=topk_group,
-            routed_scaling_factor=rng.choice([1.0, 2.5]),
-            norm_topk_prob=rng.random() < 0.7,
-            first_k_dense_replace=rng.randint(0, layers - 1),
-            attention_bias=rng.random() < 0.5,
+            **_grouped_experts(rng, layers, experts, groups, topk_group, expert_ffn, dense_ffn),
             q_lora_rank=rng.choice([None, 6, 12]),
             kv_lora_rank=rng.choice([6, 8]),
             qk_nope_head_dim=rng.choice([4, 8]),
@@ -251,3 +249,22 @@ def tokens(vocab: int, seed: int = 0, batch: int = 2, seq: int = 11) -> torch.Te
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def assert_same_tensors(original: Path, exported: Path) -> None:
+    """The two directories hold the same tensor names with equal dtypes and values, bit for bit."""
+    a, b = hf_tensors(original), hf_tensors(exported)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key

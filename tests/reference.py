@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_parallel import MoELayer
+from moe_parallel import GroupedExperts, MoEConfig, MoELayer
 from moe_parallel.core.capacity import expert_capacity
 
 
@@ -77,3 +79,59 @@ def naive_moe(layer: MoELayer, x: Tensor, capacity_tokens: int | None = None) ->
     z = torch.logsumexp(logits, -1).square().mean()
     aux = cfg.aux_loss_coeff * balance + cfg.z_loss_coeff * z if T > 0 else logits.sum() * 0  # no tokens, no loss
     return y_TD.view(x.shape), aux
+
+
+def expert_pair(
+    num_experts: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **kwargs: Any
+) -> tuple[GroupedExperts, GroupedExperts]:
+    """The per-expert loop and the grouped GEMM over the same weights (``kwargs``: GroupedExperts').
+
+    Biases, when asked for, are drawn from N(0, 1) so that a path that drops them shows.
+    """
+    loop = GroupedExperts(num_experts, expert_gemm="loop", **kwargs).to(device, dtype)
+    grouped = GroupedExperts(num_experts, expert_gemm="grouped", **kwargs).to(device, dtype)
+    if kwargs.get("bias"):
+        with torch.no_grad():
+            for b in (loop.b1, loop.b2):
+                b.normal_()
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def run_experts(experts: GroupedExperts, x: Tensor, counts: Tensor | list[int], grad: Tensor) -> dict[str, Tensor]:
+    """Forward and backward of ``experts`` on a copy of ``x`` (rows grouped by expert, ``counts`` each).
+
+    Returns ``"y"``, ``"grad x"`` and ``"grad <parameter>"`` for every parameter.
+    """
+    x = x.clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = experts(x, counts)
+    y.backward(grad)
+    return {"y": y, "grad x": x.grad} | {f"grad {name}": p.grad for name, p in experts.named_parameters()}
+
+
+def naive_top_k(cfg: MoEConfig, logits_E: Tensor, selection_bias: Tensor | None = None) -> tuple[list[int], Tensor]:
+    """One token's routed experts (best first) and combine weights, decided as the config says.
+
+    Experts are ranked by score plus ``selection_bias`` (group-limited: only the ``topk_groups`` groups
+    whose best one or two experts score highest); the weights are differentiable through ``logits_E``.
+    """
+    scores = torch.softmax(logits_E, 0) if cfg.score_func == "softmax" else torch.sigmoid(logits_E)
+    selection = (scores.detach() + (0.0 if selection_bias is None else selection_bias)).tolist()
+    per_group = cfg.num_experts // cfg.num_groups
+    allowed = list(range(cfg.num_experts))
+    if cfg.num_groups > 1:
+        best = 1 if cfg.group_score == "max" else 2
+        group_scores = [
+            sum(sorted(selection[g * per_group : (g + 1) * per_group])[-best:]) for g in range(cfg.num_groups)
+        ]
+        kept_groups = sorted(range(cfg.num_groups), key=lambda g: -group_scores[g])[: cfg.topk_groups]
+        allowed = [e for e in allowed if e // per_group in kept_groups]
+    chosen = sorted(allowed, key=lambda e: -selection[e])[: cfg.top_k]
+    if cfg.score_after_topk:
+        weights = torch.softmax(logits_E[chosen], 0)
+    else:
+        weights = scores[chosen]
+        if cfg.normalize_top_k and cfg.top_k > 1:
+            weights = weights / weights.sum()
+    return chosen, weights * cfg.routed_scaling_factor

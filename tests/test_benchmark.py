@@ -87,6 +87,7 @@ def test_gpu_run_refuses_cpu_only_options_and_a_missing_gpu(capsys) -> None:
             moe_compare.selected_configs(bench_moe.parse_args(["--device", "cuda"]))
 
 
+@pytest.mark.slow  # ~23 s; make test keeps the quick side-by-side run and the sweep's sampling and table tests
 def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Path) -> None:
     """`--sweep --quick`: the sweep's machinery (T from the estimate aside) on a tiny EP=1 and EP=2 point."""
     output = tmp_path / "BENCHMARKS.md"

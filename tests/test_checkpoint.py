@@ -15,9 +15,7 @@ from moe_parallel.checkpoints.store import file_checksum
 from moe_parallel.integration.engine import build_engine
 from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
-from tests.test_engine import VOCAB, E, ToyMoELM, loss_fn
-
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
+from tests.toy_models import DS_CONFIG, E, ToyMoELM, loss_fn, toy_batch
 
 
 def _engine(ep: int, zero: int = 1, capacity_factor=1.0, bf16: bool = False):
@@ -30,15 +28,11 @@ def _engine(ep: int, zero: int = 1, capacity_factor=1.0, bf16: bool = False):
     return engine, state
 
 
-def _batch(step: int, rank: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
 def _train(engine, steps, start=0) -> list[float]:
     rank = dist.get_rank()
     losses = []
     for step in range(start, start + steps):
-        loss = loss_fn(engine, _batch(step, rank))
+        loss = loss_fn(engine, toy_batch(step, rank))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -48,7 +42,7 @@ def _train(engine, steps, start=0) -> list[float]:
 def _outputs(engine) -> torch.Tensor:
     engine.module.eval()
     with torch.no_grad():
-        out = engine.module(_batch(99, dist.get_rank())[:, :-1])
+        out = engine.module(toy_batch(99, dist.get_rank())[:, :-1])
     engine.module.train()
     return out
 
@@ -199,7 +193,7 @@ def _export_import_round_trip(rank, world, tmp):
     plain = ToyMoELM(capacity_factor=None).eval()
     plain.load_state_dict(torch.load(f"{tmp}/model.pt"), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(plain(_batch(99, rank)[:, :-1]), out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(plain(toy_batch(99, rank)[:, :-1]), out, rtol=1e-6, atol=1e-6)
     # And the imported checkpoint loads at yet another layout.
     engine1, _ = _engine(ep=1, capacity_factor=None)
     load_checkpoint(engine1, f"{tmp}/imported")

@@ -23,48 +23,27 @@ from moe_parallel.checkpoints.store import file_checksum
 from moe_parallel.integration.engine import build_engine
 from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
-from tests.test_checkpoint import DS_CONFIG, _batch
-from tests.test_engine import VOCAB, D, E, loss_fn
+from tests.toy_models import DS_CONFIG, E, ToyMoELM, loss_fn, toy_batch
 
 BIAS = "moe.router.expert_bias"
 
 
-class BiasLM(nn.Module):
-    """ToyMoELM with aux-loss-free balancing: its router's expert_bias moves every step."""
-
-    def __init__(self, ep_group=None) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, D)
-        cfg = MoEConfig(
-            hidden_size=D,
-            ffn_hidden_size=24,
-            num_experts=E,
-            top_k=2,
-            capacity_factor=None,
-            aux_loss_coeff=0.0,
-            expert_bias_update_rate=0.05,
-            init_std=0.2,
-        )
-        self.moe = MoELayer(cfg, ep_group=ep_group)
-        self.head = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        return self.head(h + self.moe(h))
+def bias_lm(ep_group=None) -> ToyMoELM:
+    """The toy model with aux-loss-free balancing: its router's expert_bias moves every step."""
+    return ToyMoELM(ep_group, capacity_factor=None, aux_loss_coeff=0.0, z_loss_coeff=0.0, expert_bias_update_rate=0.05)
 
 
 def _engine(ep: int):
     state = initialize_parallel(expert_parallel_size=ep, num_experts=E)
     config = {**DS_CONFIG, "zero_optimization": {"stage": 1}}
-    engine, _, _ = build_engine(BiasLM(ep_group=state.ep_group), config, lr=1e-2, weight_decay=0.0)
+    engine, _, _ = build_engine(bias_lm(state.ep_group), config, lr=1e-2, weight_decay=0.0)
     return engine
 
 
 def _train(engine, steps: int, start: int = 0) -> list[float]:
     losses = []
     for step in range(start, start + steps):
-        loss = loss_fn(engine, _batch(step, dist.get_rank()))
+        loss = loss_fn(engine, toy_batch(step, dist.get_rank()))
         engine.backward(loss)
         engine.step()
         update_expert_biases(engine.module, dist.group.WORLD)  # every rank routes its own tokens

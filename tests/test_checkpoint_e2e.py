@@ -8,39 +8,24 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from launch.checkpoint_tool import main as checkpoint_tool
-from tests.test_checkpoint_safety import small_tmpfs  # noqa: F401 (a fixture)
+from tests.app_cli import REPO, snapshot, tiny_overrides, train_command
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "+experiment=cpu_demo",
     "parallel.ep=1",
-    "model.num_layers=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_every=1",
-    "moe.num_experts=4",
-    "data.max_corpus_bytes=200000",
-    "data.vocab_size=512",
-    "data.seq_len=16",
-    "train.micro_batch_size=2",
-    "train.log_every=2",
-    "train.eval_every=2",
-    "train.eval_batches=1",
+    *tiny_overrides(layers=1, corpus_bytes=200_000, micro_batch=2, log_every=2, eval_every=2),
     "train.ckpt_every=2",
-    "train.progress=lines",
     "logger.mode=disabled",
 ]
 
 
 def train(run_dir: Path, cache: Path, *overrides: str, keep: int = 1) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch/train.py", *TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}"]
+    cmd = [*train_command(), *TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}"]
     cmd += [f"train.keep_checkpoints={keep}", *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
 
@@ -56,18 +41,12 @@ def refused(proc: subprocess.CompletedProcess) -> str:
     return " ".join(output.split())  # messages may wrap
 
 
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file of the run directory, by content."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt_e2e")
-    run = tmp / "base"
-    ok(train(run, tmp / "cache", "train.steps=4", keep=2))
+def base(tmp_path_factory, app_cache):
+    run = tmp_path_factory.mktemp("ckpt_e2e") / "base"
+    ok(train(run, app_cache, "train.steps=4", keep=2))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
-    return run, tmp / "cache"
+    return run, app_cache
 
 
 @pytest.fixture
@@ -140,7 +119,7 @@ def test_train_steps_below_the_checkpoint_step_is_refused_and_changes_nothing(ru
     assert snapshot(run_dir) == before
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, small_tmpfs):  # noqa: F811
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(base, small_tmpfs):
     source, cache = base
     run_dir = small_tmpfs / "run"
     shutil.copytree(source, run_dir)

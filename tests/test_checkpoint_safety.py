@@ -8,7 +8,6 @@ import json
 import random
 import re
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -384,21 +383,6 @@ def test_faults_on_one_rank_fail_every_rank_and_change_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------- a real full disk (tmpfs)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill_to(directory: Path, free: int) -> Path:

@@ -10,13 +10,8 @@ and an engine checkpoint loads at another EP size.
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import os
-import queue
-import time
-import traceback
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.env import free_port
 from moe_parallel.experts.modules import ModuleExperts, StackedExperts
 from moe_parallel.integration.compat import DS_EXPERTS_PREFIX, MoE, OptimizerLayoutWarning
 from tests.compat_doubles import ParallelMLP
+from tests.dist_utils import run_distributed
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -110,76 +105,6 @@ def ds_config(zero_stage: int) -> dict[str, Any]:
     }
 
 
-def _worker_entry(
-    rank: int,
-    world_size: int,
-    port: int,
-    init: str,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    results: Any,
-) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)  # two ranks on two cores
-    try:
-        if init == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        else:  # the user's own torch.distributed, DeepSpeed's comm left uninitialised
-            torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, "ok", fn(rank, world_size, *args)))
-    except BaseException:  # report everything, including assertion failures, to the parent
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def run_ranks(
-    fn: Callable[..., Any], *args: Any, init: str = "deepspeed", timeout_s: float = SPAWN_TIMEOUT_S
-) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on WORLD_SIZE spawned gloo ranks; fail (never hang) on timeout.
-
-    ``init``: "deepspeed" (``deepspeed.init_distributed``) or "torch" (``init_process_group`` only).
-    """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker_entry, args=(rank, WORLD_SIZE, port, init, fn, args, results), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for proc in procs:
-        proc.start()
-    outcome: dict[int, tuple[str, Any]] = {}
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(outcome) < WORLD_SIZE:
-            try:
-                rank, status, payload = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                missing = sorted(set(range(WORLD_SIZE)) - set(outcome))
-                pytest.fail(f"ranks {missing} did not finish within {timeout_s:.0f} s (hang?); got {outcome}")
-            outcome[rank] = (status, payload)
-            if status == "error":
-                pytest.fail(f"rank {rank} failed:\n{payload}")
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [outcome[rank][1] for rank in range(WORLD_SIZE)]
-
-
 def _train(rank: int, world_size: int, zero_stage: int, ep_size: int, kind: str, ckpt_dir: str) -> dict:
     import deepspeed
 
@@ -246,11 +171,13 @@ def _train(rank: int, world_size: int, zero_stage: int, ep_size: int, kind: str,
         (0, 2, "tanh"),
         (2, 2, "tanh"),
         (1, 2, "parallel_mlp"),
-        (2, 2, "two_linears"),
+        pytest.param(2, 2, "two_linears", marks=pytest.mark.slow),  # stacked experts, as parallel_mlp
     ],
 )
 def test_simple_moe_model_trains_like_one_process(zero_stage, ep_size, kind, tmp_path, deepspeed_cpu_ops) -> None:
-    results = run_ranks(_train, zero_stage, ep_size, kind, str(tmp_path))
+    results = run_distributed(
+        _train, WORLD_SIZE, zero_stage, ep_size, kind, str(tmp_path), timeout=SPAWN_TIMEOUT_S, init="deepspeed"
+    )
     for result in results:
         assert result["losses"][-1] < result["losses"][0], result["losses"]
     expected = sorted(f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt" for i in (0, 1) for e in range(NUM_EXPERTS))
@@ -311,7 +238,9 @@ def _resume_deepspeed_checkpoint(rank: int, world_size: int, kind: str, ckpt_dir
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
 @pytest.mark.parametrize("kind", ["tanh", "parallel_mlp"])
 def test_deepspeed_layer_checkpoint_resumes_with_ours(kind: str, tmp_path, deepspeed_cpu_ops) -> None:
-    run_ranks(_resume_deepspeed_checkpoint, kind, str(tmp_path))
+    run_distributed(
+        _resume_deepspeed_checkpoint, WORLD_SIZE, kind, str(tmp_path), timeout=SPAWN_TIMEOUT_S, init="deepspeed"
+    )
 
 
 def _forward_without_engine(rank: int, world_size: int, kind: str) -> None:
@@ -357,4 +286,4 @@ def test_ep2_without_engine_matches_one_process(deepspeed_cpu_ops) -> None:
     """Outside deepspeed.initialize, with only torch.distributed set up: groups are created at the
     first forward, and EP=2 (module-copy experts, ragged all-to-all) gives each rank what one process
     computes with all experts."""
-    run_ranks(_forward_without_engine, "tanh", init="torch")
+    run_distributed(_forward_without_engine, WORLD_SIZE, "tanh", timeout=SPAWN_TIMEOUT_S)

@@ -6,8 +6,8 @@ The families are built tiny from transformers' config classes through ``decoder_
 with the options its real checkpoints set (GQA, a free head_dim, RoPE scaling, partial rotary, q/k
 norms, q/k/v clipping, attention biases, shared experts, sigmoid group-limited routing, dense
 layers), so the blocks are the ones a converted checkpoint builds. Most cases use the ``aot_eager``
-backend (dynamo and AOTAutograd, eager kernels: fast, and it finds every graph break); two run
-inductor, the default backend. ``make test-slow`` runs a wider sweep.
+backend (dynamo and AOTAutograd, eager kernels: fast, and it finds every graph break); ``make test-slow``
+adds the other families' dense blocks, inductor (the default backend) and a wider sweep.
 """
 
 from __future__ import annotations
@@ -201,8 +201,17 @@ def check_block(module: nn.Module, backend: str = "aot_eager", training: bool = 
 
 # (family, MoE block?, capacity factor): every family's dense and MoE block; Mixtral and Qwen3's MoE
 # blocks also with capacity-factor dropping (Qwen3: top-1 routing).
+# A family's MoE block holds its attention too: make test compiles the dense block only of the families
+# whose checkpoints have dense layers (GLM-4.5, DeepSeek-V3); make test-slow compiles every family's.
+DENSE_IN_MAKE_TEST = ("glm4_moe", "deepseek_v3")
 FAMILY_CASES = [
-    pytest.param(family, moe, cf, id=f"{family}-{'moe' if moe else 'dense'}" + ("-capacity" if cf else ""))
+    pytest.param(
+        family,
+        moe,
+        cf,
+        id=f"{family}-{'moe' if moe else 'dense'}" + ("-capacity" if cf else ""),
+        marks=() if moe or family in DENSE_IN_MAKE_TEST else pytest.mark.slow,
+    )
     for family, moe, cf in [
         *((family, False, None) for family in FAMILIES),
         *((family, True, None) for family in FAMILIES),
@@ -226,9 +235,15 @@ GPT_CASES = {
     "dense-layernorm-swiglu-dropout": dict(norm="layernorm", activation="swiglu", dropout=0.1),
     "moe-capacity-softmax-top2": dict(moe=dict(capacity_factor=1.0)),
     "moe-dropless-sigmoid-groups-shared": dict(
-        moe=dict(capacity_factor=None, score_func="sigmoid", num_groups=2, topk_groups=1, selection_bias=True,
-                 shared_expert_ffn_hidden_size=8),
-    ),  # fmt: skip
+        moe=dict(
+            capacity_factor=None,
+            score_func="sigmoid",
+            num_groups=2,
+            topk_groups=1,
+            selection_bias=True,
+            shared_expert_ffn_hidden_size=8,
+        ),
+    ),
     "moe-capacity-top1-position": dict(moe=dict(top_k=1, capacity_factor=1.0, drop_policy="position")),
 }
 

@@ -21,7 +21,7 @@ from moe_parallel.checkpoints import resumable
 from moe_parallel.checkpoints.checkpoint import ConsolidatedReader
 from tests.dist_utils import run_distributed
 from tests.hf_app_fixtures import tiny_family_model
-from tests.test_hf_cli import assert_same_tensors, hf_tensors
+from tests.hf_models import assert_same_tensors, hf_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(

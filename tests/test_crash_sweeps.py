@@ -148,7 +148,7 @@ def hf_source(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("n", SWEEPS)
 def test_a_kill_during_import_hf_leaves_nothing_and_a_rerun_completes(tmp_path, hf_source, n):
-    from tests.test_hf_cli import assert_same_tensors
+    from tests.hf_models import assert_same_tensors
 
     target = "tests.fault_ops:tool"
     argv = ["import-hf", str(hf_source), "--out", str(tmp_path / "count" / "ckpt")]
@@ -170,7 +170,7 @@ def test_a_kill_during_import_hf_leaves_nothing_and_a_rerun_completes(tmp_path, 
 
 @pytest.mark.parametrize("n", SWEEPS)
 def test_a_kill_during_export_hf_leaves_nothing_and_a_rerun_completes(tmp_path, hf_source, n):
-    from tests.test_hf_cli import assert_same_tensors
+    from tests.hf_models import assert_same_tensors
 
     ckpt = tmp_path / "ckpt"
     assert tool(["import-hf", str(hf_source), "--out", str(ckpt)]) == 0

@@ -31,6 +31,7 @@ from launch.data import (
     tokenizer,
     train_tokenizer,
 )
+from tests.dist_utils import run_distributed
 
 SMALL = dict(max_corpus_bytes=200_000, vocab_size=400, val_fraction=0.05, seq_len=32)
 
@@ -256,56 +257,51 @@ def test_lock_serialises_builds(text_files, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ distributed
 
 
-def run_ranks(world: int, fn) -> list:
-    """Run ``fn(rank, barrier)`` on ``world`` threads sharing a real barrier; re-raise the first error."""
-    sync = threading.Barrier(world, timeout=60)
-    results: list = [None] * world
+def _prepare_on_rank(rank: int, world: int, cfg: DataConfig) -> dict:
+    """``prepare_data`` on one of ``world`` processes with the process group's barrier: what it saw.
 
-    def body(rank: int) -> None:
+    ``prepares``: how often this rank tokenized itself; ``events``: ``(what, data ready)`` around the
+    barrier; ``error``: the ``DataError`` message, if it raised one.
+    """
+    import torch.distributed as dist
+
+    events: list[tuple[str, bool]] = []
+
+    def barrier() -> None:
+        events.append(("enter", False))
+        dist.barrier()
+        events.append(("leave", any((cfg.cache_path / "datasets").glob("*/meta.json"))))
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        prepares = count_calls(monkeypatch, token_cache, "_prepare_here")
         try:
-            results[rank] = fn(rank, sync.wait)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            results[rank] = exc
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    return results
+            data = prepare_data(cfg, rank=rank, barrier=barrier)
+        except DataError as err:
+            return {"error": str(err), "events": events}
+    return {"directory": str(data.directory), "digest": digest(data.train_tokens), "prepares": len(prepares),
+            "events": events}  # fmt: skip
 
 
-def test_waiting_ranks_call_the_barrier_then_open(text_files, tmp_path, monkeypatch):
+def test_waiting_ranks_call_the_barrier_then_open(text_files, tmp_path):
     cfg = small_cfg(tmp_path / "cache", files=[str(p) for p in text_files], val_fraction=0.3)
-    prepares = count_calls(monkeypatch, token_cache, "_prepare_here")
-    events: list[tuple[int, str, bool]] = []
-
-    def fn(rank, wait):
-        def barrier():
-            events.append((rank, "enter", False))
-            wait()
-            ready = any((cfg.cache_path / "datasets").glob("*/meta.json"))
-            events.append((rank, "leave", ready))
-
-        return prepare_data(cfg, rank=rank, barrier=barrier)
-
-    results = run_ranks(3, fn)
-    assert all(not isinstance(r, BaseException) for r in results), results
-    assert len({r.directory for r in results}) == 1
-    assert len(prepares) == 1  # ranks 1 and 2 found rank 0's data through the index
-    for rank in range(3):
-        assert [e[1] for e in events if e[0] == rank] == ["enter", "leave"]
-    assert all(ready for _, what, ready in events if what == "leave")
-    assert digest(results[1].train_tokens) == digest(results[0].train_tokens)
+    results = run_distributed(_prepare_on_rank, 3, cfg)
+    assert all("error" not in r for r in results), results
+    assert len({r["directory"] for r in results}) == 1
+    assert [r["prepares"] for r in results] == [1, 0, 0]  # ranks 1 and 2 found rank 0's data through the index
+    for r in results:
+        assert [what for what, _ in r["events"]] == ["enter", "leave"]
+        assert r["events"][1][1]  # the data is there when the barrier opens
+    assert len({r["digest"] for r in results}) == 1
 
 
 def test_rank0_failure_releases_waiting_ranks(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json\n')
     cfg = small_cfg(tmp_path / "cache", files=[str(bad)])
-    results = run_ranks(2, lambda rank, wait: prepare_data(cfg, rank=rank, barrier=wait))
-    assert all(isinstance(r, DataError) for r in results), results
-    assert "bad.jsonl:3" in str(results[0]) and "rank 0 failed" in str(results[1])
+    results = run_distributed(_prepare_on_rank, 2, cfg)
+    assert all("error" in r for r in results), results
+    assert "bad.jsonl:3" in results[0]["error"] and "rank 0 failed" in results[1]["error"]
+    assert [what for what, _ in results[1]["events"]] == ["enter", "leave"]
 
 
 def test_rank_without_shared_cache_prepares_itself(text_files, tmp_path):

@@ -108,8 +108,6 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-
-
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

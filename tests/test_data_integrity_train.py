@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launch import config as app_config
 from launch.data import prepare_data
-from tests.test_failures import TINY as FAILURES_TINY
+from tests.app_cli import REPO, metric_rows, tiny_overrides, train_command
 
-REPO = Path(__file__).resolve().parent.parent
 app_config.register_configs()
-TINY = [*FAILURES_TINY, "train.steps=4", "logger=disabled"]  # the failure tests' tiny run, 4 steps
+TINY = [*tiny_overrides(), "train.steps=4", "logger=disabled"]  # the failure tests' tiny run, 4 steps
 
 
 def compose(*overrides: str):
@@ -34,13 +30,12 @@ def test_zeroed_train_bin_stops_training_before_a_step(tmp_path):
     damaged = data.directory / "train.bin"
     damaged.write_bytes(bytes(damaged.stat().st_size))  # the right size, every byte zero
     run = tmp_path / "run"
-    cmd = [sys.executable, "launch/train.py", *overrides]
+    cmd = [*train_command(), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     entry = re.escape(str(data.directory))
     where = rf"{re.escape(str(damaged))} bytes \[\d+, \d+\) .* the cache entry {entry} .*delete it"
     assert re.search(where, out), out[-3000:]
-    metrics = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = metric_rows(run) if (run / "metrics.jsonl").exists() else []
     assert not [row for row in rows if "train/loss" in row], rows  # not one step trained on it

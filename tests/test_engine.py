@@ -12,44 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.integration.engine import DeepSpeedConfigError, build_engine, validate_deepspeed_config
 from moe_parallel.integration.parallel import initialize_parallel
 from tests.dist_utils import run_distributed
-
-VOCAB, D, E = 32, 16, 4
-
-
-class ToyMoELM(nn.Module):
-    def __init__(self, ep_group=None, capacity_factor=1.0):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, D)
-        cfg = MoEConfig(
-            hidden_size=D,
-            ffn_hidden_size=24,
-            num_experts=E,
-            top_k=2,
-            capacity_factor=capacity_factor,
-            min_capacity=1,
-            aux_loss_coeff=0.1,
-            z_loss_coeff=0.01,
-            init_std=0.2,
-        )
-        self.moe = MoELayer(cfg, ep_group=ep_group)
-        self.head = nn.Linear(D, VOCAB)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        return self.head(h + self.moe(h))
-
-
-def loss_fn(model, tokens):
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+from tests.toy_models import VOCAB, E, ToyMoELM, loss_fn
 
 
 def batches(steps, world):
@@ -119,9 +86,12 @@ def _engine_matches_reference(rank, world, zero_stage, ep):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-@pytest.mark.parametrize("ep", [1, 2])
-def test_engine_gradients_and_losses_equal_single_process(zero_stage, ep):
+@pytest.mark.parametrize(
+    "ep, zero_stage",
+    # make test: each ZeRO stage and each EP size once; the other pairs in make test-slow
+    [(1, 0), (2, 1), (1, 2), *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [(1, 1), (2, 0), (2, 2)])],
+)
+def test_engine_gradients_and_losses_equal_single_process(ep, zero_stage):
     run_distributed(_engine_matches_reference, 2, zero_stage, ep, timeout=300)
 
 
@@ -142,7 +112,7 @@ def test_fused_adam_from_apex_when_a_cuda_build_is_importable(monkeypatch):
 
     from moe_parallel.integration.engine import make_optimizer
 
-    params = [{"params": [nn.Parameter(torch.zeros(2))]}]
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
     assert type(make_optimizer(params, lr=1e-3)) is torch.optim.AdamW
 
     class FusedAdam:

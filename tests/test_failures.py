@@ -1,12 +1,11 @@
 """Failure behaviour of the training app, driven as a user would: the CLI, a real run directory, real signals.
 
 Divergence (non-finite loss, overflow-skipped steps), expert collapse, a stalled rank, Ctrl-C and
-SIGTERM to the `deepspeed` command. Tiny models, 1-2 processes; the corpus is tokenized once per module.
+SIGTERM to the `deepspeed` command. Tiny models, 1-2 processes; the corpus is tokenized once per session.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,46 +20,21 @@ import psutil
 import pytest
 
 from launch.compare import iter_wandb_records, read_wandb_history, wandb_files
+from tests.app_cli import REPO, metric_rows, tiny_overrides, tokenized_cache, train_command
 from tests.app_job import AppJob
-from tests.dist_utils import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_every=1",
-    "moe.num_experts=4",
-    "data.max_corpus_bytes=300000",
-    "data.vocab_size=512",
-    "data.seq_len=16",
-    "train.micro_batch_size=4",
-    "train.log_every=1",
-    "train.eval_every=1000",
-    "train.eval_batches=1",
-    "train.progress=lines",
-]
+TINY = tiny_overrides()
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A tokenized corpus shared by the module's runs (a cold cache would dominate short timeouts)."""
-    from launch.data import DataConfig, prepare_data
-
-    path = tmp_path_factory.mktemp("cache")
-    prepare_data(DataConfig(max_corpus_bytes=300000, vocab_size=512, seq_len=16, cache_dir=str(path)))
-    return path
+def cache(app_cache) -> Path:
+    """The corpus tokenized before the first run (a cold cache would dominate short timeouts)."""
+    return tokenized_cache(app_cache, 300_000, 16)
 
 
 def single(run_dir: Path, cache: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch/train.py", *TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
+    cmd = [*train_command(), *TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -77,7 +51,7 @@ def test_diverging_learning_rate_stops_after_max_skipped_steps(tmp_path, cache):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 65, out[-3000:]
     assert "training diverged" in out and "train.max_skipped_steps=3" in out, out[-3000:]
-    logged = rows(run)
+    logged = metric_rows(run)
     skipped = [r for r in logged if "train/skipped_loss" in r]
     assert len(skipped) == 3, skipped
     # A skipped step is retried as the same step, on the same batch, at the same learning rate:
@@ -108,9 +82,9 @@ def test_nan_in_fp32_stops_at_the_first_step_naming_the_layer(tmp_path, cache):
     stopped = r"training diverged: non-finite loss nan; .*(update was applied|does not recover)"
     assert re.search(stopped, out), out[-3000:]
     assert "The first output that went non-finite:" in out
-    losses = [r for r in rows(run) if "train/loss" in r]
+    losses = [r for r in metric_rows(run) if "train/loss" in r]
     assert all(math.isfinite(r["train/loss"]) for r in losses)
-    bad = [r for r in rows(run) if "train/skipped_loss" in r]
+    bad = [r for r in metric_rows(run) if "train/skipped_loss" in r]
     assert len(bad) == 1  # stopped at the first non-finite step, max_skipped_steps notwithstanding
     assert not (run / "checkpoints").exists() or max(checkpoint_steps(run), default=0) < bad[0]["step"]
 
@@ -128,7 +102,7 @@ def test_expert_collapse_warns_once_records_an_alert_and_trains_on(tmp_path, cac
     warnings_ = [line for line in out.splitlines() if line.startswith("warning: MoE layer")]
     assert len(warnings_) == 2, warnings_  # one per layer, not one per step
     assert "degenerate for 3 steps" in warnings_[0] and "the mean load (bound 1.01)" in warnings_[0]
-    alerts = [r for r in rows(run) if r.get("alert", "").startswith("expert collapse")]
+    alerts = [r for r in metric_rows(run) if r.get("alert", "").startswith("expert collapse")]
     assert sorted(a["alert/data"]["layer"] for a in alerts) == [0, 1]
     assert all(a["step"] == 3 and a["alert/data"]["max_load_ratio"] > 1.01 for a in alerts)
     assert "done:" in proc.stdout
@@ -145,9 +119,8 @@ class Job(AppJob):
     """`deepspeed --num_gpus 2 launch/train.py ...` in its own session (like a shell's foreground job)."""
 
     def __init__(self, run_dir: Path, cache: Path, *extra: str) -> None:
-        launcher = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"]
         args = [*TINY, "parallel.ep=2", f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
-        super().__init__([*launcher, *args])
+        super().__init__([*train_command(2), *args])
 
     def workers(self) -> dict[int, psutil.Process]:
         """local rank -> worker process, found by session (the launcher itself may be gone)."""
@@ -295,7 +268,7 @@ def _refused_runs(tmp_path: Path, cache: Path, cases: list[tuple[str, str]], env
     """Every case at once (two cores): (override, expected message, process)."""
     procs = []
     for i, (override, message) in enumerate(cases):
-        cmd = [sys.executable, "launch/train.py", *TINY, f"data.cache_dir={cache}",
+        cmd = [*train_command(), *TINY, f"data.cache_dir={cache}",
                f"train.run_dir={tmp_path / f'run{i}'}", "logger=disabled", override]  # fmt: skip
         procs.append((override, message, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                                                           stderr=subprocess.PIPE, text=True, env=env)))  # fmt: skip

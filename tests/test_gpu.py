@@ -22,7 +22,7 @@ from moe_parallel import GroupedExperts, MoEConfig, MoELayer
 from moe_parallel.experts import grouped_mm_op
 from moe_parallel.experts import stacked as stacked_module
 from tests.reference import activation as reference_activation
-from tests.reference import naive_moe
+from tests.reference import expert_pair, naive_moe, run_experts
 
 DEVICE = torch.device(os.environ.get("MOE_GPU_TESTS_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -77,14 +77,6 @@ def _oracle_experts(x, counts, w1, w2, activation):
     return y
 
 
-def _run_experts(experts: GroupedExperts, x, counts_e, grad):
-    x = x.clone().requires_grad_()
-    experts.zero_grad(set_to_none=True)
-    y = experts(x, counts_e)
-    y.backward(grad)
-    return {"y": y, "grad x": x.grad, "grad w1": experts.w1.grad, "grad w2": experts.w2.grad}
-
-
 def _check_against_the_oracle(num_experts, hidden, ffn, activation, padding, dtype, gen, monkeypatch):
     """Both expert paths on DEVICE, forward and backward, against the fp64 oracle and each other.
     Rows past the counts are padding (dropped assignments at EP = 1): zero output and gradient."""
@@ -93,9 +85,7 @@ def _check_against_the_oracle(num_experts, hidden, ffn, activation, padding, dty
     x = torch.randn(num_rows, hidden, generator=gen)
     grad = torch.randn(num_rows, hidden, generator=gen)
     kwargs = dict(hidden_size=hidden, ffn_hidden_size=ffn, activation=activation, init_std=0.1)
-    loop = GroupedExperts(num_experts, expert_gemm="loop", **kwargs).to(DEVICE, dtype)
-    grouped = GroupedExperts(num_experts, expert_gemm="grouped", **kwargs).to(DEVICE, dtype)
-    grouped.load_state_dict(loop.state_dict())
+    loop, grouped = expert_pair(num_experts, dtype, DEVICE, **kwargs)
 
     # The oracle, in fp64 from the same rounded inputs and weights.
     leaves = [t.detach().cpu().to(dtype).double().requires_grad_() for t in (x, loop.w1, loop.w2)]
@@ -105,7 +95,7 @@ def _check_against_the_oracle(num_experts, hidden, ffn, activation, padding, dty
 
     # The counts as the dispatcher hands them: an int64 tensor on the device.
     args = (x.to(DEVICE, dtype), torch.tensor(counts, device=DEVICE), grad.to(DEVICE, dtype))
-    got_loop = _run_experts(loop, *args)
+    got_loop = run_experts(loop, *args)
     for name in want:
         assert_close_scaled(got_loop[name], want[name], dtype, f"loop {name}")
     assert not loop.uses_grouped_gemm(args[0])
@@ -113,7 +103,7 @@ def _check_against_the_oracle(num_experts, hidden, ffn, activation, padding, dty
     if dtype != torch.bfloat16 and ON_CUDA:  # our selection refuses non-bf16 on CUDA; ask torch's kernel
         monkeypatch.setattr(stacked_module, "grouped_gemm_problem", lambda x, sizes: None)
     try:
-        got_grouped = _run_experts(grouped, *args)
+        got_grouped = run_experts(grouped, *args)
     except RuntimeError as err:  # a fact for the results file, once the loop has been checked
         pytest.skip(f"torch {torch.__version__}'s grouped GEMM on {DEVICE} refuses {dtype}: {str(err)[:200]}")
     for name in want:

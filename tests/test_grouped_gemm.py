@@ -13,7 +13,7 @@ import torch
 
 from moe_parallel import GroupedExperts, MoEConfig, MoEConfigError, MoELayer
 from moe_parallel.experts import grouped_gemm_problem, grouped_gemm_supported
-from tests.reference import naive_moe
+from tests.reference import expert_pair, naive_moe, run_experts
 
 CLOSE = dict(rtol=1e-4, atol=1e-5)
 
@@ -21,30 +21,14 @@ CLOSE = dict(rtol=1e-4, atol=1e-5)
 def _pair(
     ffn: int, bias: bool, activation: str, dtype=torch.float32, hidden: int = 8
 ) -> tuple[GroupedExperts, GroupedExperts]:
-    kwargs = dict(hidden_size=hidden, ffn_hidden_size=ffn, activation=activation, bias=bias, init_std=0.3)
-    loop = GroupedExperts(3, expert_gemm="loop", **kwargs).to(dtype)
-    grouped = GroupedExperts(3, expert_gemm="grouped", **kwargs).to(dtype)
-    if bias:
-        with torch.no_grad():
-            for b in (loop.b1, loop.b2):
-                b.normal_()
-    grouped.load_state_dict(loop.state_dict())
-    return loop, grouped
-
-
-def _run(experts: GroupedExperts, x, tokens_per_expert, grad):
-    x = x.clone().requires_grad_()
-    experts.zero_grad(set_to_none=True)
-    y = experts(x, tokens_per_expert)
-    y.backward(grad)
-    return y, x.grad, {name: p.grad for name, p in experts.named_parameters()}
+    return expert_pair(
+        3, dtype, hidden_size=hidden, ffn_hidden_size=ffn, activation=activation, bias=bias, init_std=0.3
+    )
 
 
 def _assert_same(got, want) -> None:
-    for name, a, b in zip(("y", "grad x"), got[:2], want[:2]):
-        torch.testing.assert_close(a, b, **CLOSE, msg=name)
-    for name in want[2]:
-        torch.testing.assert_close(got[2][name], want[2][name], **CLOSE, msg=name)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **CLOSE, msg=name)
 
 
 @pytest.mark.parametrize("ffn", [4, 12], ids=["D>F", "D<=F"])
@@ -59,13 +43,13 @@ def test_grouped_gemm_equals_the_loop(ffn, bias, activation, padding, on_device)
     x = torch.randn(sum(counts) + padding, 8)
     grad = torch.randn_like(x)
     tokens_per_expert = torch.tensor(counts) if on_device else counts
-    want = _run(loop, x, tokens_per_expert, grad)
-    got = _run(grouped, x, tokens_per_expert, grad)
+    want = run_experts(loop, x, tokens_per_expert, grad)
+    got = run_experts(grouped, x, tokens_per_expert, grad)
     _assert_same(got, want)
-    assert torch.count_nonzero(got[2]["w1"][1]) == 0  # the idle expert's gradient is zero
+    assert torch.count_nonzero(got["grad w1"][1]) == 0  # the idle expert's gradient is zero
     if padding:  # padding rows: zero output and zero input gradient, whatever they hold
-        assert torch.count_nonzero(got[0][sum(counts) :]) == 0
-        assert torch.count_nonzero(got[1][sum(counts) :]) == 0
+        assert torch.count_nonzero(got["y"][sum(counts) :]) == 0
+        assert torch.count_nonzero(got["grad x"][sum(counts) :]) == 0
 
 
 def test_layer_with_grouped_gemm_matches_the_oracle_and_the_loop():
@@ -155,13 +139,11 @@ def test_widths_off_the_row_alignment_run_and_equal_the_loop(hidden, ffn, dtype)
     x = torch.randn(sum(counts) + 1, hidden)
     assert grouped_gemm_problem(x.to(dtype), (hidden, 2 * ffn, ffn)) is None
     grad = torch.randn_like(x)
-    want = _run(loop, x, counts, grad)
-    got = _run(grouped, x.to(dtype), counts, grad.to(dtype))
+    want = run_experts(loop, x, counts, grad)
+    got = run_experts(grouped, x.to(dtype), counts, grad.to(dtype))
     tol = CLOSE if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(got[0].float(), want[0], **tol)
-    torch.testing.assert_close(got[1].float(), want[1], **tol)
-    for name in want[2]:
-        torch.testing.assert_close(got[2][name].float(), want[2][name], **tol, msg=name)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name], **tol, msg=name)
 
 
 @pytest.mark.parametrize("counts", [[4, 0, 8], [1, 2, 3]], ids=["aligned-groups", "padded-groups"])
@@ -170,7 +152,7 @@ def test_grouped_gemm_with_and_without_group_padding(counts):
     torch.manual_seed(5)
     loop, grouped = _pair(12, True, "gelu")
     x, grad = torch.randn(sum(counts), 8), torch.randn(sum(counts), 8)
-    _assert_same(_run(grouped, x, counts, grad), _run(loop, x, counts, grad))
+    _assert_same(run_experts(grouped, x, counts, grad), run_experts(loop, x, counts, grad))
 
 
 def test_the_grouped_path_traces_as_one_graph():

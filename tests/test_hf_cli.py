@@ -17,26 +17,10 @@ from launch.checkpoint_tool import main as tool
 from moe_parallel.checkpoints.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from tests.dist_utils import run_distributed
 from tests.hf_app_fixtures import FAMILY_CONFIGS, random_family_overrides, tiny_family_model, tiny_tokenizer
+from tests.hf_models import assert_same_tensors, hf_tensors
 
 VOCAB = 96
 BIAS_SHIFT = 0.125
-
-
-def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
-
-
-def assert_same_tensors(original: Path, exported: Path) -> None:
-    a, b = hf_tensors(original), hf_tensors(exported)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), key
 
 
 def load_transformers(path: Path):
@@ -48,8 +32,15 @@ def load_transformers(path: Path):
     return model.eval()
 
 
-@pytest.mark.parametrize("draw", [0, 1, 2])
-@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize(
+    "family, draw",
+    # make test: one draw of every family (the draws rotate over the families); make test-slow: all three
+    [
+        pytest.param(family, draw, marks=() if draw == i % 3 else pytest.mark.slow)
+        for i, family in enumerate(sorted(FAMILY_CONFIGS))
+        for draw in range(3)
+    ],
+)
 def test_import_export_round_trip_is_bit_identical(tmp_path, family, draw):
     src = tmp_path / "hf"
     shape = random_family_overrides(family, seed=draw) if draw else None  # draw 0: the family's features on

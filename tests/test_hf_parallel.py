@@ -17,7 +17,7 @@ from moe_parallel.integration.parallel import initialize_parallel
 from moe_parallel.integration.pipeline import decoder_pipeline, decoder_pipeline_parts
 from moe_parallel.models import lm_loss
 from tests.dist_utils import run_distributed
-from tests.hf_models import EAGER, FAMILIES, random_hf_config, relative_error, save_hf_model, tokens
+from tests.hf_models import EAGER, FAMILIES, hf_tensors, random_hf_config, relative_error, save_hf_model, tokens
 
 WORLD = 4
 
@@ -58,16 +58,6 @@ def _reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), **EAGER).eval()
 
 
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def _expert_parallel(rank: int, cases: list[tuple[str, str]], out_dir: str) -> None:
     state = initialize_parallel(pipeline_parallel_size=1, expert_parallel_size=2)
     for family, path in cases:
@@ -91,7 +81,7 @@ def _expert_parallel(rank: int, cases: list[tuple[str, str]], out_dir: str) -> N
             hf.save_pretrained(model, export, max_shard_bytes=4096)
         dist.barrier()
         if rank == 0:
-            original, exported = _read_all(path), _read_all(export)
+            original, exported = hf_tensors(path), hf_tensors(export)
             assert set(original) == set(exported), family
             for key, tensor in original.items():
                 assert torch.equal(exported[key], tensor), (family, key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,22 @@ def fp8_per_element(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int,
             for c in range(flat_w.shape[2]):
                 out[m, r, c] = flat_w[m, r, c] * flat_s[m, r // block[0], c // block[1]]
     return out.reshape(weight.shape).to(torch.bfloat16)
+
+
+def fp8_twins(
+    stored: dict[str, torch.Tensor], block: tuple[int, int], quantizable: Callable[[str, torch.Tensor], bool]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's tensors as a block-FP8 checkpoint (``quantizable`` ones quantized, with their
+    ``weight_scale_inv``) and its twin: the same tensors with each quantized weight dequantized per block."""
+    fp8, twin = {}, {}
+    for key, tensor in stored.items():
+        if quantizable(key, tensor):
+            q, s = quantize_fp8(tensor, block)
+            fp8[key], fp8[key.removesuffix(".weight") + ".weight_scale_inv"] = q, s
+            twin[key] = fp8_per_block(q, s, block)
+        else:
+            fp8[key] = twin[key] = tensor
+    return fp8, twin
 
 
 def fp8_per_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -335,14 +352,7 @@ def test_fp8_checkpoint_loads_as_its_independently_dequantized_bf16_twin(tmp_pat
     stored = load_file(str(tmp_path / "bf16_src" / "model.safetensors"))
     raw = json.loads((tmp_path / "bf16_src" / "config.json").read_text())
     block = random.Random(draw).choice([(4, 4), (3, 8), (8, 5)])  # tiny blocks: every shape has partial edges
-    fp8, twin = {}, {}
-    for key, tensor in stored.items():
-        if _quantizable(key, tensor):
-            q, s = quantize_fp8(tensor, block)
-            fp8[key], fp8[key.removesuffix(".weight") + ".weight_scale_inv"] = q, s
-            twin[key] = fp8_per_block(q, s, block)
-        else:
-            fp8[key] = twin[key] = tensor
+    fp8, twin = fp8_twins(stored, block, _quantizable)
     assert any(t.dtype == torch.float8_e4m3fn for t in fp8.values()) and any(
         "experts" in k for k in fp8 if k.endswith("_inv")
     )

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_parallel import hf
 from tests.hf_models import random_hf_config, save_hf_model, tokens
-from tests.test_hf_quantized import FP8_CONFIG, fp8_per_block, mxfp4_per_element, quantize_fp8
+from tests.test_hf_quantized import FP8_CONFIG, fp8_twins, mxfp4_per_element
 
 E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -71,14 +71,7 @@ def test_deepseek_v3_fp8_checkpoint_loads_and_exports_as_its_bf16_twin(tmp_path,
     for key in [k for k in stored if k.endswith("e_score_correction_bias")]:  # float32 in DeepSeek's files
         stored[key] = stored[key].float()
     block = random.Random(draw).choice([(4, 4), (3, 8), (8, 5)])  # partial edge blocks everywhere
-    fp8, twin = {}, {}
-    for key, tensor in stored.items():
-        if _fp8_quantizable(key, tensor):
-            q, s = quantize_fp8(tensor, block)
-            fp8[key], fp8[key.removesuffix(".weight") + ".weight_scale_inv"] = q, s
-            twin[key] = fp8_per_block(q, s, block)
-        else:
-            fp8[key] = twin[key] = tensor
+    fp8, twin = fp8_twins(stored, block, _fp8_quantizable)
     assert any(k.endswith("kv_b_proj.weight_scale_inv") for k in fp8) and any(
         ".experts." in k for k in fp8 if k.endswith("_inv")
     )

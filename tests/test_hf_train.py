@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,22 +19,15 @@ from omegaconf import OmegaConf
 from launch import config as app_config
 from launch.checkpoint_tool import main as tool
 from launch.data import PackedDataset, iter_eval_batches, prepare_data
-from tests.dist_utils import free_port
+from tests.app_cli import REPO, metric, run_app, train_command
 from tests.hf_app_fixtures import tiny_qwen3_moe_with_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 MICRO, EVAL_BATCHES = 4, 2
 
 
 def train(run_dir: Path, model_dir: Path, cache: Path, steps: int, *extra: str) -> None:
     cmd = [
-        str(DEEPSPEED),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
+        *train_command(2),
         "model=hf",
         f"model.path={model_dir}",
         "data.max_corpus_bytes=300000",
@@ -54,13 +45,7 @@ def train(run_dir: Path, model_dir: Path, cache: Path, steps: int, *extra: str) 
         "logger=disabled",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-def metrics(run_dir: Path, key: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[key] for row in rows if key in row}
+    run_app(cmd, timeout=600)
 
 
 def transformers_eval_loss(export: Path, run_dir: Path, dp_size: int, batches: int = EVAL_BATCHES) -> float:
@@ -98,7 +83,7 @@ def run(tmp_path_factory):
 def test_trained_export_loads_in_transformers_with_our_validation_loss(run):
     tmp, model_dir = run
     run_dir = tmp / "run"
-    losses = metrics(run_dir, "train/loss")
+    losses = metric(run_dir, "train/loss")
     assert sorted(losses) == list(range(2, 21, 2)) and losses[20] < losses[2]  # it learned
     cfg = OmegaConf.load(run_dir / "config.yaml")
     data = prepare_data(app_config.data_config(cfg))
@@ -106,7 +91,7 @@ def test_trained_export_loads_in_transformers_with_our_validation_loss(run):
 
     assert tool(["export-hf", str(run_dir / "checkpoints"), "--out", str(tmp / "export")]) == 0
     assert (tmp / "export" / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
-    ours = metrics(run_dir, "eval/loss")[20]
+    ours = metric(run_dir, "eval/loss")[20]
     theirs = transformers_eval_loss(tmp / "export", run_dir, dp_size=2)
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
 
@@ -123,9 +108,9 @@ def test_the_run_continues_at_another_layout_and_still_exports_exactly(run):
         "parallel.ep=1",
         f"train.resume={tmp / 'run' / 'checkpoints'}",
     )
-    assert sorted(metrics(run_dir, "train/loss")) == [21]  # resumed at step 20
+    assert sorted(metric(run_dir, "train/loss")) == [21]  # resumed at step 20
     assert tool(["export-hf", str(run_dir / "checkpoints"), "--out", str(tmp / "export_pp2")]) == 0
-    ours = metrics(run_dir, "eval/loss")[21]
+    ours = metric(run_dir, "eval/loss")[21]
     theirs = transformers_eval_loss(tmp / "export_pp2", run_dir, dp_size=1)
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
 
@@ -137,7 +122,7 @@ def test_training_starts_from_an_imported_checkpoint(run):
     assert tool(["import-hf", str(model_dir), "--out", str(tmp / "imported")]) == 0
     run_dir = tmp / "run_from_import"
     train(run_dir, model_dir, tmp / "cache", 2, "parallel=ep2", f"train.resume={tmp / 'imported'}")
-    assert sorted(metrics(run_dir, "train/loss")) == [2]
+    assert sorted(metric(run_dir, "train/loss")) == [2]
 
 
 # ---------------------------------------------------------------- configuration (no processes)
@@ -364,7 +349,7 @@ def test_export_carries_the_expert_bias_the_run_trained(tmp_path, capsys):
     from moe_parallel.checkpoints.checkpoint import read_manifest
     from tests.dist_utils import run_distributed
     from tests.hf_app_fixtures import tiny_family_model
-    from tests.test_hf_cli import assert_same_tensors, hf_tensors
+    from tests.hf_models import assert_same_tensors, hf_tensors
 
     src, ckpt = tmp_path / "glm", tmp_path / "ckpt"
     tiny_family_model("glm4_moe", src, vocab_size=64, seed=4)  # non-zero e_score_correction_bias
@@ -423,9 +408,9 @@ def test_each_new_family_trains_under_deepspeed_at_ep2_and_exports_exactly(tmp_p
     tiny_tokenizer(model_dir)
     tiny_family_model(family, model_dir, vocab_size=403)
     train(tmp_path / "run", model_dir, tmp_path / "cache", 4, "parallel=ep2", "train.eval_batches=1")
-    losses = metrics(tmp_path / "run", "train/loss")
+    losses = metric(tmp_path / "run", "train/loss")
     assert sorted(losses) == [2, 4] and all(map(math.isfinite, losses.values()))
     assert tool(["export-hf", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "export")]) == 0
-    ours = metrics(tmp_path / "run", "eval/loss")[4]
+    ours = metric(tmp_path / "run", "eval/loss")[4]
     theirs = transformers_eval_loss(tmp_path / "export", tmp_path / "run", dp_size=2, batches=1)
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (family, ours, theirs)

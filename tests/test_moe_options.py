@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moe_parallel import MoEConfig, MoEConfigError, MoELayer, expert_capacity
 from moe_parallel.experts.activations import SwiGLUClamp, activate, activate_backward, activate_for_backward
 from tests.dist_utils import run_distributed
+from tests.reference import naive_top_k
 
 PATHS = ("grouped", "loop", "padded")
 
@@ -47,25 +48,7 @@ def reference_route(params: dict, cfg: MoEConfig, x_D: torch.Tensor) -> tuple[li
     logits = params["router.weight"] @ x_D
     if params.get("router.bias") is not None:
         logits = logits + params["router.bias"]
-    scores = torch.softmax(logits, 0) if cfg.score_func == "softmax" else torch.sigmoid(logits)
-    selection = scores.detach().tolist()
-    per_group = cfg.num_experts // cfg.num_groups
-    allowed = list(range(cfg.num_experts))
-    if cfg.num_groups > 1:
-        group_scores = []
-        for g in range(cfg.num_groups):
-            members = sorted(selection[g * per_group : (g + 1) * per_group], reverse=True)
-            group_scores.append(members[0] if cfg.group_score == "max" else sum(members[:2]))
-        best_groups = sorted(range(cfg.num_groups), key=lambda g: -group_scores[g])[: cfg.topk_groups]
-        allowed = [e for e in allowed if e // per_group in best_groups]
-    chosen = sorted(allowed, key=lambda e: -selection[e])[: cfg.top_k]
-    if cfg.score_after_topk:
-        weights = torch.softmax(logits[chosen], 0)
-    else:
-        weights = scores[chosen]
-        if cfg.normalize_top_k and cfg.top_k > 1:
-            weights = weights / weights.sum()
-    return chosen, weights * cfg.routed_scaling_factor
+    return naive_top_k(cfg, logits)
 
 
 def reference_keep(experts: list[list[int]], weights: list[list[float]], cfg: MoEConfig) -> set[tuple[int, int]]:
@@ -464,7 +447,7 @@ def _checkpoint_keeps_the_new_parameters(rank: int, world: int, tmp: str) -> Non
     from moe_parallel.checkpoints.checkpoint import load_checkpoint, save_checkpoint
     from moe_parallel.integration.engine import build_engine
     from moe_parallel.integration.parallel import initialize_parallel
-    from tests.test_engine import VOCAB, E, ToyMoELM, loss_fn
+    from tests.toy_models import DS_CONFIG, VOCAB, E, ToyMoELM, loss_fn
 
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=E, top_k=2, router_bias=True, expert_bias=True,
                     activation="clamped_swiglu", input_weighted=True, capacity_factor=None, init_std=0.2)  # fmt: skip
@@ -473,8 +456,7 @@ def _checkpoint_keeps_the_new_parameters(rank: int, world: int, tmp: str) -> Non
         state = initialize_parallel(expert_parallel_size=ep, num_experts=E)
         model = ToyMoELM(ep_group=state.ep_group, capacity_factor=None)
         model.moe = MoELayer(cfg, ep_group=state.ep_group)
-        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
-        return build_engine(model, config, lr=1e-2, weight_decay=0.0)[0]
+        return build_engine(model, DS_CONFIG, lr=1e-2, weight_decay=0.0)[0]
 
     saved = engine(2)
     for step in range(2):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from moe_parallel import hf
 from moe_parallel.models import Decoder, DecoderConfig, DecoderConfigError, decoder_layer_names
 from tests.dist_utils import run_distributed
-from tests.hf_models import EAGER, random_hf_config, save_hf_model, tokens
+from tests.hf_models import EAGER, hf_tensors, random_hf_config, save_hf_model, tokens
 
 MOE = dict(num_experts=4, top_k=2, ffn_hidden_size=8, capacity_factor=None, eval_capacity_factor=None,
            aux_loss_coeff=0.0, z_loss_coeff=0.0)  # fmt: skip
@@ -91,9 +91,16 @@ def reference_total(model: Decoder, tokens_BS, targets_BS) -> tuple[torch.Tensor
     return main + cfg.mtp_loss_weight / len(losses) * sum(losses), losses
 
 
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_mtp_loss_and_gradients_match_the_reference(tie, attention):
+@pytest.mark.parametrize(
+    "attention, tie",
+    # make test: each attention and each head tying once; the other pairs in make test-slow
+    [
+        ("gqa", False),
+        ("mla", True),
+        *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [("gqa", True), ("mla", False)]),
+    ],
+)
+def test_mtp_loss_and_gradients_match_the_reference(attention, tie):
     mla = dict(attention="mla", num_kv_heads=2, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6,
                q_lora_rank=8, rope_interleave=True)  # fmt: skip
     cfg = make(2, tie, **(mla if attention == "mla" else {}))
@@ -200,16 +207,6 @@ def save_mtp_model(hf_config, mtp_layers: int, seed: int, path: Path):
     return model
 
 
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def _is_mtp_key(key: str, num_layers: int) -> bool:
     parts = key.split(".")
     return parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers
@@ -264,7 +261,7 @@ def test_deepseek_v3_with_mtp_imports_matches_and_round_trips(tmp_path, seed, mt
 
     out = tmp_path / "out"
     hf.save_pretrained(model, out, max_shard_bytes=4096)
-    original, exported = _read_all(src), _read_all(out)
+    original, exported = hf_tensors(src), hf_tensors(out)
     mtp_keys = {k for k in original if _is_mtp_key(k, L)}
     assert len(mtp_keys) > 6 * mtp_layers and {k for k in exported if _is_mtp_key(k, L)} == mtp_keys
     for key in sorted(mtp_keys):  # the MTP layers on their own, copies included
@@ -280,7 +277,7 @@ def test_deepseek_v3_with_mtp_imports_matches_and_round_trips(tmp_path, seed, mt
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
     hf.save_pretrained(plain, tmp_path / "plain")
-    assert not any(_is_mtp_key(k, L) for k in _read_all(tmp_path / "plain"))
+    assert not any(_is_mtp_key(k, L) for k in hf_tensors(tmp_path / "plain"))
     with pytest.raises(hf.HFConversionError, match=r"model\.mtp_layers=3 is invalid"):
         hf.load_config(src, mtp_layers=3)
 

@@ -136,7 +136,11 @@ def test_loss_trajectory_is_the_same_at_every_layout(trained):
         assert got["eval"] == pytest.approx(reference["eval"], rel=1e-4)
 
 
-@pytest.mark.parametrize("pp,ep,world", [(1, 1, 1), (1, 2, 2), (2, 1, 2)])
+@pytest.mark.parametrize(
+    "pp,ep,world",
+    # make test: one process, every axis changed; make test-slow: the other layouts too
+    [(1, 1, 1), pytest.param(1, 2, 2, marks=pytest.mark.slow), pytest.param(2, 1, 2, marks=pytest.mark.slow)],
+)
 def test_checkpoint_from_pp2_ep2_loads_at_other_layouts(trained, pp, ep, world):
     run_distributed(_train_layout, world, pp, ep, str(trained), None, str(trained / "ckpt"), timeout=300)
     saved = _result(trained, 2, 2, 4)["eval"]

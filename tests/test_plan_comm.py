@@ -268,48 +268,18 @@ def _moe_configs(engine):
 
 def test_bubble_and_alltoall_arithmetic():
     config = gpt_config(0.5)
-    one = predict_comm(
-        config,
-        num_stages=1,
-        stage=0,
-        ep=1,
-        dp=2,
-        zero_stage=0,
-        micro_batch=MICRO,
-        seq_len=SEQ,
-        grad_accum=ACCUM,
-        dtype=torch.float32,
-    )
+    one = predict_comm(config, num_stages=1, stage=0, ep=1, dp=2, zero_stage=0, micro_batch=MICRO, seq_len=SEQ,
+                       grad_accum=ACCUM, dtype=torch.float32)  # fmt: skip
     assert (one.alltoall_bytes, one.alltoall_calls, one.p2p_bytes, one.bubble_fraction) == (0, 0, 0, 0.0)
-    piped = predict_comm(
-        config,
-        num_stages=2,
-        stage=1,
-        ep=2,
-        dp=2,
-        zero_stage=1,
-        micro_batch=MICRO,
-        seq_len=SEQ,
-        grad_accum=6,
-        dtype=torch.bfloat16,
-    )
+    # stage 1 of 2 at EP=2, ZeRO-1, 6 micro-batches in bf16, with and without a capacity
+    stage1 = dict(num_stages=2, stage=1, ep=2, dp=2, zero_stage=1, micro_batch=MICRO, seq_len=SEQ, grad_accum=6)
+    piped = predict_comm(config, **stage1, dtype=torch.bfloat16)
     assert piped.bubble_fraction == 1 / 7
     capacity = expert_capacity(MICRO * SEQ, 2, 4, 0.5, 1)
     # stage 1 of 2 holds block 3, the second MoE block: one layer, 6 micro-batches, 2-byte rows
     assert piped.alltoall_bytes == 6 * 4 * 4 * capacity * 32 * 2
     assert piped.alltoall_calls == 6 * 5 and piped.alltoall_remote_share == 0.5
-    dropless = predict_comm(
-        gpt_config(None),
-        num_stages=2,
-        stage=1,
-        ep=2,
-        dp=2,
-        zero_stage=1,
-        micro_batch=MICRO,
-        seq_len=SEQ,
-        grad_accum=6,
-        dtype=torch.bfloat16,
-    )
+    dropless = predict_comm(gpt_config(None), **stage1, dtype=torch.bfloat16)
     assert dropless.alltoall_dispatch_bytes == 6 * 2 * MICRO * SEQ * 2 * 32 * 2
     assert dropless.alltoall_bound == 6 * (2 + 2 * 2) * MICRO * SEQ * 2 * 32 * 2
     assert piped.p2p_bytes == 6 * MICRO * SEQ * 32 * 2  # the last stage sends gradients back only

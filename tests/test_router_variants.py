@@ -13,33 +13,21 @@ import torch.nn.functional as F
 from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.core.config import MoEConfigError
 from moe_parallel.core.router import TopKRouter, top_k_indices
+from tests.reference import naive_top_k
 
 
 def naive_route(router: TopKRouter, x_TD: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
     """Experts (best first) and combine weights of each token, decided one token at a time in float64."""
     cfg = router.config
-    E, G = cfg.num_experts, cfg.num_groups
-    per_group = E // G
     experts, weights = [], []
     for x_D in x_TD.double():
         logits = router.weight.detach().double() @ x_D
         if router.bias is not None:
             logits = logits + router.bias.detach().double()
-        scores = torch.softmax(logits, 0) if cfg.score_func == "softmax" else torch.sigmoid(logits)
-        selection = scores + (router.expert_bias.double() if router.uses_expert_bias else 0.0)
-        best = 1 if cfg.group_score == "max" else 2
-        group_score = [sorted(selection[g * per_group : (g + 1) * per_group].tolist())[-best:] for g in range(G)]
-        ranked_groups = sorted(range(G), key=lambda g: -sum(group_score[g]))[: cfg.topk_groups]
-        allowed = [e for e in range(E) if e // per_group in ranked_groups]
-        chosen = sorted(allowed, key=lambda e: -float(selection[e]))[: cfg.top_k]
-        if cfg.score_after_topk:
-            w = torch.softmax(logits[chosen], 0)
-        else:
-            w = scores[chosen]
-            if cfg.normalize_top_k and cfg.top_k > 1:
-                w = w / w.sum()
+        bias = router.expert_bias.double() if router.uses_expert_bias else None
+        chosen, w = naive_top_k(cfg, logits, bias)
         experts.append(chosen)
-        weights.append((w * cfg.routed_scaling_factor).tolist())
+        weights.append(w.tolist())
     return experts, weights
 
 

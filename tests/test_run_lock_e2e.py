@@ -10,43 +10,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.app_cli import metric_rows, snapshot, tiny_overrides, tokenized_cache, train_command
 from tests.app_job import AppJob
-from tests.dist_utils import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-TINY = [
-    "model.num_layers=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.moe_every=1",
-    "moe.num_experts=4",
-    "data.max_corpus_bytes=200000",
-    "data.vocab_size=512",
-    "data.seq_len=16",
-    "train.micro_batch_size=2",
-    "train.log_every=1",
-    "train.eval_every=1000",
-    "train.eval_batches=1",
-    "train.progress=lines",
-    "logger=disabled",
-]
+TINY = [*tiny_overrides(layers=1, corpus_bytes=200_000, micro_batch=2), "logger=disabled"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A tokenized corpus shared by the module's jobs (tokenizing would dominate their start)."""
-    from launch.data import DataConfig, prepare_data
-
-    path = tmp_path_factory.mktemp("cache")
-    prepare_data(DataConfig(max_corpus_bytes=200000, vocab_size=512, seq_len=16, cache_dir=str(path)))
-    return path
+def cache(app_cache) -> Path:
+    """The corpus tokenized before the first job (tokenizing would dominate its start)."""
+    return tokenized_cache(app_cache, 200_000, 16)
 
 
 class Job(AppJob):
@@ -54,24 +31,11 @@ class Job(AppJob):
 
     def __init__(self, run_dir: Path, cache: Path, *extra: str, ranks: int = 1) -> None:
         args = [*TINY, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
-        if ranks == 1:
-            cmd = [sys.executable, "launch/train.py", *args]
-        else:
-            cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py",
-                   "parallel.ep=2", *args]  # fmt: skip
-        super().__init__(cmd)
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file of the run directory, by content."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+        super().__init__([*train_command(ranks), *(["parallel.ep=2"] if ranks > 1 else []), *args])
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    import json
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["step"] for row in rows if "train/loss" in row]
+    return [row["step"] for row in metric_rows(run_dir) if "train/loss" in row]
 
 
 def assert_refused(job: Job, run_dir: Path, holder_pid: int) -> None:

@@ -26,6 +26,7 @@ import pytest
 
 from launch import preflight
 from launch.compare import read_wandb_history, read_wandb_run_info, wandb_files
+from tests.app_cli import REPO, metric, tiny_overrides
 from tests.dist_utils import free_port, run_distributed
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), which must come first
@@ -34,24 +35,9 @@ if TYPE_CHECKING:  # imported by pytest as a plugin (below), which must come fir
 # The cluster fixture, and the `slurm` marker on every test that uses it.
 pytest_plugins = ["tests.slurm_cluster"]
 
-REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
 STEPS = 40
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=128",
-    "model.moe_every=1",
-    "moe.num_experts=4",
-    "data.max_corpus_bytes=300000",
-    "data.vocab_size=512",
-    "data.seq_len=32",
-    "train.micro_batch_size=4",
-    "train.log_every=2",
-    "train.eval_batches=2",
-    "train.progress=lines",
-]
+TINY = tiny_overrides(hidden=64, seq_len=32, log_every=2, eval_every=None, eval_batches=2)
 # Two nodes, one task each, no GPUs: the #SBATCH defaults ask for 8 GPUs per node.
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 JOB_TIMEOUT = 240  # seconds; a job takes ~15 s here, more on a busy machine
@@ -101,11 +87,6 @@ def assert_completed(cluster: SlurmCluster, info: dict[str, str], log: str) -> N
         f"job {info.get('JobId')} ended {info.get('JobState')} {info.get('ExitCode')}\n"
         f"--- job log (tail)\n{log[-6000:]}\n--- cluster\n{cluster.describe()}"
     )
-
-
-def jsonl_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -320,7 +301,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(train_jobs)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
     # Same losses as the uninterrupted job at every logged step, on both sides of the stop.
-    want, got = jsonl_losses(straight_dir), jsonl_losses(run_dir)
+    want, got = metric(straight_dir, "train/loss"), metric(run_dir, "train/loss")
     assert sorted(got) == sorted(want) == list(range(2, STEPS + 1, 2))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
