@@ -322,6 +322,7 @@ def process_info(pid: int) -> ProcessInfo | None:
 
 # ---------------------------------------------------------------- small helpers
 
+
 def _read_text(path: str, strict: bool = False) -> str:
     try:
         with open(path) as file:
@@ -330,19 +331,27 @@ def _read_text(path: str, strict: bool = False) -> str:
         if strict:
             raise
         return ""
+
+
 def _start_ticks(pid: int) -> int | None:
     info = process_info(pid)
     return info.start_ticks if info is not None else None
+
+
 def _pid_namespace() -> str:
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
