@@ -90,7 +90,8 @@ docs: venv
 	$(PY) -m launch.config_reference --write
 
 lint: venv
-	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks
+	$(VENV)/bin/ruff check moe_parallel launch tests benchmarks scripts
+	$(VENV)/bin/ruff format --check moe_parallel launch tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
