@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 from dataclasses import dataclass
 
 from benchmarks.harness.configs import (
@@ -24,7 +22,7 @@ from benchmarks.harness.configs import (
     runnable_on,
 )
 from benchmarks.harness.peers import IMPLS
-from benchmarks.harness.report import cell, command_line, fmt_mib, machine_line, write_results
+from benchmarks.harness.report import cell, command_line, fmt_mib, machine_line, write_json, write_results
 from benchmarks.harness.rounds import Timing, time_interleaved
 from benchmarks.harness.workers import TUNED_MALLOC_ENV, Implementation, start_implementations
 from benchmarks.moe_memory import MEMORY_IMPLS, run_memory, step_peak_mib
@@ -219,21 +217,11 @@ def run_compare(args: argparse.Namespace, argv: list[str]) -> None:
     command = command_line(argv)
     machine = machine_line(target.device, target.dtype, target.threads)
     if args.json is not None:
-        results = {
-            "command": command,
-            "machine": machine,
-            "date": datetime.date.today().isoformat(),
-            "device": args.device,
-            "dtype": args.dtype,
-            "expert_gemm": args.expert_gemm,
-            "reps": args.reps,
-            "warmup": args.warmup,
-            "markdown": table,
-            "rows": [row_json(row, args.peak_tflops) for row in rows],
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.json}")
+        write_json(
+            args.json, args, command, machine, table,
+            expert_gemm=args.expert_gemm, reps=args.reps, warmup=args.warmup,
+            rows=[row_json(row, args.peak_tflops) for row in rows],
+        )  # fmt: skip
     if not args.no_write:
         block = results_block(args)
         note = ""

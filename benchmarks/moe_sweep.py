@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness.configs import BenchConfig, Target, ds_buffer_rows, runnable_on
-from benchmarks.harness.report import cell, command_line, fmt_mib, machine_line, write_results
+from benchmarks.harness.report import cell, command_line, fmt_mib, machine_line, write_json, write_results
 from benchmarks.harness.rounds import Timing, time_interleaved
 from benchmarks.harness.workers import TUNED_MALLOC_ENV, Implementation
 from benchmarks.moe_memory import run_memory
@@ -332,20 +331,10 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
     table = report(final=True)
     print("\n" + table + f"\n\nwall time {time.monotonic() - started:.0f} s")
     if args.json is not None:
-        results = {
-            "command": command,
-            "machine": machine,
-            "date": datetime.date.today().isoformat(),
-            "device": args.device,
-            "dtype": args.dtype,
-            "seed": args.sweep_seed,
-            "sweep_points": args.sweep_points,
-            "markdown": table,
-            "points": [sweep_row_json(r) for r in rows],
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.json}")
+        write_json(
+            args.json, args, command, machine, table,
+            seed=args.sweep_seed, sweep_points=args.sweep_points, points=[sweep_row_json(r) for r in rows],
+        )  # fmt: skip
     if not args.no_write:
         print(f"wrote the {block} block of {args.output}")
 

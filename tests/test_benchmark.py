@@ -31,7 +31,7 @@ def test_quick_benchmark_runs_every_implementation(tmp_path: Path, dtype: str, c
     output = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_moe.py", "--quick", "--configs", ",".join(configs), "--no-memory"]
-        + ["--dtype", dtype, "--output", str(output)],
+        + ["--dtype", dtype, "--output", str(output), "--json", str(tmp_path / "run.json")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -47,6 +47,10 @@ def test_quick_benchmark_runs_every_implementation(tmp_path: Path, dtype: str, c
         for column in ("ours ms", "DeepSpeed ms", "floor ms", "moved ms", "ours/floor", "ours/moved"):
             assert float(cells[column]) > 0, (column, row)
     assert not output.exists()  # --quick never writes the results page
+    results = json.loads((tmp_path / "run.json").read_text())
+    assert (results["dtype"], results["device"]) == (dtype, "cpu")
+    assert "benchmarks/bench_moe.py --quick" in results["command"] and "cpu" in results["machine"].lower()
+    assert len(results["rows"]) == len(configs) and header in results["markdown"]
 
 
 @pytest.mark.parametrize("n", range(1, 10))
@@ -93,7 +97,7 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
     output = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_moe.py", "--sweep", "--quick", "--sweep-only", "q2,q1-ep2"]
-        + ["--reps", "2", "--output", str(output)],
+        + ["--reps", "2", "--output", str(output), "--json", str(tmp_path / "sweep.json")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -128,6 +132,9 @@ def test_quick_sweep_runs_ours_the_drop_in_and_deepspeed_per_point(tmp_path: Pat
     summary = [line for line in lines if line.startswith("| DeepSpeed / ours (MoELayer) |")]
     assert summary and "worst" in summary[-1] and "/2 points >= 1.0" in summary[-1]
     assert not output.exists()  # --quick never writes the results page
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert {point["config"]["name"] for point in results["points"]} == {"q2", "q1-ep2"}
+    assert header in results["markdown"]
 
 
 @pytest.mark.parametrize("seed, count", [(None, 32), (2026, 16), (5, 40)])

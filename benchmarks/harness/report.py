@@ -9,11 +9,13 @@ hand-written and left as it is.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 ENTRY_POINT = ".venv/bin/python benchmarks/bench_moe.py"
 
@@ -84,3 +86,19 @@ def write_results(path: Path, block: str, command: str, machine: str, table: str
     before, rest = text.split(begin, 1)
     after = rest.split(end, 1)[1]
     path.write_text(before + "\n".join(lines) + after)
+
+
+def write_json(path: Path, args: Any, command: str, machine: str, table: str, **fields: Any) -> None:
+    """Write a run's results as JSON: what ran, where, when, the markdown table, then ``fields``."""
+    results = {
+        "command": command,
+        "machine": machine,
+        "date": datetime.date.today().isoformat(),
+        "device": args.device,
+        "dtype": args.dtype,
+        **fields,
+        "markdown": table,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
