@@ -217,12 +217,16 @@ def test_the_configuration_is_the_one_the_process_started_with(keeps: bool) -> N
 def test_a_configured_allocator_hands_freed_gradient_memory_back_warm(keeps: bool) -> None:
     """Under glibc told to keep large blocks, freed 64 MiB gradient buffers come back without page
     faults; under its defaults (pool off), every one is faulted in again."""
-    run = _run_child(_FAULTS_PER_BUFFER, keeps)
-    faults = [int(n) for n in run.stdout.split()]
+    faults = [int(n) for n in _run_child(_FAULTS_PER_BUFFER, keeps).stdout.split()]
     # 64 MiB is 16,384 pages of 4 KiB, or 32 huge pages. glibc may place the first few buffers at new
     # heap addresses (a small block splits a freed one) before it settles on a warm one.
     if keeps:
-        assert all(n < 32 for n in faults[-6:]), faults
+        # The kernel may take pages back from any process while the machine is busy (compaction,
+        # reclaim): one more fresh child tells that apart from an allocator that returns the memory.
+        tries = [faults]
+        while not all(n < 32 for n in tries[-1][-6:]) and len(tries) < 3:
+            tries.append([int(n) for n in _run_child(_FAULTS_PER_BUFFER, keeps).stdout.split()])
+        assert all(n < 32 for n in tries[-1][-6:]), tries
     else:
         assert all(n >= (32 if buffers.HUGE_PAGES_AVAILABLE else 16384) for n in faults), faults
 

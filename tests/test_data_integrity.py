@@ -197,7 +197,7 @@ def test_training_data_path_refuses_damaged_chunks(tmp_path):
     data = prepare_data(cfg)
     path = data.directory / "train.bin"
     path.write_bytes(bytes(path.stat().st_size))
-    app = OmegaConf.create({"train": {"micro_batch_size": 2, "grad_accum": 1, "seed": 0}, "data": {"seq_len": SEQ}})
+    app = OmegaConf.create({"train": {"micro_batch_size": 2, "grad_accum": 1}, "data": {"seq_len": SEQ, "seed": 0}})
     state = SimpleNamespace(layout=SimpleNamespace(data_parallel_size=1), dp_rank=0)
     train_iter, _ = build_data(app, prepare_data(cfg), state)
     with pytest.raises(DataError, match=re.escape(str(path))):
