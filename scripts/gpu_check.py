@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Dense bf16 GEMM rate measured on the lent H200 (KINDS.md: 8192^3 products, 769-798 TFLOP/s).
+# Dense bf16 GEMM rate of the lent H200 as its machine description gives it (8192^3 products, 769-798 TFLOP/s).
 H200_BF16_TFLOPS = 790.0
 BLOCK_BEGIN, BLOCK_END = "<!-- gpu-check begin -->", "<!-- gpu-check end -->"
 STAGES = ("install", "env", "tests", "bench", "sweep", "train")

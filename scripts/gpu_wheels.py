@@ -15,8 +15,8 @@ Versions: the one our venv has when it satisfies every requirement seen, else th
 A package that has only an sdist is built here with ``pip wheel`` and must come out pure Python.
 
 The proof: ``pip install --dry-run --no-index`` for Python 3.12 / manylinux / binary only, over
-``.whl/`` plus metadata-only stand-ins for the machine's own packages (at the versions KINDS.md
-names, else our venv's), must resolve the whole set.
+``.whl/`` plus metadata-only stand-ins for the machine's own packages (at the versions
+scripts/h200_packages.txt names, else our venv's), must resolve the whole set.
 """
 
 from __future__ import annotations
