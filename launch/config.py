@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -221,6 +222,20 @@ class AppConf:
 def register_configs() -> None:
     """The schema ``conf/config.yaml`` starts from: every group's YAML merges into its typed node."""
     ConfigStore.instance().store(name="app_schema", node=AppConf)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The app's config as Hydra composes it from ``conf/`` for ``overrides`` (Hydra's errors name the key),
+    outside a Hydra app: for the tools beside ``train.py`` and for tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 # ---------------------------------------------------------------- checked library configs

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from launch import config as app_config
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
+CONF = app_config.CONF_DIR
 DOC = REPO / "docs" / "config.md"
 GLOBAL_GROUP = "experiment"  # the one group not in the defaults: added with +experiment=NAME
 
@@ -111,17 +111,7 @@ def _leading_comment(path: Path) -> str:
     return " ".join(t for t in block if t)
 
 
-# ---------------------------------------------------------------- the composed config
-
-
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The app's config as Hydra composes it for ``overrides`` (none: the defaults)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    app_config.register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+# ---------------------------------------------------------------- the schema and its keys
 
 
 def sections() -> dict[str, type]:
@@ -132,7 +122,7 @@ def sections() -> dict[str, type]:
 
 def keys() -> list[Key]:
     """Every leaf key, in schema order, with the default the app runs with when nothing is overridden."""
-    defaults = OmegaConf.to_container(compose(), resolve=False, throw_on_missing=False)
+    defaults = OmegaConf.to_container(app_config.compose(), resolve=False, throw_on_missing=False)
     nodes = sections()
     out = []
     top = field_descriptions(app_config.AppConf)

@@ -39,18 +39,7 @@ from moe_parallel.planning.plan import (
     search,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- from the app's config
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The training app's config for ``overrides`` (Hydra's errors name the key)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    app_config.register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def layout_of(cfg: DictConfig, world_size: int) -> Layout:
@@ -337,7 +326,7 @@ def _cluster(args: argparse.Namespace, gpus: int) -> Cluster | None:
 
 def run(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
-    cfg = compose(overrides)
+    cfg = app_config.compose(*overrides)
     if args.measure:
         from launch.plan_measure import measure
 

@@ -1,22 +1,16 @@
 """Which seed orders the training batches: ``data.seed``, independently of ``train.seed``."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch import config as app_config
 from launch.build import build_data
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
 
 def first_batches(*overrides: str, steps: int = 3) -> list[np.ndarray]:
-    app_config.register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="config", overrides=["data.seq_len=8", "train.micro_batch_size=2", *overrides])
+    cfg = app_config.compose("data.seq_len=8", "train.micro_batch_size=2", *overrides)
     tokens = np.arange(4096, dtype=np.int32)
     data = SimpleNamespace(train_tokens=tokens, val_tokens=tokens[:512])
     state = SimpleNamespace(layout=SimpleNamespace(data_parallel_size=1), dp_rank=0)

@@ -11,22 +11,13 @@ from launch import config as app_config
 from launch.data import prepare_data
 from tests.app_cli import REPO, metric_rows, tiny_overrides, train_command
 
-app_config.register_configs()
 TINY = [*tiny_overrides(), "train.steps=4", "logger=disabled"]  # the failure tests' tiny run, 4 steps
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.slow  # ~12 s; the fast tier checks the same data path through launch.build.build_data
 def test_zeroed_train_bin_stops_training_before_a_step(tmp_path):
     overrides = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'run'}"]
-    data = prepare_data(app_config.data_config(compose(*overrides)))  # the cache the run opens
+    data = prepare_data(app_config.data_config(app_config.compose(*overrides)))  # the cache the run opens
     damaged = data.directory / "train.bin"
     damaged.write_bytes(bytes(damaged.stat().st_size))  # the right size, every byte zero
     run = tmp_path / "run"

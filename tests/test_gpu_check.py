@@ -175,15 +175,11 @@ def test_mfu_is_model_flops_per_second_over_the_reference_rate():
     assert gpu_check.mfu(tokens_per_s=2e5, flops_per_token=1e9, peak_tflops=400) == pytest.approx(0.5)
 
 
-def test_the_gpu_check_experiment_is_the_issues_training_run():
+def test_the_gpu_check_experiment_is_the_checks_training_run():
     """+experiment=gpu_check: the reference model, 50 steps, bf16, world size 1, no W&B; valid as composed."""
-    from hydra import compose, initialize_config_dir
-
     from launch import config as app_config
 
-    app_config.register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=["+experiment=gpu_check"])
+    cfg = app_config.compose("+experiment=gpu_check")
     assert (cfg.experiment, cfg.train.steps, cfg.deepspeed.precision) == ("gpu_check", 50, "bf16")
     assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.backend, cfg.logger.mode) == (1, 1, None, "disabled")
     assert cfg.model.num_layers == 8 and cfg.model.moe_every == 2  # model=small

@@ -166,21 +166,11 @@ def _damaged_copy(intact: Path, into: Path, kind: str) -> tuple[Path, Path]:
     return into, into / "model.safetensors"
 
 
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from launch import config as app_config
-
-    app_config.register_configs()
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_damaged_safetensors_file_is_named_on_every_path(tmp_path, intact, capsys, kind):
     from launch import config as app_config
     from launch.checkpoint_tool import main as tool
+    from launch.config import compose
 
     path, file = _damaged_copy(intact, tmp_path / "hf", kind)
     named = rf"{file} cannot be read as safetensors .* truncated or damaged"
@@ -196,7 +186,7 @@ def test_damaged_safetensors_file_is_named_on_every_path(tmp_path, intact, capsy
     err = capsys.readouterr().err
     assert str(file) in err and "Traceback" not in err and not (tmp_path / "ckpt").exists()
     with pytest.raises(app_config.AppConfigError, match=rf"model.path=.*{file}"):
-        app_config.validate(_compose("model=hf", f"model.path={path}"), world_size=1)
+        app_config.validate(compose("model=hf", f"model.path={path}"), world_size=1)
 
 
 def test_data_lost_after_the_headers_were_checked_is_named_not_a_crash(tmp_path, intact, capsys, monkeypatch):

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 
 from launch import config as app_config
 from launch.checkpoint_tool import main as tool
+from launch.config import compose
 from launch.data import PackedDataset, iter_eval_batches, prepare_data
-from tests.app_cli import REPO, metric, run_app, train_command
+from tests.app_cli import metric, run_app, train_command
 from tests.hf_app_fixtures import tiny_qwen3_moe_with_tokenizer
 
 MICRO, EVAL_BATCHES = 4, 2
@@ -126,18 +127,6 @@ def test_training_starts_from_an_imported_checkpoint(run):
 
 
 # ---------------------------------------------------------------- configuration (no processes)
-
-
-CONF = str(REPO / "conf")
-app_config.register_configs()
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")

@@ -375,30 +375,21 @@ def test_pipeline_training_matches_the_plain_model(tmp_path):
 # ------------------------------------------------------------------------ Hydra keys
 
 
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from launch import config as app_config
-
-    app_config.register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 def test_hydra_keys_choose_the_mtp_modules_and_their_weight(tmp_path):
     from launch import config as app_config
+    from launch.config import compose
 
     save_mtp_model(random_hf_config("deepseek_v3", 8), 2, 8, tmp_path)
     path = f"model.path={tmp_path}"
-    config = app_config.model_config(_compose("model=hf", path), 0)
+    config = app_config.model_config(compose("model=hf", path), 0)
     assert (config.mtp_layers, config.mtp_loss_weight) == (2, 0.1)
-    config = app_config.model_config(_compose("model=hf", path, "model.mtp_layers=1", "model.mtp_loss_weight=0.3"), 0)
+    config = app_config.model_config(compose("model=hf", path, "model.mtp_layers=1", "model.mtp_loss_weight=0.3"), 0)
     assert (config.mtp_layers, config.mtp_loss_weight) == (1, 0.3)
-    assert app_config.model_config(_compose("model=hf", path, "model.mtp_layers=0"), 0).mtp_layers == 0
+    assert app_config.model_config(compose("model=hf", path, "model.mtp_layers=0"), 0).mtp_layers == 0
     with pytest.raises(app_config.AppConfigError, match=r"model\.mtp_layers=3 is invalid.*keep 0\.\.2"):
-        app_config.model_config(_compose("model=hf", path, "model.mtp_layers=3"), 0)
+        app_config.model_config(compose("model=hf", path, "model.mtp_layers=3"), 0)
     with pytest.raises(DecoderConfigError, match=r"model\.mtp_loss_weight=-1\.0 is invalid"):
-        app_config.model_config(_compose("model=hf", path, "model.mtp_loss_weight=-1"), 0)
+        app_config.model_config(compose("model=hf", path, "model.mtp_loss_weight=-1"), 0)
     for key in ("model.mtp_layers=1", "model.mtp_loss_weight=0.3"):
         with pytest.raises(app_config.AppConfigError, match=r"model\.mtp_layers / model\.mtp_loss_weight .*model=hf"):
-            app_config.validate(_compose(key), world_size=1)
+            app_config.validate(compose(key), world_size=1)

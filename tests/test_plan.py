@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from launch import config as app_config
 from launch import plan as app_plan
 from launch.config import AppConfigError
 from moe_parallel import hf
@@ -168,14 +169,14 @@ def test_bad_input_is_named_without_a_traceback(args, message):
 
 
 def test_training_refuses_a_layout_that_cannot_fit_the_declared_memory():
-    cfg = app_plan.compose(["+experiment=cpu_demo", "train.device_memory=4MiB"])
+    cfg = app_config.compose("+experiment=cpu_demo", "train.device_memory=4MiB")
     with pytest.raises(AppConfigError) as err:
         app_plan.memory_check(cfg, 2, 4 * 2**20, "math")
     message = str(err.value)
     assert "stage 0" in message and "train.memory_check=false" in message
     # DeepSpeed's default 5e8-element gradient bucket is the tiny model's largest part
     assert "the largest part is comm buffers" in message and "reduce_bucket_size" in message
-    cfg = app_plan.compose(["+experiment=cpu_demo"])
+    cfg = app_config.compose("+experiment=cpu_demo")
     plan = app_plan.memory_check(cfg, 2, 64 * GiB, "math")
     assert plan.peak.total < 64 * GiB
 
@@ -264,7 +265,7 @@ def test_measure_mode_holds_on_the_users_own_small_config(overrides):
 def test_measure_comparison_fails_on_a_wrong_prediction():
     from launch.plan_measure import compare
 
-    cfg = app_plan.compose(["+experiment=cpu_demo"])
+    cfg = app_config.compose("+experiment=cpu_demo")
     plan = Planner(app_plan.model_of(cfg)).plan(app_plan.layout_of(cfg, 2), app_plan.workload_of(cfg, "fp32", "math"))
     states = {k: plan.stages[0].memory[v] for k, v in
               (("params", "parameters"), ("grads", "gradients"), ("master", "master weights"),
@@ -279,9 +280,7 @@ def test_measure_comparison_fails_on_a_wrong_prediction():
 
 @pytest.mark.parametrize("value", ["lots", "0GiB", "-5MiB", "80 parsecs"])
 def test_a_bad_device_memory_is_refused_by_name(value):
-    from launch import config as app_config
-
-    cfg = app_plan.compose(["+experiment=cpu_demo", f"train.device_memory={value}"])
+    cfg = app_config.compose("+experiment=cpu_demo", f"train.device_memory={value}")
     with pytest.raises(AppConfigError, match="train.device_memory="):
         app_config.validate(cfg, 2)
 

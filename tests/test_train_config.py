@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from launch import config as app_config
+from launch.config import compose
 from launch.env import LaunchEnv, detect, first_slurm_node, slurm_port, strip_launcher_args
 from moe_parallel.core.config import MoEConfigError
 from moe_parallel.integration.engine import validate_deepspeed_config
 from moe_parallel.integration.parallel import ParallelConfigError
 from moe_parallel.models import GPT, GPTConfigError
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
-app_config.register_configs()
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
 
 def test_default_and_experiment_compose():
-    cfg = make()
+    cfg = compose()
     assert cfg.moe.capacity_factor == 1.25 and cfg.parallel.ep == 1
-    demo = make("+experiment=cpu_demo")
+    demo = compose("+experiment=cpu_demo")
     assert demo.experiment == "cpu_demo" and demo.parallel.ep == 2 and demo.train.steps == 300
-    swapped = make("model=small", "moe=dropless", "parallel=pp2_ep2", "deepspeed=zero2")
+    swapped = compose("model=small", "moe=dropless", "parallel=pp2_ep2", "deepspeed=zero2")
     assert swapped.model.num_layers == 8 and swapped.moe.capacity_factor is None
     assert swapped.parallel.pp == 2 and swapped.deepspeed.zero_stage == 2
 
@@ -41,7 +31,7 @@ def test_every_named_config_validates():
         "deepspeed": ["zero0", "zero1", "zero2", "bf16"],
     }.items():
         for name in names:
-            app_config.validate(make(f"{group}={name}"), world_size=1)
+            app_config.validate(compose(f"{group}={name}"), world_size=1)
 
 
 @pytest.mark.parametrize(
@@ -70,20 +60,20 @@ def test_every_named_config_validates():
 )
 def test_bad_values_name_the_field(override, world, error, message):
     with pytest.raises(error, match=message):
-        app_config.validate(make(override), world_size=world)
+        app_config.validate(compose(override), world_size=world)
 
 
 def test_wrong_types_and_unknown_keys_fail_at_composition():
     with pytest.raises(ConfigCompositionException) as err:
-        make("train.steps=many")
+        compose("train.steps=many")
     assert "train.steps" in str(err.value.__cause__)
     with pytest.raises(ConfigCompositionException) as err:
-        make("moe.capacity=2")
+        compose("moe.capacity=2")
     assert "capacity" in str(err.value.__cause__)
 
 
 def test_deepspeed_json_comes_from_the_config():
-    cfg = make(
+    cfg = compose(
         "deepspeed=zero2",
         "train.micro_batch_size=4",
         "train.grad_accum=3",
@@ -98,7 +88,7 @@ def test_deepspeed_json_comes_from_the_config():
 
 
 def test_model_config_inherits_and_overrides_expert_width():
-    cfg = make("moe=fine_grained")
+    cfg = compose("moe=fine_grained")
     gpt = app_config.gpt_config(cfg, vocab_size=512)
     assert gpt.moe.ffn_hidden_size == 128 and gpt.moe.num_experts == 64 and gpt.moe.top_k == 8
     assert gpt.moe.hidden_size == cfg.model.hidden_size and gpt.vocab_size == 512
@@ -134,11 +124,11 @@ def test_launcher_environments():
 def test_a_config_without_moe_layers_is_refused_unless_dense_is_asked_for(override):
     # model=tiny has 4 blocks: moe_every=0 or 5 would train a dense model under an MoE experiment.
     with pytest.raises(app_config.AppConfigError) as err:
-        app_config.validate(make("+experiment=cpu_demo", override), world_size=2)
+        app_config.validate(compose("+experiment=cpu_demo", override), world_size=2)
     message = str(err.value)
     assert f"{override} " in message and "model.num_layers=4" in message, message
     assert "model.dense=true" in message and "model.moe_every=1" in message, message
-    dense = make("+experiment=cpu_demo", override, "model.dense=true")
+    dense = compose("+experiment=cpu_demo", override, "model.dense=true")
     app_config.validate(dense, world_size=2)
     assert app_config.gpt_config(dense, vocab_size=512).moe is None
 
@@ -146,14 +136,14 @@ def test_a_config_without_moe_layers_is_refused_unless_dense_is_asked_for(overri
 def test_dense_with_moe_layers_is_refused():
     refused = r"model.dense=true, but model.moe_every=2 makes blocks \[1, 3\] .*set model.moe_every=0"
     with pytest.raises(app_config.AppConfigError, match=refused):
-        app_config.validate(make("model.dense=true"), world_size=1)
+        app_config.validate(compose("model.dense=true"), world_size=1)
 
 
 def test_train_compile_is_a_checked_boolean(monkeypatch):
-    assert make().train.compile is False
-    app_config.validate(make("train.compile=true"), world_size=1)  # this machine has a C++ compiler
+    assert compose().train.compile is False
+    app_config.validate(compose("train.compile=true"), world_size=1)  # this machine has a C++ compiler
     with pytest.raises(ConfigCompositionException) as err:
-        make("train.compile=fast")
+        compose("train.compile=fast")
     assert "train.compile" in str(err.value.__cause__)
     with pytest.raises(app_config.AppConfigError, match=r"train.compile='fast' is invalid: must be true or false"):
         app_config._check_compile("fast")
@@ -166,27 +156,27 @@ def test_train_compile_is_a_checked_boolean(monkeypatch):
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(app_config.AppConfigError) as err:
-        app_config.validate(make("train.compile=true"), world_size=1)
+        app_config.validate(compose("train.compile=true"), world_size=1)
     message = str(err.value)
     assert "train.compile=true" in message and "C++ compiler" in message, message
     assert "CXX" in message and "set train.compile=false" in message, message
-    app_config.validate(make(), world_size=1)  # train.compile=false never looks for one
-    app_config.validate(make("train.compile=true", "train.compile_backend=aot_eager"), world_size=1)  # no compiler
+    app_config.validate(compose(), world_size=1)  # train.compile=false never looks for one
+    app_config.validate(compose("train.compile=true", "train.compile_backend=aot_eager"), world_size=1)  # no compiler
 
 
 def test_train_compile_backend_is_one_torch_compile_knows():
-    assert make().train.compile_backend == "inductor"
+    assert compose().train.compile_backend == "inductor"
     with pytest.raises(app_config.AppConfigError) as err:
-        app_config.validate(make("train.compile=true", "train.compile_backend=inductr"), world_size=1)
+        app_config.validate(compose("train.compile=true", "train.compile_backend=inductr"), world_size=1)
     message = str(err.value)
     assert "train.compile_backend='inductr' is not a torch.compile backend" in message, message
     assert "aot_eager" in message and "inductor" in message, message
-    app_config.validate(make("train.compile_backend=inductr"), world_size=1)  # not compiling: not read
+    app_config.validate(compose("train.compile_backend=inductr"), world_size=1)  # not compiling: not read
 
 
 def test_router_options_reach_the_moe_layer_and_bad_ones_name_the_key():
-    cfg = make("moe.router_bias=true", "moe.input_weighted=true", "moe.group_score=max", "moe.num_groups=2")
+    cfg = compose("moe.router_bias=true", "moe.input_weighted=true", "moe.group_score=max", "moe.num_groups=2")
     moe = app_config.gpt_config(cfg, vocab_size=64).moe
     assert (moe.router_bias, moe.input_weighted, moe.group_score, moe.num_groups) == (True, True, "max", 2)
     with pytest.raises(MoEConfigError, match=r"moe\.group_score='sum'"):
-        app_config.gpt_config(make("moe.group_score=sum"), vocab_size=64)
+        app_config.gpt_config(compose("moe.group_score=sum"), vocab_size=64)
