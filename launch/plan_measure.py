@@ -102,7 +102,6 @@ def measure(cfg: DictConfig, overrides: list[str], args) -> int:
     model states match exactly, activations within 10% and the all-to-all within its bound."""
     from launch.plan import layout_of, model_of, workload_of
     from moe_parallel.planning.plan import Planner
-    from moe_parallel.planning.states import predict_state_bytes
 
     world = args.gpus or cfg.parallel.pp * cfg.parallel.ep
     app_config.validate(cfg, world)
@@ -123,16 +122,7 @@ def measure(cfg: DictConfig, overrides: list[str], args) -> int:
             pass
         reports = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
     for rep in reports:  # the plan shows the busiest rank of a stage; each rank is compared with its own
-        rep["predicted_states"] = predict_state_bytes(
-            planner.stage(layout.pp, rep["stage"], layout.ep),
-            dp=layout.dp,
-            ep=layout.ep,
-            zero_stage=layout.zero_stage,
-            precision=workload.precision,
-            weight_decay=workload.weight_decay,
-            ds_config=workload.ds_config,
-            dp_rank=rep["dp_rank"],
-        ).combined.as_dict()
+        rep["predicted_states"] = planner.states(layout, workload, rep["stage"], rep["dp_rank"]).combined.as_dict()
     return compare(plan, reports)
 
 

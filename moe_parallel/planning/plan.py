@@ -25,7 +25,7 @@ from ..integration.parallel import ParallelConfigError, ParallelLayout, divisors
 from .activations import UnitActivations
 from .comm import predict_comm
 from .model import ModelConfig, StageModel, build_stage, is_expert_param
-from .states import predict_state_bytes
+from .states import StateBytes, predict_state_bytes
 
 GiB = 1024**3
 
@@ -191,6 +191,19 @@ class Planner:
         """What stage ``stage`` of ``pp`` holds: its blocks' signatures (equal for equal stages)."""
         return tuple(self.units.signature(u) for u in self.units.units_in(pp, stage))
 
+    def states(self, layout: Layout, workload: Workload, stage: int, dp_rank: int) -> StateBytes:
+        """Model-state bytes of data-parallel rank ``dp_rank`` of ``stage`` (ZeRO partitions differ by rank)."""
+        return predict_state_bytes(
+            self.stage(layout.pp, stage, layout.ep),
+            dp=layout.dp,
+            ep=layout.ep,
+            zero_stage=layout.zero_stage,
+            precision=workload.precision,
+            weight_decay=workload.weight_decay,
+            ds_config=workload.ds_config,
+            dp_rank=dp_rank,
+        )
+
     def check_groups_agree(self, layout: Layout, workload: Workload) -> None:
         """Refuse what ``build_engine`` refuses before it would hang: under ZeRO 1/2, or bf16 at ZeRO 0
         in a pipeline, DeepSpeed's gradient norm makes one collective per optimizer group, so every
@@ -222,20 +235,7 @@ class Planner:
             key = (holds, layout.ep, layout.dp, layout.zero_stage, workload.precision, workload.weight_decay, ds_key)
             if key not in self._states:
                 self._states[key] = max(
-                    (
-                        predict_state_bytes(
-                            self.stage(layout.pp, s, layout.ep),
-                            dp=layout.dp,
-                            ep=layout.ep,
-                            zero_stage=layout.zero_stage,
-                            precision=workload.precision,
-                            weight_decay=workload.weight_decay,
-                            ds_config=workload.ds_config,
-                            dp_rank=r,
-                        )
-                        for r in _ranks_to_plan(layout.dp)
-                    ),
-                    key=lambda b: b.total,
+                    (self.states(layout, workload, s, r) for r in _ranks_to_plan(layout.dp)), key=lambda b: b.total
                 )
             states = self._states[key]
             acts = self.units.stage(
